@@ -1,0 +1,60 @@
+"""durable-monty-nb: durable notebook workflows on the Monty sandbox.
+
+From a script::
+
+    from durable_monty_nb import Engine
+    Engine("runs.db").run(code, namespace=globals(), key="demo")
+
+In IPython or Jupyter::
+
+    %load_ext durable_monty_nb
+"""
+
+from .engine.engine import Engine
+from .engine.events import (
+    CallFailed,
+    CallRetrying,
+    Event,
+    ExecutionFinished,
+    ExecutionStarted,
+    Printed,
+)
+from .engine.handle import CallView, Progress, Run
+from .engine.retry import RetryPolicy, retry
+from .errors import (
+    DurableError,
+    ExecutionBusy,
+    ExecutionInterrupted,
+    ExecutionNotFound,
+    MissingFunctionsError,
+    StoreError,
+    StoreVersionError,
+    TamperedDataError,
+    UnknownNamesError,
+    ValueCrossingError,
+    WorkflowCodeError,
+    WorkflowFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallFailed", "CallRetrying", "CallView", "DurableError", "Engine", "Event", "ExecutionBusy",
+    "ExecutionFinished", "ExecutionInterrupted", "ExecutionNotFound", "ExecutionStarted",
+    "MissingFunctionsError", "Printed", "Progress", "RetryPolicy", "Run", "StoreError", "StoreVersionError",
+    "TamperedDataError", "UnknownNamesError", "ValueCrossingError", "WorkflowCodeError", "WorkflowFailed",
+    "load_ipython_extension", "retry", "unload_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    """``%load_ext durable_monty_nb``: register the %%durable magics."""
+    from .notebook.magics import load_extension
+
+    load_extension(ipython)
+
+
+def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    from .notebook.magics import unload_extension
+
+    unload_extension(ipython)

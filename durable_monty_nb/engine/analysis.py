@@ -1,0 +1,268 @@
+"""Static analysis of workflow code, done once before anything runs.
+
+- Syntax errors are reported with the line of the workflow code.
+- Every call is classified as *awaited* (answered with a future, run concurrently) or
+  *synchronous* (``y = f(x)``, answered with a value). Monty's snapshot does not say which;
+  its ``position`` (UTF-8 byte offsets into the fed source) is matched against the calls found
+  here. A call is awaited when it is the operand of ``await``, an argument of ``gather(...)``
+  (also through ``*[...]``, lists and comprehensions), or builds a name that is later gathered
+  or awaited (``tasks = [f(x) for x in xs]; await gather(*tasks)``, ``tasks.append(f(x))``).
+- Free names (read but never bound in the code, and not builtins) must come from the
+  namespace; top-level assigned names are exported after completion.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+from dataclasses import dataclass, field
+
+from ..errors import WorkflowCodeError
+
+# Names the sandbox provides without the namespace.
+SANDBOX_NAMES = frozenset(dir(builtins)) | {"gather"}
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ListComp, ast.SetComp,
+           ast.DictComp, ast.GeneratorExp, ast.ClassDef)
+
+
+@dataclass
+class CodeInfo:
+    code: str
+    code_hash: str
+    awaited_spans: set[tuple[int, int]] = field(default_factory=set)
+    awaited_starts: set[int] = field(default_factory=set)
+    free_names: dict[str, int] = field(default_factory=dict)
+    called_names: set[str] = field(default_factory=set)
+    exports: list[str] = field(default_factory=list)
+
+    def is_awaited(self, start: int, end: int) -> bool | None:
+        """True/False for a known call span, None when the span is unknown."""
+        if (start, end) in self.awaited_spans:
+            return True
+        if start in self.awaited_starts:
+            return True
+        return False if (start, end) in self._all_spans else None
+
+    _all_spans: set[tuple[int, int]] = field(default_factory=set)
+
+
+def code_hash(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def analyze(code: str) -> CodeInfo:
+    try:
+        tree = ast.parse(code, filename="<durable cell>")
+    except SyntaxError as exc:
+        line = exc.lineno or 0
+        text = (exc.text or "").rstrip("\n")
+        pointer = f"\n    {text}" if text else ""
+        raise WorkflowCodeError(f"syntax error at line {line} of the workflow code: {exc.msg}{pointer}",
+                                line=line) from None
+    info = CodeInfo(code=code, code_hash=code_hash(code))
+    offsets = _line_offsets(code)
+    _classify_calls(tree, info, offsets)
+    _find_names(tree, info)
+    return info
+
+
+def _line_offsets(code: str) -> list[int]:
+    offsets, total = [0], 0
+    for line in code.encode().splitlines(keepends=True):
+        total += len(line)
+        offsets.append(total)
+    return offsets
+
+
+def _span(node: ast.expr, offsets: list[int]) -> tuple[int, int]:
+    start = offsets[node.lineno - 1] + node.col_offset
+    end = offsets[(node.end_lineno or node.lineno) - 1] + (node.end_col_offset or 0)
+    return start, end
+
+
+def _is_gather(call: ast.Call) -> bool:
+    fn = call.func
+    return (isinstance(fn, ast.Name) and fn.id == "gather") or (
+        isinstance(fn, ast.Attribute) and fn.attr == "gather")
+
+
+def _classify_calls(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> None:
+    awaited: list[ast.Call] = []
+    task_names: set[str] = set()
+
+    def tasks_in(expr: ast.expr | None) -> None:
+        """Mark the calls an expression yields as tasks (coroutines to be awaited)."""
+        if expr is None:
+            return
+        if isinstance(expr, ast.Call):
+            if _is_gather(expr):
+                return
+            awaited.append(expr)
+        elif isinstance(expr, ast.Starred):
+            tasks_in(expr.value)
+        elif isinstance(expr, (ast.List, ast.Tuple, ast.Set)):
+            for elt in expr.elts:
+                tasks_in(elt)
+        elif isinstance(expr, (ast.ListComp, ast.GeneratorExp, ast.SetComp)):
+            tasks_in(expr.elt)
+        elif isinstance(expr, ast.IfExp):
+            tasks_in(expr.body)
+            tasks_in(expr.orelse)
+        elif isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
+            tasks_in(expr.left)
+            tasks_in(expr.right)
+        elif isinstance(expr, ast.Name):
+            task_names.add(expr.id)
+
+    nodes = list(ast.walk(tree))
+    for node in nodes:
+        if isinstance(node, ast.Call):
+            info._all_spans.add(_span(node, offsets))
+            if isinstance(node.func, ast.Name):
+                info.called_names.add(node.func.id)
+            if _is_gather(node):
+                for arg in node.args:
+                    tasks_in(arg)
+        elif isinstance(node, ast.Await):
+            tasks_in(node.value)
+    # Names that hold tasks: whatever is assigned or appended to them builds tasks too.
+    known: set[str] = set()
+    while task_names - known:
+        known |= task_names
+        for node in nodes:
+            if isinstance(node, ast.Assign) and any(_names_in_target(t) & task_names for t in node.targets):
+                tasks_in(node.value)
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and _names_in_target(node.target) & task_names:
+                tasks_in(node.value)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("append", "extend", "insert")
+                  and isinstance(node.func.value, ast.Name) and node.func.value.id in task_names):
+                for arg in node.args:
+                    tasks_in(arg)
+    for call in awaited:
+        start, end = _span(call, offsets)
+        info.awaited_spans.add((start, end))
+        info.awaited_starts.add(start)
+
+
+def _names_in_target(target: ast.expr) -> set[str]:
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+
+class _Scope:
+    def __init__(self, node: ast.AST, parent: _Scope | None) -> None:
+        self.node = node
+        self.parent = parent
+        self.bound: set[str] = set()
+        self.globals: set[str] = set()
+        self.is_class = isinstance(node, ast.ClassDef)
+
+
+def _find_names(tree: ast.Module, info: CodeInfo) -> None:
+    scopes: dict[ast.AST, _Scope] = {}
+    module = scopes[tree] = _Scope(tree, None)
+    export_order: list[str] = []
+    not_exported: set[str] = set()
+
+    def bind(scope: _Scope, name: str, exportable: bool) -> None:
+        target = module if name in scope.globals else scope
+        target.bound.add(name)
+        if target is module:
+            if exportable:
+                if name not in export_order:
+                    export_order.append(name)
+            else:
+                not_exported.add(name)
+
+    def visit(node: ast.AST, scope: _Scope) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bind(scope, node.name, exportable=False)
+            for deco in node.decorator_list:
+                visit(deco, scope)
+            if not isinstance(node, ast.ClassDef):
+                for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
+                    visit(default, scope)
+            inner = scopes[node] = _Scope(node, scope)
+            if not isinstance(node, ast.ClassDef):
+                for arg in _all_args(node.args):
+                    inner.bound.add(arg)
+            for child in node.body:
+                visit(child, inner)
+            return
+        if isinstance(node, ast.Lambda):
+            inner = scopes[node] = _Scope(node, scope)
+            inner.bound.update(_all_args(node.args))
+            visit(node.body, inner)
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            inner = scopes[node] = _Scope(node, scope)
+            for index, gen in enumerate(node.generators):
+                visit(gen.iter, scope if index == 0 else inner)
+                for name in _names_in_target(gen.target):
+                    inner.bound.add(name)
+                for cond in gen.ifs:
+                    visit(cond, inner)
+            elts = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+            for elt in elts:
+                visit(elt, inner)
+            return
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            if isinstance(node, ast.Global):
+                scope.globals.update(node.names)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bind(scope, node.id, exportable=True)
+        elif isinstance(node, ast.NamedExpr):
+            owner = scope
+            while isinstance(owner.node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                owner = owner.parent  # type: ignore[assignment]
+            bind(owner, node.target.id, exportable=True)
+            visit(node.value, scope)
+            return
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                bind(scope, (alias.asname or alias.name).split(".")[0], exportable=False)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bind(scope, node.name, exportable=False)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            bind(scope, node.name, exportable=True)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            bind(scope, node.rest, exportable=True)
+        for child in ast.iter_child_nodes(node):
+            visit(child, scope)
+
+    for stmt in tree.body:
+        visit(stmt, module)
+
+    def resolve(node: ast.AST, scope: _Scope) -> None:
+        for child in ast.iter_child_nodes(node):
+            child_scope = scopes.get(child, scope)
+            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Load):
+                if not _is_bound(child.id, scope, module) and child.id not in SANDBOX_NAMES:
+                    info.free_names.setdefault(child.id, child.lineno)
+            resolve(child, child_scope)
+
+    resolve(tree, module)
+    info.exports = [n for n in export_order if n not in not_exported and not n.startswith("__")]
+
+
+def _is_bound(name: str, scope: _Scope, module: _Scope) -> bool:
+    current: _Scope | None = scope
+    first = True
+    while current is not None:
+        if (first or not current.is_class) and name in current.bound:
+            return True
+        first = False
+        current = current.parent
+    return name in module.bound
+
+
+def _all_args(args: ast.arguments) -> list[str]:
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    if args.vararg:
+        names.append(args.vararg.arg)
+    if args.kwarg:
+        names.append(args.kwarg.arg)
+    return names

@@ -1,0 +1,378 @@
+"""The engine: run workflow code durably against a store, from any Python program.
+
+```python
+from durable_monty_nb import Engine
+
+engine = Engine("runs.db")
+total = engine.run(code, namespace={"process": process, "items": items}, key="demo")
+```
+
+Deciding what a run of a key means:
+
+- the latest execution of the key completed with the same code, the same values of the names
+  the code reads and the same function definitions: its stored result, nothing runs;
+- it is unfinished (crashed, interrupted, failed) and the code is unchanged: it resumes from
+  its latest checkpoint, calls with committed results are not run again;
+- otherwise a new execution starts, and each call of it that an earlier execution of the key
+  completed (same function source, same arguments) is served from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import types
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
+
+from ..errors import (
+    ExecutionBusy,
+    ExecutionNotFound,
+    MissingFunctionsError,
+    UnknownNamesError,
+    ValueCrossingError,
+    WorkflowCodeError,
+    WorkflowFailed,
+)
+from ..store.store import UNFINISHED, Store, describe_owner, new_owner, owner_is_dead
+from ..values import ValueCodec
+from . import sandbox
+from .analysis import CodeInfo, analyze
+from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like
+from .events import ExecutionStarted, Printed
+from .fingerprint import function_fingerprint, sha256
+from .handle import Progress, Run, interrupted_error
+from .retry import RetryPolicy
+
+PrintCallback = Callable[[str, str], None]
+
+
+class Engine:
+    """Runs workflow code durably against one store.
+
+    ``db`` is a SQLAlchemy URL or a SQLite file path (default ``durable_monty.db`` in the
+    working directory). ``workers`` sizes the thread pool of each execution, ``retry`` is
+    the policy of functions without their own, ``key`` the signing key (see
+    :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how long (seconds) a silent owner
+    keeps an execution before another process may take it over.
+    """
+
+    def __init__(self, db: str | None = None, *, workers: int = 32, retry: RetryPolicy | None = None,
+                 key: bytes | str | None = None, lease_ttl: float = 30.0) -> None:
+        self.store = Store(db, key=key)
+        self.settings = Settings(workers=workers, retry=retry or RetryPolicy(), lease_ttl=lease_ttl)
+        self._active: dict[str, Driver] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.store.display_url
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, code: str, namespace: Mapping[str, Any] | None = None, *, key: str | None = None,
+            **options: Any) -> Any:
+        """Run to completion and return the value of the code's last expression.
+
+        Ctrl-C stops waiting and interrupts the execution (it can be resumed).
+        """
+        handle = self.start(code, namespace, key=key, **options)
+        return wait_for(handle)
+
+    def start(self, code: str, namespace: Mapping[str, Any] | None = None, *, key: str | None = None,
+              rerun: bool = False, workers: int | None = None, retry: RetryPolicy | None = None,
+              print_callback: PrintCallback | None = None) -> Run:
+        """Start (or resume, or answer from the store) and return a handle at once."""
+        info = analyze(code)
+        key = key or f"code-{info.code_hash[:12]}"
+        ns = dict(namespace or {})
+        settings = self._settings(workers, retry)
+        latest = self.store.latest_execution(key)
+        if latest is not None:
+            attached = self._attach(latest, info)
+            if attached is not None:
+                return attached
+        missing = {name: line for name, line in info.free_names.items() if name not in ns}
+        if missing:
+            raise UnknownNamesError(missing, resumable=_describe_unfinished(latest))
+        codec = ValueCodec(self.store.load_blob)
+        inputs, fingerprints = prepare_inputs(info, ns, codec)
+        if latest is not None and not rerun:
+            same_code = latest.code_hash == info.code_hash
+            if same_code and latest.status == "completed" and _same_fingerprints(latest.fingerprints, fingerprints):
+                return self._stored_run(latest)
+            if same_code and latest.status in UNFINISHED:
+                return self._resume(latest, ns, settings, print_callback, info=info, codec=codec, inputs=inputs)
+            if latest.status == "running" and _alive(latest):
+                raise ExecutionBusy(
+                    f"{key!r} is still running (execution {latest.id[:12]}, driven by "
+                    f"{describe_owner(latest.lease_owner)}); wait for it or cancel it before running changed code")
+        return self._start_new(info, key, ns, inputs, fingerprints, codec, settings, print_callback,
+                               previous=latest, reuse=latest is not None and not rerun)
+
+    def resume(self, name_or_id: str, namespace: Mapping[str, Any] | None = None, *, workers: int | None = None,
+               retry: RetryPolicy | None = None, print_callback: PrintCallback | None = None) -> Run:
+        """Continue an unfinished execution (by key or id) where it stopped.
+
+        A completed execution returns its stored result. Raises MissingFunctionsError (changing
+        nothing) when the namespace lacks functions the execution still has to call.
+        """
+        row = self.store.find_execution(name_or_id)
+        info = analyze(row.code)
+        attached = self._attach(row, info)
+        if attached is not None:
+            return attached
+        if row.status == "completed":
+            return self._stored_run(row)
+        ns = dict(namespace or {})
+        missing = {name: line for name, line in info.free_names.items() if name not in ns}
+        if missing:
+            raise UnknownNamesError(missing, resumable=_describe_unfinished(row))
+        codec = ValueCodec(self.store.load_blob)
+        inputs, _ = prepare_inputs(info, ns, codec)
+        return self._resume(row, ns, self._settings(workers, retry), print_callback, info=info, codec=codec,
+                            inputs=inputs)
+
+    def resume_all(self, namespace: Mapping[str, Any] | None = None, **options: Any) -> list[Run]:
+        """Resume every unfinished execution nobody alive drives."""
+        return [self.resume(row.id, namespace, **options) for row in self.store.unfinished_executions()]
+
+    def cancel(self, name_or_id: str) -> bool:
+        """Interrupt an execution this process drives; False if it does not drive it."""
+        row = self.store.find_execution(name_or_id)
+        with self._lock:
+            driver = self._active.get(row.id)
+        if driver is None:
+            return False
+        driver.request_stop()
+        return True
+
+    def active_runs(self) -> list[Run]:
+        with self._lock:
+            return [driver.run for driver in self._active.values()]
+
+    def executions(self, *, all: bool = False, key: str | None = None) -> list[Any]:
+        """Rows of the store's executions: the latest of each key, or every one with ``all``."""
+        return self.store.list_executions(latest_only=not all, key=key)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _settings(self, workers: int | None, retry: RetryPolicy | None) -> Settings:
+        return Settings(workers=workers or self.settings.workers, retry=retry or self.settings.retry,
+                        lease_ttl=self.settings.lease_ttl)
+
+    def _attach(self, row: Any, info: CodeInfo) -> Run | None:
+        """The handle of an execution this process already drives (re-activated if stopping)."""
+        with self._lock:
+            driver = self._active.get(row.id)
+        if driver is None:
+            return None
+        if driver.info.code_hash != info.code_hash:
+            raise ExecutionBusy(f"{row.key!r} is still running here with other code; cancel it first "
+                                f"(Run.cancel() or %durable_cancel {row.key})")
+        if driver.reactivate():
+            return driver.run
+        driver.run.wait()
+        return None
+
+    def _stored_run(self, row: Any) -> Run:
+        self.store.verify_execution_result(row)
+        codec = ValueCodec(self.store.load_blob)
+        handle = Run(row.id, row.key)
+        handle.cached = True
+        handle.started_at = row.created_at
+        progress = Progress(total=row.calls_total, done=row.calls_done, failed=row.calls_failed,
+                            restored=row.calls_done, reused=row.calls_reused)
+        handle._finish("completed", result=codec.decode_host(row.result), outputs=codec.decode_host(row.outputs),
+                       progress=progress, finished_at=row.finished_at)
+        return handle
+
+    def _subscribe_printer(self, handle: Run, print_callback: PrintCallback | None) -> Callable[[str, str], None]:
+        printer = print_callback or default_printer
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, Printed):
+                printer(event.stream, event.text)
+
+        handle.subscribe(on_event)
+
+        def emit(stream: str, text: str) -> None:
+            handle.events.emit(Printed(handle.execution_id, stream, text))
+
+        return emit
+
+    def _start_new(self, info: CodeInfo, key: str, ns: dict[str, Any], inputs: dict[str, Any],
+                   fingerprints: dict[str, Any], codec: ValueCodec, settings: Settings,
+                   print_callback: PrintCallback | None, *, previous: Any, reuse: bool) -> Run:
+        execution_id = uuid.uuid4().hex
+        handle = Run(execution_id, key)
+        emit = self._subscribe_printer(handle, print_callback)
+        session = sandbox.open_session()
+        try:
+            session.feed_start(sandbox.PRELUDE)
+            snapshot = session.feed_start(info.code, print_callback=emit)
+        except MontySyntaxError as exc:
+            sandbox.close_session(session)
+            raise WorkflowCodeError(_code_error_message(exc, key), line=_error_line(exc)) from None
+        except MontyRuntimeError as exc:
+            sandbox.close_session(session)
+            text = format_monty_error(exc, key)
+            inner = exc.exception()
+            if isinstance(inner, NotImplementedError) or _is_parse_error(exc):
+                raise WorkflowCodeError(f"unsupported in workflow code: {text}", line=_error_line(exc)) from None
+            raise WorkflowFailed(f"{type(inner).__name__}: {inner}", text, "", type(inner).__name__) from None
+        except BaseException:
+            sandbox.close_session(session)
+            raise
+        owner = new_owner()
+        values = {
+            "id": execution_id, "key": key, "status": "running", "code": info.code, "code_hash": info.code_hash,
+            "code_sig": self.store.signer.sign_text(f"code:{execution_id}", info.code),
+            "monty_version": sandbox.MONTY_VERSION, "fingerprints": json.dumps(fingerprints, sort_keys=True),
+            "previous_id": previous.id if previous is not None else None,
+        }
+        if not self.store.create_execution(values, owner, settings.lease_ttl,
+                                           expected_latest=previous.id if previous is not None else None):
+            sandbox.close_session(session)
+            now_latest = self.store.latest_execution(key)
+            raise ExecutionBusy(f"another process started {key!r} at the same moment (execution "
+                                f"{now_latest.id[:12] if now_latest else '?'}); run again to join its result")
+        handle.started_at = time.time()
+        driver = Driver(store=self.store, codec=codec, info=info, run=handle, owner=owner, namespace=ns,
+                        inputs=inputs, settings=settings, session=session, snapshot=snapshot,
+                        reuse_key=key if reuse else None, on_exit=self._forget)
+        return self._launch(driver, resumed=False)
+
+    def _resume(self, row: Any, ns: dict[str, Any], settings: Settings, print_callback: PrintCallback | None, *,
+                info: CodeInfo, codec: ValueCodec, inputs: dict[str, Any]) -> Run:
+        retry_failed = row.status == "failed"
+        calls = self.store.load_calls(row.id)
+        needed = {c.function for c in calls
+                  if c.kind == "call" and (c.status in ("pending", "retrying") or retry_failed and c.status == "failed")}
+        missing = sorted(name for name in needed if not callable(ns.get(name)))
+        if missing:
+            raise MissingFunctionsError(
+                f"execution {row.id[:12]} ({row.key!r}) still has to call {', '.join(missing)}, which the "
+                f"namespace does not define. Define them (run the cells that do), then resume again. "
+                f"Nothing was lost: {row.calls_done} of {row.calls_total} calls are done.")
+        owner = new_owner()
+        busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
+        if busy is not None:
+            raise ExecutionBusy(f"execution {row.id[:12]} ({row.key!r}) is being driven by {describe_owner(busy)}")
+        handle = Run(row.id, row.key)
+        emit = self._subscribe_printer(handle, print_callback)
+        session = None
+        try:
+            self.store.signer.verify_text(f"code:{row.id}", row.code, row.code_sig, f"the code of execution {row.id}")
+            data = self.store.load_checkpoint(row.id)
+            session = sandbox.open_session()
+            if data is None:
+                session.feed_start(sandbox.PRELUDE)
+                snapshot = session.feed_start(row.code, print_callback=emit)
+            else:
+                snapshot = session.load_snapshot(data, print_callback=emit)
+            handle.started_at = time.time()
+            driver = Driver(store=self.store, codec=codec, info=info, run=handle, owner=owner, namespace=ns,
+                            inputs=inputs, settings=settings, session=session, snapshot=snapshot,
+                            restored_calls=calls, retry_failed=retry_failed, on_exit=self._forget)
+        except BaseException:
+            sandbox.close_session(session)
+            self.store.release_lease(row.id, owner)
+            raise
+        return self._launch(driver, resumed=True)
+
+    def _launch(self, driver: Driver, *, resumed: bool) -> Run:
+        with self._lock:
+            self._active[driver.execution_id] = driver
+        handle = driver.run
+        c = driver.counters
+        handle.events.emit(ExecutionStarted(driver.execution_id, driver.key, resumed, c.restored, c.reused))
+        driver.start()
+        return handle
+
+    def _forget(self, driver: Driver) -> None:
+        with self._lock:
+            if self._active.get(driver.execution_id) is driver:
+                del self._active[driver.execution_id]
+
+
+def wait_for(handle: Run) -> Any:
+    """Wait for a run's result; Ctrl-C interrupts the execution (resumable) and re-raises."""
+    try:
+        while not handle.wait(0.25):
+            pass
+    except KeyboardInterrupt:
+        handle.cancel()
+        raise
+    return handle.result()
+
+
+def prepare_inputs(info: CodeInfo, namespace: Mapping[str, Any],
+                   codec: ValueCodec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sandbox values of the namespace names the code reads, and fingerprints of all of them.
+
+    Raises ValueCrossingError, before anything runs, for a value that cannot cross.
+    """
+    inputs: dict[str, Any] = {}
+    reads: dict[str, str] = {}
+    functions: dict[str, str] = {}
+    for name in sorted(info.free_names):
+        value = namespace[name]
+        if is_function_like(value):
+            functions[name] = function_fingerprint(value)
+            continue
+        if isinstance(value, types.ModuleType):
+            raise ValueCrossingError(
+                f"{name!r} (line {info.free_names[name]}) is a module; workflow code cannot use host modules. "
+                f"Call a notebook function that uses {name} instead.")
+        text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line "
+                                                       f"{info.free_names[name]})")
+        inputs[name] = sandbox_value
+        reads[name] = sha256(text)
+    return inputs, {"reads": reads, "functions": functions}
+
+
+def _same_fingerprints(stored: str | None, current: dict[str, Any]) -> bool:
+    if not stored:
+        return False
+    try:
+        return json.loads(stored) == json.loads(json.dumps(current, sort_keys=True))
+    except ValueError:
+        return False
+
+
+def _alive(row: Any) -> bool:
+    return bool(row.lease_owner) and (row.lease_expires_at or 0) > time.time() and not owner_is_dead(row.lease_owner)
+
+
+def _describe_unfinished(row: Any) -> str | None:
+    if row is None or row.status not in UNFINISHED:
+        return None
+    return (f"execution {row.id[:12]} has {row.calls_done} of {row.calls_total} calls done and "
+            f"continues from there when you run it again.")
+
+
+def _error_line(exc: MontyError) -> int | None:
+    try:
+        frames = exc.traceback()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    lines = [f.line for f in frames if f.filename.endswith("-1>")]
+    return lines[-1] if lines else None
+
+
+def _is_parse_error(exc: MontyRuntimeError) -> bool:
+    return "parser does not" in str(exc) or "not supported" in str(exc)
+
+
+def _code_error_message(exc: MontySyntaxError, key: str) -> str:
+    line = _error_line(exc)
+    where = f" at line {line}" if line else ""
+    return f"syntax error{where} of the workflow code:\n{format_monty_error(exc, key)}"

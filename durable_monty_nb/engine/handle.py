@@ -1,0 +1,159 @@
+"""The handle of a running (or finished) execution: progress, wait, result, cancel."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ExecutionInterrupted, WorkflowFailed
+from .events import Event, EventBus
+
+if TYPE_CHECKING:
+    from .driver import CallState, Driver
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of the calls of an execution at one moment.
+
+    ``done`` includes ``restored`` (results loaded from the store on resume) and ``reused``
+    (served from an earlier execution of the same key); ``waiting`` counts durable timers.
+    """
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    queued: int = 0
+    retrying: int = 0
+    waiting: int = 0
+    restored: int = 0
+    reused: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return (self.done + self.failed) / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class CallView:
+    """One call, as views show it."""
+
+    call_id: int
+    function: str
+    args: str
+    status: str
+    attempts: int
+    duration: float | None
+    error: str | None
+
+
+class Run:
+    """A handle on one execution.
+
+    ``status`` is ``running``, ``completed``, ``failed`` or ``interrupted``. ``cached`` is True
+    when the result came straight from the store (nothing ran).
+    """
+
+    def __init__(self, execution_id: str, key: str, *, driver: Driver | None = None) -> None:
+        self.execution_id = execution_id
+        self.key = key
+        self.events = EventBus()
+        self._driver = driver
+        self._done = threading.Event()
+        self.status = "running"
+        self.cached = False
+        self._result: Any = None
+        self._outputs: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self._final_progress: Progress | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    # -- set by the engine / driver --------------------------------------------------------
+
+    def _finish(self, status: str, *, result: Any = None, outputs: dict[str, Any] | None = None,
+                error: BaseException | None = None, progress: Progress | None = None,
+                finished_at: float | None = None) -> None:
+        self.status = status
+        self._result = result
+        self._outputs = outputs or {}
+        self._error = error
+        self._final_progress = progress
+        self.finished_at = finished_at
+        self._done.set()
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def progress(self) -> Progress:
+        if self._driver is not None and not self._done.is_set():
+            return self._driver.progress()
+        return self._final_progress or Progress()
+
+    def calls(self) -> list[CallView]:
+        """The calls known to this run, in call order."""
+        if self._driver is None:
+            return []
+        return [_view(state) for state in self._driver.call_states()]
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for each event; returns a function that unsubscribes."""
+        return self.events.subscribe(listener)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the execution finishes; False if ``timeout`` passed first."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value of the workflow's last expression; raises if it failed or was interrupted."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"execution {self.execution_id} is still running")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """Names the workflow assigned at top level, as host objects (after completion)."""
+        return dict(self._outputs)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def cancel(self) -> None:
+        """Stop dispatching calls; calls already running finish and their results are kept.
+
+        The execution becomes ``interrupted`` and can be resumed later.
+        """
+        if self._driver is not None and not self._done.is_set():
+            self._driver.request_stop()
+
+    def __repr__(self) -> str:
+        p = self.progress
+        return f"<Run {self.key!r} {self.status} {p.done}/{p.total} calls>"
+
+
+def _view(state: CallState) -> CallView:
+    duration = None
+    if state.started_at and state.finished_at:
+        duration = state.finished_at - state.started_at
+    return CallView(state.call_id, state.function, state.args_repr, state.view_status, state.attempts, duration,
+                    state.error_summary)
+
+
+def failed_error(message: str, traceback: str, execution_id: str, error_type: str | None) -> WorkflowFailed:
+    return WorkflowFailed(message, traceback, execution_id, error_type)
+
+
+def interrupted_error(execution_id: str, key: str) -> ExecutionInterrupted:
+    return ExecutionInterrupted(
+        f"execution {execution_id} ({key!r}) was interrupted before it finished; run it again or "
+        f"resume it to continue where it stopped")

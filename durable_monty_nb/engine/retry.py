@@ -1,0 +1,101 @@
+"""Retry policies for notebook functions.
+
+```python
+from durable_monty_nb import retry
+
+@retry(retries=3, backoff="exponential", delay=0.5, max_delay=30)
+def fetch(url): ...
+```
+
+A policy set on a function wins over the engine's default policy. Attempts are persisted, so
+a restarted execution continues the schedule instead of starting it again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+Backoff = Literal["exponential", "linear", "constant"]
+F = TypeVar("F", bound=Callable[..., Any])
+POLICY_ATTRIBUTE = "__durable_retry__"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failing call is tried again.
+
+    ``retries`` is the number of extra attempts after the first. The wait before retry ``n``
+    (1-based) is ``delay`` (constant), ``delay * n`` (linear) or ``delay * 2**(n-1)``
+    (exponential), capped at ``max_delay``, then spread by +/- ``jitter`` (a fraction).
+    Only exceptions that are instances of ``retry_on`` are retried.
+    """
+
+    retries: int = 0
+    backoff: Backoff = "exponential"
+    delay: float = 1.0
+    max_delay: float = 60.0
+    jitter: float = 0.0
+    retry_on: tuple[type[BaseException], ...] = field(default=(Exception,))
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
+        if self.backoff not in ("exponential", "linear", "constant"):
+            raise ValueError(f"backoff must be 'exponential', 'linear' or 'constant', not {self.backoff!r}")
+        if self.delay < 0 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
+            raise ValueError("delay and max_delay must be >= 0, jitter between 0 and 1")
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def should_retry(self, attempt: int, error: BaseException | None) -> bool:
+        """After failed attempt number ``attempt`` (1-based), is there another one?"""
+        if attempt >= self.max_attempts:
+            return False
+        return error is None or isinstance(error, self.retry_on)
+
+    def wait_before(self, retry_number: int) -> float:
+        """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""
+        if self.backoff == "constant":
+            wait = self.delay
+        elif self.backoff == "linear":
+            wait = self.delay * retry_number
+        else:
+            wait = self.delay * 2 ** (retry_number - 1)
+        wait = min(wait, self.max_delay)
+        if self.jitter:
+            wait *= 1 + random.uniform(-self.jitter, self.jitter)
+        return max(wait, 0.0)
+
+
+NO_RETRY = RetryPolicy()
+
+
+def retry(
+    retries: int = 3,
+    *,
+    backoff: Backoff = "exponential",
+    delay: float = 1.0,
+    max_delay: float = 60.0,
+    jitter: float = 0.0,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = Exception,
+) -> Callable[[F], F]:
+    """Decorator: give a notebook function its own retry policy."""
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    policy = RetryPolicy(retries=retries, backoff=backoff, delay=delay, max_delay=max_delay,
+                         jitter=jitter, retry_on=tuple(retry_on))
+
+    def decorate(fn: F) -> F:
+        setattr(fn, POLICY_ATTRIBUTE, policy)
+        return fn
+
+    return decorate
+
+
+def policy_for(fn: Any, default: RetryPolicy) -> RetryPolicy:
+    return getattr(fn, POLICY_ATTRIBUTE, None) or default

@@ -1,0 +1,58 @@
+"""The process-wide Monty worker pool and the session settings every execution uses."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Any
+
+import pydantic_monty
+from pydantic_monty import Monty, MontySession
+
+MONTY_VERSION = pydantic_monty.__version__
+# Every external call, future resolution and name lookup counts as a suspension; the default
+# limit (1000) would stop any real fan-out. The limit cannot be switched off, so make it huge.
+SUSPENSION_LIMIT = 2**62
+LIMITS: dict[str, Any] = {"max_suspensions": SUSPENSION_LIMIT}
+# Sleeps come to the host, which turns them into durable timers.
+OS_POLICY: dict[str, Any] = {"sleep": "call_host"}
+PRELUDE = "from asyncio import gather"
+SCRIPT_NAME = "workflow.py"
+
+_pool: Monty | None = None
+_lock = threading.Lock()
+
+
+def pool() -> Monty:
+    """The shared pool; each running execution holds one worker process of it."""
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = Monty(min_processes=1, max_processes=256)
+            _pool.__enter__()
+            atexit.register(close_pool)
+        return _pool
+
+
+def close_pool() -> None:
+    global _pool
+    with _lock:
+        if _pool is not None:
+            try:
+                _pool.__exit__(None, None, None)
+            finally:
+                _pool = None
+
+
+def open_session() -> MontySession:
+    session = pool().checkout(limits=LIMITS, os_policy=OS_POLICY, script_name=SCRIPT_NAME)
+    session.__enter__()
+    return session
+
+
+def close_session(session: MontySession | None) -> None:
+    if session is not None:
+        try:
+            session.__exit__(None, None, None)
+        except Exception:  # a crashed worker is already gone
+            pass

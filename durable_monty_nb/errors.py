@@ -1,0 +1,87 @@
+"""Exceptions raised by durable-monty-nb.
+
+Every error a user can meet says what went wrong, where, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class DurableError(Exception):
+    """Base class of every durable-monty-nb error."""
+
+
+class WorkflowCodeError(DurableError):
+    """The workflow code cannot run: bad syntax, an unsupported feature, or unknown names.
+
+    Raised before anything runs; nothing is stored.
+    """
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class UnknownNamesError(WorkflowCodeError):
+    """The workflow code uses names that the namespace does not define."""
+
+    def __init__(self, names: dict[str, int], resumable: str | None = None) -> None:
+        self.names = names
+        listed = ", ".join(f"{name!r} (line {line})" for name, line in sorted(names.items(), key=lambda i: i[1]))
+        message = f"not defined in the namespace: {listed}. Define them (run the cells that do), then run again."
+        if resumable:
+            message += f" Nothing was lost: {resumable}"
+        super().__init__(message, line=min(names.values()) if names else None)
+
+
+class ValueCrossingError(DurableError):
+    """A value cannot cross between the notebook and the workflow sandbox."""
+
+
+class WorkflowFailed(DurableError):
+    """The workflow raised an exception it did not handle.
+
+    ``traceback`` is the workflow's traceback (lines of the workflow code) followed, when a
+    call caused it, by that call's own traceback. The execution stays in the store and can be
+    resumed after a fix.
+    """
+
+    def __init__(self, message: str, traceback: str, execution_id: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.execution_id = execution_id
+        self.error_type = error_type
+
+    def __str__(self) -> str:
+        return self.traceback or super().__str__()
+
+
+class ExecutionInterrupted(DurableError):
+    """The execution was cancelled or interrupted before it finished; it can be resumed."""
+
+
+class ExecutionBusy(DurableError):
+    """Another live process (or run) drives this execution right now."""
+
+
+class ExecutionNotFound(DurableError):
+    """No execution with this name or id exists in the store."""
+
+
+class MissingFunctionsError(DurableError):
+    """A resume needs functions the namespace does not define (yet)."""
+
+
+class StoreError(DurableError):
+    """The store cannot be used as it is."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by another schema version."""
+
+
+class TamperedDataError(StoreError):
+    """A stored row failed its integrity check; it is refused and never loaded."""
+
+
+class LeaseLost(DurableError):
+    """This process no longer owns the execution (another process took it over)."""

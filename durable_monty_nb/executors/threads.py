@@ -1,0 +1,153 @@
+"""The default executor: a thread pool for plain functions, an event loop for ``async def`` ones.
+
+Threads start on demand up to ``max_workers`` and run each task in the context the driver
+captured (so, in a notebook, prints of a function land in the cell that started it).
+Coroutine functions run concurrently on one background asyncio loop, not limited by the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import queue
+import threading
+import time
+from typing import Any
+
+from .base import Done, Outcome, Task, format_user_traceback
+
+DEFAULT_WORKERS = 32
+
+_STOP = object()
+
+
+class ThreadExecutor:
+    def __init__(self, max_workers: int = DEFAULT_WORKERS, name: str = "durable") -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self.max_workers = max_workers
+        self._name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._started = itertools.count()
+        self._finished = itertools.count()
+        self._started_n = 0
+        self._finished_n = 0
+        self._shutdown = False
+
+    @property
+    def running(self) -> int:
+        """Attempts executing right now."""
+        return max(self._started_n - self._finished_n, 0)
+
+    def submit(self, task: Task, done: Done) -> None:
+        if inspect.iscoroutinefunction(task.fn):
+            _event_loop().submit(task, done, self)
+            return
+        self._queue.put((task, done))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self.max_workers:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._shutdown or len(self._threads) >= self.max_workers:
+                return
+            thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            task, done = item
+            outcome = self.run_task(task)
+            if inspect.iscoroutine(outcome.value) and outcome.ok:  # e.g. functools.partial(async_fn)
+                outcome = _event_loop().run_blocking(task, outcome.value)
+            done(outcome)
+            self._idle.release()
+
+    def run_task(self, task: Task) -> Outcome:
+        self._started_n = next(self._started) + 1
+        started = task.started_at = time.time()
+        try:
+            value = task.context.run(task.fn, *task.args, **task.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported, none kills the pool
+            outcome = Outcome(task.call_id, task.attempt, False, error=exc, traceback=format_user_traceback(exc),
+                              started_at=started, finished_at=time.time())
+        else:
+            outcome = Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
+                              finished_at=time.time())
+        self._finished_n = next(self._finished) + 1
+        return outcome
+
+    def shutdown(self) -> None:
+        """Stop idle threads once the queue drains; running attempts finish on their own."""
+        with self._lock:
+            self._shutdown = True
+            for _ in self._threads:
+                self._queue.put(_STOP)
+
+
+class _EventLoop:
+    """One daemon thread running an asyncio loop for coroutine functions."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="durable-asyncio", daemon=True)
+        thread.start()
+
+    def submit(self, task: Task, done: Done, executor: ThreadExecutor) -> None:
+        async def attempt() -> Outcome:
+            executor._started_n = next(executor._started) + 1
+            started = task.started_at = time.time()
+            try:
+                value = await task.fn(*task.args, **task.kwargs)
+            except BaseException as exc:  # noqa: BLE001
+                outcome = Outcome(task.call_id, task.attempt, False, error=exc,
+                                  traceback=format_user_traceback(exc), started_at=started,
+                                  finished_at=time.time())
+            else:
+                outcome = Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
+                                  finished_at=time.time())
+            executor._finished_n = next(executor._finished) + 1
+            return outcome
+
+        def report(finished: asyncio.Task[Outcome]) -> None:
+            done(finished.result())
+
+        def schedule() -> None:
+            # Run in the driver's context, so prints land where the execution started.
+            self.loop.create_task(attempt(), context=task.context).add_done_callback(report)
+
+        self.loop.call_soon_threadsafe(schedule)
+
+    def run_blocking(self, task: Task, coroutine: Any) -> Outcome:
+        async def attempt() -> Outcome:
+            started = time.time()
+            try:
+                value = await coroutine
+            except BaseException as exc:  # noqa: BLE001
+                return Outcome(task.call_id, task.attempt, False, error=exc, traceback=format_user_traceback(exc),
+                               started_at=started, finished_at=time.time())
+            return Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
+                           finished_at=time.time())
+
+        return asyncio.run_coroutine_threadsafe(attempt(), self.loop).result()
+
+
+_LOOP: _EventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> _EventLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _EventLoop()
+        return _LOOP

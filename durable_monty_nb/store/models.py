@@ -1,0 +1,114 @@
+"""SQLAlchemy tables of a store. Timestamps are UNIX epoch seconds (float)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Double, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# MySQL's TEXT and BLOB stop at 64 KB; results and snapshots are bigger.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+LongBinary = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+ID = String(32)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Execution(Base):
+    """One run of workflow code under a key, from start to completion or failure."""
+
+    __tablename__ = "dm_executions"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | interrupted
+    code: Mapped[str] = mapped_column(LongText)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    code_sig: Mapped[str] = mapped_column(String(64))
+    monty_version: Mapped[str] = mapped_column(String(32))
+    # JSON {"reads": {name: fingerprint}, "functions": {name: fingerprint}}
+    fingerprints: Mapped[str | None] = mapped_column(LongText)
+    result: Mapped[str | None] = mapped_column(LongText)
+    outputs: Mapped[str | None] = mapped_column(LongText)
+    result_sig: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(LongText)
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    calls_total: Mapped[int] = mapped_column(Integer, default=0)
+    calls_done: Mapped[int] = mapped_column(Integer, default=0)
+    calls_failed: Mapped[int] = mapped_column(Integer, default=0)
+    calls_reused: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[float | None] = mapped_column(Double)
+    previous_id: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+    finished_at: Mapped[float | None] = mapped_column(Double)
+
+
+class Key(Base):
+    """The latest execution of each key; swapped with compare-and-set so racers agree."""
+
+    __tablename__ = "dm_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    latest_execution_id: Mapped[str | None] = mapped_column(ID)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class Call(Base):
+    """One external call of an execution, keyed by Monty's call_id."""
+
+    __tablename__ = "dm_calls"
+
+    execution_id: Mapped[str] = mapped_column(ID, ForeignKey("dm_executions.id"), primary_key=True)
+    call_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    exec_key: Mapped[str] = mapped_column(String(255))
+    function: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(8))  # call | sleep
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    args: Mapped[str] = mapped_column(LongText)
+    call_key: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(12))  # pending | retrying | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[str | None] = mapped_column(LongText)
+    error: Mapped[str | None] = mapped_column(LongText)
+    error_type: Mapped[str | None] = mapped_column(String(255))
+    error_message: Mapped[str | None] = mapped_column(LongText)
+    result_sig: Mapped[str | None] = mapped_column(String(64))
+    due_at: Mapped[float | None] = mapped_column(Double)
+    reused_from: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Double)
+    started_at: Mapped[float | None] = mapped_column(Double)
+    finished_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_dm_calls_reuse", "exec_key", "call_key"),)
+
+
+class Checkpoint(Base):
+    """The latest Monty snapshot of an execution (signed, usually compressed)."""
+
+    __tablename__ = "dm_checkpoints"
+
+    execution_id: Mapped[str] = mapped_column(ID, ForeignKey("dm_executions.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LongBinary)
+    compression: Mapped[str] = mapped_column(String(8))
+    signature: Mapped[str] = mapped_column(String(64))
+    monty_version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class Blob(Base):
+    """A pickled host object, content-addressed (first 32 hex digits of its SHA-256)."""
+
+    __tablename__ = "dm_blobs"
+
+    key: Mapped[str] = mapped_column(ID, primary_key=True)
+    type_name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LongBinary)
+    signature: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)

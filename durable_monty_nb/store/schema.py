@@ -1,0 +1,88 @@
+"""Schema versioning of a store, managed with Alembic.
+
+A new store is created from the models and stamped with the head revision. A store stamped
+with an older revision gets a clear message that tells how to upgrade it
+(``durable-monty-nb upgrade --db URL``); a store from a newer release is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from ..errors import StoreVersionError
+from .models import Base
+
+VERSION_TABLE = "dm_alembic_version"
+HEAD_REVISION = "0001_initial"
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def known_revisions() -> list[str]:
+    return sorted(p.stem for p in (MIGRATIONS / "versions").glob("[0-9]*.py"))
+
+
+def read_revision(engine: Engine) -> str | None:
+    """The store's revision, or None when the store has no durable-monty tables yet."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    except Exception:
+        return None
+
+
+def ensure_schema(engine: Engine, url: str) -> None:
+    """Create the tables of a new store, or check that an existing one fits this release."""
+    revision = read_revision(engine)
+    if revision is None:
+        try:
+            _create(engine)
+        except Exception:
+            revision = read_revision(engine)  # another process created it at the same time
+            if revision is None:
+                raise
+        else:
+            return
+    check_revision(revision, url)
+
+
+def check_revision(revision: str, url: str) -> None:
+    if revision == HEAD_REVISION:
+        return
+    if revision in known_revisions():
+        raise StoreVersionError(
+            f"the store {url} has schema version {revision}; this release of durable-monty-nb needs "
+            f"{HEAD_REVISION}. Upgrade it with: durable-monty-nb upgrade --db '{url}'"
+        )
+    raise StoreVersionError(
+        f"the store {url} has schema version {revision!r}, which this release of durable-monty-nb "
+        f"(schema {HEAD_REVISION}) does not know: it was written by a newer release. Upgrade "
+        f"durable-monty-nb, or use another store."
+    )
+
+
+def _create(engine: Engine) -> None:
+    with engine.begin() as conn:
+        Base.metadata.create_all(conn)
+        conn.execute(text(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+        conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": HEAD_REVISION})
+
+
+def upgrade(url: str) -> str:
+    """Bring a store to the head revision with Alembic; returns the revision reached."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    if read_revision(engine) is None:
+        _create(engine)
+        return HEAD_REVISION
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    return read_revision(engine) or HEAD_REVISION

@@ -1,0 +1,308 @@
+"""Values crossing between the host, the store and the Monty sandbox.
+
+Three forms of one value:
+
+- **host**: the real Python object (a DataFrame stays a DataFrame).
+- **stored**: tagged JSON text. JSON-friendly values are stored readably; tuples, sets,
+  bytes, datetimes and friends are tagged (``{"$tuple": [...]}``); everything else is pickled
+  into a content-addressed, signed blob and referenced as ``{"$h": key, "t": type}``.
+- **sandbox**: what Monty holds. Native values cross as they are; a blob-backed object crosses
+  as an opaque *handle* (a ``ClassInstance`` of a stub class named after the real type). The
+  workflow code can pass a handle to functions, store it in lists and return it; the host
+  swaps it back for the real object. Handles keep their identity across restarts because
+  their sandbox id is the blob key.
+
+NumPy scalars become Python scalars (``np.float64(1.5)`` -> ``1.5``) so the workflow code
+can compute with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import pickle
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydantic_monty import ClassInstance, ClassType, MontyClassProxy
+
+from .errors import ValueCrossingError
+
+SCALARS = (int, float, str, bool, type(None))
+NATIVE_LEAVES = frozenset(
+    (int, float, str, bool, type(None), bytes, complex, Decimal, dt.datetime, dt.date, dt.time,
+     dt.timedelta, PurePosixPath)
+)
+
+
+class Handle:
+    """Host-side stand-in for a blob-backed object held by the sandbox."""
+
+    __slots__ = ("key", "type_name")
+
+    def __init__(self, key: str, type_name: str) -> None:
+        self.key = key
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name.rsplit('.', 1)[-1]}>"
+
+
+_STUB_CLASSES: dict[str, tuple[type, ClassType]] = {}
+
+
+def _stub_class(type_name: str) -> tuple[type, ClassType]:
+    """A Handle subclass named like the real type, so the sandbox shows ``DataFrame()``."""
+    found = _STUB_CLASSES.get(type_name)
+    if found is None:
+        short = type_name.rsplit(".", 1)[-1] or "object"
+        cls = type(short, (Handle,), {"__slots__": ()})
+        found = _STUB_CLASSES[type_name] = (cls, ClassType(cls))
+    return found
+
+
+def handle_for_sandbox(key: str, type_name: str) -> ClassInstance:
+    cls, class_type = _stub_class(type_name)
+    return ClassInstance(cls(key, type_name), id=uuid.UUID(hex=key), class_type=class_type)
+
+
+def type_name_of(value: Any) -> str:
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _numpy_scalar(value: Any) -> Any:
+    """``np.int64(3)`` -> ``3``; anything else -> a sentinel."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        if type(item) in NATIVE_LEAVES:
+            return item
+    return _NOT_SCALAR
+
+
+_NOT_SCALAR = object()
+
+
+class ValueCodec:
+    """Encodes and decodes values for one store; caches host objects by blob key.
+
+    ``load_blob(key)`` returns the verified pickle bytes of a blob (from the store).
+    New blobs produced by encoding wait in ``pending_blobs`` until the caller commits them.
+    """
+
+    def __init__(self, load_blob: Callable[[str], bytes] | None = None) -> None:
+        self._load_blob = load_blob
+        self.objects: dict[str, Any] = {}
+        self.pending_blobs: dict[str, tuple[bytes, str]] = {}
+
+    # -- host -> stored + sandbox ---------------------------------------------------------
+
+    def encode(self, value: Any, what: str = "value") -> tuple[str, Any]:
+        """Return (stored JSON text, sandbox value) for a host value."""
+        if type(value) in SCALARS:
+            return json.dumps(value), value
+        tree, sandbox = self._encode(value, what)
+        return json.dumps(tree, separators=(",", ":")), sandbox
+
+    def encode_text(self, value: Any, what: str = "value") -> str:
+        return self.encode(value, what)[0]
+
+    def _encode(self, value: Any, what: str) -> tuple[Any, Any]:
+        cls = type(value)
+        if cls in SCALARS:
+            return value, value
+        if cls is list:
+            pairs = [self._encode(item, what) for item in value]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        if cls is dict:
+            if all(type(k) is str and not k.startswith("$") for k in value):
+                tree, sandbox = {}, {}
+                for k, v in value.items():
+                    tree[k], sandbox[k] = self._encode(v, what)
+                return tree, sandbox
+            if all(type(k) in NATIVE_LEAVES or type(k) in (tuple, frozenset) for k in value):
+                items, sandbox = [], {}
+                for k, v in value.items():
+                    key_tree, _ = self._encode(k, what)
+                    v_tree, v_sandbox = self._encode(v, what)
+                    items.append([key_tree, v_tree])
+                    sandbox[k] = v_sandbox
+                return {"$dict": items}, sandbox
+            return self._blob(value, what)
+        if cls is tuple:
+            pairs = [self._encode(item, what) for item in value]
+            return {"$tuple": [p[0] for p in pairs]}, tuple(p[1] for p in pairs)
+        if cls in (set, frozenset):
+            if all(type(item) in NATIVE_LEAVES or type(item) is tuple for item in value):
+                tree = [self._encode(item, what)[0] for item in value]
+                return {"$" + cls.__name__: tree}, value
+            return self._blob(value, what)
+        leaf = _encode_leaf(value)
+        if leaf is not None:
+            return leaf, value
+        if isinstance(value, Handle):
+            return {"$h": value.key, "t": value.type_name}, handle_for_sandbox(value.key, value.type_name)
+        if isinstance(value, MontyClassProxy):
+            return self._proxy(value, what)
+        scalar = _numpy_scalar(value)
+        if scalar is not _NOT_SCALAR:
+            return self._encode(scalar, what)
+        return self._blob(value, what)
+
+    def _blob(self, value: Any, what: str) -> tuple[Any, Any]:
+        type_name = type_name_of(value)
+        try:
+            data = pickle.dumps(value, protocol=5)
+        except Exception as exc:
+            raise ValueCrossingError(
+                f"{what} is a {type_name}, which cannot be stored ({type(exc).__name__}: {exc}). "
+                f"Values that are not plain data are pickled to survive restarts; keep this object "
+                f"inside your notebook functions (create and use it there) or return something picklable."
+            ) from exc
+        key = hashlib.sha256(data).hexdigest()[:32]
+        self.objects.setdefault(key, value)
+        if key not in self.pending_blobs:
+            self.pending_blobs[key] = (data, type_name)
+        return {"$h": key, "t": type_name}, handle_for_sandbox(key, type_name)
+
+    def _proxy(self, proxy: MontyClassProxy, what: str) -> tuple[Any, Any]:
+        key = proxy.id.hex
+        if key in self.objects or self._load_blob is not None and self._has_blob(key):
+            return {"$h": key, "t": proxy.name}, handle_for_sandbox(key, proxy.name)
+        raise ValueCrossingError(
+            f"{what} is an instance of {proxy.name!r}, a class defined inside the workflow code; such "
+            f"objects cannot leave the sandbox. Pass a dict or a tuple instead."
+        )
+
+    def _has_blob(self, key: str) -> bool:
+        try:
+            self.resolve_handle(key)
+        except KeyError:
+            return False
+        return True
+
+    # -- sandbox -> host ------------------------------------------------------------------
+
+    def to_host(self, value: Any) -> Any:
+        """Swap handles (stubs, or proxies after a restore) for the real objects."""
+        cls = type(value)
+        if cls in SCALARS:
+            return value
+        if cls is list:
+            return [self.to_host(item) for item in value]
+        if cls is tuple:
+            return tuple(self.to_host(item) for item in value)
+        if cls is dict:
+            return {self.to_host(k): self.to_host(v) for k, v in value.items()}
+        if isinstance(value, Handle):
+            return self.resolve_handle(value.key)
+        if isinstance(value, MontyClassProxy):
+            try:
+                return self.resolve_handle(value.id.hex)
+            except KeyError:
+                return value
+        return value
+
+    def resolve_handle(self, key: str) -> Any:
+        """The host object behind a handle key (KeyError if unknown)."""
+        try:
+            return self.objects[key]
+        except KeyError:
+            pass
+        if key in self.pending_blobs:
+            data = self.pending_blobs[key][0]
+        elif self._load_blob is not None:
+            data = self._load_blob(key)
+        else:
+            raise KeyError(key)
+        obj = self.objects[key] = pickle.loads(data)
+        return obj
+
+    # -- stored -> host / sandbox ---------------------------------------------------------
+
+    def decode_host(self, text: str | None) -> Any:
+        """Stored text -> real host objects (blobs loaded and verified)."""
+        if text is None:
+            return None
+        return _untag(json.loads(text), lambda key, type_name: self.resolve_handle(key))
+
+    def decode_sandbox(self, text: str | None) -> Any:
+        """Stored text -> sandbox value (handles stay handles: nothing is unpickled)."""
+        if text is None:
+            return None
+        return _untag(json.loads(text), handle_for_sandbox)
+
+    def decode_display(self, text: str | None) -> Any:
+        """Stored text -> value for display (handles as ``<DataFrame>``)."""
+        if text is None:
+            return None
+        return _untag(json.loads(text), Handle)
+
+
+def _encode_leaf(value: Any) -> Any:
+    cls = type(value)
+    if cls is bytes:
+        return {"$bytes": base64.b64encode(value).decode()}
+    if cls is dt.datetime:
+        return {"$datetime": value.isoformat()}
+    if cls is dt.date:
+        return {"$date": value.isoformat()}
+    if cls is dt.time:
+        return {"$time": value.isoformat()}
+    if cls is dt.timedelta:
+        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
+    if cls is Decimal:
+        return {"$decimal": str(value)}
+    if cls is complex:
+        return {"$complex": [value.real, value.imag]}
+    if cls is PurePosixPath:
+        return {"$path": str(value)}
+    return None
+
+
+_LEAF_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "$bytes": lambda v: base64.b64decode(v),
+    "$datetime": dt.datetime.fromisoformat,
+    "$date": dt.date.fromisoformat,
+    "$time": dt.time.fromisoformat,
+    "$timedelta": lambda v: dt.timedelta(days=v[0], seconds=v[1], microseconds=v[2]),
+    "$decimal": Decimal,
+    "$complex": lambda v: complex(v[0], v[1]),
+    "$path": PurePosixPath,
+}
+
+
+def _untag(tree: Any, handle: Callable[[str, str], Any]) -> Any:
+    cls = type(tree)
+    if cls is list:
+        return [_untag(item, handle) for item in tree]
+    if cls is not dict:
+        return tree
+    if len(tree) == 1 or (len(tree) == 2 and "$h" in tree):
+        (tag, payload), *_ = tree.items()
+        if tag.startswith("$"):
+            if tag == "$h":
+                return handle(payload, tree.get("t", "object"))
+            if tag == "$tuple":
+                return tuple(_untag(item, handle) for item in payload)
+            if tag == "$dict":
+                return {_untag(k, handle): _untag(v, handle) for k, v in payload}
+            if tag == "$set":
+                return {_untag(item, handle) for item in payload}
+            if tag == "$frozenset":
+                return frozenset(_untag(item, handle) for item in payload)
+            return _LEAF_DECODERS[tag](payload)
+    return {k: _untag(v, handle) for k, v in tree.items()}
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A one-line repr for tables and widgets."""
+    text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
