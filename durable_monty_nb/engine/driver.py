@@ -100,7 +100,8 @@ class CallState:
         except (ValueError, TypeError):
             return self.args_text
         parts = [_display(a) for a in args] + [f"{k}={_display(v)}" for k, v in kwargs.items()]
-        return short_repr(", ".join(parts), 80) if parts else ""
+        text = ", ".join(parts)
+        return text if len(text) <= 80 else text[:79] + "…"
 
     @property
     def view_status(self) -> str:
@@ -172,6 +173,7 @@ class Driver:
         self.codec = codec
         self.info = info
         self.run = run
+        run._driver = self
         self.execution_id = run.execution_id
         self.key = run.key
         self.owner = owner
@@ -641,7 +643,7 @@ class Driver:
         self.step.call_updates.append({
             "call_id": state.call_id, "status": "failed", "attempts": state.attempts, "result": None,
             "error": traceback_text, "error_type": exc_type, "error_message": message, "due_at": None,
-            "finished_at": finished_at,
+            "started_at": state.started_at, "finished_at": finished_at,
         })
         self.run.events.emit(CallFailed(self.execution_id, state.call_id, state.function, state.attempts,
                                         _last_line(traceback_text)))
@@ -776,11 +778,21 @@ def default_printer(stream: str, text: str) -> None:
 
 
 def format_monty_error(exc: MontyError, key: str) -> str:
+    """Monty's traceback, with the workflow named and a hint for errors users often meet."""
     try:
         text = exc.display()  # type: ignore[attr-defined]
     except Exception:
         text = str(exc)
-    return text.replace('File "<python-input-1>"', f'File "<workflow {key}>"')
+    text = text.replace('File "<python-input-1>"', f'File "<workflow {key}>"')
+    try:
+        inner = exc.exception()
+    except Exception:
+        inner = None
+    if isinstance(inner, ModuleNotFoundError):
+        text += ("\nWorkflow code runs in the Monty sandbox, which offers only part of the standard library "
+                 "(asyncio, math, json, re, datetime, ...). Import other modules inside a notebook function "
+                 "and call that function from the workflow.")
+    return text
 
 
 def _sandbox_exception_type(error: BaseException | None) -> str:

@@ -41,7 +41,7 @@ from ..errors import (
 from ..store.store import UNFINISHED, Store, describe_owner, new_owner, owner_is_dead
 from ..values import ValueCodec
 from . import sandbox
-from .analysis import CodeInfo, analyze
+from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
@@ -99,9 +99,7 @@ class Engine:
             attached = self._attach(latest, info)
             if attached is not None:
                 return attached
-        missing = {name: line for name, line in info.free_names.items() if name not in ns}
-        if missing:
-            raise UnknownNamesError(missing, resumable=_describe_unfinished(latest))
+        check_names(info, ns, latest)
         codec = ValueCodec(self.store.load_blob)
         inputs, fingerprints = prepare_inputs(info, ns, codec)
         if latest is not None and not rerun:
@@ -132,9 +130,7 @@ class Engine:
         if row.status == "completed":
             return self._stored_run(row)
         ns = dict(namespace or {})
-        missing = {name: line for name, line in info.free_names.items() if name not in ns}
-        if missing:
-            raise UnknownNamesError(missing, resumable=_describe_unfinished(row))
+        check_names(info, ns, row)
         codec = ValueCodec(self.store.load_blob)
         inputs, _ = prepare_inputs(info, ns, codec)
         return self._resume(row, ns, self._settings(workers, retry), print_callback, info=info, codec=codec,
@@ -312,6 +308,14 @@ def wait_for(handle: Run) -> Any:
         handle.cancel()
         raise
     return handle.result()
+
+
+def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -> None:
+    """Raise UnknownNamesError, before anything runs, for names neither namespace nor sandbox has."""
+    missing = {name: line for name, line in info.free_names.items() if name not in namespace}
+    if missing:
+        unavailable = {name: sandbox_substitute(name) for name in missing if name in MONTY_MISSING_BUILTINS}
+        raise UnknownNamesError(missing, resumable=_describe_unfinished(unfinished), unavailable=unavailable)
 
 
 def prepare_inputs(info: CodeInfo, namespace: Mapping[str, Any],

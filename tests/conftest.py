@@ -1,0 +1,138 @@
+"""Shared fixtures: stores on every backend, a signing key, and service checks.
+
+PostgreSQL and MariaDB URLs come from DURABLE_TEST_POSTGRES_URL and DURABLE_TEST_MYSQL_URL
+(defaults: the servers of the development machine). Each test session works in a database
+of its own on each server, dropped at the end. In CI (CI=true) an unreachable server fails
+the tests that need it instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+# Every process of the test session (kernels and subprocesses too) signs with this key and
+# uses a fresh default store, never one left in the repository by a manual run.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="durable-tests-"))
+os.environ.setdefault("DURABLE_MONTY_KEY", "test-key-" + uuid.uuid4().hex)
+os.environ["DURABLE_MONTY_DB"] = f"sqlite:///{_SESSION_DIR / 'notebooks.db'}"
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+SERVER_URLS = {
+    "postgresql": os.environ.get("DURABLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mysql": os.environ.get("DURABLE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+}
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str, error: Exception) -> None:
+    message = f"{what} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+class ServerDatabase:
+    """A database of this test session on a server, with a cheap reset between tests."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.name = f"dm_test_{uuid.uuid4().hex[:10]}"
+        self.url = make_url(base_url).set(database=self.name).render_as_string(hide_password=False)
+        admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
+        admin.dispose()
+        self.engine = sa.create_engine(self.url)
+
+    def reset(self) -> None:
+        inspector = sa.inspect(self.engine)
+        tables = set(inspector.get_table_names())
+        with self.engine.begin() as conn:
+            for table in ("dm_checkpoints", "dm_calls", "dm_blobs", "dm_keys", "dm_executions"):
+                if table in tables:
+                    conn.execute(sa.text(f"DELETE FROM {table}"))
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        admin = sa.create_engine(self.base_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            if admin.dialect.name == "postgresql":
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
+            else:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}"))
+        admin.dispose()
+
+
+_servers: dict[str, ServerDatabase | Exception] = {}
+
+
+def server_database(backend: str) -> ServerDatabase:
+    if backend not in _servers:
+        try:
+            _servers[backend] = ServerDatabase(SERVER_URLS[backend])
+        except Exception as exc:  # remembered, so every test reports it
+            _servers[backend] = exc
+    found = _servers[backend]
+    if isinstance(found, Exception):
+        unavailable(f"{backend} ({SERVER_URLS[backend]})", found)
+    return found  # type: ignore[return-value]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for found in _servers.values():
+        if isinstance(found, ServerDatabase):
+            found.drop()
+
+
+BACKENDS = ["sqlite", "postgresql", "mysql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store URL on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    database = server_database(request.param)
+    database.reset()
+    yield database.url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[object]:
+    from durable_monty_nb import Engine
+
+    eng = Engine(db_url)
+    yield eng
+    for run in eng.active_runs():
+        run.cancel()
+        run.wait(30)
+    eng.close()
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[object]:
+    from durable_monty_nb import Engine
+
+    eng = Engine(sqlite_url)
+    yield eng
+    for run in eng.active_runs():
+        run.cancel()
+        run.wait(30)
+    eng.close()

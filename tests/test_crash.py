@@ -1,0 +1,89 @@
+"""Kill -9 a process at several points of a workflow and resume it in a new process.
+
+The side-effect log proves that no call whose result was committed runs again; only the
+calls in flight at the kill run twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from procs import finish, kill, log_entries, spawn, wait_until
+
+from durable_monty_nb.store.store import Store
+
+
+def execution(store: Store, key: str):  # noqa: ANN201
+    return store.latest_execution(key)
+
+
+def done_args(store: Store, key: str) -> set[int]:
+    row = store.latest_execution(key)
+    return {json.loads(c.args)[0][0] for c in store.load_calls(row.id) if c.status == "done"}
+
+
+def test_kill_mid_gather_then_resume(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "side.log"
+    store = Store(db_url)
+    first = spawn(db_url, "gather", log, block="work:10-19")
+    wait_until(lambda: (row := execution(store, "gather")) is not None and row.calls_done == 10
+               and len(log_entries(log)) == 20, what="10 committed results and 10 calls in flight", procs=(first,))
+    kill(first)
+
+    committed = done_args(store, "gather")
+    assert committed == set(range(10))
+    assert execution(store, "gather").status == "running"  # as the dead process left it
+
+    second = spawn(db_url, "gather", log)  # running the same code again resumes it
+    code, out, err = finish(second)
+    assert code == 0, err
+    assert "RESULT 1900" in out
+
+    rerun = [entry for pid, entry in log_entries(log) if pid == second.pid]
+    assert sorted(rerun) == sorted(f"work {i}" for i in range(10, 20))  # only the calls in flight
+    row = execution(store, "gather")
+    assert row.status == "completed" and row.calls_done == 20
+    assert row.lease_owner is None
+
+
+def test_kill_between_sequential_steps(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "side.log"
+    store = Store(db_url)
+    first = spawn(db_url, "sequential", log, block="step:3")
+    wait_until(lambda: ("step 3" in [e for _, e in log_entries(log)]), what="step 3 to start", procs=(first,))
+    kill(first)
+    assert done_args(store, "sequential") == {0, 1, 2}
+
+    second = spawn(db_url, "sequential", log, mode="resume")
+    code, out, err = finish(second)
+    assert code == 0, err
+    assert "RESULT 21" in out
+    assert [e for pid, e in log_entries(log) if pid == second.pid] == ["step 3", "step 4", "step 5"]
+
+
+def test_kill_during_retry_backoff_continues_the_schedule(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "side.log"
+    store = Store(db_url)
+    env = {"RETRY_DELAY": "1.5"}
+    first = spawn(db_url, "retry", log, env=env)
+
+    def in_second_backoff() -> bool:
+        row = execution(store, "retry")
+        calls = store.load_calls(row.id) if row else []
+        return bool(calls) and calls[0].status == "retrying" and calls[0].attempts == 2
+
+    wait_until(in_second_backoff, what="the backoff after attempt 2", procs=(first,))
+    kill(first)
+    due_at = store.load_calls(execution(store, "retry").id)[0].due_at
+
+    second = spawn(db_url, "retry", log, env=env)
+    code, out, err = finish(second)
+    assert code == 0, err
+    # The restart continued at attempt 3, the last one: the function's third failure is final.
+    # (Starting the schedule over would have made 3 more attempts and succeeded on the 4th.)
+    assert "RESULT 'gave up: attempt 3 failed'" in out
+    assert [e for _, e in log_entries(log)] == ["flaky 1"] * 3
+    call = store.load_calls(execution(store, "retry").id)[0]
+    assert call.status == "failed" and call.attempts == 3
+    assert call.started_at >= due_at  # the resumed process waited out the persisted backoff
