@@ -39,11 +39,32 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CallFailed", "CallRetrying", "CallView", "DurableError", "Engine", "Event", "ExecutionBusy",
-    "ExecutionFinished", "ExecutionInterrupted", "ExecutionNotFound", "ExecutionStarted",
-    "MissingFunctionsError", "Printed", "Progress", "RetryPolicy", "Run", "StoreError", "StoreVersionError",
-    "TamperedDataError", "UnknownNamesError", "ValueCrossingError", "WorkflowCodeError", "WorkflowFailed",
-    "load_ipython_extension", "retry", "unload_ipython_extension",
+    "CallFailed",
+    "CallRetrying",
+    "CallView",
+    "DurableError",
+    "Engine",
+    "Event",
+    "ExecutionBusy",
+    "ExecutionFinished",
+    "ExecutionInterrupted",
+    "ExecutionNotFound",
+    "ExecutionStarted",
+    "MissingFunctionsError",
+    "Printed",
+    "Progress",
+    "RetryPolicy",
+    "Run",
+    "StoreError",
+    "StoreVersionError",
+    "TamperedDataError",
+    "UnknownNamesError",
+    "ValueCrossingError",
+    "WorkflowCodeError",
+    "WorkflowFailed",
+    "load_ipython_extension",
+    "retry",
+    "unload_ipython_extension",
 ]
 
 

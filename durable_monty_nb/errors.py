@@ -24,20 +24,24 @@ class WorkflowCodeError(DurableError):
 class UnknownNamesError(WorkflowCodeError):
     """The workflow code uses names that the namespace does not define."""
 
-    def __init__(self, names: dict[str, int], resumable: str | None = None,
-                 unavailable: dict[str, str | None] | None = None) -> None:
+    def __init__(
+        self, names: dict[str, int], resumable: str | None = None, unavailable: dict[str, str | None] | None = None
+    ) -> None:
         self.names = names
         unavailable = unavailable or {}
         parts = []
         undefined = {n: line for n, line in names.items() if n not in unavailable}
         if undefined:
             listed = ", ".join(f"{n!r} (line {line})" for n, line in sorted(undefined.items(), key=lambda i: i[1]))
-            parts.append(f"not defined in the namespace: {listed}. Define them (run the cells that do), "
-                         f"then run again.")
+            parts.append(
+                f"not defined in the namespace: {listed}. Define them (run the cells that do), then run again."
+            )
         for name, substitute in unavailable.items():
             hint = f" Catch {substitute}, its nearest base class, instead." if substitute else ""
-            parts.append(f"{name!r} (line {names[name]}) is a Python builtin that workflow code (the Monty "
-                         f"sandbox) does not have.{hint}")
+            parts.append(
+                f"{name!r} (line {names[name]}) is a Python builtin that workflow code (the Monty "
+                f"sandbox) does not have.{hint}"
+            )
         if resumable:
             parts.append(f"Nothing was lost: {resumable}")
         super().__init__(" ".join(parts), line=min(names.values()) if names else None)

@@ -35,8 +35,21 @@ from .errors import ValueCrossingError
 
 SCALARS = (int, float, str, bool, type(None))
 NATIVE_LEAVES = frozenset(
-    (int, float, str, bool, type(None), bytes, complex, Decimal, dt.datetime, dt.date, dt.time,
-     dt.timedelta, PurePosixPath)
+    (
+        int,
+        float,
+        str,
+        bool,
+        type(None),
+        bytes,
+        complex,
+        Decimal,
+        dt.datetime,
+        dt.date,
+        dt.time,
+        dt.timedelta,
+        PurePosixPath,
+    )
 )
 
 
@@ -173,7 +186,7 @@ class ValueCodec:
 
     def _proxy(self, proxy: MontyClassProxy, what: str) -> tuple[Any, Any]:
         key = proxy.id.hex
-        if key in self.objects or self._load_blob is not None and self._has_blob(key):
+        if key in self.objects or (self._load_blob is not None and self._has_blob(key)):
             return {"$h": key, "t": proxy.name}, handle_for_sandbox(key, proxy.name)
         raise ValueCrossingError(
             f"{what} is an instance of {proxy.name!r}, a class defined inside the workflow code; such "

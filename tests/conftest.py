@@ -19,6 +19,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from durable_monty_nb.store.schema import HEAD_REVISION, VERSION_TABLE
+
 # Every process of the test session (kernels and subprocesses too) signs with this key and
 # uses a fresh default store, never one left in the repository by a manual run.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="durable-tests-"))
@@ -62,6 +64,8 @@ class ServerDatabase:
             for table in ("dm_checkpoints", "dm_calls", "dm_blobs", "dm_keys", "dm_executions"):
                 if table in tables:
                     conn.execute(sa.text(f"DELETE FROM {table}"))
+            if VERSION_TABLE in tables:  # a test may have changed the schema version
+                conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = :v"), {"v": HEAD_REVISION})
 
     def drop(self) -> None:
         self.engine.dispose()

@@ -13,16 +13,27 @@ from typing import Any
 TESTS = Path(__file__).resolve().parent
 
 
-def spawn(db_url: str, scenario: str, log: Path, *, mode: str = "run", block: str = "",
-          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(
+    db_url: str, scenario: str, log: Path, *, mode: str = "run", block: str = "", env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     full_env = {**os.environ, "SIDE_LOG": str(log), "BLOCK": block, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), full_env.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, str(TESTS / "proc_runner.py"), db_url, scenario, mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "proc_runner.py"), db_url, scenario, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition",
-               procs: tuple[subprocess.Popen[str], ...] = ()) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 60.0,
+    what: str = "condition",
+    procs: tuple[subprocess.Popen[str], ...] = (),
+) -> Any:
     """Poll ``predicate`` until it is truthy; fail early if a watched process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

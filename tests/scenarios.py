@@ -74,5 +74,5 @@ SCENARIOS = {
 
 
 def namespace(name: str) -> dict[str, object]:
-    code, values = SCENARIOS[name]
+    _code, values = SCENARIOS[name]
     return {"work": work, "step": step, "flaky": flaky, **values}

@@ -14,7 +14,7 @@ from procs import finish, kill, log_entries, spawn, wait_until
 from durable_monty_nb.store.store import Store
 
 
-def execution(store: Store, key: str):  # noqa: ANN201
+def execution(store: Store, key: str):
     return store.latest_execution(key)
 
 
@@ -27,8 +27,13 @@ def test_kill_mid_gather_then_resume(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "side.log"
     store = Store(db_url)
     first = spawn(db_url, "gather", log, block="work:10-19")
-    wait_until(lambda: (row := execution(store, "gather")) is not None and row.calls_done == 10
-               and len(log_entries(log)) == 20, what="10 committed results and 10 calls in flight", procs=(first,))
+    wait_until(
+        lambda: (
+            (row := execution(store, "gather")) is not None and row.calls_done == 10 and len(log_entries(log)) == 20
+        ),
+        what="10 committed results and 10 calls in flight",
+        procs=(first,),
+    )
     kill(first)
 
     committed = done_args(store, "gather")
@@ -51,7 +56,7 @@ def test_kill_between_sequential_steps(db_url: str, tmp_path: Path) -> None:
     log = tmp_path / "side.log"
     store = Store(db_url)
     first = spawn(db_url, "sequential", log, block="step:3")
-    wait_until(lambda: ("step 3" in [e for _, e in log_entries(log)]), what="step 3 to start", procs=(first,))
+    wait_until(lambda: "step 3" in [e for _, e in log_entries(log)], what="step 3 to start", procs=(first,))
     kill(first)
     assert done_args(store, "sequential") == {0, 1, 2}
 

@@ -13,8 +13,11 @@ def test_two_processes_resuming_one_crashed_execution(db_url: str, tmp_path: Pat
     log = tmp_path / "side.log"
     store = Store(db_url)
     crashed = spawn(db_url, "gather", log, block="work:10-19")
-    wait_until(lambda: (row := store.latest_execution("gather")) is not None and row.calls_done == 10,
-               what="10 committed results", procs=(crashed,))
+    wait_until(
+        lambda: (row := store.latest_execution("gather")) is not None and row.calls_done == 10,
+        what="10 committed results",
+        procs=(crashed,),
+    )
     kill(crashed)
 
     # Both race to take over the dead owner's lease; the winner blocks on work(15), so it is
@@ -26,8 +29,11 @@ def test_two_processes_resuming_one_crashed_execution(db_url: str, tmp_path: Pat
     winner = next(p for p in racers if p is not loser)
     code, out, _ = finish(loser)
     assert code == 3 and "BUSY" in out and "being driven by process" in out
-    wait_until(lambda: ("work 15" in [e for pid, e in log_entries(log) if pid == winner.pid]),
-               what="the winner to reach work 15", procs=(winner,))
+    wait_until(
+        lambda: "work 15" in [e for pid, e in log_entries(log) if pid == winner.pid],
+        what="the winner to reach work 15",
+        procs=(winner,),
+    )
     kill(winner)
 
     entries = log_entries(log)
@@ -50,8 +56,11 @@ def test_two_processes_starting_one_key(db_url: str, tmp_path: Path) -> None:
     code, out, err = finish(loser)
     assert code == 3 and "BUSY" in out, err
     winner = next(p for p in racers if p is not loser)
-    wait_until(lambda: len([1 for pid, _ in log_entries(log) if pid == winner.pid]) == 20,
-               what="the winner to start its calls", procs=(winner,))
+    wait_until(
+        lambda: len([1 for pid, _ in log_entries(log) if pid == winner.pid]) == 20,
+        what="the winner to start its calls",
+        procs=(winner,),
+    )
     kill(winner)
     entries = log_entries(log)
     assert not [e for pid, e in entries if pid == loser.pid]

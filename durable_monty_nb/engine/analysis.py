@@ -21,18 +21,69 @@ from dataclasses import dataclass, field
 from ..errors import WorkflowCodeError
 
 # Python builtins that Monty 1.4 does not provide (measured by reading each name in a sandbox).
-MONTY_MISSING_BUILTINS = frozenset((
-    "BaseExceptionGroup", "BlockingIOError", "BrokenPipeError", "BufferError", "BytesWarning",
-    "ChildProcessError", "ConnectionAbortedError", "ConnectionError", "ConnectionRefusedError",
-    "ConnectionResetError", "DeprecationWarning", "EOFError", "EncodingWarning", "EnvironmentError",
-    "ExceptionGroup", "FloatingPointError", "FutureWarning", "GeneratorExit", "IOError", "ImportWarning",
-    "IndentationError", "InterruptedError", "PendingDeprecationWarning", "ProcessLookupError",
-    "ReferenceError", "ResourceWarning", "RuntimeWarning", "StopAsyncIteration", "SyntaxWarning",
-    "SystemError", "TabError", "UnicodeError", "UnicodeTranslateError", "UnicodeWarning", "UserWarning",
-    "Warning", "aiter", "anext", "ascii", "breakpoint", "bytearray", "callable", "classmethod", "compile",
-    "copyright", "credits", "delattr", "dir", "exit", "globals", "help", "input", "issubclass", "license",
-    "memoryview", "quit", "staticmethod", "super", "vars",
-))
+MONTY_MISSING_BUILTINS = frozenset(
+    (
+        "BaseExceptionGroup",
+        "BlockingIOError",
+        "BrokenPipeError",
+        "BufferError",
+        "BytesWarning",
+        "ChildProcessError",
+        "ConnectionAbortedError",
+        "ConnectionError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "DeprecationWarning",
+        "EOFError",
+        "EncodingWarning",
+        "EnvironmentError",
+        "ExceptionGroup",
+        "FloatingPointError",
+        "FutureWarning",
+        "GeneratorExit",
+        "IOError",
+        "ImportWarning",
+        "IndentationError",
+        "InterruptedError",
+        "PendingDeprecationWarning",
+        "ProcessLookupError",
+        "ReferenceError",
+        "ResourceWarning",
+        "RuntimeWarning",
+        "StopAsyncIteration",
+        "SyntaxWarning",
+        "SystemError",
+        "TabError",
+        "UnicodeError",
+        "UnicodeTranslateError",
+        "UnicodeWarning",
+        "UserWarning",
+        "Warning",
+        "aiter",
+        "anext",
+        "ascii",
+        "breakpoint",
+        "bytearray",
+        "callable",
+        "classmethod",
+        "compile",
+        "copyright",
+        "credits",
+        "delattr",
+        "dir",
+        "exit",
+        "globals",
+        "help",
+        "input",
+        "issubclass",
+        "license",
+        "memoryview",
+        "quit",
+        "staticmethod",
+        "super",
+        "vars",
+    )
+)
 # Names the sandbox provides without the namespace.
 SANDBOX_NAMES = (frozenset(dir(builtins)) - MONTY_MISSING_BUILTINS) | {"gather"}
 
@@ -46,8 +97,17 @@ def sandbox_substitute(name: str) -> str | None:
                 return base.__name__
     return None
 
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ListComp, ast.SetComp,
-           ast.DictComp, ast.GeneratorExp, ast.ClassDef)
+
+_SCOPES = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.Lambda,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+    ast.ClassDef,
+)
 
 
 @dataclass
@@ -82,8 +142,9 @@ def analyze(code: str) -> CodeInfo:
         line = exc.lineno or 0
         text = (exc.text or "").rstrip("\n")
         pointer = f"\n    {text}" if text else ""
-        raise WorkflowCodeError(f"syntax error at line {line} of the workflow code: {exc.msg}{pointer}",
-                                line=line) from None
+        raise WorkflowCodeError(
+            f"syntax error at line {line} of the workflow code: {exc.msg}{pointer}", line=line
+        ) from None
     info = CodeInfo(code=code, code_hash=code_hash(code))
     offsets = _line_offsets(code)
     _classify_calls(tree, info, offsets)
@@ -107,8 +168,7 @@ def _span(node: ast.expr, offsets: list[int]) -> tuple[int, int]:
 
 def _is_gather(call: ast.Call) -> bool:
     fn = call.func
-    return (isinstance(fn, ast.Name) and fn.id == "gather") or (
-        isinstance(fn, ast.Attribute) and fn.attr == "gather")
+    return (isinstance(fn, ast.Name) and fn.id == "gather") or (isinstance(fn, ast.Attribute) and fn.attr == "gather")
 
 
 def _classify_calls(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> None:
@@ -155,13 +215,17 @@ def _classify_calls(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> Non
     while task_names - known:
         known |= task_names
         for node in nodes:
-            if isinstance(node, ast.Assign) and any(_names_in_target(t) & task_names for t in node.targets):
+            if (isinstance(node, ast.Assign) and any(_names_in_target(t) & task_names for t in node.targets)) or (
+                isinstance(node, (ast.AugAssign, ast.AnnAssign)) and _names_in_target(node.target) & task_names
+            ):
                 tasks_in(node.value)
-            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and _names_in_target(node.target) & task_names:
-                tasks_in(node.value)
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in ("append", "extend", "insert")
-                  and isinstance(node.func.value, ast.Name) and node.func.value.id in task_names):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("append", "extend", "insert")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in task_names
+            ):
                 for arg in node.args:
                     tasks_in(arg)
     for call in awaited:
@@ -262,9 +326,13 @@ def _find_names(tree: ast.Module, info: CodeInfo) -> None:
     def resolve(node: ast.AST, scope: _Scope) -> None:
         for child in ast.iter_child_nodes(node):
             child_scope = scopes.get(child, scope)
-            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Load):
-                if not _is_bound(child.id, scope, module) and child.id not in SANDBOX_NAMES:
-                    info.free_names.setdefault(child.id, child.lineno)
+            if (
+                isinstance(child, ast.Name)
+                and isinstance(child.ctx, ast.Load)
+                and not _is_bound(child.id, scope, module)
+                and child.id not in SANDBOX_NAMES
+            ):
+                info.free_names.setdefault(child.id, child.lineno)
             resolve(child, child_scope)
 
     resolve(tree, module)

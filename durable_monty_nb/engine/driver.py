@@ -16,6 +16,7 @@ checkpoint re-runs only the calls that had no committed result.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import heapq
 import inspect
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic_monty import (
     FunctionSnapshot,
@@ -59,14 +60,41 @@ SLEEP_FUNCTIONS = ("asyncio.sleep", "time.sleep")
 _WAKE = object()
 
 # Exception types Monty can raise inside the sandbox by name (see pydantic_monty.ExcType).
-_SANDBOX_EXCEPTIONS = frozenset((
-    "Exception", "BaseException", "ArithmeticError", "OverflowError", "ZeroDivisionError", "LookupError",
-    "IndexError", "KeyError", "RuntimeError", "NotImplementedError", "RecursionError", "AttributeError",
-    "NameError", "UnboundLocalError", "ValueError", "UnicodeDecodeError", "UnicodeEncodeError",
-    "ImportError", "ModuleNotFoundError", "OSError", "FileNotFoundError", "FileExistsError",
-    "IsADirectoryError", "NotADirectoryError", "PermissionError", "AssertionError", "MemoryError",
-    "StopIteration", "SyntaxError", "TimeoutError", "TypeError",
-))
+_SANDBOX_EXCEPTIONS = frozenset(
+    (
+        "Exception",
+        "BaseException",
+        "ArithmeticError",
+        "OverflowError",
+        "ZeroDivisionError",
+        "LookupError",
+        "IndexError",
+        "KeyError",
+        "RuntimeError",
+        "NotImplementedError",
+        "RecursionError",
+        "AttributeError",
+        "NameError",
+        "UnboundLocalError",
+        "ValueError",
+        "UnicodeDecodeError",
+        "UnicodeEncodeError",
+        "ImportError",
+        "ModuleNotFoundError",
+        "OSError",
+        "FileNotFoundError",
+        "FileExistsError",
+        "IsADirectoryError",
+        "NotADirectoryError",
+        "PermissionError",
+        "AssertionError",
+        "MemoryError",
+        "StopIteration",
+        "SyntaxError",
+        "TimeoutError",
+        "TypeError",
+    )
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -214,8 +242,9 @@ class Driver:
 
     def start(self) -> None:
         context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._main,), daemon=True,
-                                        name=f"durable-driver-{self.key[:30]}")
+        self._thread = threading.Thread(
+            target=context.run, args=(self._main,), daemon=True, name=f"durable-driver-{self.key[:30]}"
+        )
         self._thread.start()
 
     def request_stop(self) -> None:
@@ -243,8 +272,17 @@ class Driver:
                 elif state.kind == "sleep" and state.status == "pending":
                     waiting += 1
         queued = max(self._in_flight - running, 0)
-        return Progress(total=c.total, done=c.done, failed=c.failed, running=min(running, self._in_flight),
-                        queued=queued, retrying=retrying, waiting=waiting, restored=c.restored, reused=c.reused)
+        return Progress(
+            total=c.total,
+            done=c.done,
+            failed=c.failed,
+            running=min(running, self._in_flight),
+            queued=queued,
+            retrying=retrying,
+            waiting=waiting,
+            restored=c.restored,
+            reused=c.reused,
+        )
 
     def call_states(self) -> list[CallState]:
         return list(self.calls.values())
@@ -256,13 +294,17 @@ class Driver:
             self._loop(self._snapshot)
         except LeaseLost as exc:
             self._finish_run("interrupted", error=exc, commit=False)
+        except DurableError as exc:  # e.g. a tampered row: stop, keep the execution resumable
+            self._finish_run("interrupted", error=exc)
         except Exception as exc:  # an engine bug must not leave the handle waiting forever
             import traceback
 
             text = "".join(traceback.format_exception(exc))
-            self._record_failure(f"internal error in durable-monty-nb:\n{text}", type(exc).__name__,
-                                 WorkflowFailed(f"internal error: {exc}", text, self.execution_id,
-                                                type(exc).__name__))
+            self._record_failure(
+                f"internal error in durable-monty-nb:\n{text}",
+                type(exc).__name__,
+                WorkflowFailed(f"internal error: {exc}", text, self.execution_id, type(exc).__name__),
+            )
         finally:
             sandbox.close_session(self.session)
             self._executor.shutdown()
@@ -351,8 +393,10 @@ class Driver:
         name = snap.function_name
         fn = self._function(name)
         if fn is None:
-            return _PHANTOM, {"exc_type": "NameError",
-                              "message": f"name {name!r} is not defined (not a function of the namespace)"}
+            return _PHANTOM, {
+                "exc_type": "NameError",
+                "message": f"name {name!r} is not defined (not a function of the namespace)",
+            }
         position = snap.position
         awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
         if awaited is None:
@@ -378,9 +422,19 @@ class Driver:
         self._announced.append(state)
         self.counters.total += 1
         row = {
-            "execution_id": self.execution_id, "call_id": state.call_id, "exec_key": self.key,
-            "function": state.function[:255], "kind": state.kind, "fingerprint": state.fingerprint,
-            "args": state.args_text, "call_key": call_key, "status": "pending", "attempts": 0, "due_at": due_at,
+            "execution_id": self.execution_id,
+            "call_id": state.call_id,
+            "exec_key": self.key,
+            "function": state.function[:255],
+            "kind": state.kind,
+            "fingerprint": state.fingerprint,
+            "args": state.args_text,
+            "call_key": call_key,
+            "status": "pending",
+            "attempts": 0,
+            "due_at": due_at,
+            "result": None,
+            "reused_from": None,
         }
         self.step.new_calls.append(row)
         self._new_rows[state.call_id] = row
@@ -394,8 +448,9 @@ class Driver:
         if state is None:
             seconds = float(snap.args[0]) if snap.args else 0.0
             due = time.time() + max(seconds, 0.0)
-            state = CallState(snap.call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep",
-                              "sleep", due_at=due)
+            state = CallState(
+                snap.call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep", "sleep", due_at=due
+            )
             self._register(state, call_key=sha256(f"sleep\0{snap.call_id}"), due_at=due)
             self._push_timer(due, state)
             if state.awaited:
@@ -468,12 +523,25 @@ class Driver:
         for row in rows:
             if row.status in ("done", "failed"):
                 self.store.verify_call(self.execution_id, row)
-            state = CallState(row.call_id, row.function, row.kind, row.args, True, row.fingerprint,
-                              status=row.status, attempts=row.attempts, result_text=row.result,
-                              error_text=row.error, error_type=row.error_type, error_message=row.error_message,
-                              due_at=row.due_at,
-                              started_at=row.started_at, finished_at=row.finished_at, restored=True,
-                              reused=row.reused_from is not None)
+            state = CallState(
+                row.call_id,
+                row.function,
+                row.kind,
+                row.args,
+                True,
+                row.fingerprint,
+                status=row.status,
+                attempts=row.attempts,
+                result_text=row.result,
+                error_text=row.error,
+                error_type=row.error_type,
+                error_message=row.error_message,
+                due_at=row.due_at,
+                started_at=row.started_at,
+                finished_at=row.finished_at,
+                restored=True,
+                reused=row.reused_from is not None,
+            )
             self.calls[state.call_id] = state
             self.counters.total += 1
             if state.status == "done":
@@ -552,8 +620,12 @@ class Driver:
     def _submit(self, state: CallState) -> None:
         fn = self._function(state.function)
         if fn is None:
-            self._settle_failure(state, NameError(f"name {state.function!r} is not defined"),
-                                 f"NameError: {state.function!r} is not defined in the namespace", time.time())
+            self._settle_failure(
+                state,
+                NameError(f"name {state.function!r} is not defined"),
+                f"NameError: {state.function!r} is not defined in the namespace",
+                time.time(),
+            )
             return
         if state.sandbox_args is not None:
             args, kwargs = self.codec.to_host(state.sandbox_args)
@@ -607,10 +679,19 @@ class Driver:
         state.status, state.result_text, state.error_text = "done", text, None
         self.answers[state.call_id] = {"return_value": sandbox_value}
         self.counters.done += 1
-        self.step.call_updates.append({
-            "call_id": state.call_id, "status": "done", "attempts": state.attempts, "result": text, "error": None,
-            "error_type": None, "due_at": None, "started_at": outcome.started_at, "finished_at": outcome.finished_at,
-        })
+        self.step.call_updates.append(
+            {
+                "call_id": state.call_id,
+                "status": "done",
+                "attempts": state.attempts,
+                "result": text,
+                "error": None,
+                "error_type": None,
+                "due_at": None,
+                "started_at": outcome.started_at,
+                "finished_at": outcome.finished_at,
+            }
+        )
 
     def _settle_attempt_failure(self, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
@@ -623,16 +704,27 @@ class Driver:
         state.status, state.due_at = "retrying", outcome.finished_at + wait
         state.error_text, state.error_type = outcome.traceback, type(error).__name__
         self._push_timer(state.due_at, state)
-        self.step.call_updates.append({
-            "call_id": state.call_id, "status": "retrying", "attempts": state.attempts, "due_at": state.due_at,
-            "error": outcome.traceback, "error_type": state.error_type, "started_at": outcome.started_at,
-            "finished_at": outcome.finished_at,
-        })
-        self.run.events.emit(CallRetrying(self.execution_id, state.call_id, state.function, state.attempts, wait,
-                                          _last_line(outcome.traceback)))
+        self.step.call_updates.append(
+            {
+                "call_id": state.call_id,
+                "status": "retrying",
+                "attempts": state.attempts,
+                "due_at": state.due_at,
+                "error": outcome.traceback,
+                "error_type": state.error_type,
+                "started_at": outcome.started_at,
+                "finished_at": outcome.finished_at,
+            }
+        )
+        self.run.events.emit(
+            CallRetrying(
+                self.execution_id, state.call_id, state.function, state.attempts, wait, _last_line(outcome.traceback)
+            )
+        )
 
-    def _settle_failure(self, state: CallState, error: BaseException | None, traceback_text: str,
-                        finished_at: float) -> None:
+    def _settle_failure(
+        self, state: CallState, error: BaseException | None, traceback_text: str, finished_at: float
+    ) -> None:
         exc_type = _sandbox_exception_type(error)
         message = _sandbox_message(error)
         state.status, state.error_text, state.error_type = "failed", traceback_text, exc_type
@@ -640,13 +732,23 @@ class Driver:
         self.answers[state.call_id] = {"exc_type": exc_type, "message": message}
         self._failed_calls[(exc_type, message)] = state
         self.counters.failed += 1
-        self.step.call_updates.append({
-            "call_id": state.call_id, "status": "failed", "attempts": state.attempts, "result": None,
-            "error": traceback_text, "error_type": exc_type, "error_message": message, "due_at": None,
-            "started_at": state.started_at, "finished_at": finished_at,
-        })
-        self.run.events.emit(CallFailed(self.execution_id, state.call_id, state.function, state.attempts,
-                                        _last_line(traceback_text)))
+        self.step.call_updates.append(
+            {
+                "call_id": state.call_id,
+                "status": "failed",
+                "attempts": state.attempts,
+                "result": None,
+                "error": traceback_text,
+                "error_type": exc_type,
+                "error_message": message,
+                "due_at": None,
+                "started_at": state.started_at,
+                "finished_at": finished_at,
+            }
+        )
+        self.run.events.emit(
+            CallFailed(self.execution_id, state.call_id, state.function, state.attempts, _last_line(traceback_text))
+        )
 
     # -- timers (retry backoff and durable sleeps) ------------------------------------------
 
@@ -663,8 +765,16 @@ class Driver:
                 state.finished_at = now
                 self.answers[call_id] = {"return_value": None}
                 self.counters.done += 1
-                self.step.call_updates.append({"call_id": call_id, "status": "done", "attempts": 1,
-                                               "result": "null", "error": None, "finished_at": now})
+                self.step.call_updates.append(
+                    {
+                        "call_id": call_id,
+                        "status": "done",
+                        "attempts": 1,
+                        "result": "null",
+                        "error": None,
+                        "finished_at": now,
+                    }
+                )
             elif state.status == "retrying":
                 self._submit(state)
 
@@ -682,15 +792,20 @@ class Driver:
                 continue  # objects of sandbox-defined classes stay inside
             outputs[name] = value
         outputs_text = self.codec.encode_text(outputs)
+        result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
+        outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
         now = time.time()
-        self.step.execution.update(status="completed", result=result_text, outputs=outputs_text,
-                                   result_sig=self.store.sign_execution_result(self.execution_id, result_text,
-                                                                               outputs_text),
-                                   finished_at=now, error=None, error_type=None)
+        self.step.execution.update(
+            status="completed",
+            result=result_text,
+            outputs=outputs_text,
+            result_sig=self.store.sign_execution_result(self.execution_id, result_text, outputs_text),
+            finished_at=now,
+            error=None,
+            error_type=None,
+        )
         self._commit_final()
-        self._finish_run("completed", result=self.codec.to_host(output),
-                         outputs={k: self.codec.to_host(v) for k, v in outputs.items()}, commit=False,
-                         finished_at=now)
+        self._finish_run("completed", result=result_host, outputs=outputs_host, commit=False, finished_at=now)
 
     def _encode_final(self, value: Any, what: str) -> str | None:
         try:
@@ -718,18 +833,18 @@ class Driver:
         error_type = type(inner).__name__
         cause = self._failed_calls.get((error_type, _sandbox_message(inner)))
         if cause is not None and cause.error_text:
-            text += (f"\n\nThe exception came from call {cause.call_id}, {cause.function}({cause.args_repr}), "
-                     f"after {cause.attempts} attempt(s):\n{cause.error_text}")
+            text += (
+                f"\n\nThe exception came from call {cause.call_id}, {cause.function}({cause.args_repr}), "
+                f"after {cause.attempts} attempt(s):\n{cause.error_text}"
+            )
         summary = f"{error_type}: {_sandbox_message(inner)}"
         self._record_failure(text, error_type, WorkflowFailed(summary, text, self.execution_id, error_type))
 
     def _record_failure(self, text: str, error_type: str, error: BaseException) -> None:
         now = time.time()
         self.step.execution.update(status="failed", error=text, error_type=error_type, finished_at=now)
-        try:
+        with contextlib.suppress(Exception):  # the store is unreachable: the handle still reports the failure
             self._commit_final()
-        except Exception:  # the store is unreachable: the handle still reports the failure
-            pass
         self._finish_run("failed", error=error, commit=False, finished_at=now)
 
     def _commit_final(self) -> None:
@@ -740,20 +855,28 @@ class Driver:
         self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
         self.step = Step()
 
-    def _finish_run(self, status: str, *, result: Any = None, outputs: dict[str, Any] | None = None,
-                    error: BaseException | None = None, commit: bool = True, finished_at: float | None = None) -> None:
+    def _finish_run(
+        self,
+        status: str,
+        *,
+        result: Any = None,
+        outputs: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+        commit: bool = True,
+        finished_at: float | None = None,
+    ) -> None:
         if commit:
             self.step.execution.update(status=status)
-            try:
+            with contextlib.suppress(Exception):
                 self._commit_final()
-            except Exception:
-                pass
         with self._state_lock:
             self._finished = True
-        self.run._finish(status, result=result, outputs=outputs, error=error, progress=self.progress(),
-                         finished_at=finished_at)
-        self.run.events.emit(ExecutionFinished(self.execution_id, status,
-                                               None if error is None else str(error).splitlines()[-1]))
+        self.run._finish(
+            status, result=result, outputs=outputs, error=error, progress=self.progress(), finished_at=finished_at
+        )
+        self.run.events.emit(
+            ExecutionFinished(self.execution_id, status, None if error is None else str(error).splitlines()[-1])
+        )
 
     # -- prints -----------------------------------------------------------------------------
 
@@ -789,9 +912,11 @@ def format_monty_error(exc: MontyError, key: str) -> str:
     except Exception:
         inner = None
     if isinstance(inner, ModuleNotFoundError):
-        text += ("\nWorkflow code runs in the Monty sandbox, which offers only part of the standard library "
-                 "(asyncio, math, json, re, datetime, ...). Import other modules inside a notebook function "
-                 "and call that function from the workflow.")
+        text += (
+            "\nWorkflow code runs in the Monty sandbox, which offers only part of the standard library "
+            "(asyncio, math, json, re, datetime, ...). Import other modules inside a notebook function "
+            "and call that function from the workflow."
+        )
     return text
 
 
@@ -807,10 +932,7 @@ def _sandbox_exception_type(error: BaseException | None) -> str:
 def _sandbox_message(error: BaseException | None) -> str:
     if error is None:
         return ""
-    if isinstance(error, KeyError) and len(error.args) == 1:
-        message = str(error.args[0])
-    else:
-        message = str(error)
+    message = str(error.args[0]) if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
     if type(error).__module__ != "builtins":
         return f"{type(error).__name__}: {message}" if message else type(error).__name__
     return message

@@ -31,7 +31,6 @@ from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
 
 from ..errors import (
     ExecutionBusy,
-    ExecutionNotFound,
     MissingFunctionsError,
     UnknownNamesError,
     ValueCrossingError,
@@ -45,7 +44,7 @@ from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substit
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
-from .handle import Progress, Run, interrupted_error
+from .handle import Progress, Run
 from .retry import RetryPolicy
 
 PrintCallback = Callable[[str, str], None]
@@ -61,8 +60,15 @@ class Engine:
     keeps an execution before another process may take it over.
     """
 
-    def __init__(self, db: str | None = None, *, workers: int = 32, retry: RetryPolicy | None = None,
-                 key: bytes | str | None = None, lease_ttl: float = 30.0) -> None:
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        workers: int = 32,
+        retry: RetryPolicy | None = None,
+        key: bytes | str | None = None,
+        lease_ttl: float = 30.0,
+    ) -> None:
         self.store = Store(db, key=key)
         self.settings = Settings(workers=workers, retry=retry or RetryPolicy(), lease_ttl=lease_ttl)
         self._active: dict[str, Driver] = {}
@@ -77,8 +83,9 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self, code: str, namespace: Mapping[str, Any] | None = None, *, key: str | None = None,
-            **options: Any) -> Any:
+    def run(
+        self, code: str, namespace: Mapping[str, Any] | None = None, *, key: str | None = None, **options: Any
+    ) -> Any:
         """Run to completion and return the value of the code's last expression.
 
         Ctrl-C stops waiting and interrupts the execution (it can be resumed).
@@ -86,9 +93,17 @@ class Engine:
         handle = self.start(code, namespace, key=key, **options)
         return wait_for(handle)
 
-    def start(self, code: str, namespace: Mapping[str, Any] | None = None, *, key: str | None = None,
-              rerun: bool = False, workers: int | None = None, retry: RetryPolicy | None = None,
-              print_callback: PrintCallback | None = None) -> Run:
+    def start(
+        self,
+        code: str,
+        namespace: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        rerun: bool = False,
+        workers: int | None = None,
+        retry: RetryPolicy | None = None,
+        print_callback: PrintCallback | None = None,
+    ) -> Run:
         """Start (or resume, or answer from the store) and return a handle at once."""
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
@@ -111,12 +126,30 @@ class Engine:
             if latest.status == "running" and _alive(latest):
                 raise ExecutionBusy(
                     f"{key!r} is still running (execution {latest.id[:12]}, driven by "
-                    f"{describe_owner(latest.lease_owner)}); wait for it or cancel it before running changed code")
-        return self._start_new(info, key, ns, inputs, fingerprints, codec, settings, print_callback,
-                               previous=latest, reuse=latest is not None and not rerun)
+                    f"{describe_owner(latest.lease_owner)}); wait for it or cancel it before running changed code"
+                )
+        return self._start_new(
+            info,
+            key,
+            ns,
+            inputs,
+            fingerprints,
+            codec,
+            settings,
+            print_callback,
+            previous=latest,
+            reuse=latest is not None and not rerun,
+        )
 
-    def resume(self, name_or_id: str, namespace: Mapping[str, Any] | None = None, *, workers: int | None = None,
-               retry: RetryPolicy | None = None, print_callback: PrintCallback | None = None) -> Run:
+    def resume(
+        self,
+        name_or_id: str,
+        namespace: Mapping[str, Any] | None = None,
+        *,
+        workers: int | None = None,
+        retry: RetryPolicy | None = None,
+        print_callback: PrintCallback | None = None,
+    ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
         A completed execution returns its stored result. Raises MissingFunctionsError (changing
@@ -133,8 +166,9 @@ class Engine:
         check_names(info, ns, row)
         codec = ValueCodec(self.store.load_blob)
         inputs, _ = prepare_inputs(info, ns, codec)
-        return self._resume(row, ns, self._settings(workers, retry), print_callback, info=info, codec=codec,
-                            inputs=inputs)
+        return self._resume(
+            row, ns, self._settings(workers, retry), print_callback, info=info, codec=codec, inputs=inputs
+        )
 
     def resume_all(self, namespace: Mapping[str, Any] | None = None, **options: Any) -> list[Run]:
         """Resume every unfinished execution nobody alive drives."""
@@ -161,18 +195,23 @@ class Engine:
     # -- internals -----------------------------------------------------------------------
 
     def _settings(self, workers: int | None, retry: RetryPolicy | None) -> Settings:
-        return Settings(workers=workers or self.settings.workers, retry=retry or self.settings.retry,
-                        lease_ttl=self.settings.lease_ttl)
+        return Settings(
+            workers=workers or self.settings.workers,
+            retry=retry or self.settings.retry,
+            lease_ttl=self.settings.lease_ttl,
+        )
 
     def _attach(self, row: Any, info: CodeInfo) -> Run | None:
         """The handle of an execution this process already drives (re-activated if stopping)."""
         with self._lock:
             driver = self._active.get(row.id)
-        if driver is None:
+        if driver is None or driver.run.done:
             return None
         if driver.info.code_hash != info.code_hash:
-            raise ExecutionBusy(f"{row.key!r} is still running here with other code; cancel it first "
-                                f"(Run.cancel() or %durable_cancel {row.key})")
+            raise ExecutionBusy(
+                f"{row.key!r} is still running here with other code; cancel it first "
+                f"(Run.cancel() or %durable_cancel {row.key})"
+            )
         if driver.reactivate():
             return driver.run
         driver.run.wait()
@@ -184,10 +223,20 @@ class Engine:
         handle = Run(row.id, row.key)
         handle.cached = True
         handle.started_at = row.created_at
-        progress = Progress(total=row.calls_total, done=row.calls_done, failed=row.calls_failed,
-                            restored=row.calls_done, reused=row.calls_reused)
-        handle._finish("completed", result=codec.decode_host(row.result), outputs=codec.decode_host(row.outputs),
-                       progress=progress, finished_at=row.finished_at)
+        progress = Progress(
+            total=row.calls_total,
+            done=row.calls_done,
+            failed=row.calls_failed,
+            restored=row.calls_done,
+            reused=row.calls_reused,
+        )
+        handle._finish(
+            "completed",
+            result=codec.decode_host(row.result),
+            outputs=codec.decode_host(row.outputs),
+            progress=progress,
+            finished_at=row.finished_at,
+        )
         return handle
 
     def _subscribe_printer(self, handle: Run, print_callback: PrintCallback | None) -> Callable[[str, str], None]:
@@ -204,9 +253,20 @@ class Engine:
 
         return emit
 
-    def _start_new(self, info: CodeInfo, key: str, ns: dict[str, Any], inputs: dict[str, Any],
-                   fingerprints: dict[str, Any], codec: ValueCodec, settings: Settings,
-                   print_callback: PrintCallback | None, *, previous: Any, reuse: bool) -> Run:
+    def _start_new(
+        self,
+        info: CodeInfo,
+        key: str,
+        ns: dict[str, Any],
+        inputs: dict[str, Any],
+        fingerprints: dict[str, Any],
+        codec: ValueCodec,
+        settings: Settings,
+        print_callback: PrintCallback | None,
+        *,
+        previous: Any,
+        reuse: bool,
+    ) -> Run:
         execution_id = uuid.uuid4().hex
         handle = Run(execution_id, key)
         emit = self._subscribe_printer(handle, print_callback)
@@ -229,35 +289,67 @@ class Engine:
             raise
         owner = new_owner()
         values = {
-            "id": execution_id, "key": key, "status": "running", "code": info.code, "code_hash": info.code_hash,
+            "id": execution_id,
+            "key": key,
+            "status": "running",
+            "code": info.code,
+            "code_hash": info.code_hash,
             "code_sig": self.store.signer.sign_text(f"code:{execution_id}", info.code),
-            "monty_version": sandbox.MONTY_VERSION, "fingerprints": json.dumps(fingerprints, sort_keys=True),
+            "monty_version": sandbox.MONTY_VERSION,
+            "fingerprints": json.dumps(fingerprints, sort_keys=True),
             "previous_id": previous.id if previous is not None else None,
         }
-        if not self.store.create_execution(values, owner, settings.lease_ttl,
-                                           expected_latest=previous.id if previous is not None else None):
+        if not self.store.create_execution(
+            values, owner, settings.lease_ttl, expected_latest=previous.id if previous is not None else None
+        ):
             sandbox.close_session(session)
             now_latest = self.store.latest_execution(key)
-            raise ExecutionBusy(f"another process started {key!r} at the same moment (execution "
-                                f"{now_latest.id[:12] if now_latest else '?'}); run again to join its result")
+            raise ExecutionBusy(
+                f"another process started {key!r} at the same moment (execution "
+                f"{now_latest.id[:12] if now_latest else '?'}); run again to join its result"
+            )
         handle.started_at = time.time()
-        driver = Driver(store=self.store, codec=codec, info=info, run=handle, owner=owner, namespace=ns,
-                        inputs=inputs, settings=settings, session=session, snapshot=snapshot,
-                        reuse_key=key if reuse else None, on_exit=self._forget)
+        driver = Driver(
+            store=self.store,
+            codec=codec,
+            info=info,
+            run=handle,
+            owner=owner,
+            namespace=ns,
+            inputs=inputs,
+            settings=settings,
+            session=session,
+            snapshot=snapshot,
+            reuse_key=key if reuse else None,
+            on_exit=self._forget,
+        )
         return self._launch(driver, resumed=False)
 
-    def _resume(self, row: Any, ns: dict[str, Any], settings: Settings, print_callback: PrintCallback | None, *,
-                info: CodeInfo, codec: ValueCodec, inputs: dict[str, Any]) -> Run:
+    def _resume(
+        self,
+        row: Any,
+        ns: dict[str, Any],
+        settings: Settings,
+        print_callback: PrintCallback | None,
+        *,
+        info: CodeInfo,
+        codec: ValueCodec,
+        inputs: dict[str, Any],
+    ) -> Run:
         retry_failed = row.status == "failed"
         calls = self.store.load_calls(row.id)
-        needed = {c.function for c in calls
-                  if c.kind == "call" and (c.status in ("pending", "retrying") or retry_failed and c.status == "failed")}
+        needed = {
+            c.function
+            for c in calls
+            if c.kind == "call" and (c.status in ("pending", "retrying") or (retry_failed and c.status == "failed"))
+        }
         missing = sorted(name for name in needed if not callable(ns.get(name)))
         if missing:
             raise MissingFunctionsError(
                 f"execution {row.id[:12]} ({row.key!r}) still has to call {', '.join(missing)}, which the "
                 f"namespace does not define. Define them (run the cells that do), then resume again. "
-                f"Nothing was lost: {row.calls_done} of {row.calls_total} calls are done.")
+                f"Nothing was lost: {row.calls_done} of {row.calls_total} calls are done."
+            )
         owner = new_owner()
         busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
         if busy is not None:
@@ -275,9 +367,21 @@ class Engine:
             else:
                 snapshot = session.load_snapshot(data, print_callback=emit)
             handle.started_at = time.time()
-            driver = Driver(store=self.store, codec=codec, info=info, run=handle, owner=owner, namespace=ns,
-                            inputs=inputs, settings=settings, session=session, snapshot=snapshot,
-                            restored_calls=calls, retry_failed=retry_failed, on_exit=self._forget)
+            driver = Driver(
+                store=self.store,
+                codec=codec,
+                info=info,
+                run=handle,
+                owner=owner,
+                namespace=ns,
+                inputs=inputs,
+                settings=settings,
+                session=session,
+                snapshot=snapshot,
+                restored_calls=calls,
+                retry_failed=retry_failed,
+                on_exit=self._forget,
+            )
         except BaseException:
             sandbox.close_session(session)
             self.store.release_lease(row.id, owner)
@@ -318,8 +422,9 @@ def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -
         raise UnknownNamesError(missing, resumable=_describe_unfinished(unfinished), unavailable=unavailable)
 
 
-def prepare_inputs(info: CodeInfo, namespace: Mapping[str, Any],
-                   codec: ValueCodec) -> tuple[dict[str, Any], dict[str, Any]]:
+def prepare_inputs(
+    info: CodeInfo, namespace: Mapping[str, Any], codec: ValueCodec
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sandbox values of the namespace names the code reads, and fingerprints of all of them.
 
     Raises ValueCrossingError, before anything runs, for a value that cannot cross.
@@ -335,9 +440,9 @@ def prepare_inputs(info: CodeInfo, namespace: Mapping[str, Any],
         if isinstance(value, types.ModuleType):
             raise ValueCrossingError(
                 f"{name!r} (line {info.free_names[name]}) is a module; workflow code cannot use host modules. "
-                f"Call a notebook function that uses {name} instead.")
-        text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line "
-                                                       f"{info.free_names[name]})")
+                f"Call a notebook function that uses {name} instead."
+            )
+        text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line {info.free_names[name]})")
         inputs[name] = sandbox_value
         reads[name] = sha256(text)
     return inputs, {"reads": reads, "functions": functions}
@@ -359,8 +464,10 @@ def _alive(row: Any) -> bool:
 def _describe_unfinished(row: Any) -> str | None:
     if row is None or row.status not in UNFINISHED:
         return None
-    return (f"execution {row.id[:12]} has {row.calls_done} of {row.calls_total} calls done and "
-            f"continues from there when you run it again.")
+    return (
+        f"execution {row.id[:12]} has {row.calls_done} of {row.calls_total} calls done and "
+        f"continues from there when you run it again."
+    )
 
 
 def _error_line(exc: MontyError) -> int | None:

@@ -70,8 +70,13 @@ def _code(code: types.CodeType) -> str:
     for const in code.co_consts:
         consts.append(_code(const) if isinstance(const, types.CodeType) else repr(const))
     return "|".join(
-        (code.co_code.hex(), ",".join(consts), ",".join(code.co_names), ",".join(code.co_varnames),
-         ",".join(code.co_freevars))
+        (
+            code.co_code.hex(),
+            ",".join(consts),
+            ",".join(code.co_names),
+            ",".join(code.co_varnames),
+            ",".join(code.co_freevars),
+        )
     )
 
 

@@ -74,9 +74,16 @@ class Run:
 
     # -- set by the engine / driver --------------------------------------------------------
 
-    def _finish(self, status: str, *, result: Any = None, outputs: dict[str, Any] | None = None,
-                error: BaseException | None = None, progress: Progress | None = None,
-                finished_at: float | None = None) -> None:
+    def _finish(
+        self,
+        status: str,
+        *,
+        result: Any = None,
+        outputs: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+        progress: Progress | None = None,
+        finished_at: float | None = None,
+    ) -> None:
         self.status = status
         self._result = result
         self._outputs = outputs or {}
@@ -145,8 +152,9 @@ def _view(state: CallState) -> CallView:
     duration = None
     if state.started_at and state.finished_at:
         duration = state.finished_at - state.started_at
-    return CallView(state.call_id, state.function, state.args_repr, state.view_status, state.attempts, duration,
-                    state.error_summary)
+    return CallView(
+        state.call_id, state.function, state.args_repr, state.view_status, state.attempts, duration, state.error_summary
+    )
 
 
 def failed_error(message: str, traceback: str, execution_id: str, error_type: str | None) -> WorkflowFailed:
@@ -156,4 +164,5 @@ def failed_error(message: str, traceback: str, execution_id: str, error_type: st
 def interrupted_error(execution_id: str, key: str) -> ExecutionInterrupted:
     return ExecutionInterrupted(
         f"execution {execution_id} ({key!r}) was interrupted before it finished; run it again or "
-        f"resume it to continue where it stopped")
+        f"resume it to continue where it stopped"
+    )

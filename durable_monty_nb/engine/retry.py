@@ -87,8 +87,9 @@ def retry(
     """Decorator: give a notebook function its own retry policy."""
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
-    policy = RetryPolicy(retries=retries, backoff=backoff, delay=delay, max_delay=max_delay,
-                         jitter=jitter, retry_on=tuple(retry_on))
+    policy = RetryPolicy(
+        retries=retries, backoff=backoff, delay=delay, max_delay=max_delay, jitter=jitter, retry_on=tuple(retry_on)
+    )
 
     def decorate(fn: F) -> F:
         setattr(fn, POLICY_ATTRIBUTE, policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 from typing import Any
 
@@ -52,7 +53,5 @@ def open_session() -> MontySession:
 
 def close_session(session: MontySession | None) -> None:
     if session is not None:
-        try:
+        with contextlib.suppress(Exception):  # a crashed worker is already gone
             session.__exit__(None, None, None)
-        except Exception:  # a crashed worker is already gone
-            pass

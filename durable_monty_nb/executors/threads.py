@@ -77,12 +77,20 @@ class ThreadExecutor:
         started = task.started_at = time.time()
         try:
             value = task.context.run(task.fn, *task.args, **task.kwargs)
-        except BaseException as exc:  # noqa: BLE001 - every failure is reported, none kills the pool
-            outcome = Outcome(task.call_id, task.attempt, False, error=exc, traceback=format_user_traceback(exc),
-                              started_at=started, finished_at=time.time())
+        except BaseException as exc:
+            outcome = Outcome(
+                task.call_id,
+                task.attempt,
+                False,
+                error=exc,
+                traceback=format_user_traceback(exc),
+                started_at=started,
+                finished_at=time.time(),
+            )
         else:
-            outcome = Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
-                              finished_at=time.time())
+            outcome = Outcome(
+                task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time()
+            )
         self._finished_n = next(self._finished) + 1
         return outcome
 
@@ -108,13 +116,20 @@ class _EventLoop:
             started = task.started_at = time.time()
             try:
                 value = await task.fn(*task.args, **task.kwargs)
-            except BaseException as exc:  # noqa: BLE001
-                outcome = Outcome(task.call_id, task.attempt, False, error=exc,
-                                  traceback=format_user_traceback(exc), started_at=started,
-                                  finished_at=time.time())
+            except BaseException as exc:
+                outcome = Outcome(
+                    task.call_id,
+                    task.attempt,
+                    False,
+                    error=exc,
+                    traceback=format_user_traceback(exc),
+                    started_at=started,
+                    finished_at=time.time(),
+                )
             else:
-                outcome = Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
-                                  finished_at=time.time())
+                outcome = Outcome(
+                    task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time()
+                )
             executor._finished_n = next(executor._finished) + 1
             return outcome
 
@@ -132,11 +147,17 @@ class _EventLoop:
             started = time.time()
             try:
                 value = await coroutine
-            except BaseException as exc:  # noqa: BLE001
-                return Outcome(task.call_id, task.attempt, False, error=exc, traceback=format_user_traceback(exc),
-                               started_at=started, finished_at=time.time())
-            return Outcome(task.call_id, task.attempt, True, value=value, started_at=started,
-                           finished_at=time.time())
+            except BaseException as exc:
+                return Outcome(
+                    task.call_id,
+                    task.attempt,
+                    False,
+                    error=exc,
+                    traceback=format_user_traceback(exc),
+                    started_at=started,
+                    finished_at=time.time(),
+                )
+            return Outcome(task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time())
 
         return asyncio.run_coroutine_threadsafe(attempt(), self.loop).result()
 

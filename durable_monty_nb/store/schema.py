@@ -76,9 +76,6 @@ def upgrade(url: str) -> str:
     from sqlalchemy import create_engine
 
     engine = create_engine(url)
-    if read_revision(engine) is None:
-        _create(engine)
-        return HEAD_REVISION
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

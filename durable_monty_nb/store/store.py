@@ -144,8 +144,7 @@ class Step:
     execution: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.new_calls or self.call_updates or self.blobs or self.checkpoint is not None
-                    or self.execution)
+        return bool(self.new_calls or self.call_updates or self.blobs or self.checkpoint is not None or self.execution)
 
 
 class Store:
@@ -198,9 +197,7 @@ class Store:
         if row is not None:
             return row
         with self._reader.connect() as conn:
-            rows = conn.execute(
-                select(EXECUTIONS).where(EXECUTIONS.c.id.like(f"{name_or_id}%")).limit(2)
-            ).all()
+            rows = conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id.like(f"{name_or_id}%")).limit(2)).all()
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
@@ -220,31 +217,47 @@ class Store:
         """Latest executions of their keys that did not complete and nobody alive drives."""
         rows = [r for r in self.list_executions() if r.status in UNFINISHED]
         now = time.time()
-        return [r for r in rows if r.status != "running" or not r.lease_owner
-                or (r.lease_expires_at or 0) < now or owner_is_dead(r.lease_owner)]
+        return [
+            r
+            for r in rows
+            if r.status != "running"
+            or not r.lease_owner
+            or (r.lease_expires_at or 0) < now
+            or owner_is_dead(r.lease_owner)
+        ]
 
-    def create_execution(self, values: dict[str, Any], owner: str, lease_ttl: float,
-                         expected_latest: str | None) -> bool:
+    def create_execution(
+        self, values: dict[str, Any], owner: str, lease_ttl: float, expected_latest: str | None
+    ) -> bool:
         """Insert an execution owned by ``owner`` and make it the latest of its key.
 
         Returns False, writing nothing, when another process changed the key's latest
         execution since ``expected_latest`` was read.
         """
         now = time.time()
-        row = {**values, "lease_owner": owner, "lease_expires_at": now + lease_ttl, "created_at": now,
-               "updated_at": now, "calls_total": 0, "calls_done": 0, "calls_failed": 0, "calls_reused": 0}
+        row = {
+            **values,
+            "lease_owner": owner,
+            "lease_expires_at": now + lease_ttl,
+            "created_at": now,
+            "updated_at": now,
+            "calls_total": 0,
+            "calls_done": 0,
+            "calls_failed": 0,
+            "calls_reused": 0,
+        }
         if expected_latest is None:
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(insert(KEYS), {"key": row["key"], "latest_execution_id": row["id"],
-                                                "updated_at": now})
+                    conn.execute(insert(KEYS), {"key": row["key"], "latest_execution_id": row["id"], "updated_at": now})
                     conn.execute(insert(EXECUTIONS), row)
             except IntegrityError:  # another process created the key first
                 return False
             return True
         with self.engine.begin() as conn:
             swapped = conn.execute(
-                update(KEYS).where(KEYS.c.key == row["key"], KEYS.c.latest_execution_id == expected_latest)
+                update(KEYS)
+                .where(KEYS.c.key == row["key"], KEYS.c.latest_execution_id == expected_latest)
                 .values(latest_execution_id=row["id"], updated_at=now)
             ).rowcount
             if swapped != 1:
@@ -259,19 +272,24 @@ class Store:
         with self.engine.begin() as conn:
             taken = conn.execute(
                 update(EXECUTIONS)
-                .where(EXECUTIONS.c.id == execution_id,
-                       or_(EXECUTIONS.c.lease_owner.is_(None), EXECUTIONS.c.lease_owner == owner,
-                           EXECUTIONS.c.lease_expires_at < now))
+                .where(
+                    EXECUTIONS.c.id == execution_id,
+                    or_(
+                        EXECUTIONS.c.lease_owner.is_(None),
+                        EXECUTIONS.c.lease_owner == owner,
+                        EXECUTIONS.c.lease_expires_at < now,
+                    ),
+                )
                 .values(lease_owner=owner, lease_expires_at=now + ttl, updated_at=now)
             ).rowcount
             if taken:
                 return None
-            current = conn.execute(
-                select(EXECUTIONS.c.lease_owner).where(EXECUTIONS.c.id == execution_id)).scalar()
+            current = conn.execute(select(EXECUTIONS.c.lease_owner).where(EXECUTIONS.c.id == execution_id)).scalar()
             if current is None or not owner_is_dead(current):
                 return current or "unknown"
             taken = conn.execute(
-                update(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == current)
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == current)
                 .values(lease_owner=owner, lease_expires_at=now + ttl, updated_at=now)
             ).rowcount
             return None if taken else current
@@ -279,16 +297,19 @@ class Store:
     def release_lease(self, execution_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(
-                update(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
     def mark_interrupted(self, execution_id: str) -> None:
         """Record that an execution stopped without finishing (used when nobody drives it)."""
         with self.engine.begin() as conn:
-            conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.id == execution_id,
-                                                  EXECUTIONS.c.status == "running")
-                         .values(status="interrupted", updated_at=time.time()))
+            conn.execute(
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == "running")
+                .values(status="interrupted", updated_at=time.time())
+            )
 
     # -- the driver's transaction ---------------------------------------------------------
 
@@ -301,7 +322,8 @@ class Store:
             if "lease_owner" in values:  # the final step releases the lease
                 values.update(lease_owner=None, lease_expires_at=None)
             fenced = conn.execute(
-                update(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
                 .values(**values)
             ).rowcount
             if fenced != 1:
@@ -310,10 +332,9 @@ class Store:
             if step.blobs:
                 self._insert_blobs(conn, step.blobs, now)
             if step.new_calls:
-                for row in step.new_calls:
-                    row.setdefault("created_at", now)
-                    if row.get("result") is not None or row.get("error") is not None:
-                        row["result_sig"] = self.sign_call(execution_id, row)
+                for row in step.new_calls:  # executemany needs the same keys in every row
+                    row["created_at"] = now
+                    row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
                 conn.execute(insert(CALLS), step.new_calls)
             if step.call_updates:
                 self._update_calls(conn, execution_id, step.call_updates)
@@ -325,9 +346,14 @@ class Store:
                     data, compression = zlib.compress(data, 1), "zlib"
                 import pydantic_monty
 
-                row = {"seq": seq, "data": data, "compression": compression, "created_at": now,
-                       "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
-                       "monty_version": pydantic_monty.__version__}
+                row = {
+                    "seq": seq,
+                    "data": data,
+                    "compression": compression,
+                    "created_at": now,
+                    "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
+                    "monty_version": pydantic_monty.__version__,
+                }
                 changed = conn.execute(
                     update(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id).values(**row)
                 ).rowcount
@@ -340,9 +366,12 @@ class Store:
 
     def verify_call(self, execution_id: str, row: Any) -> None:
         text = f"{row.status}\0{row.result or ''}\0{row.error or ''}"
-        self.signer.verify_text(f"call:{execution_id}:{row.call_id}", text, row.result_sig,
-                                f"the stored result of call {row.call_id} ({row.function}) of execution "
-                                f"{execution_id}")
+        self.signer.verify_text(
+            f"call:{execution_id}:{row.call_id}",
+            text,
+            row.result_sig,
+            f"the stored result of call {row.call_id} ({row.function}) of execution {execution_id}",
+        )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -352,9 +381,11 @@ class Store:
             columns = tuple(sorted(k for k in row if k != "call_id"))
             groups.setdefault(columns, []).append(row)
         for columns, rows in groups.items():
-            stmt = (update(CALLS)
-                    .where(CALLS.c.execution_id == execution_id, CALLS.c.call_id == bindparam("k_call_id"))
-                    .values({c: bindparam(f"v_{c}") for c in columns}))
+            stmt = (
+                update(CALLS)
+                .where(CALLS.c.execution_id == execution_id, CALLS.c.call_id == bindparam("k_call_id"))
+                .values({c: bindparam(f"v_{c}") for c in columns})
+            )
             params = [{"k_call_id": r["call_id"], **{f"v_{c}": r[c] for c in columns}} for r in rows]
             conn.execute(stmt, params)
 
@@ -363,9 +394,18 @@ class Store:
         existing: set[str] = set()
         for chunk in _chunks(keys, IN_CHUNK):
             existing.update(conn.execute(select(BLOBS.c.key).where(BLOBS.c.key.in_(chunk))).scalars())
-        rows = [{"key": k, "type_name": blobs[k][1][:255], "size": len(blobs[k][0]), "data": blobs[k][0],
-                 "signature": self.signer.sign(f"blob:{k}", blobs[k][0]), "created_at": now}
-                for k in keys if k not in existing]
+        rows = [
+            {
+                "key": k,
+                "type_name": blobs[k][1][:255],
+                "size": len(blobs[k][0]),
+                "data": blobs[k][0],
+                "signature": self.signer.sign(f"blob:{k}", blobs[k][0]),
+                "created_at": now,
+            }
+            for k in keys
+            if k not in existing
+        ]
         if rows:
             conn.execute(insert(BLOBS), rows)
 
@@ -381,8 +421,12 @@ class Store:
             row = conn.execute(select(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id)).first()
         if row is None:
             return None
-        self.signer.verify(f"checkpoint:{execution_id}:{row.seq}", row.data, row.signature,
-                           f"the checkpoint of execution {execution_id}")
+        self.signer.verify(
+            f"checkpoint:{execution_id}:{row.seq}",
+            row.data,
+            row.signature,
+            f"the checkpoint of execution {execution_id}",
+        )
         self.checkpoint_seq[execution_id] = row.seq
         data = zlib.decompress(row.data) if row.compression == "zlib" else row.data
         import pydantic_monty
@@ -390,13 +434,15 @@ class Store:
         if row.monty_version != pydantic_monty.__version__ and not _loadable(row.monty_version):
             raise StoreError(
                 f"the checkpoint of execution {execution_id} was written by pydantic-monty "
-                f"{row.monty_version}, which this pydantic-monty {pydantic_monty.__version__} cannot load")
+                f"{row.monty_version}, which this pydantic-monty {pydantic_monty.__version__} cannot load"
+            )
         return data
 
     def load_calls(self, execution_id: str) -> list[Row]:
         with self._reader.connect() as conn:
-            return list(conn.execute(
-                select(CALLS).where(CALLS.c.execution_id == execution_id).order_by(CALLS.c.call_id)).all())
+            return list(
+                conn.execute(select(CALLS).where(CALLS.c.execution_id == execution_id).order_by(CALLS.c.call_id)).all()
+            )
 
     def call_counts(self, execution_id: str) -> dict[str, int]:
         from sqlalchemy import func
@@ -413,9 +459,16 @@ class Store:
         with self._reader.connect() as conn:
             for chunk in _chunks(wanted, IN_CHUNK):
                 rows = conn.execute(
-                    select(CALLS.c.execution_id, CALLS.c.call_id, CALLS.c.call_key, CALLS.c.status,
-                           CALLS.c.result, CALLS.c.error, CALLS.c.result_sig, CALLS.c.function)
-                    .where(CALLS.c.exec_key == key, CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
+                    select(
+                        CALLS.c.execution_id,
+                        CALLS.c.call_id,
+                        CALLS.c.call_key,
+                        CALLS.c.status,
+                        CALLS.c.result,
+                        CALLS.c.error,
+                        CALLS.c.result_sig,
+                        CALLS.c.function,
+                    ).where(CALLS.c.exec_key == key, CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
                 ).all()
                 for row in rows:
                     if row.call_key not in found:
@@ -438,8 +491,12 @@ class Store:
         return row.data
 
     def verify_execution_result(self, row: Any) -> None:
-        self.signer.verify_text(f"result:{row.id}", f"{row.result or ''}\0{row.outputs or ''}",
-                                row.result_sig, f"the stored result of execution {row.id}")
+        self.signer.verify_text(
+            f"result:{row.id}",
+            f"{row.result or ''}\0{row.outputs or ''}",
+            row.result_sig,
+            f"the stored result of execution {row.id}",
+        )
 
     def sign_execution_result(self, execution_id: str, result: str | None, outputs: str | None) -> str:
         return self.signer.sign_text(f"result:{execution_id}", f"{result or ''}\0{outputs or ''}")
@@ -452,4 +509,4 @@ def _loadable(version: str) -> bool:
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

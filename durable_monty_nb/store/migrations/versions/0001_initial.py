@@ -4,8 +4,8 @@ Revision ID: 0001_initial
 Revises:
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision = "0001_initial"
@@ -23,9 +23,7 @@ def upgrade() -> None:
         sa.Column("size", sa.Integer(), nullable=False),
         sa.Column(
             "data",
-            sa.LargeBinary()
-            .with_variant(mysql.LONGBLOB(), "mariadb")
-            .with_variant(mysql.LONGBLOB(), "mysql"),
+            sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mariadb").with_variant(mysql.LONGBLOB(), "mysql"),
             nullable=False,
         ),
         sa.Column("signature", sa.String(length=64), nullable=False),
@@ -138,9 +136,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column(
             "data",
-            sa.LargeBinary()
-            .with_variant(mysql.LONGBLOB(), "mariadb")
-            .with_variant(mysql.LONGBLOB(), "mysql"),
+            sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mariadb").with_variant(mysql.LONGBLOB(), "mysql"),
             nullable=False,
         ),
         sa.Column("compression", sa.String(length=8), nullable=False),

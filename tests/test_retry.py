@@ -1,0 +1,103 @@
+"""Retry policies: per function and default, backoff shapes, exceptions after the last attempt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from durable_monty_nb import CallRetrying, Engine, RetryPolicy, WorkflowFailed, retry
+
+
+def flaky_factory(failures: int, exc: type[Exception] = TimeoutError) -> tuple[Any, list[int]]:
+    attempts: list[int] = []
+
+    def flaky(x: int) -> int:
+        attempts.append(x)
+        if len(attempts) <= failures:
+            raise exc(f"attempt {len(attempts)} failed")
+        return x
+
+    return flaky, attempts
+
+
+@pytest.mark.parametrize(
+    ("backoff", "waits"),
+    [
+        ("exponential", [0.5, 1.0, 2.0, 4.0, 5.0]),
+        ("linear", [0.5, 1.0, 1.5, 2.0, 2.5]),
+        ("constant", [0.5, 0.5, 0.5, 0.5, 0.5]),
+    ],
+)
+def test_backoff_shapes_and_cap(backoff: str, waits: list[float]) -> None:
+    policy = RetryPolicy(retries=5, backoff=backoff, delay=0.5, max_delay=5.0)  # type: ignore[arg-type]
+    assert [policy.wait_before(n) for n in range(1, 6)] == waits
+
+
+def test_jitter_stays_within_bounds() -> None:
+    policy = RetryPolicy(retries=1, backoff="constant", delay=1.0, jitter=0.2)
+    assert all(0.8 <= policy.wait_before(1) <= 1.2 for _ in range(200))
+
+
+def test_invalid_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="backoff"):
+        RetryPolicy(backoff="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        RetryPolicy(retries=-1)
+
+
+def test_decorated_function_is_retried_with_its_policy(engine: Engine) -> None:
+    flaky, attempts = flaky_factory(2)
+    flaky = retry(retries=3, backoff="exponential", delay=0.01)(flaky)
+    events: list[Any] = []
+    run = engine.start("await flaky(7)", {"flaky": flaky}, key="retry-deco")
+    run.subscribe(events.append)
+    assert run.result(timeout=30) == 7
+    assert attempts == [7, 7, 7]
+    (call,) = run.calls()
+    assert call.attempts == 3 and call.status == "done"
+    row = engine.store.load_calls(run.execution_id)[0]
+    assert row.attempts == 3 and row.status == "done"
+
+
+def test_retry_events_report_attempts_and_waits(sqlite_engine: Engine) -> None:
+    flaky, _ = flaky_factory(2)
+    flaky = retry(retries=2, backoff="linear", delay=0.02)(flaky)
+    events: list[CallRetrying] = []
+    run = sqlite_engine.start("await flaky(1)", {"flaky": flaky}, key="retry-events", print_callback=lambda *_: None)
+    run.subscribe(lambda e: events.append(e) if isinstance(e, CallRetrying) else None)
+    run.result(timeout=30)
+    # The first retry event may fire before subscribe; the last one cannot have.
+    assert events and events[-1].attempt == 2 and events[-1].wait == pytest.approx(0.04)
+    assert "attempt 2 failed" in events[-1].error
+
+
+def test_engine_default_policy_applies_to_undecorated_functions(sqlite_url: str) -> None:
+    engine = Engine(sqlite_url, retry=RetryPolicy(retries=2, delay=0.01))
+    flaky, attempts = flaky_factory(2)
+    assert engine.run("await flaky(3)", {"flaky": flaky}, key="default") == 3
+    assert len(attempts) == 3
+
+
+def test_per_run_policy_and_decorator_wins(sqlite_engine: Engine) -> None:
+    flaky, attempts = flaky_factory(1)
+    once = retry(retries=0)(flaky)
+    with pytest.raises(WorkflowFailed, match="after 1 attempt"):
+        sqlite_engine.run("await once(1)", {"once": once}, key="deco-wins", retry=RetryPolicy(retries=5, delay=0.01))
+    assert len(attempts) == 1
+
+
+def test_only_matching_exceptions_are_retried(sqlite_engine: Engine) -> None:
+    flaky, attempts = flaky_factory(1, exc=KeyError)
+    flaky = retry(retries=3, delay=0.01, retry_on=TimeoutError)(flaky)
+    with pytest.raises(WorkflowFailed):
+        sqlite_engine.run("await flaky(1)", {"flaky": flaky}, key="retry-on")
+    assert len(attempts) == 1
+
+
+def test_exception_after_last_attempt_reaches_the_workflow(engine: Engine) -> None:
+    flaky, attempts = flaky_factory(10)
+    flaky = retry(retries=2, backoff="constant", delay=0.01)(flaky)
+    code = "try:\n    r = await flaky(1)\nexcept TimeoutError as e:\n    r = 'handled ' + str(e)\nr"
+    assert engine.run(code, {"flaky": flaky}, key="last-attempt") == "handled attempt 3 failed"
+    assert len(attempts) == 3

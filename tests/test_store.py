@@ -1,0 +1,256 @@
+"""The store: schema versions, signed rows, leases, SQLite durability settings."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from durable_monty_nb import Engine, StoreVersionError, TamperedDataError
+from durable_monty_nb.store import schema
+from durable_monty_nb.store.models import Base
+from durable_monty_nb.store.signing import Signer
+from durable_monty_nb.store.store import Store, new_owner, owner_is_dead
+
+
+def interrupted_run(engine: Engine, key: str = "tamper") -> str:
+    """An execution with committed results, a checkpoint and a pickled blob, then interrupted."""
+    import pandas as pd
+
+    release = threading.Event()
+    both_running = threading.Barrier(3, timeout=30)
+
+    def frame(n: int) -> object:
+        return pd.DataFrame({"n": range(n)})
+
+    def wait(x: int) -> int:
+        both_running.wait()
+        release.wait(30)
+        return x
+
+    code = "df = await frame(3)\nw = await gather(wait(1), wait(2))\nlen_after = await wait(3)\n[w, len_after]"
+    run = engine.start(code, {"frame": frame, "wait": wait}, key=key)
+    both_running.wait()  # frame(3) is done, wait(1) and wait(2) run: wait(3) will never start
+    run.cancel()
+    release.set()
+    run.wait(30)
+    assert run.status == "interrupted"
+    return run.execution_id
+
+
+def resume_namespace() -> dict[str, object]:
+    def frame(n: int) -> object:
+        raise AssertionError("must not run again")
+
+    def wait(x: int) -> int:
+        return x
+
+    return {"frame": frame, "wait": wait}
+
+
+def test_new_store_is_stamped_with_the_head_revision(db_url: str) -> None:
+    store = Store(db_url)
+    assert schema.read_revision(store.engine) == schema.HEAD_REVISION
+
+
+def test_store_from_a_newer_release_is_refused_clearly(db_url: str) -> None:
+    store = Store(db_url)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {schema.VERSION_TABLE} SET version_num = '0099_future'"))
+    with pytest.raises(StoreVersionError, match="newer release"):
+        Store(db_url)
+
+
+def test_store_from_an_older_known_revision_says_how_to_upgrade(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store(sqlite_url)
+    monkeypatch.setattr(schema, "HEAD_REVISION", "0002_next")
+    monkeypatch.setattr(schema, "known_revisions", lambda: ["0001_initial", "0002_next"])
+    with pytest.raises(StoreVersionError, match="durable-monty-nb upgrade --db"):
+        Store(sqlite_url)
+
+
+def test_alembic_migrations_build_exactly_the_models(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    url = f"sqlite:///{tmp_path / 'migrated.db'}"
+    engine = sa.create_engine(url)
+    schema.upgrade(url)  # an empty database built by the Alembic migrations, not create_all
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": schema.VERSION_TABLE})
+        assert compare_metadata(context, Base.metadata) == []
+    assert schema.read_revision(engine) == schema.HEAD_REVISION
+
+
+def test_upgrade_command_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    out = subprocess.run(
+        [sys.executable, "-m", "durable_monty_nb", "upgrade", "--db", url], capture_output=True, text=True, check=True
+    ).stdout
+    assert schema.HEAD_REVISION in out
+
+
+def test_tampered_checkpoint_is_refused_and_never_loaded(engine: Engine) -> None:
+    execution_id = interrupted_run(engine)
+    with engine.store.engine.begin() as conn:
+        data = conn.execute(
+            sa.text("SELECT data FROM dm_checkpoints WHERE execution_id = :e"), {"e": execution_id}
+        ).scalar()
+        conn.execute(
+            sa.text("UPDATE dm_checkpoints SET data = :d WHERE execution_id = :e"),
+            {"d": data[:-1] + bytes([data[-1] ^ 1]), "e": execution_id},
+        )
+    with pytest.raises(TamperedDataError, match=r"checkpoint .* failed its integrity check"):
+        engine.resume("tamper", resume_namespace())
+    row = engine.store.latest_execution("tamper")
+    assert row.status == "interrupted" and row.lease_owner is None
+
+
+def test_tampered_call_result_is_refused(engine: Engine) -> None:
+    execution_id = interrupted_run(engine)
+    with engine.store.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE dm_calls SET result = '666' WHERE execution_id = :e AND call_id = 1"), {"e": execution_id}
+        )
+    with pytest.raises(TamperedDataError, match="result of call 1"):
+        engine.resume("tamper", resume_namespace())
+
+
+def test_tampered_pickle_is_refused(engine: Engine) -> None:
+    interrupted_run(engine)
+    with engine.store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE dm_blobs SET data = :d"), {"d": b"cos\nsystem\n(S'echo pwned'\ntR."})
+    run = engine.resume("tamper", resume_namespace())
+    with pytest.raises(TamperedDataError, match=r"stored value .* failed its integrity check"):
+        run.result(timeout=30)
+    assert engine.store.latest_execution("tamper").status == "interrupted"
+
+
+def test_tampered_code_is_refused(sqlite_engine: Engine) -> None:
+    execution_id = interrupted_run(sqlite_engine)
+    with sqlite_engine.store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM dm_checkpoints"))
+        conn.execute(sa.text("UPDATE dm_executions SET code = 'import os' WHERE id = :e"), {"e": execution_id})
+    with pytest.raises(TamperedDataError, match="code of execution"):
+        sqlite_engine.resume("tamper", resume_namespace())
+
+
+def test_rows_signed_with_another_key_are_refused(sqlite_url: str) -> None:
+    interrupted_run(Engine(sqlite_url))
+    with pytest.raises(TamperedDataError, match="another signing key"):
+        Engine(sqlite_url, key="some-other-key").resume("tamper", resume_namespace())
+
+
+def test_key_file_is_created_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DURABLE_MONTY_KEY", raising=False)
+    key_file = tmp_path / "conf" / "secret.key"
+    monkeypatch.setenv("DURABLE_MONTY_KEY_FILE", str(key_file))
+    first = Signer()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert Signer().sign("x", b"data") == first.sign("x", b"data")  # the same key is read back
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_plain_file_path_is_accepted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "plain.db")
+    assert store.url == f"sqlite:///{tmp_path / 'plain.db'}"
+
+
+def _insert_execution(store: Store, owner: str, expires_in: float) -> str:
+    values = {
+        "id": "e" * 32,
+        "key": "lease",
+        "status": "running",
+        "code": "1",
+        "code_hash": "h",
+        "code_sig": "s",
+        "monty_version": "1.4.0",
+        "fingerprints": None,
+        "previous_id": None,
+    }
+    assert store.create_execution(values, owner, expires_in, expected_latest=None)
+    return values["id"]
+
+
+def test_lease_of_a_live_owner_is_not_taken(db_url: str) -> None:
+    store = Store(db_url)
+    execution_id = _insert_execution(store, new_owner(), 60)
+    assert store.acquire_lease(execution_id, new_owner(), 60) is not None
+
+
+def test_expired_lease_of_another_machine_is_taken_over(db_url: str) -> None:
+    store = Store(db_url)
+    foreign = "other-host/abcd:4242:99:ffffffffffff"
+    execution_id = _insert_execution(store, foreign, -1)  # its heartbeat stopped
+    me = new_owner()
+    assert store.acquire_lease(execution_id, me, 60) is None
+    assert store.get_execution(execution_id).lease_owner == me
+
+
+def test_lease_of_a_dead_local_process_is_taken_at_once(db_url: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = new_owner().split(":")
+    dead[1] = str(proc.pid)
+    dead_owner = ":".join(dead)
+    assert owner_is_dead(dead_owner)
+    store = Store(db_url)
+    execution_id = _insert_execution(store, dead_owner, 3600)  # not expired, but its process is gone
+    assert store.acquire_lease(execution_id, new_owner(), 60) is None
+
+
+def test_a_writer_that_lost_its_lease_cannot_commit(db_url: str) -> None:
+    from durable_monty_nb.errors import LeaseLost
+    from durable_monty_nb.store.store import Step
+
+    store = Store(db_url)
+    old = "other-host/abcd:4242:99:ffffffffffff"
+    execution_id = _insert_execution(store, old, -1)
+    assert store.acquire_lease(execution_id, new_owner(), 60) is None
+    with pytest.raises(LeaseLost):
+        store.commit(execution_id, old, 60, Step(execution={"status": "failed"}))
+    assert store.get_execution(execution_id).status == "running"
+
+
+def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
+    engine = Engine(sqlite_url, lease_ttl=0.6)  # heartbeat every 0.2 s
+    release = threading.Event()
+    seen: list[float] = []
+
+    def slow(x: int) -> int:
+        release.wait(30)
+        return x
+
+    run = engine.start("await slow(1)", {"slow": slow}, key="heartbeat")
+    deadline = time.monotonic() + 30
+    while len(set(seen)) < 3 and time.monotonic() < deadline:
+        seen.append(engine.store.latest_execution("heartbeat").lease_expires_at)
+        time.sleep(0.05)
+    release.set()
+    assert run.result(timeout=30) == 1
+    assert len(set(seen)) >= 3  # the expiry moved forward while the call ran
+    assert all(b >= a for a, b in itertools.pairwise(seen))
+
+
+def test_environment_key_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
+    one = Signer().sign("c", b"x")
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
+    assert Signer().sign("c", b"x") != one
+    assert os.environ["DURABLE_MONTY_KEY"] == "k2"
