@@ -8,6 +8,7 @@ SQLite runs in WAL mode with ``synchronous=FULL`` (a committed step survives pow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -36,6 +37,24 @@ BLOBS = Blob.__table__
 KEYS = Key.__table__
 
 DEFAULT_DB_FILE = "durable_monty.db"
+CALL_FIELDS = (
+    "call_id",
+    "function",
+    "kind",
+    "args",
+    "fingerprint",
+    "status",
+    "attempts",
+    "result",
+    "error",
+    "error_type",
+    "error_message",
+    "result_sig",
+    "due_at",
+    "started_at",
+    "finished_at",
+    "reused_from",
+)
 COMPRESS_ABOVE = 16 * 1024
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
@@ -322,9 +341,8 @@ class Store:
             if "lease_owner" in values:  # the final step releases the lease
                 values.update(lease_owner=None, lease_expires_at=None)
             fenced = conn.execute(
-                update(EXECUTIONS)
-                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
-                .values(**values)
+                _update_statement("dm_executions", ("id", "lease_owner"), tuple(sorted(values))),
+                {"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}},
             ).rowcount
             if fenced != 1:
                 conn.rollback()
@@ -335,7 +353,7 @@ class Store:
                 for row in step.new_calls:  # executemany needs the same keys in every row
                     row["created_at"] = now
                     row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
-                conn.execute(insert(CALLS), step.new_calls)
+                conn.execute(_INSERT_CALLS, step.new_calls)
             if step.call_updates:
                 self._update_calls(conn, execution_id, step.call_updates)
             if step.checkpoint is not None:
@@ -355,22 +373,28 @@ class Store:
                     "monty_version": pydantic_monty.__version__,
                 }
                 changed = conn.execute(
-                    update(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id).values(**row)
+                    _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
+                    {"k_execution_id": execution_id, **{f"v_{k}": v for k, v in row.items()}},
                 ).rowcount
                 if not changed:
-                    conn.execute(insert(CHECKPOINTS), {"execution_id": execution_id, **row})
+                    conn.execute(_INSERT_CHECKPOINT, {"execution_id": execution_id, **row})
 
     def sign_call(self, execution_id: str, row: dict[str, Any]) -> str:
-        text = f"{row.get('status')}\0{row.get('result') or ''}\0{row.get('error') or ''}"
-        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", text)
+        fields = tuple(row.get(name) for name in ("status", "result", "error", "error_type", "error_message"))
+        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))
 
     def verify_call(self, execution_id: str, row: Any) -> None:
-        text = f"{row.status}\0{row.result or ''}\0{row.error or ''}"
+        fields = (row.status, row.result, row.error, row.error_type, row.error_message)
+        self.verify_call_fields(execution_id, row.call_id, row.function, fields, row.result_sig)
+
+    def verify_call_fields(
+        self, execution_id: str, call_id: int, function: str, fields: tuple[Any, ...], signature: str | None
+    ) -> None:
         self.signer.verify_text(
-            f"call:{execution_id}:{row.call_id}",
-            text,
-            row.result_sig,
-            f"the stored result of call {row.call_id} ({row.function}) of execution {execution_id}",
+            f"call:{execution_id}:{call_id}",
+            _signed_text(fields),
+            signature,
+            f"the stored result of call {call_id} ({function}) of execution {execution_id}",
         )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
@@ -381,19 +405,17 @@ class Store:
             columns = tuple(sorted(k for k in row if k != "call_id"))
             groups.setdefault(columns, []).append(row)
         for columns, rows in groups.items():
-            stmt = (
-                update(CALLS)
-                .where(CALLS.c.execution_id == execution_id, CALLS.c.call_id == bindparam("k_call_id"))
-                .values({c: bindparam(f"v_{c}") for c in columns})
-            )
-            params = [{"k_call_id": r["call_id"], **{f"v_{c}": r[c] for c in columns}} for r in rows]
-            conn.execute(stmt, params)
+            params = [
+                {"k_execution_id": execution_id, "k_call_id": r["call_id"], **{f"v_{c}": r[c] for c in columns}}
+                for r in rows
+            ]
+            conn.execute(_update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
 
     def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes, str]], now: float) -> None:
         keys = list(blobs)
         existing: set[str] = set()
         for chunk in _chunks(keys, IN_CHUNK):
-            existing.update(conn.execute(select(BLOBS.c.key).where(BLOBS.c.key.in_(chunk))).scalars())
+            existing.update(conn.execute(_EXISTING_BLOBS, {"keys": list(chunk)}).scalars())
         rows = [
             {
                 "key": k,
@@ -439,10 +461,10 @@ class Store:
         return data
 
     def load_calls(self, execution_id: str) -> list[Row]:
+        """The calls of an execution, in call order, with the columns of ``CALL_FIELDS`` in that order."""
         with self._reader.connect() as conn:
-            return list(
-                conn.execute(select(CALLS).where(CALLS.c.execution_id == execution_id).order_by(CALLS.c.call_id)).all()
-            )
+            query = select(*[CALLS.c[name] for name in CALL_FIELDS]).where(CALLS.c.execution_id == execution_id)
+            return list(conn.execute(query.order_by(CALLS.c.call_id)).all())
 
     def call_counts(self, execution_id: str) -> dict[str, int]:
         from sqlalchemy import func
@@ -466,6 +488,8 @@ class Store:
                         CALLS.c.status,
                         CALLS.c.result,
                         CALLS.c.error,
+                        CALLS.c.error_type,
+                        CALLS.c.error_message,
                         CALLS.c.result_sig,
                         CALLS.c.function,
                     ).where(CALLS.c.exec_key == key, CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
@@ -500,6 +524,27 @@ class Store:
 
     def sign_execution_result(self, execution_id: str, result: str | None, outputs: str | None) -> str:
         return self.signer.sign_text(f"result:{execution_id}", f"{result or ''}\0{outputs or ''}")
+
+
+TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS)}
+_INSERT_CALLS = insert(CALLS)
+_INSERT_CHECKPOINT = insert(CHECKPOINTS)
+_EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
+
+
+@functools.cache
+def _update_statement(table_name: str, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
+    """A prepared UPDATE (built once: building statements costs more than running them)."""
+    table = TABLES[table_name]
+    return (
+        update(table)
+        .where(*[table.c[k] == bindparam(f"k_{k}") for k in keys])
+        .values({c: bindparam(f"v_{c}") for c in columns})
+    )
+
+
+def _signed_text(fields: tuple[Any, ...]) -> str:
+    return "\0".join("" if f is None else str(f) for f in fields)
 
 
 def _loadable(version: str) -> bool:
