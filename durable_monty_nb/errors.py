@@ -9,6 +9,10 @@ from __future__ import annotations
 class DurableError(Exception):
     """Base class of every durable-monty-nb error."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of the extension's internal frames."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class WorkflowCodeError(DurableError):
     """The workflow code cannot run: bad syntax, an unsupported feature, or unknown names.
@@ -67,6 +71,9 @@ class WorkflowFailed(DurableError):
 
     def __str__(self) -> str:
         return self.traceback or super().__str__()
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: the workflow raised an exception it did not handle", *str(self).splitlines()]
 
 
 class ExecutionInterrupted(DurableError):

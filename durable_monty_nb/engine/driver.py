@@ -235,21 +235,29 @@ class Driver:
         self._last_commit = 0.0
         self._crashes = 0
         self._thread: threading.Thread | None = None
+        self._go = threading.Event()
         if restored_calls is not None:
             self._restore_calls(restored_calls, retry_failed)
 
     # -- public (called from other threads) ----------------------------------------------
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Run in a thread of its own; with ``paused``, dispatch nothing until ``begin()``."""
+        if not paused:
+            self._go.set()
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._main,), daemon=True, name=f"durable-driver-{self.key[:30]}"
         )
         self._thread.start()
 
+    def begin(self) -> None:
+        self._go.set()
+
     def request_stop(self) -> None:
         with self._state_lock:
             self._stopping = True
+        self._go.set()
         self._outcomes.put(_WAKE)
 
     def reactivate(self) -> bool:
@@ -291,6 +299,7 @@ class Driver:
 
     def _main(self) -> None:
         try:
+            self._go.wait()
             self._loop(self._snapshot)
         except LeaseLost as exc:
             self._finish_run("interrupted", error=exc, commit=False)

@@ -44,7 +44,7 @@ from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substit
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
-from .handle import Progress, Run
+from .handle import CallView, Progress, Run
 from .retry import RetryPolicy
 
 PrintCallback = Callable[[str, str], None]
@@ -103,8 +103,13 @@ class Engine:
         workers: int | None = None,
         retry: RetryPolicy | None = None,
         print_callback: PrintCallback | None = None,
+        paused: bool = False,
     ) -> Run:
-        """Start (or resume, or answer from the store) and return a handle at once."""
+        """Start (or resume, or answer from the store) and return a handle at once.
+
+        With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
+        themselves first); the code has been checked and started up to its first call.
+        """
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
@@ -122,7 +127,9 @@ class Engine:
             if same_code and latest.status == "completed" and _same_fingerprints(latest.fingerprints, fingerprints):
                 return self._stored_run(latest)
             if same_code and latest.status in UNFINISHED:
-                return self._resume(latest, ns, settings, print_callback, info=info, codec=codec, inputs=inputs)
+                return self._resume(
+                    latest, ns, settings, print_callback, info=info, codec=codec, inputs=inputs, paused=paused
+                )
             if latest.status == "running" and _alive(latest):
                 raise ExecutionBusy(
                     f"{key!r} is still running (execution {latest.id[:12]}, driven by "
@@ -139,6 +146,7 @@ class Engine:
             print_callback,
             previous=latest,
             reuse=latest is not None and not rerun,
+            paused=paused,
         )
 
     def resume(
@@ -149,6 +157,7 @@ class Engine:
         workers: int | None = None,
         retry: RetryPolicy | None = None,
         print_callback: PrintCallback | None = None,
+        paused: bool = False,
     ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
@@ -167,7 +176,14 @@ class Engine:
         codec = ValueCodec(self.store.load_blob)
         inputs, _ = prepare_inputs(info, ns, codec)
         return self._resume(
-            row, ns, self._settings(workers, retry), print_callback, info=info, codec=codec, inputs=inputs
+            row,
+            ns,
+            self._settings(workers, retry),
+            print_callback,
+            info=info,
+            codec=codec,
+            inputs=inputs,
+            paused=paused,
         )
 
     def resume_all(self, namespace: Mapping[str, Any] | None = None, **options: Any) -> list[Run]:
@@ -230,6 +246,7 @@ class Engine:
             restored=row.calls_done,
             reused=row.calls_reused,
         )
+        handle._stored_calls = lambda: stored_call_views(self.store, row.id)
         handle._finish(
             "completed",
             result=codec.decode_host(row.result),
@@ -266,6 +283,7 @@ class Engine:
         *,
         previous: Any,
         reuse: bool,
+        paused: bool = False,
     ) -> Run:
         execution_id = uuid.uuid4().hex
         handle = Run(execution_id, key)
@@ -323,7 +341,7 @@ class Engine:
             reuse_key=key if reuse else None,
             on_exit=self._forget,
         )
-        return self._launch(driver, resumed=False)
+        return self._launch(driver, resumed=False, paused=paused)
 
     def _resume(
         self,
@@ -335,6 +353,7 @@ class Engine:
         info: CodeInfo,
         codec: ValueCodec,
         inputs: dict[str, Any],
+        paused: bool = False,
     ) -> Run:
         retry_failed = row.status == "failed"
         calls = self.store.load_calls(row.id)
@@ -386,21 +405,48 @@ class Engine:
             sandbox.close_session(session)
             self.store.release_lease(row.id, owner)
             raise
-        return self._launch(driver, resumed=True)
+        return self._launch(driver, resumed=True, paused=paused)
 
-    def _launch(self, driver: Driver, *, resumed: bool) -> Run:
+    def _launch(self, driver: Driver, *, resumed: bool, paused: bool) -> Run:
         with self._lock:
             self._active[driver.execution_id] = driver
         handle = driver.run
         c = driver.counters
         handle.events.emit(ExecutionStarted(driver.execution_id, driver.key, resumed, c.restored, c.reused))
-        driver.start()
+        driver.start(paused=paused)
         return handle
 
     def _forget(self, driver: Driver) -> None:
         with self._lock:
             if self._active.get(driver.execution_id) is driver:
                 del self._active[driver.execution_id]
+
+
+def stored_call_views(store: Store, execution_id: str) -> list[CallView]:
+    """The calls of a finished execution, read from the store, as views show them."""
+    from .driver import CallState
+
+    views = []
+    for row in store.load_calls(execution_id):
+        state = CallState(
+            row.call_id,
+            row.function,
+            row.kind,
+            row.args,
+            True,
+            status=row.status,
+            attempts=row.attempts,
+            error_text=row.error,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+        duration = row.finished_at - row.started_at if row.finished_at and row.started_at else None
+        views.append(
+            CallView(
+                row.call_id, row.function, state.args_repr, row.status, row.attempts, duration, state.error_summary
+            )
+        )
+    return views
 
 
 def wait_for(handle: Run) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ExecutionInterrupted, WorkflowFailed
+from ..errors import ExecutionInterrupted
 from .events import Event, EventBus
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Run:
         self._outputs: dict[str, Any] = {}
         self._error: BaseException | None = None
         self._final_progress: Progress | None = None
+        self._stored_calls: Callable[[], list[CallView]] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -106,9 +107,9 @@ class Run:
 
     def calls(self) -> list[CallView]:
         """The calls known to this run, in call order."""
-        if self._driver is None:
-            return []
-        return [_view(state) for state in self._driver.call_states()]
+        if self._driver is not None:
+            return [_view(state) for state in self._driver.call_states()]
+        return self._stored_calls() if self._stored_calls is not None else []
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event; returns a function that unsubscribes."""
@@ -135,6 +136,11 @@ class Run:
     def error(self) -> BaseException | None:
         return self._error
 
+    def begin(self) -> None:
+        """Let a run started with ``paused=True`` dispatch its calls (no-op otherwise)."""
+        if self._driver is not None:
+            self._driver.begin()
+
     def cancel(self) -> None:
         """Stop dispatching calls; calls already running finish and their results are kept.
 
@@ -155,10 +161,6 @@ def _view(state: CallState) -> CallView:
     return CallView(
         state.call_id, state.function, state.args_repr, state.view_status, state.attempts, duration, state.error_summary
     )
-
-
-def failed_error(message: str, traceback: str, execution_id: str, error_type: str | None) -> WorkflowFailed:
-    return WorkflowFailed(message, traceback, execution_id, error_type)
 
 
 def interrupted_error(execution_id: str, key: str) -> ExecutionInterrupted:

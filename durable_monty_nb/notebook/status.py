@@ -1,0 +1,185 @@
+"""Status reports of a store: a table of executions, or the detail of one, as HTML and text."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..store.store import Store, owner_is_dead
+from ..values import ValueCodec, short_repr
+
+DETAIL_CALL_LIMIT = 50
+
+
+@dataclass
+class Report:
+    """A table (or a detail page) that renders as HTML in notebooks and as text elsewhere."""
+
+    text: str
+    html: str
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.text)
+
+
+def execution_state(row: Any) -> str:
+    """The status, with ``crashed`` for a running execution whose owner is gone."""
+    if row.status == "running":
+        expired = (row.lease_expires_at or 0) < time.time()
+        if not row.lease_owner or expired or owner_is_dead(row.lease_owner):
+            return "crashed"
+    return row.status
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_time(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else ""
+
+
+def status_report(store: Store, name: str | None = None, *, show_all: bool = False) -> Report:
+    if name:
+        return detail_report(store, store.find_execution(name))
+    rows = store.list_executions(latest_only=not show_all)
+    return executions_report(rows, store.display_url)
+
+
+def executions_report(rows: Sequence[Any], where: str) -> Report:
+    headers = ["name", "status", "progress", "failed", "started", "duration", "id"]
+    now = time.time()
+    body = []
+    for row in rows:
+        end = row.finished_at or (now if row.status == "running" else row.updated_at)
+        body.append(
+            [
+                row.key,
+                execution_state(row),
+                f"{row.calls_done}/{row.calls_total}",
+                str(row.calls_failed),
+                format_time(row.created_at),
+                format_duration(end - row.created_at),
+                row.id[:12],
+            ]
+        )
+    if not body:
+        message = f"no executions in {where}"
+        return Report(message, f"<p>{html.escape(message)}</p>")
+    caption = f"{len(body)} execution(s) in {where}"
+    return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
+
+
+def detail_report(store: Store, row: Any) -> Report:
+    codec = ValueCodec()
+    calls = store.load_calls(row.id)
+    facts = [
+        ("name", row.key),
+        ("id", row.id),
+        ("status", execution_state(row)),
+        ("calls", f"{row.calls_done}/{row.calls_total} done, {row.calls_failed} failed, {row.calls_reused} reused"),
+        ("started", format_time(row.created_at)),
+        ("finished", format_time(row.finished_at)),
+        ("duration", format_duration((row.finished_at or time.time()) - row.created_at)),
+        ("monty", row.monty_version),
+        ("store", store.display_url),
+    ]
+    shown = _calls_to_show(calls)
+    headers = ["call", "function", "arguments", "status", "attempts", "duration", "error"]
+    body = []
+    for call in shown:
+        duration = call.finished_at - call.started_at if call.finished_at and call.started_at else None
+        body.append(
+            [
+                str(call.call_id),
+                call.function,
+                _args_text(codec, call.args),
+                call.status,
+                str(call.attempts),
+                format_duration(duration),
+                _last_line(call.error) if call.status in ("failed", "retrying") else "",
+            ]
+        )
+    more = len(calls) - len(shown)
+    note = f"… and {more} more calls (done)" if more > 0 else ""
+    text_parts = ["\n".join(f"{k:>9}: {v}" for k, v in facts), text_table(headers, body) if body else "no calls"]
+    html_parts = [
+        "<table>"
+        + "".join(
+            f"<tr><th style='text-align:right'>{html.escape(k)}</th><td style='text-align:left'>"
+            f"{html.escape(str(v))}</td></tr>"
+            for k, v in facts
+        )
+        + "</table>",
+        html_table(headers, body, "calls") if body else "<p>no calls</p>",
+    ]
+    if note:
+        text_parts.append(note)
+        html_parts.append(f"<p>{html.escape(note)}</p>")
+    if row.error:
+        text_parts.append("traceback of the failure:\n" + row.error)
+        html_parts.append(f"<details open><summary>traceback</summary><pre>{html.escape(row.error)}</pre></details>")
+    return Report("\n\n".join(text_parts), "\n".join(html_parts))
+
+
+def _calls_to_show(calls: Sequence[Any]) -> list[Any]:
+    """Every call that needs attention, then the most recent others, DETAIL_CALL_LIMIT at most."""
+    urgent = [c for c in calls if c.status != "done"]
+    rest = [c for c in calls if c.status == "done"]
+    room = max(DETAIL_CALL_LIMIT - len(urgent), 0)
+    chosen = urgent[:DETAIL_CALL_LIMIT] + (rest[-room:] if room else [])
+    return sorted(chosen, key=lambda c: c.call_id)
+
+
+def _args_text(codec: ValueCodec, args_text: str) -> str:
+    try:
+        args, kwargs = codec.decode_display(args_text)
+    except (ValueError, TypeError, KeyError):
+        return short_repr(args_text, 50)
+    parts = [short_repr(a, 30) for a in args] + [f"{k}={short_repr(v, 30)}" for k, v in kwargs.items()]
+    text = ", ".join(parts)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else ""
+    return last if len(last) <= 80 else last[:79] + "…"
+
+
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def html_table(headers: list[str], rows: list[list[str]], caption: str) -> str:
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return (
+        f"<table class='durable-status'><caption style='text-align:left'>{html.escape(caption)}</caption>"
+        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
+def unfinished_summary(rows: Sequence[Any]) -> list[str]:
+    return [f"{r.key} ({execution_state(r)}, {r.calls_done}/{r.calls_total} calls done, id {r.id[:12]})" for r in rows]
