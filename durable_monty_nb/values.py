@@ -113,6 +113,14 @@ class ValueCodec:
         self._load_blob = load_blob
         self.objects: dict[str, Any] = {}
         self.pending_blobs: dict[str, tuple[bytes, str]] = {}
+        self._handles: dict[str, ClassInstance] = {}
+
+    def handle(self, key: str, type_name: str) -> ClassInstance:
+        """The sandbox handle of a blob; one object per key (Monty requires it within a session)."""
+        found = self._handles.get(key)
+        if found is None:
+            found = self._handles[key] = handle_for_sandbox(key, type_name)
+        return found
 
     # -- host -> stored + sandbox ---------------------------------------------------------
 
@@ -160,7 +168,7 @@ class ValueCodec:
         if leaf is not None:
             return leaf, value
         if isinstance(value, Handle):
-            return {"$h": value.key, "t": value.type_name}, handle_for_sandbox(value.key, value.type_name)
+            return {"$h": value.key, "t": value.type_name}, self.handle(value.key, value.type_name)
         if isinstance(value, MontyClassProxy):
             return self._proxy(value, what)
         scalar = _numpy_scalar(value)
@@ -182,12 +190,12 @@ class ValueCodec:
         self.objects.setdefault(key, value)
         if key not in self.pending_blobs:
             self.pending_blobs[key] = (data, type_name)
-        return {"$h": key, "t": type_name}, handle_for_sandbox(key, type_name)
+        return {"$h": key, "t": type_name}, self.handle(key, type_name)
 
     def _proxy(self, proxy: MontyClassProxy, what: str) -> tuple[Any, Any]:
         key = proxy.id.hex
         if key in self.objects or (self._load_blob is not None and self._has_blob(key)):
-            return {"$h": key, "t": proxy.name}, handle_for_sandbox(key, proxy.name)
+            return {"$h": key, "t": proxy.name}, self.handle(key, proxy.name)
         raise ValueCrossingError(
             f"{what} is an instance of {proxy.name!r}, a class defined inside the workflow code; such "
             f"objects cannot leave the sandbox. Pass a dict or a tuple instead."
@@ -249,7 +257,7 @@ class ValueCodec:
         """Stored text -> sandbox value (handles stay handles: nothing is unpickled)."""
         if text is None:
             return None
-        return _untag(json.loads(text), handle_for_sandbox)
+        return _untag(json.loads(text), self.handle)
 
     def decode_display(self, text: str | None) -> Any:
         """Stored text -> value for display (handles as ``<DataFrame>``)."""

@@ -128,3 +128,9 @@ label = str(type(frames[0]).__name__)
 def test_namespace_dataframe_reaches_functions(sqlite_engine: Engine) -> None:
     frame = pd.DataFrame({"n": range(4)})
     assert sqlite_engine.run("await rows(data)", {"rows": rows, "data": frame}, key="ns-frame") == 4
+
+
+def test_equal_objects_from_different_calls_cross_as_one_handle(sqlite_engine: Engine) -> None:
+    # Equal frames have one content key; the sandbox must get one handle object for it.
+    code = "pair = await gather(load(2), load(2))\nawait gather(*[rows(f) for f in pair])"
+    assert sqlite_engine.run(code, {"load": load, "rows": rows}, key="twins") == [2, 2]

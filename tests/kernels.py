@@ -1,0 +1,93 @@
+"""A real Jupyter kernel driven through jupyter_client, for tests of the notebook face."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import KernelManager
+
+
+@dataclass
+class Reply:
+    """What one executed cell produced."""
+
+    status: str = ""
+    streams: str = ""
+    result: str | None = None
+    displays: list[str] = field(default_factory=list)
+    error: str | None = None
+    traceback: str = ""
+    widget_text: list[str] = field(default_factory=list)  # string traits sent to widget views
+
+
+class Kernel:
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(cwd=str(cwd), env={**os.environ, **env})
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return self.manager.provisioner.process.pid  # type: ignore[union-attr]
+
+    def submit(self, code: str) -> str:
+        return self.client.execute(code, allow_stdin=False)
+
+    def collect(self, msg_id: str, timeout: float = 120) -> Reply:
+        reply = Reply()
+        while True:
+            try:
+                msg = self.client.get_iopub_msg(timeout=timeout)
+            except queue.Empty as exc:
+                raise AssertionError(f"no answer from the kernel within {timeout} s") from exc
+            content = msg["content"]
+            kind = msg["msg_type"]
+            if kind == "comm_msg":
+                _widget_strings(content.get("data", {}).get("state", {}), reply.widget_text)
+            elif kind == "comm_open":
+                _widget_strings(content.get("data", {}).get("state", {}), reply.widget_text)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if kind == "stream":
+                reply.streams += content["text"]
+            elif kind == "execute_result":
+                reply.result = content["data"].get("text/plain")
+            elif kind == "display_data":
+                reply.displays.append(content["data"].get("text/plain", ""))
+            elif kind == "error":
+                reply.error = content["ename"]
+                reply.traceback = "\n".join(content["traceback"])
+            elif kind == "status" and content["execution_state"] == "idle":
+                reply.status = "error" if reply.error else "ok"
+                return reply
+
+    def run(self, code: str, timeout: float = 120) -> Reply:
+        return self.collect(self.submit(code), timeout)
+
+    def ok(self, code: str, timeout: float = 120) -> Reply:
+        reply = self.run(code, timeout)
+        assert reply.error is None, f"{reply.error}\n{reply.traceback}"
+        return reply
+
+    def kill(self) -> None:
+        """SIGKILL the kernel process, as a crash or the OOM killer would."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.manager.provisioner.process.wait()  # type: ignore[union-attr]
+        self.close()
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        if self.manager.is_alive():
+            self.manager.shutdown_kernel(now=True)
+        self.manager.cleanup_resources()
+
+
+def _widget_strings(state: dict[str, Any], into: list[str]) -> None:
+    into.extend(value for value in state.values() if isinstance(value, str))

@@ -1,0 +1,167 @@
+"""The notebook face in real Jupyter kernels: kill -9 mid-run, restart, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kernels import Kernel
+from procs import wait_until
+
+from durable_monty_nb.store.store import Store
+
+pytestmark = pytest.mark.kernel
+
+DEFINE = """
+import os, time
+
+LOG = os.environ["SIDE_LOG"]
+GATE = os.environ.get("GATE_FILE", "")
+
+
+def work(i):
+    with open(LOG, "a") as handle:
+        handle.write(f"{os.getpid()} {i}\\n")
+    while i >= 6 and GATE and os.path.exists(GATE):  # test scaffolding: hold calls 6.. while the gate exists
+        time.sleep(0.01)
+    return i * i
+
+
+items = list(range(10))
+"""
+CELL = "%%durable squares\nvalues = await gather(*[work(i) for i in items])\ntotal = sum(values)\ntotal"
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], Store]]:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    db = f"sqlite:///{tmp_path / 'notebook.db'}"
+    env = {"SIDE_LOG": str(log), "GATE_FILE": str(gate), "DURABLE_MONTY_DB": db}
+    yield tmp_path, env, Store(db)
+
+
+def entries(tmp_path: Path) -> list[tuple[int, int]]:
+    path = tmp_path / "side.log"
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def started_and_blocked(kernel: Kernel, tmp_path: Path, store: Store) -> None:
+    """Run the durable cell with calls 6..9 held, until calls 0..5 are committed; then SIGKILL."""
+    (tmp_path / "gate").touch()
+    kernel.ok("%load_ext durable_monty_nb")
+    kernel.ok(DEFINE)
+    kernel.submit(CELL)
+    wait_until(lambda: (row := store.latest_execution("squares")) is not None and row.calls_done == 6
+               and len(entries(tmp_path)) == 10, what="6 committed calls and 4 held")
+    kernel.kill()
+    (tmp_path / "gate").unlink()
+
+
+def test_kill_kernel_mid_run_then_rerun_the_cells(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, store = setup
+    started_and_blocked(Kernel(tmp_path, env), tmp_path, store)
+    first_pids = {pid for pid, _ in entries(tmp_path)}
+
+    kernel = Kernel(tmp_path, env)
+    try:
+        loaded = kernel.ok("%load_ext durable_monty_nb")
+        assert any("squares (crashed, 6/10 calls done" in d for d in loaded.displays)  # the Resume panel
+        kernel.ok(DEFINE)
+        reply = kernel.ok(CELL)
+        assert reply.result == "285"
+        assert "DurableRun('squares')" in reply.displays
+        assert any("6 restored" in text for text in reply.widget_text)  # the widget shows what came back
+        assert kernel.ok("total, values[-1]").result == "(285, 81)"
+    finally:
+        kernel.close()
+    again = sorted(i for pid, i in entries(tmp_path) if pid not in first_pids)
+    assert again == [6, 7, 8, 9]  # only the calls in flight at the kill ran again
+
+
+def test_resume_all_after_a_restart(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, store = setup
+    started_and_blocked(Kernel(tmp_path, env), tmp_path, store)
+    first_pids = {pid for pid, _ in entries(tmp_path)}
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(DEFINE)
+        kernel.ok("%durable_resume --all")
+        assert kernel.ok("total").result == "285"
+        assert "nothing to resume" in kernel.ok("%durable_resume --all").streams
+    finally:
+        kernel.close()
+    assert sorted(i for pid, i in entries(tmp_path) if pid not in first_pids) == [6, 7, 8, 9]
+
+
+def test_resume_before_the_functions_are_defined_loses_nothing(
+    setup: tuple[Path, dict[str, str], Store],
+) -> None:
+    tmp_path, env, store = setup
+    started_and_blocked(Kernel(tmp_path, env), tmp_path, store)
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        reply = kernel.run(CELL)  # the cells defining work and items have not run yet
+        assert reply.error == "UnknownNamesError"
+        assert "'work' (line 1)" in reply.traceback and "Nothing was lost" in reply.traceback
+        assert "durable_monty_nb/" not in reply.traceback  # no internal frames
+        assert kernel.ok("1 + 1").result == "2"  # the kernel stays usable
+        assert store.latest_execution("squares").calls_done == 6
+        kernel.ok(DEFINE)
+        assert kernel.ok(CELL).result == "285"
+    finally:
+        kernel.close()
+
+
+def test_interrupt_stops_waiting_and_keeps_the_execution(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, store = setup
+    (tmp_path / "gate").touch()
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(DEFINE)
+        msg_id = kernel.submit(CELL)
+        wait_until(lambda: (row := store.latest_execution("squares")) is not None and row.calls_done == 6,
+                   what="6 committed calls")
+        kernel.manager.interrupt_kernel()
+        reply = kernel.collect(msg_id)
+        assert reply.error == "ExecutionInterrupted"
+        assert "%durable_resume squares" in reply.traceback
+        assert kernel.ok("1 + 1").result == "2"
+        (tmp_path / "gate").unlink()  # the held calls finish in the background
+        assert kernel.ok("%durable_resume squares").result == "285"
+    finally:
+        kernel.close()
+    assert sorted(i for _, i in entries(tmp_path)) == list(range(10))  # every call ran exactly once
+
+
+def test_background_cell_exports_names_when_done(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, store = setup
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(DEFINE)
+        reply = kernel.ok(CELL.replace("squares", "squares --background"))
+        assert reply.result is None
+        wait_until(lambda: kernel.ok("'total' in dir()").result == "True", what="the names to be exported")
+        assert kernel.ok("total").result == "285"
+        status = kernel.ok("%durable_status").result or ""
+        assert "squares" in status and "completed" in status and "10/10" in status
+    finally:
+        kernel.close()
+
+
+def test_config_selects_the_store(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, _ = setup
+    other = tmp_path / "configured.db"
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(f"%config DurableMagics.db_url = {str(other)!r}")
+        kernel.ok(DEFINE)
+        kernel.ok(CELL)
+    finally:
+        kernel.close()
+    assert Store(other).latest_execution("squares").status == "completed"
