@@ -49,9 +49,7 @@ class Kernel:
                 raise AssertionError(f"no answer from the kernel within {timeout} s") from exc
             content = msg["content"]
             kind = msg["msg_type"]
-            if kind == "comm_msg":
-                _widget_strings(content.get("data", {}).get("state", {}), reply.widget_text)
-            elif kind == "comm_open":
+            if kind in ("comm_msg", "comm_open"):
                 _widget_strings(content.get("data", {}).get("state", {}), reply.widget_text)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue

@@ -52,8 +52,14 @@ def started_and_blocked(kernel: Kernel, tmp_path: Path, store: Store) -> None:
     kernel.ok("%load_ext durable_monty_nb")
     kernel.ok(DEFINE)
     kernel.submit(CELL)
-    wait_until(lambda: (row := store.latest_execution("squares")) is not None and row.calls_done == 6
-               and len(entries(tmp_path)) == 10, what="6 committed calls and 4 held")
+    wait_until(
+        lambda: (
+            (row := store.latest_execution("squares")) is not None
+            and row.calls_done == 6
+            and len(entries(tmp_path)) == 10
+        ),
+        what="6 committed calls and 4 held",
+    )
     kernel.kill()
     (tmp_path / "gate").unlink()
 
@@ -123,8 +129,10 @@ def test_interrupt_stops_waiting_and_keeps_the_execution(setup: tuple[Path, dict
         kernel.ok("%load_ext durable_monty_nb")
         kernel.ok(DEFINE)
         msg_id = kernel.submit(CELL)
-        wait_until(lambda: (row := store.latest_execution("squares")) is not None and row.calls_done == 6,
-                   what="6 committed calls")
+        wait_until(
+            lambda: (row := store.latest_execution("squares")) is not None and row.calls_done == 6,
+            what="6 committed calls",
+        )
         kernel.manager.interrupt_kernel()
         reply = kernel.collect(msg_id)
         assert reply.error == "ExecutionInterrupted"
@@ -138,7 +146,7 @@ def test_interrupt_stops_waiting_and_keeps_the_execution(setup: tuple[Path, dict
 
 
 def test_background_cell_exports_names_when_done(setup: tuple[Path, dict[str, str], Store]) -> None:
-    tmp_path, env, store = setup
+    tmp_path, env, _ = setup
     kernel = Kernel(tmp_path, env)
     try:
         kernel.ok("%load_ext durable_monty_nb")

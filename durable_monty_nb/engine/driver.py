@@ -133,6 +133,8 @@ class CallState:
 
     @property
     def view_status(self) -> str:
+        if self.reused:
+            return "reused"
         if self.status == "pending":
             if self.kind == "sleep":
                 return "waiting"
@@ -295,6 +297,15 @@ class Driver:
     def call_states(self) -> list[CallState]:
         return list(self.calls.values())
 
+    def _release_memory(self) -> None:
+        """After the end only the call list stays (for views); drop values and sandbox state."""
+        self.answers.clear()
+        self.inputs.clear()
+        self.codec.objects.clear()
+        for state in self.calls.values():
+            state.sandbox_args = None
+            state.task = None
+
     # -- the loop ------------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -317,6 +328,7 @@ class Driver:
         finally:
             sandbox.close_session(self.session)
             self._executor.shutdown()
+            self._release_memory()
             if self._on_exit is not None:
                 self._on_exit(self)
 

@@ -439,11 +439,18 @@ def stored_call_views(store: Store, execution_id: str) -> list[CallView]:
             error_text=row.error,
             started_at=row.started_at,
             finished_at=row.finished_at,
+            reused=row.reused_from is not None,
         )
         duration = row.finished_at - row.started_at if row.finished_at and row.started_at else None
         views.append(
             CallView(
-                row.call_id, row.function, state.args_repr, row.status, row.attempts, duration, state.error_summary
+                row.call_id,
+                row.function,
+                state.args_repr,
+                state.view_status,
+                row.attempts,
+                duration,
+                state.error_summary,
             )
         )
     return views

@@ -109,7 +109,7 @@ def detail_report(store: Store, row: Any) -> Report:
                 str(call.call_id),
                 call.function,
                 _args_text(codec, call.args),
-                call.status,
+                "reused" if call.reused_from else call.status,
                 str(call.attempts),
                 format_duration(duration),
                 _last_line(call.error) if call.status in ("failed", "retrying") else "",

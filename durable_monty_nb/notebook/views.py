@@ -54,8 +54,9 @@ def summary(run: Run) -> str:
 def select_calls(calls: list[CallView], limit: int = CALL_ROWS) -> tuple[list[CallView], int]:
     """Calls that need attention first, then the most recent ones; and how many were left out."""
     order = {"failed": 0, "retrying": 1, "running": 2, "queued": 3, "waiting": 4, "pending": 5}
-    urgent = sorted((c for c in calls if c.status != "done"), key=lambda c: (order.get(c.status, 9), c.call_id))
-    done = [c for c in calls if c.status == "done"]
+    finished = ("done", "reused")
+    urgent = sorted((c for c in calls if c.status not in finished), key=lambda c: (order.get(c.status, 9), c.call_id))
+    done = [c for c in calls if c.status in finished]
     chosen = urgent[:limit] if len(urgent) >= limit else urgent + done[-(limit - len(urgent)) :]
     return chosen, len(calls) - len(chosen)
 
