@@ -126,13 +126,24 @@ class ValueCodec:
 
     def encode(self, value: Any, what: str = "value") -> tuple[str, Any]:
         """Return (stored JSON text, sandbox value) for a host value."""
-        if type(value) in SCALARS:
-            return json.dumps(value), value
+        cls = type(value)
+        if cls is int:
+            return str(value), value
+        if cls in SCALARS:
+            return _dumps(value), value
+        if cls is list and all(type(item) in SCALARS for item in value):
+            return _dumps(value), value  # e.g. call arguments: no handles, no tags
         tree, sandbox = self._encode(value, what)
-        return json.dumps(tree, separators=(",", ":")), sandbox
+        return _dumps(tree), sandbox
 
     def encode_text(self, value: Any, what: str = "value") -> str:
         return self.encode(value, what)[0]
+
+    def encode_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], what: str = "an argument") -> str:
+        """Stored text of a call's arguments: ``[[args...], {kwargs...}]``."""
+        if not kwargs and all(type(a) in SCALARS for a in args):
+            return _dumps([list(args), {}])
+        return self.encode_text([list(args), kwargs], what)
 
     def _encode(self, value: Any, what: str) -> tuple[Any, Any]:
         cls = type(value)
@@ -264,6 +275,9 @@ class ValueCodec:
         if text is None:
             return None
         return _untag(json.loads(text), Handle)
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _encode_leaf(value: Any) -> Any:

@@ -45,7 +45,7 @@ from ..errors import DurableError, LeaseLost, ValueCrossingError, WorkflowFailed
 from ..executors.base import Outcome, Task
 from ..executors.threads import ThreadExecutor
 from ..store.store import Step, Store
-from ..values import ValueCodec, short_repr
+from ..values import SCALARS, ValueCodec, short_repr
 from . import sandbox
 from .analysis import CodeInfo
 from .events import CallFailed, CallRetrying, ExecutionFinished, Printed
@@ -228,7 +228,7 @@ class Driver:
         self._outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = 0
         self._executor = ThreadExecutor(settings.workers, name=f"durable-{self.key[:20]}")
-        self._fingerprints: dict[str, str] = {}
+        self._functions: dict[str, tuple[str, bool]] = {}
         self._callables: dict[str, Callable[..., Any]] = {}
         self._failed_calls: dict[tuple[str, str], CallState] = {}
         self._stopping = False
@@ -422,14 +422,14 @@ class Driver:
         awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
         if awaited is None:
             awaited = snap.allow_eager_await
-        if inspect.iscoroutinefunction(fn):
+        fingerprint, is_coroutine = self._describe_function(name, fn)
+        if is_coroutine:
             awaited = True
         args, kwargs = snap.args, snap.kwargs
         try:
-            args_text = self.codec.encode_text([list(args), kwargs], what=f"an argument of {name}()")
+            args_text = self.codec.encode_arguments(args, kwargs, what=f"an argument of {name}()")
         except ValueCrossingError as exc:
             return _PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
-        fingerprint = self._fingerprint(name, fn)
         state = CallState(snap.call_id, name, "call", args_text, awaited, fingerprint, (args, kwargs))
         self._register(state, call_key=sha256(f"{name}\0{fingerprint}\0{args_text}"))
         if self.reuse_key is not None:
@@ -504,10 +504,11 @@ class Driver:
             fn = self._callables.get(name)
         return fn
 
-    def _fingerprint(self, name: str, fn: Any) -> str:
-        found = self._fingerprints.get(name)
+    def _describe_function(self, name: str, fn: Any) -> tuple[str, bool]:
+        """(fingerprint, is a coroutine function), computed once per function of the run."""
+        found = self._functions.get(name)
         if found is None:
-            found = self._fingerprints[name] = function_fingerprint(fn)
+            found = self._functions[name] = (function_fingerprint(fn), inspect.iscoroutinefunction(fn))
         return found
 
     # -- reuse across executions of one key ---------------------------------------------------
@@ -672,7 +673,11 @@ class Driver:
             )
             return
         if state.sandbox_args is not None:
-            args, kwargs = self.codec.to_host(state.sandbox_args)
+            args, kwargs = state.sandbox_args
+            if not kwargs and all(type(a) in SCALARS for a in args):
+                args = tuple(args)  # the common case: nothing to swap for host objects
+            else:
+                args, kwargs = self.codec.to_host(state.sandbox_args)
         else:
             args, kwargs = self.codec.decode_host(state.args_text)
         state.status = "pending"

@@ -340,10 +340,11 @@ class Store:
             values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
             if "lease_owner" in values:  # the final step releases the lease
                 values.update(lease_owner=None, lease_expires_at=None)
-            fenced = conn.execute(
+            fenced = _run(
+                conn,
                 _update_statement("dm_executions", ("id", "lease_owner"), tuple(sorted(values))),
-                {"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}},
-            ).rowcount
+                [{"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}}],
+            )
             if fenced != 1:
                 conn.rollback()
                 raise LeaseLost(f"execution {execution_id} is now driven by another process")
@@ -353,7 +354,7 @@ class Store:
                 for row in step.new_calls:  # executemany needs the same keys in every row
                     row["created_at"] = now
                     row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
-                conn.execute(_INSERT_CALLS, step.new_calls)
+                _run(conn, _insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), step.new_calls)
             if step.call_updates:
                 self._update_calls(conn, execution_id, step.call_updates)
             if step.checkpoint is not None:
@@ -372,15 +373,23 @@ class Store:
                     "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
                     "monty_version": pydantic_monty.__version__,
                 }
-                changed = conn.execute(
+                changed = _run(
+                    conn,
                     _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
-                    {"k_execution_id": execution_id, **{f"v_{k}": v for k, v in row.items()}},
-                ).rowcount
+                    [{"k_execution_id": execution_id, **{f"v_{k}": v for k, v in row.items()}}],
+                )
                 if not changed:
-                    conn.execute(_INSERT_CHECKPOINT, {"execution_id": execution_id, **row})
+                    row["execution_id"] = execution_id
+                    _run(conn, _insert_statement("dm_checkpoints", tuple(sorted(row))), [row])
 
     def sign_call(self, execution_id: str, row: dict[str, Any]) -> str:
-        fields = tuple(row.get(name) for name in ("status", "result", "error", "error_type", "error_message"))
+        fields = (
+            row.get("status"),
+            row.get("result"),
+            row.get("error"),
+            row.get("error_type"),
+            row.get("error_message"),
+        )
         return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))
 
     def verify_call(self, execution_id: str, row: Any) -> None:
@@ -405,11 +414,14 @@ class Store:
             columns = tuple(sorted(k for k in row if k != "call_id"))
             groups.setdefault(columns, []).append(row)
         for columns, rows in groups.items():
-            params = [
-                {"k_execution_id": execution_id, "k_call_id": r["call_id"], **{f"v_{c}": r[c] for c in columns}}
-                for r in rows
-            ]
-            conn.execute(_update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
+            names = [(c, f"v_{c}") for c in columns]
+            params = []
+            for r in rows:
+                param = {bind: r[c] for c, bind in names}
+                param["k_execution_id"] = execution_id
+                param["k_call_id"] = r["call_id"]
+                params.append(param)
+            _run(conn, _update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
 
     def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes, str]], now: float) -> None:
         keys = list(blobs)
@@ -429,7 +441,7 @@ class Store:
             if k not in existing
         ]
         if rows:
-            conn.execute(insert(BLOBS), rows)
+            _run(conn, _insert_statement("dm_blobs", tuple(sorted(rows[0]))), rows)
 
     def put_blobs(self, blobs: dict[str, tuple[bytes, str]]) -> None:
         if blobs:
@@ -527,8 +539,6 @@ class Store:
 
 
 TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS)}
-_INSERT_CALLS = insert(CALLS)
-_INSERT_CHECKPOINT = insert(CHECKPOINTS)
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 
 
@@ -543,8 +553,45 @@ def _update_statement(table_name: str, keys: tuple[str, ...], columns: tuple[str
     )
 
 
+@functools.cache
+def _insert_statement(table_name: str, columns: tuple[str, ...]) -> Any:
+    table = TABLES[table_name]
+    return insert(table).values({c: bindparam(c) for c in columns})
+
+
+_COMPILED: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _run(conn: Any, statement: Any, rows: list[dict[str, Any]]) -> int:
+    """Execute a prepared statement for ``rows`` on the connection's DBAPI cursor.
+
+    The hot path of the driver's commits: SQL is compiled once per dialect, and rows go to the
+    driver's ``executemany`` without SQLAlchemy's per-row processing (all values here are
+    plain str, int, float, bytes or None). Returns the number of rows matched.
+    """
+    dialect = conn.dialect
+    key = (id(statement), dialect.name)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        result = statement.compile(dialect=dialect)
+        order = tuple(result.positiontup) if result.positiontup is not None else None
+        compiled = _COMPILED[key] = (result.string, order)
+    sql, order = compiled
+    params: list[Any] = [tuple(row[name] for name in order) for row in rows] if order is not None else rows
+    cursor = conn.connection.cursor()
+    try:
+        if len(params) == 1:
+            cursor.execute(sql, params[0])
+        else:
+            cursor.executemany(sql, params)
+        return cursor.rowcount
+    finally:
+        cursor.close()
+
+
 def _signed_text(fields: tuple[Any, ...]) -> str:
-    return "\0".join("" if f is None else str(f) for f in fields)
+    status, result, error, error_type, message = fields
+    return f"{status}\0{result or ''}\0{error or ''}\0{error_type or ''}\0{message or ''}"
 
 
 def _loadable(version: str) -> bool:
