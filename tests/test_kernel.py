@@ -101,6 +101,27 @@ def test_resume_all_after_a_restart(setup: tuple[Path, dict[str, str], Store]) -
     assert sorted(i for pid, i in entries(tmp_path) if pid not in first_pids) == [6, 7, 8, 9]
 
 
+def test_resume_button_of_the_load_ext_panel(setup: tuple[Path, dict[str, str], Store]) -> None:
+    tmp_path, env, store = setup
+    started_and_blocked(Kernel(tmp_path, env), tmp_path, store)
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(DEFINE)
+        # Click the panel's Resume button as the browser would (its on_click handler runs).
+        kernel.ok(
+            "from ipywidgets import Button\n"
+            "panel = get_ipython().find_cell_magic('durable').__self__.resume_panel\n"
+            "buttons = [w for box in panel.children[1:] for w in box.children[0].children if isinstance(w, Button)]\n"
+            "buttons[0].click()"
+        )
+        wait_until(lambda: kernel.ok("'total' in dir()").result == "True", what="the resumed run to export")
+        assert kernel.ok("total, buttons[0].disabled").result == "(285, True)"
+    finally:
+        kernel.close()
+    assert store.latest_execution("squares").status == "completed"
+
+
 def test_resume_before_the_functions_are_defined_loses_nothing(
     setup: tuple[Path, dict[str, str], Store],
 ) -> None:

@@ -109,3 +109,20 @@ def test_text_view_prints_a_final_summary(sqlite_engine: Engine) -> None:
     run.wait(30)
     view.join(5)
     assert "text: completed · 4/4 calls done" in stream.getvalue().splitlines()[-1]
+
+
+def test_without_ipywidgets_a_kernel_gets_the_text_view(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import IPython
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace(kernel=object()))
+    run = sqlite_engine.start("1", {}, key="optional")
+    run.wait(30)
+    assert views.widgets_available()
+    assert type(views.make_view(run)).__name__ == "RunWidget"
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if it were not installed
+    assert not views.widgets_available()
+    assert isinstance(views.make_view(run), TextView)
+    assert views.make_view(run, quiet=True) is None

@@ -48,6 +48,7 @@ class DurableMagics(Magics):
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
         self.runs: dict[str, Run] = {}
+        self.resume_panel: Any = None  # the panel of unfinished executions shown by %load_ext
 
     # -- stores -----------------------------------------------------------------------------
 
@@ -244,7 +245,8 @@ class DurableMagics(Magics):
         if not rows:
             return
         if widgets_available():
-            display(self._resume_panel(rows))
+            self.resume_panel = self._resume_panel(rows)
+            display(self.resume_panel)
         else:
             lines = "\n".join(f"  {item}" for item in unfinished_summary(rows))
             print(
