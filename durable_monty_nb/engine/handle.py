@@ -32,6 +32,18 @@ class Progress:
     restored: int = 0
     reused: int = 0
 
+    def details(self) -> list[tuple[str, int]]:
+        """(label, count) of every category besides ``done``, in display order."""
+        return [
+            ("running", self.running),
+            ("queued", self.queued),
+            ("retrying", self.retrying),
+            ("failed", self.failed),
+            ("waiting", self.waiting),
+            ("restored", self.restored),
+            ("reused", self.reused),
+        ]
+
     @property
     def fraction(self) -> float:
         return (self.done + self.failed) / self.total if self.total else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,21 @@ class Outcome:
     traceback: str = ""
     started_at: float = 0.0
     finished_at: float = 0.0
+
+    @classmethod
+    def of(cls, task: Task, started: float, value: Any = None, error: BaseException | None = None) -> Outcome:
+        """The outcome of ``task``'s attempt that started at ``started`` and ends now."""
+        if error is None:
+            return cls(task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time())
+        return cls(
+            task.call_id,
+            task.attempt,
+            False,
+            error=error,
+            traceback=format_user_traceback(error),
+            started_at=started,
+            finished_at=time.time(),
+        )
 
 
 Done = Callable[[Outcome], None]

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from .base import Done, Outcome, Task, format_user_traceback
+from .base import Done, Outcome, Task
 
 DEFAULT_WORKERS = 32
 
@@ -76,21 +76,9 @@ class ThreadExecutor:
         self._started_n = next(self._started) + 1
         started = task.started_at = time.time()
         try:
-            value = task.context.run(task.fn, *task.args, **task.kwargs)
+            outcome = Outcome.of(task, started, value=task.context.run(task.fn, *task.args, **task.kwargs))
         except BaseException as exc:
-            outcome = Outcome(
-                task.call_id,
-                task.attempt,
-                False,
-                error=exc,
-                traceback=format_user_traceback(exc),
-                started_at=started,
-                finished_at=time.time(),
-            )
-        else:
-            outcome = Outcome(
-                task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time()
-            )
+            outcome = Outcome.of(task, started, error=exc)
         self._finished_n = next(self._finished) + 1
         return outcome
 
@@ -111,55 +99,32 @@ class _EventLoop:
         thread.start()
 
     def submit(self, task: Task, done: Done, executor: ThreadExecutor) -> None:
-        async def attempt() -> Outcome:
-            executor._started_n = next(executor._started) + 1
-            started = task.started_at = time.time()
-            try:
-                value = await task.fn(*task.args, **task.kwargs)
-            except BaseException as exc:
-                outcome = Outcome(
-                    task.call_id,
-                    task.attempt,
-                    False,
-                    error=exc,
-                    traceback=format_user_traceback(exc),
-                    started_at=started,
-                    finished_at=time.time(),
-                )
-            else:
-                outcome = Outcome(
-                    task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time()
-                )
-            executor._finished_n = next(executor._finished) + 1
-            return outcome
-
         def report(finished: asyncio.Task[Outcome]) -> None:
             done(finished.result())
 
         def schedule() -> None:
             # Run in the driver's context, so prints land where the execution started.
-            self.loop.create_task(attempt(), context=task.context).add_done_callback(report)
+            attempt = _attempt(task, lambda: task.fn(*task.args, **task.kwargs), executor)
+            self.loop.create_task(attempt, context=task.context).add_done_callback(report)
 
         self.loop.call_soon_threadsafe(schedule)
 
     def run_blocking(self, task: Task, coroutine: Any) -> Outcome:
-        async def attempt() -> Outcome:
-            started = time.time()
-            try:
-                value = await coroutine
-            except BaseException as exc:
-                return Outcome(
-                    task.call_id,
-                    task.attempt,
-                    False,
-                    error=exc,
-                    traceback=format_user_traceback(exc),
-                    started_at=started,
-                    finished_at=time.time(),
-                )
-            return Outcome(task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time())
+        """Await a coroutine that a plain function returned, from a pool thread."""
+        return asyncio.run_coroutine_threadsafe(_attempt(task, lambda: coroutine), self.loop).result()
 
-        return asyncio.run_coroutine_threadsafe(attempt(), self.loop).result()
+
+async def _attempt(task: Task, start: Any, executor: ThreadExecutor | None = None) -> Outcome:
+    if executor is not None:
+        executor._started_n = next(executor._started) + 1
+    started = task.started_at = time.time()
+    try:
+        outcome = Outcome.of(task, started, value=await start())
+    except BaseException as exc:
+        outcome = Outcome.of(task, started, error=exc)
+    if executor is not None:
+        executor._finished_n = next(executor._finished) + 1
+    return outcome
 
 
 _LOOP: _EventLoop | None = None

@@ -35,18 +35,7 @@ def widgets_available() -> bool:
 def summary(run: Run) -> str:
     """One line: what the run did, for terminals and status messages."""
     p = run.progress
-    parts = [f"{p.done}/{p.total} calls done"]
-    for label, count in (
-        ("running", p.running),
-        ("queued", p.queued),
-        ("retrying", p.retrying),
-        ("failed", p.failed),
-        ("waiting", p.waiting),
-        ("restored", p.restored),
-        ("reused", p.reused),
-    ):
-        if count:
-            parts.append(f"{count} {label}")
+    parts = [f"{p.done}/{p.total} calls done"] + [f"{count} {label}" for label, count in p.details() if count]
     state = "result from the store" if run.cached else run.status
     return f"{run.key}: {state} · " + " · ".join(parts)
 
@@ -159,17 +148,7 @@ def make_widget(run: Run) -> Any:
             self._bar.value = min(p.done + p.failed, self._bar.max) if p.total else (1 if run.done else 0)
             self._bar.bar_style = STYLES.get(run.status, "")
             counts = [f"<b>{p.done}</b>/{p.total} done"]
-            for label, count in (
-                ("running", p.running),
-                ("queued", p.queued),
-                ("retrying", p.retrying),
-                ("failed", p.failed),
-                ("waiting", p.waiting),
-                ("restored", p.restored),
-                ("reused", p.reused),
-            ):
-                if count or label in ("running", "failed"):
-                    counts.append(f"{count} {label}")
+            counts += [f"{n} {label}" for label, n in p.details() if n or label in ("running", "failed")]
             self._counts.value = " · ".join(counts)
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
