@@ -118,25 +118,25 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[object]:
+def _engine(url: str) -> Iterator[object]:
+    """An engine on ``url``; whatever it still runs at the end of the test is interrupted."""
     from durable_monty_nb import Engine
 
-    eng = Engine(db_url)
+    eng = Engine(url)
     yield eng
     for run in eng.active_runs():
         run.cancel()
         run.wait(30)
     eng.close()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[object]:
+    """An engine on a fresh store of each backend."""
+    yield from _engine(db_url)
 
 
 @pytest.fixture
 def sqlite_engine(sqlite_url: str) -> Iterator[object]:
-    from durable_monty_nb import Engine
-
-    eng = Engine(sqlite_url)
-    yield eng
-    for run in eng.active_runs():
-        run.cancel()
-        run.wait(30)
-    eng.close()
+    """An engine on a fresh SQLite file (for behaviour that does not depend on the backend)."""
+    yield from _engine(sqlite_url)

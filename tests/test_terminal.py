@@ -50,3 +50,32 @@ def test_quiet_cell_prints_no_progress(shell: InteractiveShell, capsys: pytest.C
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "hello from the workflow"
     assert "calls done" not in out
+
+
+def test_load_ext_lists_unfinished_executions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    from durable_monty_nb import Engine
+
+    db = f"sqlite:///{tmp_path / 'left.db'}"
+    release = threading.Event()
+
+    def slow(i: int) -> int:
+        release.wait(30)
+        return i
+
+    run = Engine(db).start("r = await slow(1)\nr + await slow(2)", {"slow": slow}, key="left-behind")
+    run.cancel()
+    release.set()
+    run.wait(30)
+    monkeypatch.setenv("DURABLE_MONTY_DB", db)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "durable_monty_nb")
+    try:
+        out = capsys.readouterr().out
+        assert "unfinished executions" in out and "left-behind (interrupted" in out
+        assert "%durable_resume NAME (or --all)" in out
+    finally:
+        ip.run_line_magic("unload_ext", "durable_monty_nb")
