@@ -1,0 +1,1 @@
+"""The engine: runs workflow code durably (no IPython needed)."""

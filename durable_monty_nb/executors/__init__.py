@@ -1,0 +1,1 @@
+"""Executors: where notebook functions run (threads, and an asyncio loop for coroutines)."""

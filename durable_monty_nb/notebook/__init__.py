@@ -1,0 +1,1 @@
+"""The notebook face: magics and views over the engine."""

@@ -1,0 +1,1 @@
+"""The store: SQLAlchemy tables, transactions, leases, signatures and schema versions."""
