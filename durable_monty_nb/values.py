@@ -205,19 +205,14 @@ class ValueCodec:
 
     def _proxy(self, proxy: MontyClassProxy, what: str) -> tuple[Any, Any]:
         key = proxy.id.hex
-        if key in self.objects or (self._load_blob is not None and self._has_blob(key)):
-            return {"$h": key, "t": proxy.name}, self.handle(key, proxy.name)
-        raise ValueCrossingError(
-            f"{what} is an instance of {proxy.name!r}, a class defined inside the workflow code; such "
-            f"objects cannot leave the sandbox. Pass a dict or a tuple instead."
-        )
-
-    def _has_blob(self, key: str) -> bool:
         try:
-            self.resolve_handle(key)
+            self.resolve_handle(key)  # a handle restored from a checkpoint: its blob is in the store
         except KeyError:
-            return False
-        return True
+            raise ValueCrossingError(
+                f"{what} is an instance of {proxy.name!r}, a class defined inside the workflow code; such "
+                f"objects cannot leave the sandbox. Pass a dict or a tuple instead."
+            ) from None
+        return {"$h": key, "t": proxy.name}, self.handle(key, proxy.name)
 
     # -- sandbox -> host ------------------------------------------------------------------
 
@@ -334,6 +329,17 @@ def _untag(tree: Any, handle: Callable[[str, str], Any]) -> Any:
                 return frozenset(_untag(item, handle) for item in payload)
             return _LEAF_DECODERS[tag](payload)
     return {k: _untag(v, handle) for k, v in tree.items()}
+
+
+def format_arguments(args_text: str, item_limit: int = 40, limit: int = 80) -> str:
+    """Stored call arguments (``[[args...], {kwargs...}]``) as ``1, 'a.mp4', key=3``, shortened."""
+    try:
+        args, kwargs = ValueCodec().decode_display(args_text)
+    except (ValueError, TypeError, KeyError):
+        return short_repr(args_text, limit)
+    parts = [short_repr(a, item_limit) for a in args] + [f"{k}={short_repr(v, item_limit)}" for k, v in kwargs.items()]
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

@@ -117,7 +117,6 @@ class CodeInfo:
     awaited_spans: set[tuple[int, int]] = field(default_factory=set)
     awaited_starts: set[int] = field(default_factory=set)
     free_names: dict[str, int] = field(default_factory=dict)
-    called_names: set[str] = field(default_factory=set)
     exports: list[str] = field(default_factory=list)
 
     def is_awaited(self, start: int, end: int) -> bool | None:
@@ -203,8 +202,6 @@ def _classify_calls(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> Non
     for node in nodes:
         if isinstance(node, ast.Call):
             info._all_spans.add(_span(node, offsets))
-            if isinstance(node.func, ast.Name):
-                info.called_names.add(node.func.id)
             if _is_gather(node):
                 for arg in node.args:
                     tasks_in(arg)

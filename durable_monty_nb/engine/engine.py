@@ -37,7 +37,7 @@ from ..errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
-from ..store.store import UNFINISHED, Store, describe_owner, new_owner, owner_is_dead
+from ..store.store import UNFINISHED, Store, describe_owner, lease_held, new_owner
 from ..values import ValueCodec
 from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
@@ -130,7 +130,7 @@ class Engine:
                 return self._resume(
                     latest, ns, settings, print_callback, info=info, codec=codec, inputs=inputs, paused=paused
                 )
-            if latest.status == "running" and _alive(latest):
+            if latest.status == "running" and lease_held(latest):
                 raise ExecutionBusy(
                     f"{key!r} is still running (execution {latest.id[:12]}, driven by "
                     f"{describe_owner(latest.lease_owner)}); wait for it or cancel it before running changed code"
@@ -508,10 +508,6 @@ def _same_fingerprints(stored: str | None, current: dict[str, Any]) -> bool:
         return json.loads(stored) == json.loads(json.dumps(current, sort_keys=True))
     except ValueError:
         return False
-
-
-def _alive(row: Any) -> bool:
-    return bool(row.lease_owner) and (row.lease_expires_at or 0) > time.time() and not owner_is_dead(row.lease_owner)
 
 
 def _describe_unfinished(row: Any) -> str | None:

@@ -142,6 +142,12 @@ def owner_is_dead(owner: str) -> bool:
     return started != "-" and _process_start(pid) != started
 
 
+def lease_held(row: Any) -> bool:
+    """Whether a live process holds the lease of this execution row right now."""
+    owner = row.lease_owner
+    return bool(owner) and (row.lease_expires_at or 0) >= time.time() and not owner_is_dead(owner)
+
+
 def describe_owner(owner: str | None) -> str:
     if not owner:
         return "nobody"
@@ -234,16 +240,7 @@ class Store:
 
     def unfinished_executions(self) -> list[Row]:
         """Latest executions of their keys that did not complete and nobody alive drives."""
-        rows = [r for r in self.list_executions() if r.status in UNFINISHED]
-        now = time.time()
-        return [
-            r
-            for r in rows
-            if r.status != "running"
-            or not r.lease_owner
-            or (r.lease_expires_at or 0) < now
-            or owner_is_dead(r.lease_owner)
-        ]
+        return [r for r in self.list_executions() if r.status in UNFINISHED and not lease_held(r)]
 
     def create_execution(
         self, values: dict[str, Any], owner: str, lease_ttl: float, expected_latest: str | None
@@ -319,15 +316,6 @@ class Store:
                 update(EXECUTIONS)
                 .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == owner)
                 .values(lease_owner=None, lease_expires_at=None)
-            )
-
-    def mark_interrupted(self, execution_id: str) -> None:
-        """Record that an execution stopped without finishing (used when nobody drives it)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(EXECUTIONS)
-                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == "running")
-                .values(status="interrupted", updated_at=time.time())
             )
 
     # -- the driver's transaction ---------------------------------------------------------
@@ -443,11 +431,6 @@ class Store:
         if rows:
             _run(conn, _insert_statement("dm_blobs", tuple(sorted(rows[0]))), rows)
 
-    def put_blobs(self, blobs: dict[str, tuple[bytes, str]]) -> None:
-        if blobs:
-            with self.engine.begin() as conn:
-                self._insert_blobs(conn, blobs, time.time())
-
     # -- reading back -------------------------------------------------------------------
 
     def load_checkpoint(self, execution_id: str) -> bytes | None:
@@ -477,14 +460,6 @@ class Store:
         with self._reader.connect() as conn:
             query = select(*[CALLS.c[name] for name in CALL_FIELDS]).where(CALLS.c.execution_id == execution_id)
             return list(conn.execute(query.order_by(CALLS.c.call_id)).all())
-
-    def call_counts(self, execution_id: str) -> dict[str, int]:
-        from sqlalchemy import func
-
-        with self._reader.connect() as conn:
-            query = select(CALLS.c.status, func.count()).where(CALLS.c.execution_id == execution_id)
-            rows = conn.execute(query.group_by(CALLS.c.status)).all()
-        return {status: count for status, count in rows}
 
     def reusable_results(self, key: str, call_keys: Iterable[str]) -> dict[str, Row]:
         """Completed calls of earlier executions of ``key``, by call key (verified)."""
