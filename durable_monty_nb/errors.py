@@ -106,3 +106,9 @@ class TamperedDataError(StoreError):
 
 class LeaseLost(DurableError):
     """This process no longer owns the execution (another process took it over)."""
+
+
+def last_line(text: str | None) -> str:
+    """The last non-blank line of a traceback (where the exception and its message are)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""

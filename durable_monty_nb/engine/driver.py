@@ -41,11 +41,11 @@ from pydantic_monty import (
     NameLookupSnapshot,
 )
 
-from ..errors import DurableError, LeaseLost, ValueCrossingError, WorkflowFailed
+from ..errors import DurableError, LeaseLost, ValueCrossingError, WorkflowFailed, last_line
 from ..executors.base import Outcome, Task
 from ..executors.threads import ThreadExecutor
 from ..store.store import Step, Store
-from ..values import SCALARS, ValueCodec, short_repr
+from ..values import SCALARS, ValueCodec, format_arguments
 from . import sandbox
 from .analysis import CodeInfo
 from .events import CallFailed, CallRetrying, ExecutionFinished, Printed
@@ -123,13 +123,7 @@ class CallState:
 
     @property
     def args_repr(self) -> str:
-        try:
-            args, kwargs = json.loads(self.args_text)
-        except (ValueError, TypeError):
-            return self.args_text
-        parts = [_display(a) for a in args] + [f"{k}={_display(v)}" for k, v in kwargs.items()]
-        text = ", ".join(parts)
-        return text if len(text) <= 80 else text[:79] + "…"
+        return format_arguments(self.args_text)
 
     @property
     def view_status(self) -> str:
@@ -144,16 +138,15 @@ class CallState:
 
     @property
     def error_summary(self) -> str | None:
-        if not self.error_text:
-            return None
-        lines = [line for line in self.error_text.strip().splitlines() if line.strip()]
-        return lines[-1] if lines else None
+        return last_line(self.error_text) or None
 
-
-def _display(tree: Any) -> str:
-    from ..values import ValueCodec
-
-    return short_repr(ValueCodec().decode_display(json.dumps(tree)), 40)
+    def journaled_answer(self, codec: ValueCodec) -> dict[str, Any] | None:
+        """What Monty gets for a call whose outcome is in the journal (None when it has none)."""
+        if self.status == "done":
+            return {"return_value": codec.decode_sandbox(self.result_text)}
+        if self.status == "failed":
+            return _error_answer(self.error_type, self.error_message)
+        return None
 
 
 @dataclass
@@ -532,7 +525,7 @@ class Driver:
                 continue
             state.status, state.reused, state.result_text = "done", True, hit.result
             row.update(status="done", result=hit.result, reused_from=hit.execution_id, attempts=0)
-            self.answers[state.call_id] = {"return_value": self.codec.decode_sandbox(hit.result)}
+            self.answers[state.call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
             self.counters.done += 1
             self.counters.reused += 1
             served = True
@@ -543,7 +536,6 @@ class Driver:
     def _restore_calls(self, rows: list[Any], retry_failed: bool) -> None:
         now = time.time()
         verify = self.store.verify_call_fields
-        decode = self.codec.decode_sandbox
         for row in rows:  # unpacked: attribute access on 10,000 rows costs more than all the rest
             (
                 call_id,
@@ -589,14 +581,14 @@ class Driver:
             )
             self.calls[call_id] = state
             self.counters.total += 1
-            if status == "done":
-                self.counters.done += 1
-                self.counters.restored += 1
-                self.answers[call_id] = {"return_value": decode(result)}
-            elif status == "failed" and not retry_failed:
-                self.counters.failed += 1
-                self.answers[call_id] = _error_answer(error_type, error_message)
-                self._failed_calls[(error_type or "", error_message or "")] = state
+            if status == "done" or (status == "failed" and not retry_failed):
+                self.answers[call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
+                if status == "done":
+                    self.counters.done += 1
+                    self.counters.restored += 1
+                else:
+                    self.counters.failed += 1
+                    self._failed_calls[(error_type or "", error_message or "")] = state
             elif kind == "sleep":
                 self._push_timer(due_at or now, state)
             elif status == "retrying" and due_at and due_at > now:
@@ -626,10 +618,9 @@ class Driver:
         self.session = sandbox.open_session()
         data = self.store.load_checkpoint(self.execution_id)
         for state in self.calls.values():
-            if state.status == "done":
-                self.answers[state.call_id] = {"return_value": self.codec.decode_sandbox(state.result_text)}
-            elif state.status == "failed":
-                self.answers[state.call_id] = _error_answer(state.error_type, state.error_message)
+            answer = state.journaled_answer(self.codec)
+            if answer is not None:
+                self.answers[state.call_id] = answer
         if data is None:
             self.session.feed_start(sandbox.PRELUDE)
             return self.session.feed_start(self.info.code, print_callback=self._print)
@@ -642,14 +633,18 @@ class Driver:
         if self._announced and blocked_snapshot is not None:
             step.checkpoint = blocked_snapshot.dump()
             self._announced = []
-        if self.codec.pending_blobs:
-            step.blobs, self.codec.pending_blobs = self.codec.pending_blobs, {}
-        now = time.time()
-        if not step and now - self._last_commit < self.settings.heartbeat:
+        idle = not step and not self.codec.pending_blobs
+        if idle and time.time() - self._last_commit < self.settings.heartbeat:
             return
-        step.execution.update(self._counter_columns())
-        self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, step)
-        self._last_commit = now
+        self._write_step()
+
+    def _write_step(self) -> None:
+        """Commit the pending step (with the counters and any new blobs) and start a new one."""
+        if self.codec.pending_blobs:
+            self.step.blobs, self.codec.pending_blobs = self.codec.pending_blobs, {}
+        self.step.execution.update(self._counter_columns())
+        self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
+        self._last_commit = time.time()
         self.step = Step()
         self._new_rows = {}
 
@@ -756,7 +751,7 @@ class Driver:
         message = _sandbox_message(error)
         state.status, state.error_text, state.error_type = "failed", traceback_text, exc_type
         state.error_message, state.finished_at = message, finished_at
-        self.answers[state.call_id] = {"exc_type": exc_type, "message": message}
+        self.answers[state.call_id] = _error_answer(exc_type, message)
         self._failed_calls[(exc_type, message)] = state
         self.counters.failed += 1
         state.result_text = state.due_at = None
@@ -808,14 +803,7 @@ class Driver:
         output = snap.output
         exports = self._read_exports()
         result_text = self._encode_final(output, "the result of the workflow")
-        outputs: dict[str, Any] = {}
-        for name, value in exports.items():
-            try:
-                self.codec.encode_text(value, what=f"the variable {name!r}")
-            except ValueCrossingError:
-                continue  # objects of sandbox-defined classes stay inside
-            outputs[name] = value
-        outputs_text = self.codec.encode_text(outputs)
+        outputs_text, outputs = self._encode_exports(exports)
         result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
         outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
         now = time.time()
@@ -830,6 +818,19 @@ class Driver:
         )
         self._commit_final()
         self._finish_run("completed", result=result_host, outputs=outputs_host, commit=False, finished_at=now)
+
+    def _encode_exports(self, exports: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Stored text of the exported names, leaving out objects of sandbox-defined classes."""
+        try:
+            return self.codec.encode_text(exports), exports
+        except ValueCrossingError:
+            pass
+        kept = {}
+        for name, value in exports.items():
+            with contextlib.suppress(ValueCrossingError):  # they cannot leave the sandbox
+                self.codec.encode_text(value, what=f"the variable {name!r}")
+                kept[name] = value
+        return self.codec.encode_text(kept), kept
 
     def _encode_final(self, value: Any, what: str) -> str | None:
         try:
@@ -872,12 +873,10 @@ class Driver:
         self._finish_run("failed", error=error, commit=False, finished_at=now)
 
     def _commit_final(self) -> None:
+        """The last write of this driver: it also releases the lease."""
         self._announced = []
-        if self.codec.pending_blobs:
-            self.step.blobs, self.codec.pending_blobs = self.codec.pending_blobs, {}
-        self.step.execution.update(self._counter_columns(), lease_owner=None)
-        self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
-        self.step = Step()
+        self.step.execution["lease_owner"] = None
+        self._write_step()
 
     def _finish_run(
         self,
@@ -968,9 +967,6 @@ def _error_answer(exc_type: str | None, message: str | None) -> dict[str, Any]:
 
 def _last_line(text: str | None) -> str:
     """The message of the last line of a traceback (``ValueError: bad`` -> ``bad``)."""
-    if not text:
-        return ""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
+    last = last_line(text)
     head, sep, tail = last.partition(": ")
     return tail if sep and " " not in head.strip() else last
