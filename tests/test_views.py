@@ -10,7 +10,8 @@ import pytest
 from durable_monty_nb import Engine
 from durable_monty_nb.engine.handle import CallView
 from durable_monty_nb.notebook import views
-from durable_monty_nb.notebook.views import TextView, calls_html, make_widget, select_calls
+from durable_monty_nb.notebook.status import select_calls
+from durable_monty_nb.notebook.views import TextView, calls_html, make_widget
 
 
 def double(x: int) -> int:

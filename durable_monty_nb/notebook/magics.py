@@ -123,39 +123,42 @@ class DurableMagics(Magics):
 
     def _follow(self, run: Run, *, background: bool, quiet: bool, printer: HeldPrinter | None = None) -> Any:
         """Show the run; wait for it (unless in the background); export its names."""
+        view = self._show(run, quiet)
+        if printer is not None:
+            printer.release()
+        run.begin()
+        if background:
+            self._export_later(run)
+            return None
+        _wait_all(
+            [run],
+            f"stopped waiting for {run.key!r}. Calls already running finish in the background and their "
+            f"results are kept; nothing is lost. Continue with: %durable_resume {run.key}",
+        )
+        if view is not None:
+            view.join(5)
+        result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
+        self.shell.user_ns.update(run.outputs)
+        return result
+
+    def _show(self, run: Run, quiet: bool = False) -> Any:
+        """Remember the run and display its live view (from the main thread); returns the view."""
         self.runs[run.key] = run
         view = make_view(run, quiet=quiet)
         if view is not None:
             display(view)
             view.start()
-        if printer is not None:
-            printer.release()
-        run.begin()
-        if background:
-            threading.Thread(target=self._export_when_done, args=(run,), daemon=True).start()
-            return None
-        try:
-            while not run.wait(0.1):
-                pass
-        except KeyboardInterrupt:
-            run.cancel()
-            raise ExecutionInterrupted(
-                f"stopped waiting for {run.key!r}. Calls already running finish in the background and their "
-                f"results are kept; nothing is lost. Continue with: %durable_resume {run.key}"
-            ) from None
-        if view is not None:
-            view.join(5)
-        return self._export(run)
+        return view
 
-    def _export(self, run: Run) -> Any:
-        result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
-        self.shell.user_ns.update(run.outputs)
-        return result
+    def _export_later(self, run: Run) -> None:
+        """Set the run's names in the notebook when it completes (for runs nobody waits for)."""
 
-    def _export_when_done(self, run: Run) -> None:
-        run.wait()
-        if run.status == "completed":
-            self.shell.user_ns.update(run.outputs)
+        def export() -> None:
+            run.wait()
+            if run.status == "completed":
+                self.shell.user_ns.update(run.outputs)
+
+        threading.Thread(target=export, daemon=True).start()
 
     # -- %durable_status / %durable_resume / %durable_cancel -----------------------------------
 
@@ -192,27 +195,18 @@ class DurableMagics(Magics):
             return None
         runs = [engine.resume(row.id, self.shell.user_ns, workers=args.workers) for row in rows]
         for run in runs:
-            self.runs[run.key] = run
-            view = make_view(run, quiet=args.quiet)
-            if view is not None:
-                display(view)
-                view.start()
-            threading.Thread(target=self._export_when_done, args=(run,), daemon=True).start()
-        if not args.background:
-            try:
-                for run in runs:
-                    while not run.wait(0.1):
-                        pass
-            except KeyboardInterrupt:
-                for run in runs:
-                    run.cancel()
-                raise ExecutionInterrupted("stopped waiting; the executions can be resumed again") from None
+            self._show(run, args.quiet)
+        if args.background:
             for run in runs:
-                if run.status == "completed":
-                    self.shell.user_ns.update(run.outputs)
-            failed = [run for run in runs if run.status != "completed"]
-            if failed:
-                raise failed[0].error or DurableError(summary(failed[0]))
+                self._export_later(run)
+            return None
+        _wait_all(runs, "stopped waiting; the executions can be resumed again")
+        for run in runs:
+            if run.status == "completed":
+                self.shell.user_ns.update(run.outputs)
+        failed = [run for run in runs if run.status != "completed"]
+        if failed:
+            raise failed[0].error or DurableError(summary(failed[0]))
         return None
 
     @magic_arguments()
@@ -276,12 +270,8 @@ class DurableMagics(Magics):
                         print(f"{type(exc).__name__}: {exc}")
                         return
                     button.disabled = True
-                    self.runs[run.key] = run
-                    view = make_view(run)
-                    if view is not None:
-                        display(view)
-                        view.start()
-                    threading.Thread(target=self._export_when_done, args=(run,), daemon=True).start()
+                    self._show(run)
+                    self._export_later(run)
 
             button.on_click(resume)
             items.append(widgets.VBox([widgets.HBox([button, widgets.Label(text)]), out]))
@@ -291,6 +281,18 @@ class DurableMagics(Magics):
                 return "unfinished durable executions:\n" + "\n".join(unfinished_summary(rows))
 
         return ResumePanel(items)
+
+
+def _wait_all(runs: list[Run], interrupted: str) -> None:
+    """Wait for the runs; Ctrl-C interrupts them (they stay resumable) and raises ExecutionInterrupted."""
+    try:
+        for run in runs:
+            while not run.wait(0.1):
+                pass
+    except KeyboardInterrupt:
+        for run in runs:
+            run.cancel()
+        raise ExecutionInterrupted(interrupted) from None
 
 
 class HeldPrinter:

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..store.store import Store, owner_is_dead
-from ..values import ValueCodec, short_repr
+from ..errors import last_line
+from ..store.store import Store, lease_held
+from ..values import format_arguments
 
 DETAIL_CALL_LIMIT = 50
+CALL_HEADERS = ["call", "function", "arguments", "status", "attempts", "duration", "error"]
 
 
 @dataclass
@@ -33,11 +35,7 @@ class Report:
 
 def execution_state(row: Any) -> str:
     """The status, with ``crashed`` for a running execution whose owner is gone."""
-    if row.status == "running":
-        expired = (row.lease_expires_at or 0) < time.time()
-        if not row.lease_owner or expired or owner_is_dead(row.lease_owner):
-            return "crashed"
-    return row.status
+    return "crashed" if row.status == "running" and not lease_held(row) else row.status
 
 
 def format_duration(seconds: float | None) -> str:
@@ -86,7 +84,6 @@ def executions_report(rows: Sequence[Any], where: str) -> Report:
 
 
 def detail_report(store: Store, row: Any) -> Report:
-    codec = ValueCodec()
     calls = store.load_calls(row.id)
     facts = [
         ("name", row.key),
@@ -99,8 +96,8 @@ def detail_report(store: Store, row: Any) -> Report:
         ("monty", row.monty_version),
         ("store", store.display_url),
     ]
-    shown = _calls_to_show(calls)
-    headers = ["call", "function", "arguments", "status", "attempts", "duration", "error"]
+    chosen, more = select_calls(calls, DETAIL_CALL_LIMIT)
+    shown = sorted(chosen, key=lambda c: c.call_id)
     body = []
     for call in shown:
         duration = call.finished_at - call.started_at if call.finished_at and call.started_at else None
@@ -108,16 +105,15 @@ def detail_report(store: Store, row: Any) -> Report:
             [
                 str(call.call_id),
                 call.function,
-                _args_text(codec, call.args),
+                format_arguments(call.args, item_limit=30, limit=60),
                 "reused" if call.reused_from else call.status,
                 str(call.attempts),
                 format_duration(duration),
-                _last_line(call.error) if call.status in ("failed", "retrying") else "",
+                short_text(last_line(call.error), 80) if call.status in ("failed", "retrying") else "",
             ]
         )
-    more = len(calls) - len(shown)
     note = f"… and {more} more calls (done)" if more > 0 else ""
-    text_parts = ["\n".join(f"{k:>9}: {v}" for k, v in facts), text_table(headers, body) if body else "no calls"]
+    text_parts = ["\n".join(f"{k:>9}: {v}" for k, v in facts), text_table(CALL_HEADERS, body) if body else "no calls"]
     html_parts = [
         "<table>"
         + "".join(
@@ -126,7 +122,7 @@ def detail_report(store: Store, row: Any) -> Report:
             for k, v in facts
         )
         + "</table>",
-        html_table(headers, body, "calls") if body else "<p>no calls</p>",
+        html_table(CALL_HEADERS, body, "calls") if body else "<p>no calls</p>",
     ]
     if note:
         text_parts.append(note)
@@ -137,29 +133,19 @@ def detail_report(store: Store, row: Any) -> Report:
     return Report("\n\n".join(text_parts), "\n".join(html_parts))
 
 
-def _calls_to_show(calls: Sequence[Any]) -> list[Any]:
-    """Every call that needs attention, then the most recent others, DETAIL_CALL_LIMIT at most."""
-    urgent = [c for c in calls if c.status != "done"]
-    rest = [c for c in calls if c.status == "done"]
-    room = max(DETAIL_CALL_LIMIT - len(urgent), 0)
-    chosen = urgent[:DETAIL_CALL_LIMIT] + (rest[-room:] if room else [])
-    return sorted(chosen, key=lambda c: c.call_id)
+def select_calls(calls: Sequence[Any], limit: int) -> tuple[list[Any], int]:
+    """Calls that need attention (failures first), then the most recent finished ones, ``limit`` at
+    most; and how many were left out. Works on call views and on stored call rows alike."""
+    order = {"failed": 0, "retrying": 1, "running": 2, "queued": 3, "waiting": 4, "pending": 5}
+    finished = ("done", "reused")
+    urgent = sorted((c for c in calls if c.status not in finished), key=lambda c: (order.get(c.status, 9), c.call_id))
+    done = [c for c in calls if c.status in finished]
+    chosen = urgent[:limit] if len(urgent) >= limit else urgent + done[-(limit - len(urgent)) :]
+    return chosen, len(calls) - len(chosen)
 
 
-def _args_text(codec: ValueCodec, args_text: str) -> str:
-    try:
-        args, kwargs = codec.decode_display(args_text)
-    except (ValueError, TypeError, KeyError):
-        return short_repr(args_text, 50)
-    parts = [short_repr(a, 30) for a in args] + [f"{k}={short_repr(v, 30)}" for k, v in kwargs.items()]
-    text = ", ".join(parts)
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
-def _last_line(text: str | None) -> str:
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else ""
-    return last if len(last) <= 80 else last[:79] + "…"
+def short_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -170,15 +156,13 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def html_table(headers: list[str], rows: list[list[str]], caption: str) -> str:
+def html_table(headers: list[str], rows: list[list[str]], caption: str = "", css_class: str = "durable-status") -> str:
     head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
     body = "".join(
         "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
     )
-    return (
-        f"<table class='durable-status'><caption style='text-align:left'>{html.escape(caption)}</caption>"
-        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    )
+    title = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table class='{css_class}'>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def unfinished_summary(rows: Sequence[Any]) -> list[str]:

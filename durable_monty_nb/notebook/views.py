@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from ..engine.handle import CallView, Run
-from .status import format_duration
+from .status import CALL_HEADERS, format_duration, html_table, select_calls
 
 REFRESH_SECONDS = 0.25
 CALL_ROWS = 50
@@ -38,16 +38,6 @@ def summary(run: Run) -> str:
     parts = [f"{p.done}/{p.total} calls done"] + [f"{count} {label}" for label, count in p.details() if count]
     state = "result from the store" if run.cached else run.status
     return f"{run.key}: {state} · " + " · ".join(parts)
-
-
-def select_calls(calls: list[CallView], limit: int = CALL_ROWS) -> tuple[list[CallView], int]:
-    """Calls that need attention first, then the most recent ones; and how many were left out."""
-    order = {"failed": 0, "retrying": 1, "running": 2, "queued": 3, "waiting": 4, "pending": 5}
-    finished = ("done", "reused")
-    urgent = sorted((c for c in calls if c.status not in finished), key=lambda c: (order.get(c.status, 9), c.call_id))
-    done = [c for c in calls if c.status in finished]
-    chosen = urgent[:limit] if len(urgent) >= limit else urgent + done[-(limit - len(urgent)) :]
-    return chosen, len(calls) - len(chosen)
 
 
 class _Updater:
@@ -160,24 +150,13 @@ def make_widget(run: Run) -> Any:
 
 
 def calls_html(calls: list[CallView]) -> str:
-    chosen, left_out = select_calls(calls)
-    rows = []
-    for c in chosen:
-        cells = [
-            str(c.call_id),
-            c.function,
-            c.args,
-            c.status,
-            str(c.attempts),
-            format_duration(c.duration),
-            c.error or "",
-        ]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
-    head = "".join(
-        f"<th>{h}</th>" for h in ("call", "function", "arguments", "status", "attempts", "duration", "error")
-    )
+    chosen, left_out = select_calls(calls, CALL_ROWS)
+    rows = [
+        [str(c.call_id), c.function, c.args, c.status, str(c.attempts), format_duration(c.duration), c.error or ""]
+        for c in chosen
+    ]
     more = f"<p>… and {left_out} more</p>" if left_out else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
+    return html_table(CALL_HEADERS, rows, css_class="durable-calls") + more
 
 
 def make_view(run: Run, *, quiet: bool = False) -> Any:
