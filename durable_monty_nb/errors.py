@@ -80,6 +80,21 @@ class ExecutionInterrupted(DurableError):
     """The execution was cancelled or interrupted before it finished; it can be resumed."""
 
 
+def interrupted_error(execution_id: str, key: str) -> ExecutionInterrupted:
+    return ExecutionInterrupted(
+        f"execution {execution_id} ({key!r}) was interrupted before it finished; run it again or "
+        f"resume it to continue where it stopped"
+    )
+
+
+class WorkerLost(DurableError):
+    """A call's attempt was lost with its worker (killed, or its queue flushed); it runs again."""
+
+
+class ExecutorUnavailable(DurableError):
+    """The executor cannot be reached (Redis down, no Dask scheduler at the address)."""
+
+
 class ExecutionBusy(DurableError):
     """Another live process (or run) drives this execution right now."""
 

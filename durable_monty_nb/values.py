@@ -197,7 +197,7 @@ class ValueCodec:
                 f"Values that are not plain data are pickled to survive restarts; keep this object "
                 f"inside your notebook functions (create and use it there) or return something picklable."
             ) from exc
-        key = hashlib.sha256(data).hexdigest()[:32]
+        key = blob_key(data)
         self.objects.setdefault(key, value)
         if key not in self.pending_blobs:
             self.pending_blobs[key] = (data, type_name)
@@ -273,6 +273,35 @@ class ValueCodec:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def blob_key(data: bytes) -> str:
+    """The content address of a blob: the first 32 hex digits of its SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def ship_function(fn: Callable[..., Any], name: str) -> tuple[str, bytes]:
+    """(key, pickle) of a function sent by value to remote workers (cloudpickle).
+
+    Functions of notebook cells live in ``__main__``, which workers cannot import: cloudpickle
+    sends their code and the globals they use. Raises ValueCrossingError naming the function
+    when it cannot be pickled.
+    """
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - installed with the rq and dask extras
+        raise ValueCrossingError(
+            "remote executors ship functions with cloudpickle: pip install 'durable-monty-nb[rq]' (or [dask])"
+        ) from None
+    try:
+        data = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise ValueCrossingError(
+            f"the function {name!r} cannot be shipped to workers ({type(exc).__name__}: {exc}). It uses "
+            f"something that cannot be pickled (a lock, a connection, an open file): create that inside "
+            f"the function, or run this workflow with the threads executor."
+        ) from exc
+    return blob_key(data), data
 
 
 def _encode_leaf(value: Any) -> Any:

@@ -61,7 +61,15 @@ class ServerDatabase:
         inspector = sa.inspect(self.engine)
         tables = set(inspector.get_table_names())
         with self.engine.begin() as conn:
-            for table in ("dm_checkpoints", "dm_calls", "dm_blobs", "dm_keys", "dm_executions"):
+            for table in (
+                "dm_attempts",
+                "dm_functions",
+                "dm_checkpoints",
+                "dm_calls",
+                "dm_blobs",
+                "dm_keys",
+                "dm_executions",
+            ):
                 if table in tables:
                     conn.execute(sa.text(f"DELETE FROM {table}"))
             if VERSION_TABLE in tables:  # a test may have changed the schema version

@@ -73,8 +73,9 @@ def test_store_from_an_older_known_revision_says_how_to_upgrade(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Store(sqlite_url)
-    monkeypatch.setattr(schema, "HEAD_REVISION", "0002_next")
-    monkeypatch.setattr(schema, "known_revisions", lambda: ["0001_initial", "0002_next"])
+    known = [*schema.known_revisions(), "9999_next"]
+    monkeypatch.setattr(schema, "HEAD_REVISION", "9999_next")
+    monkeypatch.setattr(schema, "known_revisions", lambda: known)
     with pytest.raises(StoreVersionError, match="durable-monty-nb upgrade --db"):
         Store(sqlite_url)
 

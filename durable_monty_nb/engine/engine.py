@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
 
+from .. import defaults
 from ..errors import (
     ExecutionBusy,
     MissingFunctionsError,
@@ -37,11 +38,12 @@ from ..errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
+from ..executors import Backend, RunContext, Threads, backend
 from ..store.store import UNFINISHED, Store, describe_owner, lease_held, new_owner
-from ..values import ValueCodec
+from ..values import ValueCodec, ship_function
 from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
-from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like
+from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
 from .handle import CallView, Progress, Run
@@ -54,8 +56,10 @@ class Engine:
     """Runs workflow code durably against one store.
 
     ``db`` is a SQLAlchemy URL or a SQLite file path (default ``durable_monty.db`` in the
-    working directory). ``workers`` sizes the thread pool of each execution, ``retry`` is
-    the policy of functions without their own, ``key`` the signing key (see
+    working directory). ``executor`` is where notebook functions run: ``"threads"`` (default),
+    ``"rq"``, ``"dask"``, or a backend such as ``RQ(url, queue)`` or ``Dask(address)`` (see
+    :mod:`durable_monty_nb.executors`). ``workers`` sizes the thread pool of each execution,
+    ``retry`` is the policy of functions without their own, ``key`` the signing key (see
     :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how long (seconds) a silent owner
     keeps an execution before another process may take it over.
     """
@@ -64,13 +68,15 @@ class Engine:
         self,
         db: str | None = None,
         *,
-        workers: int = 32,
+        executor: str | Backend | None = None,
+        workers: int = defaults.WORKERS,
         retry: RetryPolicy | None = None,
         key: bytes | str | None = None,
-        lease_ttl: float = 30.0,
+        lease_ttl: float = defaults.LEASE_TTL,
     ) -> None:
         self.store = Store(db, key=key)
         self.settings = Settings(workers=workers, retry=retry or RetryPolicy(), lease_ttl=lease_ttl)
+        self.executor = backend(executor, workers=workers)
         self._active: dict[str, Driver] = {}
         self._lock = threading.Lock()
 
@@ -102,6 +108,7 @@ class Engine:
         rerun: bool = False,
         workers: int | None = None,
         retry: RetryPolicy | None = None,
+        executor: str | Backend | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
     ) -> Run:
@@ -109,11 +116,13 @@ class Engine:
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
+        ``executor`` and ``workers`` override the engine's for this run.
         """
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
         settings = self._settings(workers, retry)
+        chosen = self._backend(executor, workers)
         latest = self.store.latest_execution(key)
         if latest is not None:
             attached = self._attach(latest, info)
@@ -128,7 +137,15 @@ class Engine:
                 return self._stored_run(latest)
             if same_code and latest.status in UNFINISHED:
                 return self._resume(
-                    latest, ns, settings, print_callback, info=info, codec=codec, inputs=inputs, paused=paused
+                    latest,
+                    ns,
+                    settings,
+                    chosen,
+                    print_callback,
+                    info=info,
+                    codec=codec,
+                    inputs=inputs,
+                    paused=paused,
                 )
             if latest.status == "running" and lease_held(latest):
                 raise ExecutionBusy(
@@ -143,6 +160,7 @@ class Engine:
             fingerprints,
             codec,
             settings,
+            chosen,
             print_callback,
             previous=latest,
             reuse=latest is not None and not rerun,
@@ -156,6 +174,7 @@ class Engine:
         *,
         workers: int | None = None,
         retry: RetryPolicy | None = None,
+        executor: str | Backend | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
     ) -> Run:
@@ -179,6 +198,7 @@ class Engine:
             row,
             ns,
             self._settings(workers, retry),
+            self._backend(executor, workers),
             print_callback,
             info=info,
             codec=codec,
@@ -217,6 +237,20 @@ class Engine:
             lease_ttl=self.settings.lease_ttl,
         )
 
+    def _backend(self, executor: str | Backend | None, workers: int | None) -> Backend:
+        """The run's backend (checked: an unreachable one raises before anything runs)."""
+        if executor is None:
+            chosen = self.executor
+            if workers and isinstance(chosen, Threads):
+                chosen = Threads(workers)
+        else:
+            chosen = backend(executor, workers=workers or self.settings.workers)
+        chosen.check()
+        return chosen
+
+    def _open_executor(self, chosen: Backend, execution_id: str, key: str) -> Any:
+        return chosen.open(RunContext(execution_id, key, self.store.url, self.store.signer))
+
     def _attach(self, row: Any, info: CodeInfo) -> Run | None:
         """The handle of an execution this process already drives (re-activated if stopping)."""
         with self._lock:
@@ -236,7 +270,7 @@ class Engine:
     def _stored_run(self, row: Any) -> Run:
         self.store.verify_execution_result(row)
         codec = ValueCodec(self.store.load_blob)
-        handle = Run(row.id, row.key)
+        handle = Run(row.id, row.key, source=StoredCalls(self.store, row.id))
         handle.cached = True
         handle.started_at = row.created_at
         progress = Progress(
@@ -246,7 +280,6 @@ class Engine:
             restored=row.calls_done,
             reused=row.calls_reused,
         )
-        handle._stored_calls = lambda: stored_call_views(self.store, row.id)
         handle._finish(
             "completed",
             result=codec.decode_host(row.result),
@@ -279,12 +312,14 @@ class Engine:
         fingerprints: dict[str, Any],
         codec: ValueCodec,
         settings: Settings,
+        chosen: Backend,
         print_callback: PrintCallback | None,
         *,
         previous: Any,
         reuse: bool,
         paused: bool = False,
     ) -> Run:
+        shipped = ship_functions(info, ns, fingerprints) if chosen.name != "threads" else {}
         execution_id = uuid.uuid4().hex
         handle = Run(execution_id, key)
         emit = self._subscribe_printer(handle, print_callback)
@@ -336,8 +371,10 @@ class Engine:
             namespace=ns,
             inputs=inputs,
             settings=settings,
+            executor=self._open_executor(chosen, execution_id, key),
             session=session,
             snapshot=snapshot,
+            shipped=shipped,
             reuse_key=key if reuse else None,
             on_exit=self._forget,
         )
@@ -348,6 +385,7 @@ class Engine:
         row: Any,
         ns: dict[str, Any],
         settings: Settings,
+        chosen: Backend,
         print_callback: PrintCallback | None,
         *,
         info: CodeInfo,
@@ -395,6 +433,7 @@ class Engine:
                 namespace=ns,
                 inputs=inputs,
                 settings=settings,
+                executor=self._open_executor(chosen, row.id, row.key),
                 session=session,
                 snapshot=snapshot,
                 restored_calls=calls,
@@ -422,38 +461,37 @@ class Engine:
                 del self._active[driver.execution_id]
 
 
-def stored_call_views(store: Store, execution_id: str) -> list[CallView]:
-    """The calls of a finished execution, read from the store, as views show them."""
-    from .driver import CallState
+class StoredCalls:
+    """The run source of an execution this process does not drive: its rows in the store."""
 
-    views = []
-    for row in store.load_calls(execution_id):
-        state = CallState(
-            row.call_id,
-            row.function,
-            row.kind,
-            row.args,
-            True,
-            status=row.status,
-            attempts=row.attempts,
-            error_text=row.error,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            reused=row.reused_from is not None,
-        )
-        duration = row.finished_at - row.started_at if row.finished_at and row.started_at else None
-        views.append(
-            CallView(
-                row.call_id,
-                row.function,
-                state.args_repr,
-                state.view_status,
-                row.attempts,
-                duration,
-                state.error_summary,
-            )
-        )
-    return views
+    def __init__(self, store: Store, execution_id: str) -> None:
+        self._store = store
+        self._execution_id = execution_id
+
+    def progress(self) -> Progress:
+        row = self._store.get_execution(self._execution_id)
+        return Progress(total=row.calls_total, done=row.calls_done, failed=row.calls_failed, reused=row.calls_reused)
+
+    def call_views(self) -> list[CallView]:
+        return stored_call_views(self._store.load_calls(self._execution_id))
+
+    def begin(self) -> None:
+        return None
+
+    def request_stop(self) -> None:
+        return None
+
+
+def ship_functions(info: CodeInfo, namespace: Mapping[str, Any], fingerprints: dict[str, Any]) -> dict[str, Any]:
+    """{name: (key, fingerprint, pickle)} of the functions the code reads, for remote workers.
+
+    Raises ValueCrossingError naming a function that cannot be shipped, before anything runs.
+    """
+    shipped = {}
+    for name, fingerprint in fingerprints["functions"].items():
+        key, data = ship_function(namespace[name], name)
+        shipped[name] = (key, fingerprint, data)
+    return shipped
 
 
 def wait_for(handle: Run) -> Any:

@@ -1,17 +1,17 @@
-"""The handle of a running (or finished) execution: progress, wait, result, cancel."""
+"""The handle of a running (or finished) execution: progress, wait, result, cancel.
+
+A :class:`Run` reads what it shows from a :class:`RunSource`: the driver while this process
+drives the execution, the store's rows once it finished (or when it came from the store).
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..errors import ExecutionInterrupted
 from .events import Event, EventBus
-
-if TYPE_CHECKING:
-    from .driver import CallState, Driver
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Progress:
     waiting: int = 0
     restored: int = 0
     reused: int = 0
+    note: str | None = None  # what keeps calls from progressing (no worker listening, Redis unreachable)
 
     def details(self) -> list[tuple[str, int]]:
         """(label, count) of every category besides ``done``, in display order."""
@@ -60,6 +61,19 @@ class CallView:
     attempts: int
     duration: float | None
     error: str | None
+    worker: str = ""
+
+
+class RunSource(Protocol):
+    """What a run's live state comes from (the driver of this process implements it)."""
+
+    def progress(self) -> Progress: ...
+
+    def call_views(self) -> list[CallView]: ...
+
+    def begin(self) -> None: ...
+
+    def request_stop(self) -> None: ...
 
 
 class Run:
@@ -69,11 +83,11 @@ class Run:
     when the result came straight from the store (nothing ran).
     """
 
-    def __init__(self, execution_id: str, key: str, *, driver: Driver | None = None) -> None:
+    def __init__(self, execution_id: str, key: str, *, source: RunSource | None = None) -> None:
         self.execution_id = execution_id
         self.key = key
         self.events = EventBus()
-        self._driver = driver
+        self._source = source
         self._done = threading.Event()
         self.status = "running"
         self.cached = False
@@ -81,7 +95,6 @@ class Run:
         self._outputs: dict[str, Any] = {}
         self._error: BaseException | None = None
         self._final_progress: Progress | None = None
-        self._stored_calls: Callable[[], list[CallView]] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -113,15 +126,13 @@ class Run:
 
     @property
     def progress(self) -> Progress:
-        if self._driver is not None and not self._done.is_set():
-            return self._driver.progress()
+        if self._source is not None and not self._done.is_set():
+            return self._source.progress()
         return self._final_progress or Progress()
 
     def calls(self) -> list[CallView]:
         """The calls known to this run, in call order."""
-        if self._driver is not None:
-            return [_view(state) for state in self._driver.call_states()]
-        return self._stored_calls() if self._stored_calls is not None else []
+        return self._source.call_views() if self._source is not None else []
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event; returns a function that unsubscribes."""
@@ -150,33 +161,17 @@ class Run:
 
     def begin(self) -> None:
         """Let a run started with ``paused=True`` dispatch its calls (no-op otherwise)."""
-        if self._driver is not None:
-            self._driver.begin()
+        if self._source is not None:
+            self._source.begin()
 
     def cancel(self) -> None:
         """Stop dispatching calls; calls already running finish and their results are kept.
 
         The execution becomes ``interrupted`` and can be resumed later.
         """
-        if self._driver is not None and not self._done.is_set():
-            self._driver.request_stop()
+        if self._source is not None and not self._done.is_set():
+            self._source.request_stop()
 
     def __repr__(self) -> str:
         p = self.progress
         return f"<Run {self.key!r} {self.status} {p.done}/{p.total} calls>"
-
-
-def _view(state: CallState) -> CallView:
-    duration = None
-    if state.started_at and state.finished_at:
-        duration = state.finished_at - state.started_at
-    return CallView(
-        state.call_id, state.function, state.args_repr, state.view_status, state.attempts, duration, state.error_summary
-    )
-
-
-def interrupted_error(execution_id: str, key: str) -> ExecutionInterrupted:
-    return ExecutionInterrupted(
-        f"execution {execution_id} ({key!r}) was interrupted before it finished; run it again or "
-        f"resume it to continue where it stopped"
-    )

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from ..executors.base import ErrorInfo
+
 Backoff = Literal["exponential", "linear", "constant"]
 F = TypeVar("F", bound=Callable[..., Any])
 POLICY_ATTRIBUTE = "__durable_retry__"
@@ -52,11 +54,19 @@ class RetryPolicy:
     def max_attempts(self) -> int:
         return self.retries + 1
 
-    def should_retry(self, attempt: int, error: BaseException | None) -> bool:
-        """After failed attempt number ``attempt`` (1-based), is there another one?"""
+    def should_retry(self, attempt: int, error: ErrorInfo | BaseException | None) -> bool:
+        """After failed attempt number ``attempt`` (1-based), is there another one?
+
+        ``error`` is matched against ``retry_on`` by class names (it may come from another
+        process, where the exception class itself need not exist).
+        """
         if attempt >= self.max_attempts:
             return False
-        return error is None or isinstance(error, self.retry_on)
+        if error is None:
+            return True
+        if isinstance(error, BaseException):
+            error = ErrorInfo.of(error, "")
+        return error.is_a(self.retry_on)
 
     def wait_before(self, retry_number: int) -> float:
         """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""

@@ -1,69 +1,184 @@
-"""What the driver hands to an executor, and what comes back."""
+"""The executor seam: what the driver hands to an executor, and what comes back.
+
+A :class:`Task` describes one attempt of one call as data (function name and key, arguments in
+the store's codec, execution, call and attempt), so it can run in another process or on
+another machine. In-process executors also get the live callable and arguments (``local``),
+which spares them a round trip through the store.
+
+An :class:`Outcome` carries a value (in-process) or the stored text of the result (remote),
+or an :class:`ErrorInfo`: the exception's class names, message and traceback text. Nothing
+relies on the exception object itself, which may not unpickle where the outcome is read.
+
+Every executor implements :class:`Executor`; its capability flags tell the driver what it can
+rely on (as joblib's parallel backends do).
+"""
 
 from __future__ import annotations
 
 import contextvars
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
-@dataclass(slots=True)
-class Task:
-    """One attempt of one call."""
+def attempt_id(execution_id: str, call_id: int, attempt: int) -> str:
+    """The durable id of an attempt (RQ job id, Dask key); letters, digits and dashes only."""
+    return f"dm-{execution_id}-{call_id}-{attempt}"
 
-    call_id: int
-    attempt: int
+
+@dataclass(slots=True)
+class LocalCall:
+    """The live callable and arguments of a task, for executors in the driver's process."""
+
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    """One attempt of one call, described by data.
+
+    ``function_key`` names the signed pickle of the function in the store (remote executors);
+    ``args`` is ``[[args...], {kwargs...}]`` in the store's codec; when it is large it is also
+    a blob of the store (``args_blob``) and remote executors send only that key. ``started_at`` and
+    ``worker`` are filled in by the executor when it learns them.
+    """
+
+    execution_id: str
+    call_id: int
+    attempt: int
+    function: str
+    function_key: str = ""
+    args: str = "[[],{}]"
+    args_blob: str = ""
+    local: LocalCall | None = None
     started_at: float = 0.0
+    worker: str = ""
+
+    @property
+    def id(self) -> str:
+        return attempt_id(self.execution_id, self.call_id, self.attempt)
+
+
+@dataclass(slots=True, frozen=True)
+class ErrorInfo:
+    """An exception by name: fully qualified class names of its MRO, message, traceback text."""
+
+    types: tuple[str, ...]
+    message: str
+    traceback: str
+
+    @classmethod
+    def of(cls, exc: BaseException, traceback_text: str | None = None) -> ErrorInfo:
+        return cls(
+            exception_types(type(exc)),
+            exception_message(exc),
+            format_user_traceback(exc) if traceback_text is None else traceback_text,
+        )
+
+    @property
+    def type_name(self) -> str:
+        """The short class name (``ValueError``, ``MyError``)."""
+        return self.types[0].rsplit(".", 1)[-1] if self.types else "Exception"
+
+    def is_a(self, classes: Sequence[type[BaseException]]) -> bool:
+        """Whether the exception is an instance of one of ``classes`` (matched by name)."""
+        names = set(self.types)
+        return any(f"{c.__module__}.{c.__qualname__}" in names for c in classes)
 
 
 @dataclass(slots=True)
 class Outcome:
-    """The end of an attempt: a value, or an exception with its formatted traceback."""
+    """The end of an attempt: a value (``value`` or stored ``result``), an error, or lost.
+
+    ``lost`` means the attempt will never report (its worker died, its queue was flushed):
+    the driver runs it again.
+    """
 
     call_id: int
     attempt: int
     ok: bool
     value: Any = None
-    error: BaseException | None = None
-    traceback: str = ""
+    result: str | None = None
+    error: ErrorInfo | None = None
     started_at: float = 0.0
     finished_at: float = 0.0
+    worker: str = ""
+    lost: bool = False
 
     @classmethod
     def of(cls, task: Task, started: float, value: Any = None, error: BaseException | None = None) -> Outcome:
         """The outcome of ``task``'s attempt that started at ``started`` and ends now."""
+        now = time.time()
         if error is None:
-            return cls(task.call_id, task.attempt, True, value=value, started_at=started, finished_at=time.time())
-        return cls(
-            task.call_id,
-            task.attempt,
-            False,
-            error=error,
-            traceback=format_user_traceback(error),
-            started_at=started,
-            finished_at=time.time(),
-        )
+            return cls(task.call_id, task.attempt, True, value=value, started_at=started, finished_at=now)
+        return cls(task.call_id, task.attempt, False, error=ErrorInfo.of(error), started_at=started, finished_at=now)
+
+    @classmethod
+    def lost_attempt(cls, task: Task, reason: str) -> Outcome:
+        info = ErrorInfo(("durable_monty_nb.errors.WorkerLost",), reason, f"WorkerLost: {reason}")
+        return cls(task.call_id, task.attempt, False, error=info, finished_at=time.time(), lost=True)
 
 
 Done = Callable[[Outcome], None]
 
 
 class Executor(Protocol):
-    """Runs tasks somewhere and reports each outcome through ``done`` (from any thread)."""
+    """Runs tasks somewhere and reports each outcome through ``done`` (from any thread).
 
-    def submit(self, task: Task, done: Done) -> None: ...
+    Capability flags:
+
+    - ``name``: ``threads``, ``rq``, ``dask``: recorded with each durable attempt.
+    - ``remote``: tasks run in other processes; they need the function pickled in the store
+      and their arguments in the store's codec (``Task.local`` is not set).
+    - ``durable``: attempts outlive this process. The driver journals each attempt before
+      dispatching it and, on resume, asks :meth:`attach` about the ones without an outcome.
+    """
+
+    name: str
+    remote: bool
+    durable: bool
+
+    def submit(self, tasks: Sequence[Task], done: Done) -> None:
+        """Start the tasks (in order); never blocks on their execution."""
+        ...
+
+    def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
+        """Follow attempts dispatched by an earlier process; return those that are lost.
+
+        Only durable executors are asked.
+        """
+        ...
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, running) attempts of this executor, cheap enough for every progress tick."""
+        ...
 
     @property
-    def running(self) -> int: ...
+    def problem(self) -> str | None:
+        """What keeps tasks from progressing right now (shown in views), or None."""
+        ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> None:
+        """Stop accepting tasks; attempts already running go on (and report if durable)."""
+        ...
+
+
+def exception_types(cls: type[BaseException]) -> tuple[str, ...]:
+    """Fully qualified names of a class and its bases, most specific first."""
+    return tuple(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c is not object)
+
+
+def exception_message(error: BaseException) -> str:
+    """The message as the sandbox shows it: builtins keep theirs, others get their class name."""
+    message = str(error.args[0]) if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    if type(error).__module__ != "builtins":
+        return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return message
 
 
 def format_user_traceback(exc: BaseException) -> str:

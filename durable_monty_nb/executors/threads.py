@@ -18,17 +18,24 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from .. import defaults
 from .base import Done, Outcome, Task
-
-DEFAULT_WORKERS = 32
 
 _STOP = object()
 
 
 class ThreadExecutor:
-    def __init__(self, max_workers: int = DEFAULT_WORKERS, name: str = "durable") -> None:
+    """Threads of the driver's process (see the module docstring); attempts die with it."""
+
+    name = "threads"
+    remote = False
+    durable = False
+    problem = None
+
+    def __init__(self, max_workers: int = defaults.WORKERS, name: str = "durable") -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self.max_workers = max_workers
@@ -41,6 +48,7 @@ class ThreadExecutor:
         self._finished = itertools.count()
         self._started_n = 0
         self._finished_n = 0
+        self._submitted = 0
         self._shutdown = False
 
     @property
@@ -48,13 +56,22 @@ class ThreadExecutor:
         """Attempts executing right now."""
         return max(self._started_n - self._finished_n, 0)
 
-    def submit(self, task: Task, done: Done) -> None:
-        if inspect.iscoroutinefunction(task.fn):
-            _event_loop().submit(task, done, self)
-            return
-        self._queue.put((task, done))
-        if not self._idle.acquire(blocking=False) and len(self._threads) < self.max_workers:
-            self._spawn()
+    def counts(self) -> tuple[int, int]:
+        running = self.running
+        return max(self._submitted - self._finished_n - running, 0), running
+
+    def submit(self, tasks: Sequence[Task], done: Done) -> None:
+        for task in tasks:
+            self._submitted += 1
+            if inspect.iscoroutinefunction(task.local.fn):  # type: ignore[union-attr]
+                _event_loop().submit(task, done, self)
+                continue
+            self._queue.put((task, done))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self.max_workers:
+                self._spawn()
+
+    def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
+        return list(tasks)  # threads of a dead process: every attempt is lost
 
     def _spawn(self) -> None:
         with self._lock:
@@ -80,8 +97,9 @@ class ThreadExecutor:
     def run_task(self, task: Task) -> Outcome:
         self._started_n = next(self._started) + 1
         started = task.started_at = time.time()
+        call = task.local
         try:
-            outcome = Outcome.of(task, started, value=task.context.run(task.fn, *task.args, **task.kwargs))
+            outcome = Outcome.of(task, started, value=call.context.run(call.fn, *call.args, **call.kwargs))  # type: ignore[union-attr]
         except BaseException as exc:
             outcome = Outcome.of(task, started, error=exc)
         self._finished_n = next(self._finished) + 1
@@ -109,8 +127,9 @@ class _EventLoop:
 
         def schedule() -> None:
             # Run in the driver's context, so prints land where the execution started.
-            attempt = _attempt(task, lambda: task.fn(*task.args, **task.kwargs), executor)
-            self.loop.create_task(attempt, context=task.context).add_done_callback(report)
+            call = task.local
+            attempt = _attempt(task, lambda: call.fn(*call.args, **call.kwargs), executor)
+            self.loop.create_task(attempt, context=call.context).add_done_callback(report)
 
         self.loop.call_soon_threadsafe(schedule)
 

@@ -20,6 +20,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Int, Unicode
 
+from .. import defaults
 from ..engine.driver import default_printer
 from ..engine.engine import Engine
 from ..engine.handle import Run
@@ -40,8 +41,10 @@ class DurableMagics(Magics):
     db_url = Unicode(None, allow_none=True, help="Store of durable cells (SQLAlchemy URL or SQLite path).").tag(
         config=True
     )
-    workers = Int(32, help="Threads per execution for notebook functions.").tag(config=True)
-    lease_ttl = Int(30, help="Seconds before another kernel may take over a silent execution.").tag(config=True)
+    workers = Int(defaults.WORKERS, help="Threads per execution for notebook functions.").tag(config=True)
+    lease_ttl = Int(
+        int(defaults.LEASE_TTL), help="Seconds before another kernel may take over a silent execution."
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)

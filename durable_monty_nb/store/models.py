@@ -83,8 +83,52 @@ class Call(Base):
     created_at: Mapped[float] = mapped_column(Double)
     started_at: Mapped[float | None] = mapped_column(Double)
     finished_at: Mapped[float | None] = mapped_column(Double)
+    worker: Mapped[str | None] = mapped_column(String(255))  # where the last attempt ran (remote executors)
 
     __table_args__ = (Index("ix_dm_calls_reuse", "exec_key", "call_key"),)
+
+
+class Attempt(Base):
+    """One attempt of a call on a durable executor (RQ, Dask).
+
+    The driver inserts it as ``dispatched`` in the transaction of the checkpoint that names the
+    call, before the job exists; the worker that runs it writes its outcome here, signed, so a
+    result never depends on RQ's result TTL or on a Dask future staying referenced.
+    """
+
+    __tablename__ = "dm_attempts"
+
+    attempt_id: Mapped[str] = mapped_column(String(80), primary_key=True)  # dm-<execution>-<call>-<attempt>
+    execution_id: Mapped[str] = mapped_column(ID, index=True)
+    call_id: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    executor: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(12))  # dispatched | done | failed | lost
+    worker: Mapped[str | None] = mapped_column(String(255))
+    result: Mapped[str | None] = mapped_column(LongText)
+    error_types: Mapped[str | None] = mapped_column(LongText)  # JSON list of qualified class names
+    error_message: Mapped[str | None] = mapped_column(LongText)
+    traceback: Mapped[str | None] = mapped_column(LongText)
+    started_at: Mapped[float | None] = mapped_column(Double)
+    finished_at: Mapped[float | None] = mapped_column(Double)
+    signature: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class Function(Base):
+    """A notebook function pickled by value (cloudpickle) for remote workers, signed.
+
+    Content-addressed: the key is the first 32 hex digits of the pickle's SHA-256.
+    """
+
+    __tablename__ = "dm_functions"
+
+    key: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LongBinary)
+    signature: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)
 
 
 class Checkpoint(Base):

@@ -9,7 +9,6 @@ SQLite runs in WAL mode with ``synchronous=FULL`` (a committed step survives pow
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import socket
 import time
@@ -26,7 +25,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
-from .models import Blob, Call, Checkpoint, Execution, Key
+from ..values import blob_key
+from .attempts import AttemptRecord
+from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .schema import ensure_schema
 from .signing import Signer
 
@@ -35,6 +36,8 @@ CALLS = Call.__table__
 CHECKPOINTS = Checkpoint.__table__
 BLOBS = Blob.__table__
 KEYS = Key.__table__
+ATTEMPTS = Attempt.__table__
+FUNCTIONS = Function.__table__
 
 DEFAULT_DB_FILE = "durable_monty.db"
 CALL_FIELDS = (
@@ -54,6 +57,23 @@ CALL_FIELDS = (
     "started_at",
     "finished_at",
     "reused_from",
+    "worker",
+)
+ATTEMPT_FIELDS = (
+    "attempt_id",
+    "execution_id",
+    "call_id",
+    "attempt",
+    "status",
+    "executor",
+    "worker",
+    "result",
+    "error_types",
+    "error_message",
+    "traceback",
+    "started_at",
+    "finished_at",
+    "signature",
 )
 COMPRESS_ABOVE = 16 * 1024
 IN_CHUNK = 500
@@ -167,9 +187,23 @@ class Step:
     blobs: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     checkpoint: bytes | None = None
     execution: dict[str, Any] = field(default_factory=dict)
+    # Remote executors: functions shipped by value {key: (name, fingerprint, pickle)}, the
+    # attempts about to be dispatched (rows of dm_attempts), and attempt ids found lost.
+    functions: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    lost_attempts: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.new_calls or self.call_updates or self.blobs or self.checkpoint is not None or self.execution)
+        return bool(
+            self.new_calls
+            or self.call_updates
+            or self.blobs
+            or self.checkpoint is not None
+            or self.execution
+            or self.functions
+            or self.attempts
+            or self.lost_attempts
+        )
 
 
 class Store:
@@ -338,6 +372,8 @@ class Store:
                 raise LeaseLost(f"execution {execution_id} is now driven by another process")
             if step.blobs:
                 self._insert_blobs(conn, step.blobs, now)
+            if step.functions:
+                self._insert_functions(conn, step.functions, now)
             if step.new_calls:
                 for row in step.new_calls:  # executemany needs the same keys in every row
                     row["created_at"] = now
@@ -345,6 +381,14 @@ class Store:
                 _run(conn, _insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), step.new_calls)
             if step.call_updates:
                 self._update_calls(conn, execution_id, step.call_updates)
+            if step.attempts:
+                _run(conn, _insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), step.attempts)
+            if step.lost_attempts:
+                _run(
+                    conn,
+                    _update_statement("dm_attempts", ("attempt_id",), ("status",)),
+                    [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts],
+                )
             if step.checkpoint is not None:
                 seq = self.checkpoint_seq.get(execution_id, 0) + 1
                 self.checkpoint_seq[execution_id] = seq
@@ -410,6 +454,70 @@ class Store:
                 param["k_call_id"] = r["call_id"]
                 params.append(param)
             _run(conn, _update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
+
+    def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
+        existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
+        rows = [
+            {
+                "key": key,
+                "name": name[:255],
+                "fingerprint": fingerprint,
+                "data": data,
+                "signature": self.signer.sign(f"function:{key}", data),
+                "created_at": now,
+            }
+            for key, (name, fingerprint, data) in functions.items()
+            if key not in existing
+        ]
+        if rows:
+            _run(conn, _insert_statement("dm_functions", tuple(sorted(rows[0]))), rows)
+
+    # -- what workers write and read --------------------------------------------------------
+
+    def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes, str]]) -> None:
+        """Write the signed outcomes of attempts (and the blobs their results refer to) in one transaction."""
+        now = time.time()
+        columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
+        with self.engine.begin() as conn:
+            if blobs:
+                self._insert_blobs(conn, blobs, now)
+            for record in records:
+                values = record.to_dict()
+                changed = _run(
+                    conn,
+                    _update_statement("dm_attempts", ("attempt_id",), columns),
+                    [{"k_attempt_id": record.attempt_id, **{f"v_{c}": values[c] for c in columns}}],
+                )
+                if not changed:  # journaled by nobody (a store reset under a running worker): keep it anyway
+                    row = {**values, "created_at": now}
+                    _run(conn, _insert_statement("dm_attempts", tuple(sorted(row))), [row])
+
+    def load_attempts(self, attempt_ids: Sequence[str]) -> dict[str, AttemptRecord]:
+        """The attempts with these ids, by id; finished ones verified (TamperedDataError otherwise)."""
+        found: dict[str, AttemptRecord] = {}
+        with self._reader.connect() as conn:
+            for chunk in _chunks(list(attempt_ids), IN_CHUNK):
+                rows = conn.execute(
+                    select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(ATTEMPTS.c.attempt_id.in_(chunk))
+                ).all()
+                for row in rows:
+                    record = AttemptRecord(**row._asdict())
+                    if record.finished:
+                        record.verify(self.signer)
+                    found[record.attempt_id] = record
+        return found
+
+    def load_function(self, key: str) -> bytes:
+        """The verified pickle of a shipped function (KeyError if the store has none)."""
+        with self._reader.connect() as conn:
+            row = conn.execute(select(FUNCTIONS).where(FUNCTIONS.c.key == key)).first()
+        if row is None:
+            raise KeyError(key)
+        what = f"the function {row.name!r} shipped to workers (key {key})"
+        self.signer.verify(f"function:{key}", row.data, row.signature, what)
+        if blob_key(row.data) != key:
+            raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
+        return row.data
 
     def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes, str]], now: float) -> None:
         keys = list(blobs)
@@ -497,7 +605,7 @@ class Store:
             raise KeyError(key)
         what = f"the stored value {key} ({row.type_name})"
         self.signer.verify(f"blob:{key}", row.data, row.signature, what)
-        if hashlib.sha256(row.data).hexdigest()[:32] != key:
+        if blob_key(row.data) != key:
             raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
         return row.data
 
@@ -513,8 +621,9 @@ class Store:
         return self.signer.sign_text(f"result:{execution_id}", f"{result or ''}\0{outputs or ''}")
 
 
-TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS)}
+TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS)}
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
+_EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
 
 
 @functools.cache

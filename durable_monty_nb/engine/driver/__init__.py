@@ -1,0 +1,24 @@
+"""The driver of one execution, one module per job:
+
+- :mod:`.loop`: the thread and its loop (:class:`Driver`, :class:`Settings`);
+- :mod:`.protocol`: talking to the Monty session;
+- :mod:`.ledger`: the journal of calls, commits, reuse and restore;
+- :mod:`.scheduling`: dispatch, outcomes, retries, timers and attaching to attempts in flight;
+- :mod:`.finishing`: completion and failure;
+- :mod:`.calls` and :mod:`.exceptions`: call records and how exceptions cross into the sandbox.
+"""
+
+from .calls import CallState, stored_call_views
+from .exceptions import format_monty_error
+from .loop import Driver, Settings, default_printer
+from .protocol import is_function_like
+
+__all__ = [
+    "CallState",
+    "Driver",
+    "Settings",
+    "default_printer",
+    "format_monty_error",
+    "is_function_like",
+    "stored_call_views",
+]

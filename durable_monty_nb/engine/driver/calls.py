@@ -1,0 +1,108 @@
+"""What the driver knows of each call, and how views see a call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import last_line
+from ...executors.base import Task
+from ...values import ValueCodec, format_arguments
+from ..handle import CallView
+from .exceptions import error_answer
+
+
+@dataclass(slots=True, eq=False)
+class CallState:
+    """One call of the execution: its identity, where it is, and its outcome once known."""
+
+    call_id: int
+    function: str
+    kind: str  # call | sleep
+    args_text: str
+    awaited: bool
+    fingerprint: str = ""
+    sandbox_args: Any = None  # (args, kwargs) as the sandbox gave them; None after a restore
+    status: str = "pending"  # pending | retrying | done | failed
+    attempts: int = 0
+    result_text: str | None = None
+    error_text: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    due_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    restored: bool = False
+    reused: bool = False
+    task: Task | None = None
+    worker: str | None = None
+    lost: int = 0  # attempts lost with their worker (not counted by the retry policy)
+
+    @property
+    def view_status(self) -> str:
+        if self.reused:
+            return "reused"
+        if self.status == "pending":
+            if self.kind == "sleep":
+                return "waiting"
+            if self.task is not None:
+                return "running" if self.task.started_at else "queued"
+        return self.status
+
+    def view(self) -> CallView:
+        duration = None
+        if self.started_at and self.finished_at:
+            duration = self.finished_at - self.started_at
+        worker = self.worker or (self.task.worker if self.task is not None else "") or ""
+        return CallView(
+            self.call_id,
+            self.function,
+            format_arguments(self.args_text),
+            self.view_status,
+            self.attempts,
+            duration,
+            last_line(self.error_text) or None,
+            worker,
+        )
+
+    def journaled_answer(self, codec: ValueCodec) -> dict[str, Any] | None:
+        """What Monty gets for a call whose outcome is in the journal (None when it has none)."""
+        if self.status == "done":
+            return {"return_value": codec.decode_sandbox(self.result_text)}
+        if self.status == "failed":
+            return error_answer(self.error_type, self.error_message)
+        return None
+
+
+@dataclass
+class Counters:
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    restored: int = 0
+    reused: int = 0
+
+
+PHANTOM = CallState(-1, "", "call", "[]", False)
+"""Stands for a call that is answered at once (an unknown function, an argument that cannot cross)."""
+
+
+def stored_call_views(rows: list[Any]) -> list[CallView]:
+    """Call rows of the store (``Store.load_calls``) as views show them."""
+    return [
+        CallState(
+            row.call_id,
+            row.function,
+            row.kind,
+            row.args,
+            True,
+            status=row.status,
+            attempts=row.attempts,
+            error_text=row.error,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            reused=row.reused_from is not None,
+            worker=row.worker,
+        ).view()
+        for row in rows
+    ]

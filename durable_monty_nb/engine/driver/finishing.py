@@ -1,0 +1,118 @@
+"""The end of an execution: its result and exported names, or its failure, committed last."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic_monty import MontyComplete, MontyError, MontyRuntimeError
+
+from ...errors import ValueCrossingError, WorkflowFailed
+from ...executors.base import exception_message
+from ..events import ExecutionFinished
+from .exceptions import format_monty_error
+
+if TYPE_CHECKING:
+    from .loop import Driver
+
+
+class Finishing:
+    """Mixin of :class:`Driver`: completion, failure and the final commit."""
+
+    def _complete(self: Driver, snap: MontyComplete) -> None:
+        output = snap.output
+        exports = self._read_exports()
+        result_text = self._encode_final(output, "the result of the workflow")
+        outputs_text, outputs = self._encode_exports(exports)
+        result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
+        outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
+        now = time.time()
+        self.step.execution.update(
+            status="completed",
+            result=result_text,
+            outputs=outputs_text,
+            result_sig=self.store.sign_execution_result(self.execution_id, result_text, outputs_text),
+            finished_at=now,
+            error=None,
+            error_type=None,
+        )
+        self._commit_final()
+        self._finish_run("completed", result=result_host, outputs=outputs_host, commit=False, finished_at=now)
+
+    def _encode_exports(self: Driver, exports: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Stored text of the exported names, leaving out objects of sandbox-defined classes."""
+        try:
+            return self.codec.encode_text(exports), exports
+        except ValueCrossingError:
+            pass
+        kept = {}
+        for name, value in exports.items():
+            with contextlib.suppress(ValueCrossingError):  # they cannot leave the sandbox
+                self.codec.encode_text(value, what=f"the variable {name!r}")
+                kept[name] = value
+        return self.codec.encode_text(kept), kept
+
+    def _encode_final(self: Driver, value: Any, what: str) -> str | None:
+        try:
+            return self.codec.encode_text(value, what=what)
+        except ValueCrossingError:
+            return None
+
+    def _read_exports(self: Driver) -> dict[str, Any]:
+        names = self.info.exports
+        if not names:
+            return {}
+        lines = ["__dm_exports = {}"]
+        for name in names:
+            lines += ["try:", f"    __dm_exports[{name!r}] = {name}", "except NameError:", "    pass"]
+        lines.append("__dm_exports")
+        try:
+            exported = self.session.feed_run("\n".join(lines))
+        except MontyError:
+            return {}
+        return exported if isinstance(exported, dict) else {}
+
+    def _fail(self: Driver, exc: MontyRuntimeError) -> None:
+        text = format_monty_error(exc, self.key)
+        inner = exc.exception()
+        error_type = type(inner).__name__
+        cause = self._failed_calls.get((error_type, exception_message(inner)))
+        if cause is not None and cause.error_text:
+            cause_view = cause.view()
+            text += (
+                f"\n\nThe exception came from call {cause.call_id}, {cause.function}({cause_view.args}), "
+                f"after {cause.attempts} attempt(s):\n{cause.error_text}"
+            )
+        summary = f"{error_type}: {exception_message(inner)}"
+        self._record_failure(text, error_type, WorkflowFailed(summary, text, self.execution_id, error_type))
+
+    def _record_failure(self: Driver, text: str, error_type: str, error: BaseException) -> None:
+        now = time.time()
+        self.step.execution.update(status="failed", error=text, error_type=error_type, finished_at=now)
+        with contextlib.suppress(Exception):  # the store is unreachable: the handle still reports the failure
+            self._commit_final()
+        self._finish_run("failed", error=error, commit=False, finished_at=now)
+
+    def _finish_run(
+        self: Driver,
+        status: str,
+        *,
+        result: Any = None,
+        outputs: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+        commit: bool = True,
+        finished_at: float | None = None,
+    ) -> None:
+        if commit:
+            self.step.execution.update(status=status)
+            with contextlib.suppress(Exception):
+                self._commit_final()
+        with self._state_lock:
+            self._finished = True
+        self.run._finish(
+            status, result=result, outputs=outputs, error=error, progress=self.progress(), finished_at=finished_at
+        )
+        self.run.events.emit(
+            ExecutionFinished(self.execution_id, status, None if error is None else str(error).splitlines()[-1])
+        )

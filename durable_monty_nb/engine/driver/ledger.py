@@ -1,0 +1,234 @@
+"""The call ledger: what the driver journals, what it reuses, and what it restores.
+
+Every step's writes (results, new call rows, attempts about to be dispatched, the checkpoint
+that names new calls) go to the store in one transaction before anything is dispatched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic_monty import MontyCrashedError
+
+from ...errors import DurableError
+from ...store.store import Step
+from .. import sandbox
+from .calls import CallState
+
+if TYPE_CHECKING:
+    from .loop import Driver
+
+MAX_WORKER_CRASHES = 3
+
+
+class Ledger:
+    """Mixin of :class:`Driver`: the journal of calls and the store's view of them."""
+
+    def _register(self: Driver, state: CallState, call_key: str, due_at: float | None = None) -> None:
+        self.calls[state.call_id] = state
+        self._announced.append(state)
+        self.counters.total += 1
+        row = {
+            "execution_id": self.execution_id,
+            "call_id": state.call_id,
+            "exec_key": self.key,
+            "function": state.function[:255],
+            "kind": state.kind,
+            "fingerprint": state.fingerprint,
+            "args": state.args_text,
+            "call_key": call_key,
+            "status": "pending",
+            "attempts": 0,
+            "due_at": due_at,
+            "result": None,
+            "reused_from": None,
+            "worker": None,
+        }
+        self.step.new_calls.append(row)
+        self._new_rows[state.call_id] = row
+
+    def _journal(self: Driver, state: CallState) -> None:
+        """Queue the call's current outcome for the next commit (every column, so rows stay signed right)."""
+        self.step.call_updates.append(
+            {
+                "call_id": state.call_id,
+                "status": state.status,
+                "attempts": state.attempts,
+                "result": state.result_text,
+                "error": state.error_text,
+                "error_type": state.error_type,
+                "error_message": state.error_message,
+                "due_at": state.due_at,
+                "started_at": state.started_at,
+                "finished_at": state.finished_at,
+                "worker": state.worker,
+            }
+        )
+
+    # -- commits ------------------------------------------------------------------------------
+
+    def _commit(self: Driver, blocked_snapshot: Any) -> None:
+        step = self.step
+        if self._announced and blocked_snapshot is not None:
+            step.checkpoint = blocked_snapshot.dump()
+            self._announced = []
+        if self._to_dispatch and self.executor.durable:
+            self._journal_attempts()
+        idle = not step and not self.codec.pending_blobs
+        if idle and time.time() - self._last_commit < self.settings.heartbeat:
+            return
+        self._write_step()
+
+    def _write_step(self: Driver) -> None:
+        """Commit the pending step (with the counters and any new blobs) and start a new one."""
+        if self.codec.pending_blobs:
+            self.step.blobs, self.codec.pending_blobs = self.codec.pending_blobs, {}
+        self.step.execution.update(self._counter_columns())
+        self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
+        self._last_commit = time.time()
+        self.step = Step()
+        self._new_rows = {}
+
+    def _commit_final(self: Driver) -> None:
+        """The last write of this driver: it also releases the lease."""
+        self._announced = []
+        self.step.execution["lease_owner"] = None
+        self._write_step()
+
+    def _counter_columns(self: Driver) -> dict[str, int]:
+        c = self.counters
+        return {"calls_total": c.total, "calls_done": c.done, "calls_failed": c.failed, "calls_reused": c.reused}
+
+    # -- reuse across executions of one key ---------------------------------------------------
+
+    def _reuse_pending(self: Driver) -> bool:
+        """Serve the announced calls that an earlier execution of the key completed.
+
+        Returns True when at least one call got an answer.
+        """
+        states, self._to_reuse = self._to_reuse, []
+        if not states:
+            return False
+        rows = self._new_rows
+        found = self.store.reusable_results(self.reuse_key or "", [rows[s.call_id]["call_key"] for s in states])
+        served = False
+        for state in states:
+            row = rows[state.call_id]
+            hit = found.get(row["call_key"])
+            if hit is None:
+                self._to_dispatch.append(state)
+                continue
+            state.status, state.reused, state.result_text = "done", True, hit.result
+            row.update(status="done", result=hit.result, reused_from=hit.execution_id, attempts=0)
+            self.answers[state.call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
+            self.counters.done += 1
+            self.counters.reused += 1
+            served = True
+        return served
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def _restore_calls(self: Driver, rows: list[Any], retry_failed: bool) -> None:
+        """Rebuild the ledger from the store's call rows (``Store.load_calls``), verifying outcomes.
+
+        Calls without an outcome wait for :meth:`_attach_pending` (durable executors) or are
+        dispatched again.
+        """
+        now = time.time()
+        verify = self.store.verify_call_fields
+        unfinished = self._to_attach if self.executor.durable else self._to_dispatch
+        for row in rows:  # unpacked: attribute access on 10,000 rows costs more than all the rest
+            (
+                call_id,
+                function,
+                kind,
+                args,
+                fingerprint,
+                status,
+                attempts,
+                result,
+                error,
+                error_type,
+                error_message,
+                result_sig,
+                due_at,
+                started_at,
+                finished_at,
+                reused_from,
+                worker,
+            ) = row
+            if status in ("done", "failed"):
+                verify(
+                    self.execution_id, call_id, function, (status, result, error, error_type, error_message), result_sig
+                )
+            state = CallState(
+                call_id,
+                function,
+                kind,
+                args,
+                True,
+                fingerprint,
+                None,
+                status,
+                attempts,
+                result,
+                error,
+                error_type,
+                error_message,
+                due_at,
+                started_at,
+                finished_at,
+                True,
+                reused_from is not None,
+                None,
+                worker,
+            )
+            self.calls[call_id] = state
+            self.counters.total += 1
+            if status == "done" or (status == "failed" and not retry_failed):
+                self.answers[call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
+                if status == "done":
+                    self.counters.done += 1
+                    self.counters.restored += 1
+                else:
+                    self.counters.failed += 1
+                    self._failed_calls[(error_type or "", error_message or "")] = state
+            elif kind == "sleep":
+                self._push_timer(due_at or now, state)
+            elif status == "retrying" and due_at and due_at > now:
+                self._push_timer(due_at, state)
+            elif status == "failed":  # a fresh try after a fix: the policy starts over
+                state.attempts = 0
+                state.status = "pending"
+                self._to_dispatch.append(state)
+            else:
+                state.status = "pending"
+                unfinished.append(state)
+
+    def _recover_from_crash(self: Driver, exc: MontyCrashedError) -> Any:
+        """The sandbox worker died: reload the latest checkpoint in a new worker."""
+        self._crashes += 1
+        if self._crashes > MAX_WORKER_CRASHES:
+            raise DurableError(f"the Monty worker crashed {self._crashes} times; last: {exc}") from exc
+        for state in self._announced:  # not checkpointed: Monty will announce them again
+            self.calls.pop(state.call_id, None)
+            self.counters.total -= 1
+        announced = {s.call_id for s in self._announced}
+        self.step.new_calls = [r for r in self.step.new_calls if r["call_id"] not in announced]
+        self._new_rows = {k: v for k, v in self._new_rows.items() if k not in announced}
+        self._to_dispatch = [s for s in self._to_dispatch if s.call_id not in announced]
+        self._to_reuse = []
+        self._announced = []
+        self._commit(None)
+        sandbox.close_session(self.session)
+        self.session = sandbox.open_session()
+        data = self.store.load_checkpoint(self.execution_id)
+        for state in self.calls.values():
+            answer = state.journaled_answer(self.codec)
+            if answer is not None:
+                self.answers[state.call_id] = answer
+        if data is None:
+            self.session.feed_start(sandbox.PRELUDE)
+            return self.session.feed_start(self.info.code, print_callback=self._print)
+        return self.session.load_snapshot(data, print_callback=self._print)

@@ -1,0 +1,259 @@
+"""The driver: one thread that owns a Monty session and drives one execution to its end.
+
+Each turn of the loop:
+
+1. **advance** Monty until it blocks (:mod:`.protocol`);
+2. **commit** one transaction (:mod:`.ledger`): the results received, the new call rows, the
+   attempts about to be dispatched and, when calls were announced, the snapshot that names
+   them (checkpoint before dispatch);
+3. **dispatch** the new calls to the executor, then **wait** for outcomes, timers or a stop
+   (:mod:`.scheduling`).
+
+Nothing is dispatched before the checkpoint naming it is committed, and a result reaches the
+store in the same transaction as any state that depends on it, so a restart from the latest
+checkpoint re-runs only the calls that had no committed result (and, with a durable executor,
+not even those whose attempt is still alive on a worker).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, MontySession
+
+from ... import defaults
+from ...errors import DurableError, LeaseLost, WorkflowFailed, interrupted_error
+from ...executors.base import Executor
+from ...store.store import Step, Store
+from ...values import ValueCodec
+from .. import sandbox
+from ..analysis import CodeInfo
+from ..events import Printed
+from ..handle import CallView, Progress, Run
+from ..retry import RetryPolicy
+from .calls import CallState, Counters
+from .finishing import Finishing
+from .ledger import Ledger
+from .protocol import MontyProtocol
+from .scheduling import WAKE, Scheduling
+
+
+@dataclass
+class Settings:
+    """How the driver runs calls."""
+
+    workers: int = defaults.WORKERS
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lease_ttl: float = defaults.LEASE_TTL
+
+    @property
+    def heartbeat(self) -> float:
+        return self.lease_ttl / 3
+
+
+class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
+    """Drives one execution in its own thread; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        codec: ValueCodec,
+        info: CodeInfo,
+        run: Run,
+        owner: str,
+        namespace: dict[str, Any],
+        inputs: dict[str, Any],
+        settings: Settings,
+        executor: Executor,
+        session: MontySession,
+        snapshot: Any,
+        shipped: dict[str, tuple[str, str, bytes]] | None = None,
+        restored_calls: list[Any] | None = None,
+        retry_failed: bool = False,
+        reuse_key: str | None = None,
+        on_exit: Callable[[Driver], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.info = info
+        self.run = run
+        run._source = self
+        self.execution_id = run.execution_id
+        self.key = run.key
+        self.owner = owner
+        self.namespace = namespace
+        self.inputs = inputs
+        self.settings = settings
+        self.executor = executor
+        self.session = session
+        self._snapshot = snapshot
+        self.reuse_key = reuse_key
+        self._on_exit = on_exit
+
+        self.calls: dict[int, CallState] = {}
+        self.answers: dict[int, dict[str, Any]] = {}
+        self.counters = Counters()
+        self.step = Step(execution={"status": "running", "finished_at": None})
+        self._announced: list[CallState] = []
+        self._new_rows: dict[int, dict[str, Any]] = {}
+        self._to_reuse: list[CallState] = []
+        self._to_dispatch: list[CallState] = []
+        self._to_attach: list[CallState] = []
+        self._timers: list[tuple[float, int, int]] = []
+        self._timer_seq = itertools.count()
+        self._outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._in_flight = 0
+        self._functions: dict[str, tuple[str, bool]] = {}
+        self._callables: dict[str, Callable[..., Any]] = {}
+        self._shipped: dict[str, str] = {}
+        self._args_blobs: dict[int, str] = {}
+        self._failed_calls: dict[tuple[str, str], CallState] = {}
+        self._stopping = False
+        self._finished = False
+        self._state_lock = threading.Lock()
+        self._last_commit = 0.0
+        self._crashes = 0
+        self._thread: threading.Thread | None = None
+        self._go = threading.Event()
+        for name, (key, fingerprint, data) in (shipped or {}).items():
+            self._shipped[name] = key
+            self.step.functions[key] = (name, fingerprint, data)
+        if restored_calls is not None:
+            self._restore_calls(restored_calls, retry_failed)
+
+    # -- the RunSource protocol (called from other threads) ------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        """Run in a thread of its own; with ``paused``, dispatch nothing until ``begin()``."""
+        if not paused:
+            self._go.set()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._main,), daemon=True, name=f"durable-driver-{self.key[:30]}"
+        )
+        self._thread.start()
+
+    def begin(self) -> None:
+        self._go.set()
+
+    def request_stop(self) -> None:
+        with self._state_lock:
+            self._stopping = True
+        self._go.set()
+        self._outcomes.put(WAKE)
+
+    def reactivate(self) -> bool:
+        """Undo a stop request; False when the driver already finished."""
+        with self._state_lock:
+            if self._finished:
+                return False
+            self._stopping = False
+        self._outcomes.put(WAKE)
+        return True
+
+    def progress(self) -> Progress:
+        c = self.counters
+        queued, running = self.executor.counts()
+        retrying = waiting = 0
+        if self._timers:
+            for state in list(self.calls.values()):
+                if state.status == "retrying":
+                    retrying += 1
+                elif state.kind == "sleep" and state.status == "pending":
+                    waiting += 1
+        in_flight = max(self._in_flight, 0)
+        running = min(running, in_flight)
+        return Progress(
+            total=c.total,
+            done=c.done,
+            failed=c.failed,
+            running=running,
+            queued=max(in_flight - running, 0) if not self.executor.durable else min(queued, in_flight - running),
+            retrying=retrying,
+            waiting=waiting,
+            restored=c.restored,
+            reused=c.reused,
+            note=None if self._finished else self.executor.problem,
+        )
+
+    def call_views(self) -> list[CallView]:
+        return [state.view() for state in list(self.calls.values())]
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._go.wait()
+            self._attach_pending()
+            self._loop(self._snapshot)
+        except LeaseLost as exc:
+            self._finish_run("interrupted", error=exc, commit=False)
+        except DurableError as exc:  # e.g. a tampered row: stop, keep the execution resumable
+            self._finish_run("interrupted", error=exc)
+        except Exception as exc:  # an engine bug must not leave the handle waiting forever
+            text = "".join(traceback.format_exception(exc))
+            self._record_failure(
+                f"internal error in durable-monty-nb:\n{text}",
+                type(exc).__name__,
+                WorkflowFailed(f"internal error: {exc}", text, self.execution_id, type(exc).__name__),
+            )
+        finally:
+            sandbox.close_session(self.session)
+            self.executor.shutdown()
+            self._release_memory()
+            if self._on_exit is not None:
+                self._on_exit(self)
+
+    def _loop(self, snap: Any) -> None:
+        while True:
+            try:
+                snap = self._advance(snap)
+            except MontyCrashedError as exc:
+                snap = self._recover_from_crash(exc)
+                continue
+            except MontyRuntimeError as exc:
+                self._fail(exc)
+                return
+            if type(snap) is MontyComplete:
+                self._complete(snap)
+                return
+            self._commit(snap)
+            with self._state_lock:
+                # Attempts on a durable executor go on without us and report to the store.
+                if self._stopping and (self._in_flight == 0 or self.executor.durable):
+                    self._finished = True
+            if self._finished:
+                self._finish_run("interrupted", error=interrupted_error(self.execution_id, self.key))
+                return
+            if not self._stopping:
+                self._dispatch()
+            self._collect(self._wait())
+            if not self._stopping:
+                self._fire_timers()
+
+    def _release_memory(self) -> None:
+        """After the end only the call list stays (for views); drop values and sandbox state."""
+        self.answers.clear()
+        self.inputs.clear()
+        self.codec.objects.clear()
+        for state in self.calls.values():
+            state.sandbox_args = None
+            state.task = None
+
+    def _print(self, stream: str, text: str) -> None:
+        self.run.events.emit(Printed(self.execution_id, stream, text))
+
+
+def default_printer(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()

@@ -1,0 +1,164 @@
+"""The Monty side of the driver: advance the sandbox until it blocks, answering what it asks.
+
+Name lookups are answered from the namespace, awaited calls with futures (they run
+concurrently), ready results in batches; sleeps become durable timers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
+
+from ...errors import ValueCrossingError
+from ..fingerprint import function_fingerprint, sha256
+from .calls import PHANTOM, CallState
+
+if TYPE_CHECKING:
+    from .loop import Driver
+
+RESUME_BATCH = 1000
+SLEEP_FUNCTIONS = ("asyncio.sleep", "time.sleep")
+
+
+class MontyProtocol:
+    """Mixin of :class:`Driver`: everything that talks to the Monty session."""
+
+    def _advance(self: Driver, snap: Any) -> Any:
+        """Run Monty until it needs something that is not ready yet (or completes)."""
+        while True:
+            kind = type(snap)
+            if kind is FunctionSnapshot:
+                if snap.is_os_function:
+                    next_snap = self._os_call(snap)
+                    if next_snap is not None:
+                        snap = next_snap
+                        continue
+                else:
+                    if snap.call_id not in self.calls:
+                        state, answer = self._announce(snap)
+                        if answer is not None:
+                            snap = snap.resume(answer)
+                            continue
+                        if state.awaited:
+                            snap = snap.resume({"future": ...})
+                            continue
+                    answer = self.answers.pop(snap.call_id, None)
+                    if answer is not None:
+                        snap = snap.resume(answer)
+                        continue
+            elif kind is FutureSnapshot:
+                ready = self._ready(snap) if self.answers else None
+                if ready:
+                    snap = snap.resume(ready)
+                    continue
+            elif kind is NameLookupSnapshot:
+                snap = self._lookup(snap)
+                continue
+            else:
+                return snap
+            # Blocked. Calls an earlier execution of the key completed need not wait.
+            if not self._reuse_pending():
+                return snap
+
+    def _ready(self: Driver, snap: FutureSnapshot) -> dict[int, dict[str, Any]]:
+        """Up to RESUME_BATCH answers for calls the snapshot waits on (never others:
+        resuming a call id that is not pending would consume the snapshot)."""
+        pending = snap.pending_call_ids
+        answers = self.answers
+        if len(answers) < len(pending):
+            pending_set = set(pending)
+            ids = [c for c in answers if c in pending_set]
+        else:
+            ids = [c for c in pending if c in answers]
+        return {c: answers.pop(c) for c in ids[:RESUME_BATCH]}
+
+    def _announce(self: Driver, snap: FunctionSnapshot) -> tuple[CallState, dict[str, Any] | None]:
+        """Register a new external call. Returns an immediate answer for calls that cannot run."""
+        name = snap.function_name
+        fn = self._function(name)
+        if fn is None:
+            return PHANTOM, {
+                "exc_type": "NameError",
+                "message": f"name {name!r} is not defined (not a function of the namespace)",
+            }
+        position = snap.position
+        awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
+        if awaited is None:
+            awaited = snap.allow_eager_await
+        fingerprint, is_coroutine = self._describe_function(name, fn)
+        if is_coroutine:
+            awaited = True
+        args, kwargs = snap.args, snap.kwargs
+        try:
+            args_text = self.codec.encode_arguments(args, kwargs, what=f"an argument of {name}()")
+        except ValueCrossingError as exc:
+            return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
+        state = CallState(snap.call_id, name, "call", args_text, awaited, fingerprint, (args, kwargs))
+        self._register(state, call_key=sha256(f"{name}\0{fingerprint}\0{args_text}"))
+        if self.reuse_key is not None:
+            self._to_reuse.append(state)
+        else:
+            self._to_dispatch.append(state)
+        return state, None
+
+    def _os_call(self: Driver, snap: FunctionSnapshot) -> Any:
+        """Sleeps become durable timers; other OS calls get Monty's default behaviour."""
+        name = snap.function_name
+        if name not in SLEEP_FUNCTIONS:
+            return snap.resume_not_handled()
+        state = self.calls.get(snap.call_id)
+        if state is None:
+            seconds = float(snap.args[0]) if snap.args else 0.0
+            due = time.time() + max(seconds, 0.0)
+            state = CallState(
+                snap.call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep", "sleep", due_at=due
+            )
+            self._register(state, call_key=sha256(f"sleep\0{snap.call_id}"), due_at=due)
+            self._push_timer(due, state)
+            if state.awaited:
+                return snap.resume({"future": ...})
+        answer = self.answers.pop(snap.call_id, None)
+        return None if answer is None else snap.resume(answer)
+
+    def _lookup(self: Driver, snap: NameLookupSnapshot) -> Any:
+        name = snap.variable_name
+        if snap.object_id is not None:
+            return snap.resume()  # attributes of a handle: AttributeError in the sandbox
+        if name in self.inputs:
+            return snap.resume(value=self.inputs[name])
+        if name not in self.namespace:
+            return snap.resume()
+        value = self.namespace[name]
+        if is_function_like(value):
+            self._callables[getattr(value, "__name__", name)] = value
+            return snap.resume(value=value)
+        try:
+            _, sandbox_value = self.codec.encode(value, what=f"the notebook variable {name!r}")
+        except ValueCrossingError:
+            return snap.resume()
+        self.inputs[name] = sandbox_value
+        return snap.resume(value=sandbox_value)
+
+    def _function(self: Driver, name: str) -> Callable[..., Any] | None:
+        fn = self.namespace.get(name)
+        if fn is None or not callable(fn):
+            fn = self._callables.get(name)
+        return fn
+
+    def _describe_function(self: Driver, name: str, fn: Any) -> tuple[str, bool]:
+        """(fingerprint, is a coroutine function), computed once per function of the run."""
+        found = self._functions.get(name)
+        if found is None:
+            found = self._functions[name] = (function_fingerprint(fn), inspect.iscoroutinefunction(fn))
+        return found
+
+
+def is_function_like(value: Any) -> bool:
+    """Functions, classes and partials are called as external functions; anything else is data."""
+    return inspect.isroutine(value) or inspect.isclass(value) or isinstance(value, functools.partial)
