@@ -1,4 +1,4 @@
-"""Command line: ``durable-monty-nb upgrade --db URL`` and ``durable-monty-nb status --db URL``."""
+"""Command line: ``upgrade`` a store, list its ``status``, run an RQ ``worker`` with the package preloaded."""
 
 from __future__ import annotations
 
@@ -15,7 +15,19 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file (default: durable_monty.db)")
     status.add_argument("name", nargs="?", help="a key or execution id for its details")
     status.add_argument("--all", action="store_true", help="every execution, not only the latest of each key")
+    worker = commands.add_parser(
+        "worker",
+        help="an RQ worker for durable calls, with durable-monty-nb imported once before jobs fork "
+        "(a plain `rq worker` works too, but imports it again for every job)",
+    )
+    worker.add_argument("queues", nargs="*", help="queues to listen on (default: durable-monty)")
+    worker.add_argument("--url", default=None, help="Redis URL (default: $DURABLE_MONTY_RQ_URL or the local server)")
+    worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
+    worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
     args = parser.parse_args(argv)
+
+    if args.command == "worker":
+        return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst)
 
     if args.command == "upgrade":
         from .store.schema import upgrade as run_upgrade
@@ -28,6 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     from .store.store import Store
 
     print(status_report(Store(args.db), args.name, show_all=args.all).text)
+    return 0
+
+
+def run_worker(queues: list[str], *, url: str | None, name: str | None, burst: bool) -> int:
+    """An RQ worker whose forked jobs find the store, codec and cloudpickle already imported."""
+    import cloudpickle  # noqa: F401  (preloaded: jobs fork from this process)
+    from rq import Worker
+
+    from . import defaults, values  # noqa: F401
+    from .executors.rq import RQ
+    from .store import store  # noqa: F401
+
+    backend = RQ(url) if url else RQ()
+    backend.check()
+    worker = Worker(queues or [defaults.RQ_QUEUE], connection=backend.connection(), name=name)
+    worker.work(burst=burst, logging_level="INFO")
     return 0
 
 

@@ -96,7 +96,7 @@ class Outcome:
     """The end of an attempt: a value (``value`` or stored ``result``), an error, or lost.
 
     ``lost`` means the attempt will never report (its worker died, its queue was flushed):
-    the driver runs it again.
+    the driver runs it again. ``in_store`` means the (large) result is only in the store.
     """
 
     call_id: int
@@ -109,6 +109,7 @@ class Outcome:
     finished_at: float = 0.0
     worker: str = ""
     lost: bool = False
+    in_store: bool = False
 
     @classmethod
     def of(cls, task: Task, started: float, value: Any = None, error: BaseException | None = None) -> Outcome:

@@ -6,6 +6,9 @@ namespace, shows a view and exports the workflow's names when it completes.
 Store selection, first found: ``--db URL``; ``%config DurableMagics.db_url = ...`` (or
 ``c.DurableMagics.db_url`` in ipython_config.py); the ``DURABLE_MONTY_DB`` environment variable;
 ``durable_monty.db`` in the working directory (the notebook's folder).
+
+Executor selection: ``--executor threads|rq|dask``, else ``%config DurableMagics.executor``;
+RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local cluster of this kernel).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Int, Unicode
+from traitlets import Enum, Int, TraitError, Unicode, validate
 
 from .. import defaults
 from ..engine.driver import default_printer
@@ -26,6 +29,7 @@ from ..engine.engine import Engine
 from ..engine.handle import Run
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted
+from ..executors import EXECUTOR_NAMES, Backend, Threads
 from ..store.schema import read_revision
 from ..store.store import DEFAULT_DB_FILE, normalize_url
 from .status import status_report, unfinished_summary
@@ -45,6 +49,28 @@ class DurableMagics(Magics):
     lease_ttl = Int(
         int(defaults.LEASE_TTL), help="Seconds before another kernel may take over a silent execution."
     ).tag(config=True)
+    executor = Enum(EXECUTOR_NAMES, default_value=defaults.EXECUTOR, help="Where notebook functions run.").tag(
+        config=True
+    )
+    rq_url = Unicode(None, allow_none=True, help="Redis URL of the rq executor (default: the local server).").tag(
+        config=True
+    )
+    rq_queue = Unicode(defaults.RQ_QUEUE, help="RQ queue of the rq executor.").tag(config=True)
+    dask_address = Unicode(
+        None, allow_none=True, help="Dask scheduler address of the dask executor (none: a local cluster)."
+    ).tag(config=True)
+
+    @validate("workers", "lease_ttl")
+    def _positive(self, proposal: Any) -> int:
+        if proposal["value"] < 1:
+            raise TraitError(f"DurableMagics.{proposal['trait'].name} must be at least 1, not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("rq_queue")
+    def _queue_name(self, proposal: Any) -> str:
+        if not proposal["value"].strip():
+            raise TraitError("DurableMagics.rq_queue must name a queue")
+        return proposal["value"]
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -70,6 +96,7 @@ class DurableMagics(Magics):
     @magic_arguments()
     @argument("name", nargs="?", help="Name of the workflow (its key in the store). Default: from the cell.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
+    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
     @argument("--workers", type=int, help="Threads for the notebook functions of this cell (default 32).")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
@@ -94,6 +121,7 @@ class DurableMagics(Magics):
         args = parse_argstring(self.durable, line)
         if not cell.strip():
             raise DurableError("the %%durable cell is empty: write the workflow code below the magic line")
+        executor = self.backend(args.executor, args.workers)
         engine = self.engine(args.db)
         retry = None
         if args.retries is not None:
@@ -105,7 +133,7 @@ class DurableMagics(Magics):
                 self.shell.user_ns,
                 key=args.name or self._cell_key(cell),
                 rerun=args.rerun,
-                workers=args.workers,
+                executor=executor,
                 retry=retry,
                 print_callback=printer,
                 paused=True,
@@ -114,6 +142,21 @@ class DurableMagics(Magics):
             printer.release()
             raise
         return self._follow(run, background=args.background, quiet=args.quiet, printer=printer)
+
+    def backend(self, name: str | None, workers: int | None = None) -> Backend:
+        """The executor backend of a cell: ``--executor``, else ``%config DurableMagics.executor``."""
+        if workers is not None and workers < 1:
+            raise DurableError(f"--workers must be at least 1, not {workers}")
+        name = name or self.executor
+        if name == "rq":
+            from ..executors.rq import RQ
+
+            return RQ(self.rq_url, self.rq_queue) if self.rq_url else RQ(queue=self.rq_queue)
+        if name == "dask":
+            from ..executors.dask import Dask
+
+            return Dask(self.dask_address) if self.dask_address else Dask()
+        return Threads(workers or self.workers)
 
     def _cell_key(self, cell: str) -> str | None:
         """Without a name: the notebook cell's id (stable across edits), else derived from the code."""
@@ -179,6 +222,7 @@ class DurableMagics(Magics):
     @argument("name", nargs="?", help="A workflow name or execution id.")
     @argument("--all", action="store_true", help="Resume every unfinished execution of the store.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
+    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
     @argument("--workers", type=int, help="Threads for the notebook functions.")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--quiet", action="store_true", help="No progress view.")
@@ -189,14 +233,15 @@ class DurableMagics(Magics):
         engine = self.engine(args.db)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
+        executor = self.backend(args.executor, args.workers)
         if args.name:
-            run = engine.resume(args.name, self.shell.user_ns, workers=args.workers)
+            run = engine.resume(args.name, self.shell.user_ns, executor=executor)
             return self._follow(run, background=args.background, quiet=args.quiet)
         rows = engine.store.unfinished_executions()
         if not rows:
             print(f"nothing to resume in {engine.url}")
             return None
-        runs = [engine.resume(row.id, self.shell.user_ns, workers=args.workers) for row in rows]
+        runs = [engine.resume(row.id, self.shell.user_ns, executor=executor) for row in rows]
         for run in runs:
             self._show(run, args.quiet)
         if args.background:
@@ -268,7 +313,7 @@ class DurableMagics(Magics):
                 out.clear_output()
                 with out:
                     try:
-                        run = self.engine().resume(execution_id, self.shell.user_ns)
+                        run = self.engine().resume(execution_id, self.shell.user_ns, executor=self.backend(None))
                     except DurableError as exc:
                         print(f"{type(exc).__name__}: {exc}")
                         return

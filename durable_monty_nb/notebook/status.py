@@ -13,7 +13,7 @@ from ..store.store import Store, lease_held
 from ..values import format_arguments
 
 DETAIL_CALL_LIMIT = 50
-CALL_HEADERS = ["call", "function", "arguments", "status", "attempts", "duration", "error"]
+CALL_HEADERS = ["call", "function", "arguments", "status", "attempts", "duration", "worker", "error"]
 
 
 @dataclass
@@ -109,11 +109,13 @@ def detail_report(store: Store, row: Any) -> Report:
                 "reused" if call.reused_from else call.status,
                 str(call.attempts),
                 format_duration(duration),
+                call.worker or "",
                 short_text(last_line(call.error), 80) if call.status in ("failed", "retrying") else "",
             ]
         )
     note = f"… and {more} more calls (done)" if more > 0 else ""
-    text_parts = ["\n".join(f"{k:>9}: {v}" for k, v in facts), text_table(CALL_HEADERS, body) if body else "no calls"]
+    headers, body = call_columns(body)
+    text_parts = ["\n".join(f"{k:>9}: {v}" for k, v in facts), text_table(headers, body) if body else "no calls"]
     html_parts = [
         "<table>"
         + "".join(
@@ -122,7 +124,7 @@ def detail_report(store: Store, row: Any) -> Report:
             for k, v in facts
         )
         + "</table>",
-        html_table(CALL_HEADERS, body, "calls") if body else "<p>no calls</p>",
+        html_table(headers, body, "calls") if body else "<p>no calls</p>",
     ]
     if note:
         text_parts.append(note)
@@ -131,6 +133,14 @@ def detail_report(store: Store, row: Any) -> Report:
         text_parts.append("traceback of the failure:\n" + row.error)
         html_parts.append(f"<details open><summary>traceback</summary><pre>{html.escape(row.error)}</pre></details>")
     return Report("\n\n".join(text_parts), "\n".join(html_parts))
+
+
+def call_columns(rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The call table's headers and rows, without the worker column when no call ran on a worker."""
+    worker = CALL_HEADERS.index("worker")
+    if any(row[worker] for row in rows):
+        return CALL_HEADERS, rows
+    return CALL_HEADERS[:worker] + CALL_HEADERS[worker + 1 :], [row[:worker] + row[worker + 1 :] for row in rows]
 
 
 def select_calls(calls: Sequence[Any], limit: int) -> tuple[list[Any], int]:

@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from ..engine.handle import CallView, Run
-from .status import CALL_HEADERS, format_duration, html_table, select_calls
+from .status import call_columns, format_duration, html_table, select_calls
 
 REFRESH_SECONDS = 0.25
 CALL_ROWS = 50
@@ -36,6 +36,8 @@ def summary(run: Run) -> str:
     """One line: what the run did, for terminals and status messages."""
     p = run.progress
     parts = [f"{p.done}/{p.total} calls done"] + [f"{count} {label}" for label, count in p.details() if count]
+    if p.note:
+        parts.append(p.note)
     state = "result from the store" if run.cached else run.status
     return f"{run.key}: {state} · " + " · ".join(parts)
 
@@ -139,6 +141,8 @@ def make_widget(run: Run) -> Any:
             self._bar.bar_style = STYLES.get(run.status, "")
             counts = [f"<b>{p.done}</b>/{p.total} done"]
             counts += [f"{n} {label}" for label, n in p.details() if n or label in ("running", "failed")]
+            if p.note:
+                counts.append(f"<span class='durable-note' style='color:#b45309'>⚠ {html.escape(p.note)}</span>")
             self._counts.value = " · ".join(counts)
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
@@ -152,11 +156,21 @@ def make_widget(run: Run) -> Any:
 def calls_html(calls: list[CallView]) -> str:
     chosen, left_out = select_calls(calls, CALL_ROWS)
     rows = [
-        [str(c.call_id), c.function, c.args, c.status, str(c.attempts), format_duration(c.duration), c.error or ""]
+        [
+            str(c.call_id),
+            c.function,
+            c.args,
+            c.status,
+            str(c.attempts),
+            format_duration(c.duration),
+            c.worker,
+            c.error or "",
+        ]
         for c in chosen
     ]
     more = f"<p>… and {left_out} more</p>" if left_out else ""
-    return html_table(CALL_HEADERS, rows, css_class="durable-calls") + more
+    headers, rows = call_columns(rows)
+    return html_table(headers, rows, css_class="durable-calls") + more
 
 
 def make_view(run: Run, *, quiet: bool = False) -> Any:

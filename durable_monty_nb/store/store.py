@@ -25,8 +25,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
+from ..executors.record import AttemptRecord
 from ..values import blob_key
-from .attempts import AttemptRecord
 from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .schema import ensure_schema
 from .signing import Signer

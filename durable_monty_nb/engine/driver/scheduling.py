@@ -187,6 +187,11 @@ class Scheduling:
         return items
 
     def _collect(self: Driver, items: list[Any]) -> None:
+        stored = [o for o in items if o is not WAKE and o.in_store]
+        if stored:  # large results a worker left in the store: one read for the batch
+            records = self.store.load_attempts([attempt_id(self.execution_id, o.call_id, o.attempt) for o in stored])
+            items = [o for o in items if o is WAKE or not o.in_store]
+            items += [record.outcome() for record in records.values() if record.finished]
         for outcome in items:
             if outcome is WAKE:
                 continue

@@ -8,12 +8,13 @@ of every record, wherever it came from: a forged notification or a tampered row 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import TamperedDataError
-from ..executors.base import ErrorInfo, Outcome
-from .signing import Signer
+from ..store.signing import Signer
+from .base import ErrorInfo, Outcome
 
 FINISHED = ("done", "failed")
 
@@ -97,3 +98,28 @@ class AttemptRecord:
             return cls(**data)
         except TypeError as exc:
             raise TamperedDataError(f"a malformed attempt record was refused: {exc}") from None
+
+
+def outcome_from_wire(message: dict[str, Any], signer: Signer) -> Outcome:
+    """The outcome a worker's message reports (see ``worker.wire``); signed records are verified.
+
+    Raises TamperedDataError for a record whose signature does not match.
+    """
+    if "record" in message:
+        return AttemptRecord.from_dict(message["record"]).verify(signer).outcome()
+    if message.get("in_store"):
+        return Outcome(message["call_id"], message["attempt"], True, in_store=True)
+    error = message.get("error") or {}
+    info = ErrorInfo(
+        tuple(error.get("types") or ("builtins.Exception",)),
+        str(error.get("message", "")),
+        str(error.get("traceback", "")),
+    )
+    return Outcome(
+        message["call_id"],
+        message["attempt"],
+        False,
+        error=info,
+        finished_at=time.time(),
+        worker=message.get("worker", ""),
+    )

@@ -1,0 +1,318 @@
+"""Calls as RQ jobs on plain ``rq worker`` processes (``pip install 'durable-monty-nb[rq]'``).
+
+```bash
+rq worker durable-monty --url redis://127.0.0.1:6379/0
+```
+
+Each attempt is one job whose id is the attempt's durable id, enqueued in batches
+(``enqueue_many``) without a job timeout. The worker runs :func:`run_job`: it writes the
+signed outcome to the store, then pushes a short message to a Redis list of the execution,
+which one watcher thread of the driver's process reads (``BLPOP``): no polling per call, and
+no result that depends on RQ's ``result_ttl``.
+
+While a job runs, its worker keeps a Redis key alive (refreshed every few seconds). On
+resume, an attempt whose job is queued, or started with that key alive, is waited for; one
+whose job is gone, failed, or started without a live key (its worker was killed) is lost and
+runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import defaults
+from ..errors import ExecutorUnavailable, TamperedDataError
+from . import RunContext
+from .base import Done, Outcome, Task
+from .record import outcome_from_wire
+from .worker import failure_message, make_payload, run_attempt, worker_name
+
+URL_ENV = "DURABLE_MONTY_RQ_URL"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+PREFIX = "durable-monty"
+ALIVE_SECONDS = 10  # a running job's key lives this long unless its worker refreshes it
+NOTIFY_TTL = 7 * 24 * 3600  # messages of a dead kernel's execution wait this long for a resume
+RESULT_TTL = 60  # RQ's own copy of the (small) return value: the store has the outcome
+FAILURE_TTL = 7 * 24 * 3600
+WATCH_SECONDS = 1.0
+NO_WORKER_GRACE = 3.0
+
+
+def notify_key(execution_id: str) -> str:
+    return f"{PREFIX}:done:{execution_id}"
+
+
+def alive_key(attempt_id: str) -> str:
+    return f"{PREFIX}:alive:{attempt_id}"
+
+
+@dataclass(frozen=True)
+class RQ:
+    """The RQ backend: ``url`` of Redis (default ``$DURABLE_MONTY_RQ_URL`` or the local server), ``queue``."""
+
+    url: str = field(default_factory=lambda: os.environ.get(URL_ENV) or DEFAULT_URL)
+    queue: str = defaults.RQ_QUEUE
+    name: str = "rq"
+
+    def connection(self) -> Any:
+        from redis import Redis
+
+        return Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=30)
+
+    def check(self) -> None:
+        try:
+            self.connection().ping()
+        except Exception as exc:
+            raise ExecutorUnavailable(
+                f"cannot reach Redis at {_public(self.url)} for the rq executor ({type(exc).__name__}: {exc}). "
+                f"Start Redis or fix DurableMagics.rq_url; nothing was dispatched."
+            ) from None
+
+    def open(self, run: RunContext) -> RQExecutor:
+        return RQExecutor(self, run)
+
+
+class RQExecutor:
+    """The executor of one execution on RQ; see the module docstring."""
+
+    name = "rq"
+    remote = True
+    durable = True
+
+    def __init__(self, backend: RQ, run: RunContext) -> None:
+        from rq import Queue
+
+        self.backend = backend
+        self.run = run
+        self.redis = backend.connection()
+        self.queue = Queue(backend.queue, connection=self.redis)
+        self._notify = notify_key(run.execution_id)
+        self._tasks: dict[str, Task] = {}  # attempts in flight, by id
+        self._unsent: list[Task] = []  # waiting for Redis to come back
+        self._done: Done | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._problem: str | None = None
+        self._down_since: float | None = None
+        self._no_worker_since: float | None = None
+        self._last_check = 0.0
+
+    # -- the Executor protocol -----------------------------------------------------------------
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            running = sum(1 for task in self._tasks.values() if task.started_at)
+            return len(self._tasks) - running, running
+
+    def submit(self, tasks: Sequence[Task], done: Done) -> None:
+        with self._lock:
+            self._done = done
+            for task in tasks:
+                self._tasks[task.id] = task
+        self._enqueue(list(tasks))
+        self._watch()
+
+    def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
+        from rq.job import Job
+
+        with self._lock:
+            self._done = done
+        jobs = Job.fetch_many([task.id for task in tasks], connection=self.redis)
+        with self.redis.pipeline() as pipe:
+            for task in tasks:
+                pipe.exists(alive_key(task.id))
+            alive = pipe.execute()
+        lost = []
+        for task, job, beating in zip(tasks, jobs, alive, strict=True):
+            status = job.get_status(refresh=False) if job is not None else None
+            waiting = status in ("queued", "deferred", "scheduled")
+            if waiting or (status == "started" and beating):
+                if status == "started":
+                    task.started_at = time.time()
+                with self._lock:
+                    self._tasks[task.id] = task
+            else:  # gone (flushed), failed, stopped, finished (its outcome is in the store)
+                lost.append(task)
+        self._watch()
+        return lost
+
+    def shutdown(self) -> None:
+        self._closed.set()
+
+    # -- enqueueing ------------------------------------------------------------------------------
+
+    def _enqueue(self, tasks: list[Task]) -> None:
+        from redis.exceptions import RedisError
+
+        if not tasks:
+            return
+        run = self.run
+        data = [
+            self.queue.prepare_data(
+                run_job,
+                args=(make_payload(task, run.store_url, run.signer, self.name, notify=self._notify),),
+                job_id=task.id,
+                timeout=-1,
+                result_ttl=RESULT_TTL,
+                failure_ttl=FAILURE_TTL,
+                description=f"{task.function}() · call {task.call_id} of {run.key} (attempt {task.attempt})",
+            )
+            for task in tasks
+        ]
+        try:
+            self.queue.enqueue_many(data)
+        except RedisError as exc:
+            with self._lock:
+                self._unsent.extend(tasks)
+            self._unreachable(exc)
+            return
+        self._reachable()
+
+    # -- the watcher thread ------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name=f"durable-rq-{self.run.execution_id[:8]}"
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        from redis.exceptions import RedisError
+
+        while not self._closed.is_set():
+            try:
+                if self._unsent:
+                    with self._lock:
+                        unsent, self._unsent = self._unsent, []
+                    self._enqueue(unsent)
+                first = self.redis.blpop([self._notify], timeout=WATCH_SECONDS)
+                messages = [first[1]] if first else []
+                if first:
+                    messages += self.redis.lpop(self._notify, 1000) or []
+                if self._down_since is not None and not self._unsent:
+                    self._reachable()
+                for raw in messages:
+                    self._deliver(json.loads(raw))
+                if time.monotonic() - self._last_check >= WATCH_SECONDS:
+                    self._check()
+            except RedisError as exc:
+                self._unreachable(exc)
+                self._closed.wait(WATCH_SECONDS)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        if "started" in message:
+            with self._lock:
+                task = self._tasks.get(message["started"])
+            if task is not None:
+                task.started_at, task.worker = time.time(), str(message.get("worker", ""))
+            return
+        try:
+            outcome = outcome_from_wire(message, self.run.signer)
+        except TamperedDataError:
+            return  # a forged message: the attempt's real outcome is still to come (or in the store)
+        self._report(message.get("id", ""), outcome)
+
+    def _report(self, task_id: str, outcome: Outcome) -> None:
+        with self._lock:
+            task = self._tasks.pop(task_id, None)
+            done = self._done
+        if task is not None and done is not None:
+            done(outcome)
+
+    def _check(self) -> None:
+        """Every second or so: lost jobs (their worker died), and whether anyone listens."""
+        from rq import Worker
+
+        self._last_check = time.monotonic()
+        with self._lock:
+            started = [task for task in self._tasks.values() if task.started_at]
+            waiting = len(self._tasks) - len(started)
+        if started:
+            with self.redis.pipeline() as pipe:
+                for task in started:
+                    pipe.exists(alive_key(task.id))
+                alive = pipe.execute()
+            for task, beating in zip(started, alive, strict=True):
+                if not beating and not self.redis.exists(self._notify):  # no outcome on its way either
+                    self._report(task.id, Outcome.lost_attempt(task, f"its worker {task.worker} stopped"))
+        if waiting and not Worker.all(queue=self.queue):
+            now = time.monotonic()
+            self._no_worker_since = self._no_worker_since or now
+            if now - self._no_worker_since >= NO_WORKER_GRACE:
+                self._problem = (
+                    f"no worker is listening on queue {self.backend.queue} ({_public(self.backend.url)}): start one "
+                    f"with: rq worker {self.backend.queue} --url {_public(self.backend.url)}"
+                )
+        else:
+            self._no_worker_since = None
+            if self._down_since is None:
+                self._problem = None
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+        since = time.strftime("%H:%M:%S", time.localtime(self._down_since))
+        self._problem = f"cannot reach Redis at {_public(self.backend.url)} since {since}, retrying ({exc})"
+
+    def _reachable(self) -> None:
+        if self._down_since is not None:
+            self._down_since = None
+            self._problem = None
+
+
+def run_job(payload: dict[str, Any]) -> str:
+    """The RQ job of one attempt (runs on the worker): heartbeat, run, write, notify."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    redis = job.connection if job is not None else None
+    name = f"{job.worker_name}:{os.getpid()}" if job is not None and job.worker_name else worker_name()
+    task_id = Task(payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]).id
+    stop = threading.Event()
+    if redis is not None:
+        redis.set(alive_key(task_id), name, ex=ALIVE_SECONDS)
+        redis.rpush(payload["notify"], json.dumps({"started": task_id, "worker": name}))
+        threading.Thread(target=_heartbeat, args=(redis, alive_key(task_id), name, stop), daemon=True).start()
+    try:
+        message = run_attempt(payload, worker=name)
+    except Exception as exc:  # the attempt could not run at all (wrong key, store unreachable)
+        message = failure_message(payload, exc, name)
+    finally:
+        stop.set()
+    if redis is not None:
+        with redis.pipeline() as pipe:
+            pipe.rpush(payload["notify"], json.dumps(message))
+            pipe.expire(payload["notify"], NOTIFY_TTL)
+            pipe.delete(alive_key(task_id))
+            pipe.execute()
+    if "error" in message:
+        raise RuntimeError(message["error"]["message"])
+    return message.get("record", {}).get("status", "done")
+
+
+def _heartbeat(redis: Any, key: str, name: str, stop: threading.Event) -> None:
+    while not stop.wait(ALIVE_SECONDS / 3):
+        with contextlib.suppress(Exception):
+            redis.set(key, name, ex=ALIVE_SECONDS)
+
+
+def _public(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    with contextlib.suppress(Exception):
+        return make_url(url).render_as_string(hide_password=True)
+    return url

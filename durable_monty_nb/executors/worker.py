@@ -1,0 +1,201 @@
+"""The worker side of remote executors: run one attempt from its signed payload.
+
+Plain ``rq worker`` and ``dask worker`` processes call :func:`run_attempt` (through the small
+job functions of :mod:`.rq` and :mod:`.dask`) with nothing more than this package installed
+and the store's signing key available (``DURABLE_MONTY_KEY`` or the key file). The function
+comes from the store (pickled by value, signed), the arguments from the payload or the
+store's blobs, and the outcome goes to the store, signed, before the job ends: a result never
+depends on RQ's result TTL or a Dask future staying referenced.
+
+A store URL travels without its password; a worker takes the password from its own
+``DURABLE_MONTY_DB`` when that names the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from .. import defaults
+from ..errors import StoreError, TamperedDataError
+from ..store.signing import KEY_ENV, KEY_FILE_ENV, Signer
+from .base import ErrorInfo, Task
+from .record import AttemptRecord
+
+PAYLOAD_VERSION = 1
+DB_ENV = "DURABLE_MONTY_DB"
+
+_lock = threading.Lock()
+_stores: dict[tuple[int, str], Any] = {}
+_functions: dict[str, Any] = {}
+_signer: Signer | None = None
+
+
+def make_payload(task: Task, store_url: str, signer: Signer, executor: str, **extra: Any) -> dict[str, Any]:
+    """The signed description of a task that a worker needs (never the store's password)."""
+    payload = {
+        "v": PAYLOAD_VERSION,
+        "store": make_url(store_url).render_as_string(hide_password=True),
+        "execution_id": task.execution_id,
+        "call_id": task.call_id,
+        "attempt": task.attempt,
+        "function": task.function,
+        "function_key": task.function_key,
+        "args": "" if task.args_blob else task.args,
+        "args_blob": task.args_blob,
+        "executor": executor,
+        **extra,
+    }
+    payload["sig"] = signer.sign_text("task", _canonical(payload))
+    return payload
+
+
+def run_attempt(payload: dict[str, Any], worker: str | None = None) -> dict[str, Any]:
+    """Run the attempt a payload describes; return its wire message (see :func:`wire`).
+
+    Raises TamperedDataError when the payload's signature does not match this worker's key:
+    such a worker cannot sign an outcome either, so the job itself fails with that message.
+    """
+    signer = worker_signer()
+    verify_payload(payload, signer)
+    store = _store(payload["store"])
+    task_id = Task(payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]).id
+    record = AttemptRecord(
+        task_id,
+        payload["execution_id"],
+        payload["call_id"],
+        payload["attempt"],
+        "done",
+        payload["executor"],
+        worker or worker_name(),
+        started_at=time.time(),
+    )
+    from ..values import ValueCodec
+
+    codec = ValueCodec(store.load_blob)
+    try:
+        fn = _function(store, payload["function_key"], payload["function"])
+        args_text = payload["args"] or store.load_blob(payload["args_blob"]).decode()
+        args, kwargs = codec.decode_host(args_text)
+        value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            value = asyncio.run(_awaited(value))
+        record.result = codec.encode_text(value, what=f"the result of {payload['function']}()")
+    except Exception as exc:
+        info = ErrorInfo.of(exc)
+        record.status, record.result = "failed", None
+        record.error_types, record.error_message, record.traceback = (
+            json.dumps(info.types),
+            info.message,
+            info.traceback,
+        )
+    record.finished_at = time.time()
+    record.sign(signer)
+    store.finish_attempts([record], codec.pending_blobs)
+    return wire(record)
+
+
+def wire(record: AttemptRecord) -> dict[str, Any]:
+    """The message that tells the driver an attempt finished: the signed record, or, when its
+    result is large, only where to find it (the store)."""
+    if record.result is not None and len(record.result) > defaults.INLINE_LIMIT:
+        return {"id": record.attempt_id, "call_id": record.call_id, "attempt": record.attempt, "in_store": True}
+    return {"id": record.attempt_id, "record": record.to_dict()}
+
+
+def failure_message(payload: dict[str, Any], exc: BaseException, worker: str) -> dict[str, Any]:
+    """An unsigned message for an attempt that could not run at all (wrong key, store unreachable).
+
+    The driver accepts unsigned messages only as failures, never as results.
+    """
+    info = ErrorInfo.of(exc)
+    return {
+        "id": Task(payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]).id,
+        "call_id": payload["call_id"],
+        "attempt": payload["attempt"],
+        "error": {"types": list(info.types), "message": info.message, "traceback": info.traceback},
+        "worker": worker,
+    }
+
+
+def verify_payload(payload: dict[str, Any], signer: Signer) -> None:
+    body = {k: v for k, v in payload.items() if k != "sig"}
+    what = (
+        f"the task of call {payload.get('call_id')} ({payload.get('function')}) sent to worker {worker_name()}: "
+        f"its signature does not match this worker's key. Give the worker the kernel's signing key "
+        f"({KEY_ENV}, or the key file {KEY_FILE_ENV})"
+    )
+    if payload.get("v") != PAYLOAD_VERSION:
+        raise TamperedDataError(f"{what}; or install the same durable-monty-nb release on both sides")
+    try:
+        signer.verify_text("task", _canonical(body), payload.get("sig"), what)
+    except TamperedDataError:
+        raise TamperedDataError(f"{what}.") from None
+
+
+def worker_signer() -> Signer:
+    global _signer
+    if _signer is None:
+        _signer = Signer()
+    return _signer
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _canonical(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def _store(public_url: str) -> Any:
+    """The store of a payload, opened once per worker process."""
+    from ..store.store import Store
+
+    key = (os.getpid(), public_url)
+    with _lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = Store(_full_url(public_url), key=None)
+        return store
+
+
+def _full_url(public_url: str) -> str:
+    url = make_url(public_url)
+    if url.password != "***":
+        return public_url
+    local = os.environ.get(DB_ENV)
+    if local and "://" in local:
+        mine = make_url(local)
+        if (mine.host, mine.port, mine.database, mine.username) == (url.host, url.port, url.database, url.username):
+            return local
+    raise StoreError(
+        f"the store {public_url} needs a password, which tasks never carry: set {DB_ENV} on the worker to "
+        f"the store's full URL"
+    )
+
+
+def _function(store: Any, key: str, name: str) -> Any:
+    """The shipped function ``key`` (verified, unpickled once per worker process)."""
+    fn = _functions.get(key)
+    if fn is None:
+        import cloudpickle
+
+        try:
+            data = store.load_function(key)
+        except KeyError:
+            raise StoreError(f"the function {name!r} (key {key}) is not in the store {store.display_url}") from None
+        fn = _functions[key] = cloudpickle.loads(data)
+    return fn
+
+
+async def _awaited(coroutine: Any) -> Any:
+    return await coroutine
