@@ -100,7 +100,13 @@ def client_for(address: str | None) -> Any:
         if address is None:
             if _cluster is None or _cluster.status.name in ("closing", "closed", "failed"):
                 workers = os.cpu_count() or 1
-                _cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+                _cluster = LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # health checks: not port 8787
+                )
                 print(
                     f"durable-monty-nb: started a local Dask cluster of {workers} worker processes "
                     f"({_cluster.scheduler_address}). Calls in flight on it die with this process; "

@@ -1,0 +1,283 @@
+"""The rq executor with real Redis and real worker processes (started and killed here).
+
+Redis comes from DURABLE_TEST_REDIS_URL (default: database 11 of the local server), flushed
+before each test. Workers get the tests' signing key from the environment and import the
+test modules through PYTHONPATH only where a test says so: notebook-style functions (defined
+in a test) reach them by value.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, server_database
+from procs import wait_until
+
+from durable_monty_nb import Engine, ExecutionInterrupted, WorkflowFailed, retry
+from durable_monty_nb.errors import ExecutorUnavailable, ValueCrossingError
+from durable_monty_nb.executors.rq import RQ
+
+REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+VENV_BIN = Path(sys.executable).parent
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def redis_url() -> str:
+    from redis import Redis
+
+    try:
+        Redis.from_url(REDIS_URL, socket_connect_timeout=3).flushdb()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"Redis ({REDIS_URL}) is not reachable: {exc}", pytrace=False)
+        pytest.skip(f"Redis ({REDIS_URL}) is not reachable: {exc}")
+    return REDIS_URL
+
+
+class Workers:
+    """RQ worker processes on one queue, each in its own process group (so a kill takes its job too)."""
+
+    def __init__(self, url: str, queue: str, env: dict[str, str]) -> None:
+        self.url, self.queue, self.env = url, queue, env
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, count: int = 1, *, plain: bool = False) -> None:
+        for _ in range(count):
+            command = [str(VENV_BIN / "rq"), "worker"] if plain else [str(VENV_BIN / "durable-monty-nb"), "worker"]
+            self.procs.append(
+                subprocess.Popen(
+                    [*command, self.queue, "--url", self.url],
+                    env={**os.environ, **self.env},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
+
+
+@pytest.fixture
+def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(redis_url, f"q-{tmp_path.name[-20:]}", {"PYTHONPATH": str(TESTS)})
+    yield pool
+    pool.stop()
+
+
+def log_lines(log: Path) -> list[tuple[int, str]]:
+    if not log.exists():
+        return []
+    return [(int(pid), rest) for pid, rest in (line.split(" ", 1) for line in log.read_text().splitlines())]
+
+
+def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    workers.start(1, plain=True)  # a plain `rq worker`: nothing but the package and the key
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    scale = 3
+
+    def triple(x):  # defined here, as in a notebook cell: workers cannot import it, it travels by value
+        return {"value": x * scale, "pid": os.getpid()}
+
+    code = "rs = await gather(*[triple(i) for i in range(4)])\none = triple(10)\n[r['value'] for r in rs] + [one['value']]"
+    run = engine.start(code, {"triple": triple}, key="plain")
+    assert run.result(120) == [0, 3, 6, 9, 30]
+    calls = run.calls()
+    assert all(call.worker for call in calls)  # the call list says where each call ran
+    assert {call.status for call in calls} == {"done"}
+    engine.close()
+
+
+def test_results_errors_and_retries_on_workers(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    workers.start(2)
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    marker = tmp_path / "flaky-tries"
+
+    @retry(retries=2, backoff="constant", delay=0.1)
+    def flaky(x):
+        with open(marker, "a") as handle:
+            handle.write("x")
+        if len(marker.read_text()) < 3:
+            raise ConnectionError("try again")
+        return x
+
+    def broken(x):
+        raise KeyError(f"no such item {x}")
+
+    assert engine.run("await flaky(7)", {"flaky": flaky}, key="flaky") == 7
+    assert marker.read_text() == "xxx"  # two failed attempts on workers, the third succeeded
+
+    code = "try:\n    await broken(1)\nexcept KeyError as e:\n    caught = str(e)\ncaught"
+    assert "no such item 1" in engine.run(code, {"broken": broken}, key="caught")
+
+    with pytest.raises(WorkflowFailed) as failure:
+        engine.run("await broken(2)", {"broken": broken}, key="uncaught")
+    text = str(failure.value)
+    assert "KeyError" in text and "no such item 2" in text
+    assert 'raise KeyError(f"no such item {x}")' in text  # the remote traceback reaches the cell
+    engine.close()
+
+
+def test_two_workers_never_run_one_call_twice(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    workers.start(2)
+    log = tmp_path / "side.log"
+
+    def record(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {i}\n")
+        return i
+
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    assert engine.run("sum(await gather(*[record(i) for i in range(40)]))", {"record": record}, key="two") == 780
+    entries = log_lines(log)
+    assert sorted(int(i) for _, i in entries) == list(range(40))  # each call exactly once
+    engine.close()
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    from durable_monty_nb import Engine
+    from durable_monty_nb.executors.rq import RQ
+    from scenarios import gated
+
+    url, redis, queue, mode = sys.argv[1:5]
+    engine = Engine(url, executor=RQ(redis, queue), lease_ttl=5.0)
+    ns = {"gated": gated, "log": os.environ["SIDE_LOG"], "gate": os.environ["GATE_FILE"], "n": 12}
+    code = "results = await gather(*[gated(log, gate, i) for i in range(n)])\\nsum(results)"
+    run = engine.resume("killed", ns) if mode == "resume" else engine.start(code, ns, key="killed")
+    print("RESULT", run.result(), flush=True)
+    """
+)
+
+
+def test_a_killed_driver_reattaches_to_calls_queued_running_and_finished_on_workers(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    env = {**os.environ, "SIDE_LOG": str(log), "GATE_FILE": str(gate), "PYTHONPATH": str(TESTS)}
+    workers.env.update(env)
+    workers.start(2)
+    args = [sys.executable, "-c", DRIVER, sqlite_url, workers.url, workers.queue]
+    driver = subprocess.Popen([*args, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = sqlite_url.removeprefix("sqlite:///")
+
+    def dispatched() -> int:
+        try:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT count(*) FROM dm_attempts").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    # All 12 attempts journaled and enqueued, two of them running on the workers: kill the driver.
+    wait_until(lambda: dispatched() == 12 and len(log_lines(log)) == 2, what="2 calls running", procs=(driver,))
+    driver.kill()
+    driver.communicate()
+    gate.touch()  # the workers go on without the driver: some calls finish while it is dead
+    wait_until(lambda: len(log_lines(log)) >= 6, what="calls finishing while the driver is dead")
+
+    resumed = subprocess.run([*args, "resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "RESULT 660" in resumed.stdout
+    calls = sorted(int(entry.split()[1]) for _, entry in log_lines(log))
+    assert calls == list(range(12))  # every call ran exactly once: none was dispatched again
+
+
+def test_a_call_whose_worker_is_killed_runs_again_on_another_worker(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    from scenarios import gated
+
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    run = engine.start("await gated(log, gate, 5)", {"gated": gated, "log": str(log), "gate": str(gate)}, key="lost")
+    wait_until(lambda: len(log_lines(log)) == 1, what="the call running on the first worker")
+    first_pid = log_lines(log)[0][0]  # the job's process (RQ's work horse, in a process group of its own)
+    workers.kill(workers.procs[0])  # the worker dies mid-call, and its horse with it
+    os.kill(first_pid, signal.SIGKILL)
+    gate.touch()
+    workers.start(1)
+    assert run.result(120) == 50  # found lost when its liveness key expired, then run again
+    pids = [pid for pid, _ in log_lines(log)]
+    assert len(pids) == 2 and pids[0] == first_pid and pids[1] != first_pid  # once more, not more
+    engine.close()
+
+
+def test_a_tampered_function_pickle_is_refused_by_the_worker(workers: Workers, sqlite_url: str) -> None:
+    workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+
+    def inc(x):
+        return x + 1
+
+    assert engine.run("await inc(1)", {"inc": inc}, key="tamper") == 2
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as conn:
+        key, data = conn.execute("SELECT key, data FROM dm_functions").fetchone()
+        conn.execute("UPDATE dm_functions SET data = ? WHERE key = ?", (data.replace(b"\x01", b"\x02", 1), key))
+    with pytest.raises(WorkflowFailed) as failure:
+        engine.run("await inc(2)", {"inc": inc}, key="tamper")  # new arguments: the call must run
+    text = str(failure.value)
+    assert "TamperedDataError" in text and "'inc'" in text and "integrity check" in text
+    engine.close()
+
+
+def test_unreachable_redis_and_unshippable_functions_fail_before_anything_runs(sqlite_url: str) -> None:
+    engine = Engine(sqlite_url)
+    with pytest.raises(ExecutorUnavailable, match="cannot reach Redis at redis://127.0.0.1:1/0"):
+        engine.start("await f(1)", {"f": abs}, key="down", executor=RQ("redis://127.0.0.1:1/0"))
+
+    lock = threading.Lock()
+
+    def guarded(x):
+        with lock:
+            return x
+
+    with pytest.raises(ValueCrossingError, match="the function 'guarded' cannot be shipped to workers"):
+        engine.start("await guarded(1)", {"guarded": guarded}, key="lock", executor=RQ(REDIS_URL))
+    assert engine.executions() == []  # nothing was stored, nothing was dispatched
+    engine.close()
+
+
+def test_nobody_listening_on_the_queue_is_said_not_silent(redis_url: str, sqlite_url: str) -> None:
+    engine = Engine(sqlite_url, executor=RQ(redis_url, "nobody-listens"))
+    run = engine.start("await f(1)", {"f": abs}, key="alone")
+    note = wait_until(lambda: run.progress.note, what="a note about the empty queue", timeout=30)
+    assert "no worker is listening on queue nobody-listens" in note and "rq worker nobody-listens" in note
+    run.cancel()
+    assert run.wait(30) and run.status == "interrupted"
+    with pytest.raises(ExecutionInterrupted):
+        run.result()
+    engine.close()
+
+
+def test_a_postgresql_store_shared_by_the_kernel_and_the_workers(workers: Workers) -> None:
+    database = server_database("postgresql")
+    database.reset()
+    workers.env["DURABLE_MONTY_DB"] = database.url
+    workers.start(2)
+    engine = Engine(database.url, executor=RQ(workers.url, workers.queue))
+
+    def square(x):
+        return x * x
+
+    assert engine.run("sum(await gather(*[square(i) for i in range(20)]))", {"square": square}, key="pg") == 2470
+    engine.close()
