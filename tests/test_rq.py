@@ -9,6 +9,7 @@ in a test) reach them by value.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -97,7 +98,9 @@ def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
     def triple(x):  # defined here, as in a notebook cell: workers cannot import it, it travels by value
         return {"value": x * scale, "pid": os.getpid()}
 
-    code = "rs = await gather(*[triple(i) for i in range(4)])\none = triple(10)\n[r['value'] for r in rs] + [one['value']]"
+    code = (
+        "rs = await gather(*[triple(i) for i in range(4)])\none = triple(10)\n[r['value'] for r in rs] + [one['value']]"
+    )
     run = engine.start(code, {"triple": triple}, key="plain")
     assert run.result(120) == [0, 3, 6, 9, 30]
     calls = run.calls()
@@ -242,7 +245,7 @@ def test_a_tampered_function_pickle_is_refused_by_the_worker(workers: Workers, s
 
 def test_unreachable_redis_and_unshippable_functions_fail_before_anything_runs(sqlite_url: str) -> None:
     engine = Engine(sqlite_url)
-    with pytest.raises(ExecutorUnavailable, match="cannot reach Redis at redis://127.0.0.1:1/0"):
+    with pytest.raises(ExecutorUnavailable, match=re.escape("cannot reach Redis at redis://127.0.0.1:1/0")):
         engine.start("await f(1)", {"f": abs}, key="down", executor=RQ("redis://127.0.0.1:1/0"))
 
     lock = threading.Lock()
