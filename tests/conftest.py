@@ -148,3 +148,26 @@ def engine(db_url: str) -> Iterator[object]:
 def sqlite_engine(sqlite_url: str) -> Iterator[object]:
     """An engine on a fresh SQLite file (for behaviour that does not depend on the backend)."""
     yield from _engine(sqlite_url)
+
+
+REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The tests' own Redis database (number 11 unless DURABLE_TEST_REDIS_URL says otherwise), flushed."""
+    from redis import Redis
+
+    try:
+        Redis.from_url(REDIS_URL, socket_connect_timeout=3).flushdb()
+    except Exception as exc:
+        unavailable(f"Redis ({REDIS_URL})", exc)
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh, empty store on the PostgreSQL server."""
+    database = server_database("postgresql")
+    database.reset()
+    return database.url

@@ -20,29 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, server_database
 from procs import wait_until
 
 from durable_monty_nb import Engine, ExecutionInterrupted, WorkflowFailed, retry
 from durable_monty_nb.errors import ExecutorUnavailable, ValueCrossingError
 from durable_monty_nb.executors.rq import RQ
 
-REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 VENV_BIN = Path(sys.executable).parent
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def redis_url() -> str:
-    from redis import Redis
-
-    try:
-        Redis.from_url(REDIS_URL, socket_connect_timeout=3).flushdb()
-    except Exception as exc:
-        if IN_CI:
-            pytest.fail(f"Redis ({REDIS_URL}) is not reachable: {exc}", pytrace=False)
-        pytest.skip(f"Redis ({REDIS_URL}) is not reachable: {exc}")
-    return REDIS_URL
 
 
 class Workers:
@@ -243,10 +229,10 @@ def test_a_tampered_function_pickle_is_refused_by_the_worker(workers: Workers, s
     engine.close()
 
 
-def test_unreachable_redis_and_unshippable_functions_fail_before_anything_runs(sqlite_url: str) -> None:
+def test_unreachable_redis_and_unshippable_functions_fail_before_anything_runs(redis_url: str, sqlite_url: str) -> None:
     engine = Engine(sqlite_url)
-    with pytest.raises(ExecutorUnavailable, match=re.escape("cannot reach Redis at redis://127.0.0.1:1/0")):
-        engine.start("await f(1)", {"f": abs}, key="down", executor=RQ("redis://127.0.0.1:1/0"))
+    with pytest.raises(ExecutorUnavailable, match=re.escape(f"cannot reach Redis at {UNREACHABLE_REDIS}")):
+        engine.start("await f(1)", {"f": abs}, key="down", executor=RQ(UNREACHABLE_REDIS))
 
     lock = threading.Lock()
 
@@ -255,7 +241,7 @@ def test_unreachable_redis_and_unshippable_functions_fail_before_anything_runs(s
             return x
 
     with pytest.raises(ValueCrossingError, match="the function 'guarded' cannot be shipped to workers"):
-        engine.start("await guarded(1)", {"guarded": guarded}, key="lock", executor=RQ(REDIS_URL))
+        engine.start("await guarded(1)", {"guarded": guarded}, key="lock", executor=RQ(redis_url))
     assert engine.executions() == []  # nothing was stored, nothing was dispatched
     engine.close()
 
@@ -272,12 +258,10 @@ def test_nobody_listening_on_the_queue_is_said_not_silent(redis_url: str, sqlite
     engine.close()
 
 
-def test_a_postgresql_store_shared_by_the_kernel_and_the_workers(workers: Workers) -> None:
-    database = server_database("postgresql")
-    database.reset()
-    workers.env["DURABLE_MONTY_DB"] = database.url
+def test_a_postgresql_store_shared_by_the_kernel_and_the_workers(workers: Workers, postgres_url: str) -> None:
+    workers.env["DURABLE_MONTY_DB"] = postgres_url
     workers.start(2)
-    engine = Engine(database.url, executor=RQ(workers.url, workers.queue))
+    engine = Engine(postgres_url, executor=RQ(workers.url, workers.queue))
 
     def square(x):
         return x * x
