@@ -76,3 +76,20 @@ SCENARIOS = {
 def namespace(name: str) -> dict[str, object]:
     _code, values = SCENARIOS[name]
     return {"work": work, "step": step, "flaky": flaky, **values}
+
+
+def gated(log: str, gate: str, i: int) -> int:
+    """For executors in other processes, where BLOCK is not set: logs to ``log``, then waits
+    until the file ``gate`` exists (the test creates it to let the calls finish)."""
+    import time
+
+    with open(log, "a") as handle:
+        handle.write(f"{os.getpid()} gated {i}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return i * 10
+
+
+SCENARIOS["gated"] = ("results = await gather(*[gated(log, gate, i) for i in range(n)])\nsum(results)", {"n": 6})

@@ -15,8 +15,14 @@ their messages in batches (one round trip for many results) and reports them.
 On resume, one call on the scheduler registers this client's interest in the attempts it
 still knows (queued, running or finished) and returns their states: those are waited for;
 the others are lost (the driver looks for their outcome in the store before running them
-again). Futures cancelled because the connection to the scheduler dropped are followed the
-same way once it is back: tasks that survived are not run twice.
+again). That call runs a small function on the scheduler, sent by value: the scheduler needs
+``distributed.scheduler.pickle`` (on by default), not this package. Futures cancelled because
+the connection to the scheduler dropped are followed the same way once it is back: tasks that
+survived are not run twice.
+
+A worker that dies mid-call is Dask's to handle: the scheduler runs the task (the same
+attempt) on another worker, and fails it with ``KilledWorker`` after
+``distributed.scheduler.allowed-failures`` deaths, a failure the function's retry policy sees.
 
 Without an address, one ``LocalCluster`` of worker processes is started per process and
 shared by every run; calls in flight on it die with the process.

@@ -1,0 +1,395 @@
+"""The dask executor on a real cluster: a ``dask scheduler`` and two ``dask worker`` processes.
+
+The workers are plain ``dask worker`` processes that cannot import the tests: every notebook
+function reaches them by value (cloudpickle), as functions of notebook cells do. They sign
+outcomes with the key conftest puts in the environment, which they inherit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from procs import finish, kill, log_entries, wait_until
+
+from durable_monty_nb import Engine, WorkflowFailed, retry
+from durable_monty_nb.errors import ExecutorUnavailable
+from durable_monty_nb.executors.dask import ADDRESS_ENV, Dask, close_clients
+from durable_monty_nb.store.store import Store
+
+pytest.importorskip("distributed")
+
+TESTS = Path(__file__).resolve().parent
+DASK = str(Path(sys.executable).parent / "dask")
+
+# A driver process: runs (or resumes) a scenario of scenarios.py on the cluster at ADDRESS.
+RUNNER = """
+import os, sys
+import cloudpickle, scenarios
+from durable_monty_nb import Engine
+from durable_monty_nb.executors.dask import Dask
+
+cloudpickle.register_pickle_by_value(scenarios)  # the workers cannot import the tests
+url, name, address = sys.argv[1:4]
+code, _ = scenarios.SCENARIOS[name]
+namespace = {**scenarios.namespace(name), "gated": scenarios.gated, "log": os.environ["SIDE_LOG"],
+             "gate": os.environ["GATE"]}
+handle = Engine(url, executor=Dask(address), lease_ttl=5.0).start(code, namespace, key=name)
+print("STARTED", handle.execution_id, flush=True)
+print("RESULT", repr(handle.result()), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of workers: this one (the signing key too) without the tests on the path."""
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != TESTS]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def dask_process(directory: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """``dask scheduler`` on 127.0.0.1:PORT, or a single-threaded ``dask worker`` (no nanny) of ADDRESS."""
+    if args[0] == "scheduler":
+        args = (*args[:1], "--host", "127.0.0.1", "--port", *args[1:], "--no-dashboard", "--dashboard-address", ":0")
+    else:
+        args = (*args, "--nthreads", "1", "--nworkers", "1", "--no-nanny", "--no-dashboard")
+    with open(directory / f"{name}.log", "ab") as log:
+        return subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=worker_env(), cwd=directory)
+
+
+class Cluster:
+    """A scheduler and two single-threaded workers, each a process of its own (no nanny)."""
+
+    def __init__(self, directory: Path) -> None:
+        from distributed import Client
+
+        self.directory = directory
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.scheduler = dask_process(directory, "scheduler", "scheduler", str(port))
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers = [self.start_worker() for _ in range(2)]
+        try:
+            self.client = Client(self.address, timeout=30, set_as_default=False)
+            self.ready()
+        except BaseException:
+            self.kill()
+            raise
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        return dask_process(self.directory, f"worker-{len(self.workers)}", "worker", self.address)
+
+    def ready(self) -> None:
+        """Two live workers (a killed one is replaced)."""
+        for i, worker in enumerate(self.workers):
+            if worker.poll() is not None:
+                self.workers[i] = self.start_worker()
+        wait_until(lambda: len(self.client.scheduler_info(n_workers=-1)["workers"]) == 2, what="two dask workers")
+
+    def worker_of(self, pid: int) -> subprocess.Popen[bytes]:
+        (worker,) = [w for w in self.workers if w.pid == pid]
+        return worker
+
+    def wanted_by(self, prefix: str) -> dict[str, set[str]]:
+        """The tasks whose key starts with ``prefix`` and the clients that want them."""
+
+        def clients(dask_scheduler: Any, prefix: str) -> dict[str, set[str]]:
+            return {
+                key: {cs.client_key for cs in ts.who_wants or ()}
+                for key, ts in dask_scheduler.tasks.items()
+                if str(key).startswith(prefix)
+            }
+
+        return self.client.run_on_scheduler(clients, prefix=prefix)
+
+    def close(self) -> None:
+        self.client.close()
+        self.kill()
+
+    def kill(self) -> None:
+        for proc in [*self.workers, self.scheduler]:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("dask"))
+    yield cluster
+    close_clients()
+    cluster.close()
+
+
+@pytest.fixture
+def dask_engine(cluster: Cluster, sqlite_url: str) -> Iterator[Engine]:
+    cluster.ready()
+    engine = Engine(sqlite_url, executor=Dask(cluster.address))
+    yield engine
+    for run in engine.active_runs():
+        run.cancel()
+        run.wait(30)
+    engine.close()
+
+
+def test_workers_inherit_the_signing_key(cluster: Cluster) -> None:
+    keys = cluster.client.run(lambda: os.environ.get("DURABLE_MONTY_KEY"))
+    assert list(keys.values()) == [os.environ["DURABLE_MONTY_KEY"]] * 2
+
+
+def test_gather_of_closures_shipped_by_value(dask_engine: Engine) -> None:
+    offset = 7
+
+    def shifted(x: int) -> list[Any]:
+        import importlib.util
+        import os
+
+        return [x + offset, os.getpid(), importlib.util.find_spec("test_dask") is None]
+
+    code = "results = await gather(*[shifted(i) for i in range(n)])\nresults"
+    run = dask_engine.start(code, {"shifted": shifted, "n": 50})
+    results = run.result(timeout=60)
+    assert [r[0] for r in results] == [i + 7 for i in range(50)]
+    assert all(r[2] for r in results)  # not importable there: the closure travelled by value
+    assert os.getpid() not in {r[1] for r in results}
+    calls = dask_engine.store.load_calls(run.execution_id)
+    assert {c.status for c in calls} == {"done"} and all(c.worker.startswith("tcp://127.0.0.1:") for c in calls)
+    attempts = dask_engine.store.load_attempts([f"dm-{run.execution_id}-{c.call_id}-1" for c in calls])
+    assert len(attempts) == 50 and {a.executor for a in attempts.values()} == {"dask"}
+
+
+def test_sequential_sync_and_async_calls(dask_engine: Engine) -> None:
+    def double(x: int) -> int:
+        return x * 2
+
+    async def increment(x: int) -> int:
+        await asyncio.sleep(0)
+        return x + 1
+
+    code = "a = await double(20)\nb = await increment(a)\nb"
+    assert dask_engine.run(code, {"double": double, "increment": increment}) == 41
+
+
+def test_failing_call_brings_its_remote_traceback(dask_engine: Engine) -> None:
+    def parse(text: str) -> int:
+        if not text.isdigit():
+            raise ValueError(f"not a number: {text!r}")
+        return int(text)
+
+    with pytest.raises(WorkflowFailed) as info:
+        dask_engine.run("await parse('12')\nawait parse('x1')", {"parse": parse})
+    text = str(info.value)
+    assert "ValueError: not a number: 'x1'" in text
+    assert ", in parse" in text and "raise ValueError" in text  # the worker's frame of the function
+
+
+def test_retries_on_workers(dask_engine: Engine, tmp_path: Path) -> None:
+    tries = str(tmp_path / "tries")
+
+    @retry(retries=3, backoff="constant", delay=0.05)
+    def flaky(x: int) -> int:
+        with open(tries, "a") as handle:
+            handle.write("x\n")
+        with open(tries) as handle:
+            count = len(handle.readlines())
+        if count <= 2:
+            raise ConnectionError(f"attempt {count} failed")
+        return x
+
+    run = dask_engine.start("await flaky(5)", {"flaky": flaky})
+    assert run.result(timeout=60) == 5
+    (call,) = dask_engine.store.load_calls(run.execution_id)
+    assert call.status == "done" and call.attempts == 3
+    assert Path(tries).read_text() == "x\n" * 3
+
+
+def test_kill_the_driver_then_resume_follows_the_tasks(cluster: Cluster, sqlite_url: str, tmp_path: Path) -> None:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    cluster.ready()
+    env = {
+        **os.environ,
+        "SIDE_LOG": str(log),
+        "GATE": str(gate),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")])),
+    }
+
+    def driver() -> subprocess.Popen[str]:
+        args = [sys.executable, "-c", RUNNER, sqlite_url, "gated", cluster.address]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    store = Store(sqlite_url)
+    first = driver()
+    wait_until(lambda: len(log_entries(log)) == 2, what="a call running on each worker", procs=(first,))
+    execution_id = store.latest_execution("gated").id
+    prefix = f"dm-{execution_id}-"
+    kill(first)  # 2 calls run on the workers, 4 wait on the scheduler: all go on without a driver
+    wait_until(lambda: all(wanted == {"fire-and-forget"} for wanted in cluster.wanted_by(prefix).values()))
+    assert len(cluster.wanted_by(prefix)) == 6
+
+    second = driver()  # the same code again: resumes
+    wait_until(
+        lambda: all(len(wanted) == 2 for wanted in cluster.wanted_by(prefix).values()),
+        what="the new driver to follow the 6 tasks",
+        procs=(second,),
+    )
+    gate.touch()
+    code, out, err = finish(second)
+    assert code == 0, err
+    assert "RESULT 150" in out
+    entries = log_entries(log)
+    assert sorted(entry for _, entry in entries) == sorted(f"gated {i}" for i in range(6))  # none ran twice
+    assert {pid for pid, _ in entries} <= {w.pid for w in cluster.workers}
+    row = store.latest_execution("gated")
+    assert row.status == "completed" and row.calls_done == 6
+    assert all(r.attempt == 1 for r in store.load_attempts([f"{prefix}{i}-1" for i in range(6)]).values())
+
+
+def test_killed_worker_call_runs_again_on_the_other(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+
+    def gated(i: int) -> int:
+        import os
+        import time
+
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} gated {i}\n")
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return i * 10
+
+    run = dask_engine.start("await gated(4)", {"gated": gated})
+    wait_until(lambda: log_entries(log), what="the call to start")
+    wait_until(lambda: run.progress.running == 1 and run.calls()[0].worker, what="the call to show as running")
+    ((victim, _),) = log_entries(log)
+    os.kill(victim, signal.SIGKILL)
+    cluster.worker_of(victim).wait(30)
+    wait_until(lambda: len(log_entries(log)) == 2, what="the call to run again")
+    gate.touch()
+    assert run.result(timeout=60) == 40
+    (first, _), (second, _) = log_entries(log)
+    assert first == victim and second != victim and second in {w.pid for w in cluster.workers}
+
+
+def test_scheduler_restart_runs_lost_calls_again(sqlite_url: str, tmp_path: Path) -> None:
+    # ~10 s: a scheduler of its own started twice, two workers, and the grace before "no worker".
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [
+        dask_process(tmp_path, "scheduler", "scheduler", str(port)),
+        dask_process(tmp_path, "w1", "worker", address),
+    ]
+
+    def gated(i: int) -> int:
+        import os
+        import time
+
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} gated {i}\n")
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return i * 10
+
+    engine = Engine(sqlite_url, executor=Dask(address))
+    try:
+        run = engine.start("await gated(3)", {"gated": gated})
+        wait_until(lambda: log_entries(log), what="the call to start")
+        procs[0].kill()  # its workers stop with it (dask workers do not outlive their scheduler)
+        procs[0].wait(30)
+        wait_until(lambda: f"cannot reach the Dask scheduler at {address} since" in (run.progress.note or ""))
+        procs.append(dask_process(tmp_path, "scheduler-2", "scheduler", str(port)))
+        wait_until(lambda: f"no Dask worker is connected to {address}" in (run.progress.note or ""), what="no worker")
+        procs.append(dask_process(tmp_path, "w2", "worker", address))
+        wait_until(lambda: len(log_entries(log)) == 2, what="the lost call to run again")
+        gate.touch()
+        assert run.result(timeout=60) == 30
+        (call,) = engine.store.load_calls(run.execution_id)
+        assert call.status == "done" and call.attempts == 2  # attempt 1 was lost with the scheduler
+    finally:
+        engine.close()
+        for proc in procs:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_tampered_function_pickle_is_refused(dask_engine: Engine, sqlite_url: str) -> None:
+    def tripled(x: int) -> int:
+        return x * 3
+
+    code = "r = 0\nif go:\n    r = await tripled(5)\nr"
+    assert dask_engine.run(code, {"tripled": tripled, "go": False}, key="tamper") == 0  # shipped, never loaded
+
+    import cloudpickle
+
+    db = sa.create_engine(sqlite_url)
+    with db.begin() as conn:
+        changed = conn.execute(
+            sa.text("UPDATE dm_functions SET data = :data WHERE name = 'tripled'"),
+            {"data": cloudpickle.dumps(lambda x: x * 1000)},
+        ).rowcount
+    db.dispose()
+    assert changed == 1
+
+    with pytest.raises(WorkflowFailed) as info:
+        dask_engine.run(code, {"tripled": tripled, "go": True}, key="tamper")
+    text = str(info.value)
+    assert "TamperedDataError" in text and "'tripled'" in text and "integrity check" in text
+
+
+def test_worker_with_another_key_refuses_the_task(cluster: Cluster, sqlite_url: str) -> None:
+    cluster.ready()
+
+    def double(x: int) -> int:
+        return x * 2
+
+    engine = Engine(sqlite_url, executor=Dask(cluster.address), key="not-the-workers-key")
+    try:
+        with pytest.raises(WorkflowFailed) as info:
+            engine.run("await double(2)", {"double": double})
+    finally:
+        engine.close()
+    text = str(info.value)
+    assert "TamperedDataError" in text and "its signature does not match this worker's key" in text
+    assert "DURABLE_MONTY_KEY" in text
+
+
+def test_unreachable_scheduler_is_reported_before_anything_runs(sqlite_url: str) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ExecutorUnavailable) as info:
+        Engine(sqlite_url, executor=Dask(address)).run("await f(1)", {"f": abs})
+    text = str(info.value)
+    assert address in text and "dask scheduler" in text and "nothing was dispatched" in text
+
+
+def test_local_cluster_without_an_address(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Starts a LocalCluster of os.cpu_count() worker processes (a few seconds), closed at the end.
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+
+    def cube(x: int) -> int:
+        return x**3
+
+    engine = Engine(sqlite_url, executor="dask")
+    try:
+        code = "results = await gather(*[cube(i) for i in range(n)])\nsum(results)"
+        assert engine.run(code, {"cube": cube, "n": 10}) == 2025
+        assert engine.run(code, {"cube": cube, "n": 11}, key="again") == 3025  # the same cluster
+        err = capfd.readouterr().err
+        assert err.count("started a local Dask cluster") == 1 and "DurableMagics.dask_address" in err
+    finally:
+        engine.close()
+        close_clients()
