@@ -68,6 +68,9 @@ def run_attempt(payload: dict[str, Any], worker: str | None = None) -> dict[str,
     verify_payload(payload, signer)
     store = _store(payload["store"])
     task_id = Task(payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]).id
+    finished = store.load_attempts([task_id]).get(task_id)
+    if finished is not None and finished.finished:  # run before (e.g. Dask re-ran it after its worker died)
+        return wire(finished)
     record = AttemptRecord(
         task_id,
         payload["execution_id"],
