@@ -319,7 +319,7 @@ class Engine:
         reuse: bool,
         paused: bool = False,
     ) -> Run:
-        shipped = ship_functions(info, ns, fingerprints) if chosen.name != "threads" else {}
+        shipped = ship_functions(info, ns, fingerprints) if chosen.remote else {}
         execution_id = uuid.uuid4().hex
         handle = Run(execution_id, key)
         emit = self._subscribe_printer(handle, print_callback)

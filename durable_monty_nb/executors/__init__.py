@@ -31,6 +31,7 @@ class RunContext:
 
 class Backend(Protocol):
     name: str
+    remote: bool  # tasks run in other processes: functions are shipped to the store first
 
     def check(self) -> None:
         """Raise ExecutorUnavailable (before anything runs) when tasks cannot be dispatched."""
@@ -45,6 +46,7 @@ class Threads:
 
     workers: int = defaults.WORKERS
     name: str = "threads"
+    remote = False
 
     def __post_init__(self) -> None:
         if self.workers < 1:

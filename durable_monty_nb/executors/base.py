@@ -169,6 +169,46 @@ class Executor(Protocol):
         ...
 
 
+class Health:
+    """What keeps an executor's tasks from progressing, as views show it (``Executor.problem``).
+
+    ``service`` names what the executor talks to (``Redis at URL``); ``no_worker`` is what to
+    say when tasks wait and no worker is there for ``grace`` seconds. Thread-safe enough for
+    one watcher thread writing and views reading.
+    """
+
+    def __init__(self, service: str, no_worker: str, grace: float = 3.0) -> None:
+        self.service = service
+        self.no_worker = no_worker
+        self.grace = grace
+        self.problem: str | None = None
+        self.down_since: float | None = None
+        self._idle_since: float | None = None
+
+    def unreachable(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+        since = time.strftime("%H:%M:%S", time.localtime(self.down_since))
+        self.problem = f"cannot reach {self.service} since {since}, retrying ({exc})"
+
+    def reachable(self) -> None:
+        if self.down_since is not None:
+            self.down_since = None
+            self.problem = None
+
+    def workers(self, *, waiting: bool, present: bool) -> None:
+        """Record whether tasks wait and whether any worker is there to take them."""
+        if waiting and not present:
+            now = time.monotonic()
+            self._idle_since = self._idle_since or now
+            if now - self._idle_since >= self.grace:
+                self.problem = self.no_worker
+            return
+        self._idle_since = None
+        if self.down_since is None:
+            self.problem = None
+
+
 def exception_types(cls: type[BaseException]) -> tuple[str, ...]:
     """Fully qualified names of a class and its bases, most specific first."""
     return tuple(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c is not object)

@@ -43,14 +43,13 @@ from typing import Any
 
 from ..errors import ExecutorUnavailable, TamperedDataError
 from . import RunContext
-from .base import Done, ErrorInfo, Outcome, Task
+from .base import Done, ErrorInfo, Health, Outcome, Task
 from .record import outcome_from_wire
 from .worker import failure_message, make_payload, run_attempt, worker_name
 
 ADDRESS_ENV = "DURABLE_MONTY_DASK_ADDRESS"
 CONNECT_SECONDS = 5.0
 POLL_SECONDS = 1.0  # how often the scheduler is asked which attempts run, while some are in flight
-NO_WORKER_GRACE = 3.0
 GATHER_BATCH = 2000
 CONNECTION_LOST = "scheduler-connection-lost"
 
@@ -69,6 +68,7 @@ class Dask:
 
     address: str | None = field(default_factory=lambda: os.environ.get(ADDRESS_ENV) or None)
     name: str = "dask"
+    remote = True
 
     def client(self) -> Any:
         """The process-wide client of this address (connected, or started, on first use)."""
@@ -164,16 +164,17 @@ class DaskExecutor:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = 0
-        self._problem: str | None = None
-        self._down_since: float | None = None
-        self._no_worker_since: float | None = None
+        self._health = Health(
+            f"the Dask scheduler at {self.address}",
+            f"no Dask worker is connected to {self.address}: start one with: dask worker {self.address}",
+        )
         self._last_poll = 0.0
 
     # -- the Executor protocol -----------------------------------------------------------------
 
     @property
     def problem(self) -> str | None:
-        return self._problem
+        return self._health.problem
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -196,7 +197,7 @@ class DaskExecutor:
         try:
             lost = self._follow(list(tasks))
         except Exception as exc:  # the scheduler is unreachable: follow them once it is back
-            self._unreachable(exc)
+            self._health.unreachable(exc)
             with self._lock:
                 self._orphans.extend(tasks)
             lost = []
@@ -229,7 +230,7 @@ class DaskExecutor:
         except Exception as exc:
             with self._lock:
                 self._unsent.extend(tasks)
-            self._unreachable(exc)
+            self._health.unreachable(exc)
             return
         self._track(tasks, futures)
 
@@ -303,7 +304,7 @@ class DaskExecutor:
                     for future in batch:
                         if self._futures.get(future.key) is future:  # not reported yet
                             self._finished.put(future)
-                self._unreachable(exc)
+                self._health.unreachable(exc)
                 self._closed.wait(POLL_SECONDS)
 
     def _deliver(self, futures: list[Any]) -> None:
@@ -348,7 +349,7 @@ class DaskExecutor:
                 with self._lock:
                     self._futures.pop(key, None)
                     self._orphans.append(task)
-                self._unreachable(ConnectionError("the connection to the scheduler was lost"))
+                self._health.unreachable(ConnectionError("the connection to the scheduler was lost"))
             else:
                 why = f"the Dask scheduler at {self.address} no longer has it ({reason or 'cancelled'})"
                 self._report(key, Outcome.lost_attempt(task, why))
@@ -396,8 +397,8 @@ class DaskExecutor:
             if unsent or orphans:
                 with self._lock:
                     self._unsent[:0], self._orphans[:0] = unsent, orphans
-        if self._down_since is not None and not self._unsent:
-            self._reachable()
+        if not self._unsent:
+            self._health.reachable()
         self._count_running(processing)
 
     def _count_running(self, processing: dict[str, list[str]]) -> None:
@@ -414,28 +415,8 @@ class DaskExecutor:
                             task.started_at, task.worker = now, worker
             self._running = running
             waiting = len(tasks) - running
-        if waiting and not processing:  # the scheduler lists every worker, idle or not
-            moment = time.monotonic()
-            self._no_worker_since = self._no_worker_since or moment
-            if moment - self._no_worker_since >= NO_WORKER_GRACE:
-                self._problem = (
-                    f"no Dask worker is connected to {self.address}: start one with: dask worker {self.address}"
-                )
-        else:
-            self._no_worker_since = None
-            if self._down_since is None:
-                self._problem = None
-
-    def _unreachable(self, exc: BaseException) -> None:
-        if self._down_since is None:
-            self._down_since = time.time()
-        since = time.strftime("%H:%M:%S", time.localtime(self._down_since))
-        self._problem = f"cannot reach the Dask scheduler at {self.address} since {since}, retrying ({exc})"
-
-    def _reachable(self) -> None:
-        if self._down_since is not None:
-            self._down_since = None
-            self._problem = None
+        # the scheduler lists every worker, idle or not
+        self._health.workers(waiting=waiting > 0, present=bool(processing))
 
 
 class AttemptNotRun(RuntimeError):

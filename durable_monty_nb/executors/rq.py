@@ -30,7 +30,7 @@ from typing import Any
 from .. import defaults
 from ..errors import ExecutorUnavailable, TamperedDataError
 from . import RunContext
-from .base import Done, Outcome, Task
+from .base import Done, Health, Outcome, Task
 from .record import outcome_from_wire
 from .worker import failure_message, make_payload, run_attempt, worker_name
 
@@ -42,7 +42,6 @@ NOTIFY_TTL = 7 * 24 * 3600  # messages of a dead kernel's execution wait this lo
 RESULT_TTL = 60  # RQ's own copy of the (small) return value: the store has the outcome
 FAILURE_TTL = 7 * 24 * 3600
 WATCH_SECONDS = 1.0
-NO_WORKER_GRACE = 3.0
 
 
 def notify_key(execution_id: str) -> str:
@@ -60,6 +59,7 @@ class RQ:
     url: str = field(default_factory=lambda: os.environ.get(URL_ENV) or DEFAULT_URL)
     queue: str = defaults.RQ_QUEUE
     name: str = "rq"
+    remote = True
 
     def connection(self) -> Any:
         from redis import Redis
@@ -100,16 +100,18 @@ class RQExecutor:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self._problem: str | None = None
-        self._down_since: float | None = None
-        self._no_worker_since: float | None = None
+        url, queue_name = _public(backend.url), backend.queue
+        self._health = Health(
+            f"Redis at {url}",
+            f"no worker is listening on queue {queue_name} ({url}): start one with: rq worker {queue_name} --url {url}",
+        )
         self._last_check = 0.0
 
     # -- the Executor protocol -----------------------------------------------------------------
 
     @property
     def problem(self) -> str | None:
-        return self._problem
+        return self._health.problem
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -176,9 +178,9 @@ class RQExecutor:
         except RedisError as exc:
             with self._lock:
                 self._unsent.extend(tasks)
-            self._unreachable(exc)
+            self._health.unreachable(exc)
             return
-        self._reachable()
+        self._health.reachable()
 
     # -- the watcher thread ------------------------------------------------------------------------
 
@@ -203,14 +205,14 @@ class RQExecutor:
                 messages = [first[1]] if first else []
                 if first:
                     messages += self.redis.lpop(self._notify, 1000) or []
-                if self._down_since is not None and not self._unsent:
-                    self._reachable()
+                if not self._unsent:
+                    self._health.reachable()
                 for raw in messages:
                     self._deliver(json.loads(raw))
                 if time.monotonic() - self._last_check >= WATCH_SECONDS:
                     self._check()
             except RedisError as exc:
-                self._unreachable(exc)
+                self._health.unreachable(exc)
                 self._closed.wait(WATCH_SECONDS)
 
     def _deliver(self, message: dict[str, Any]) -> None:
@@ -249,29 +251,7 @@ class RQExecutor:
             for task, beating in zip(started, alive, strict=True):
                 if not beating and not self.redis.exists(self._notify):  # no outcome on its way either
                     self._report(task.id, Outcome.lost_attempt(task, f"its worker {task.worker} stopped"))
-        if waiting and not Worker.all(queue=self.queue):
-            now = time.monotonic()
-            self._no_worker_since = self._no_worker_since or now
-            if now - self._no_worker_since >= NO_WORKER_GRACE:
-                self._problem = (
-                    f"no worker is listening on queue {self.backend.queue} ({_public(self.backend.url)}): start one "
-                    f"with: rq worker {self.backend.queue} --url {_public(self.backend.url)}"
-                )
-        else:
-            self._no_worker_since = None
-            if self._down_since is None:
-                self._problem = None
-
-    def _unreachable(self, exc: Exception) -> None:
-        if self._down_since is None:
-            self._down_since = time.time()
-        since = time.strftime("%H:%M:%S", time.localtime(self._down_since))
-        self._problem = f"cannot reach Redis at {_public(self.backend.url)} since {since}, retrying ({exc})"
-
-    def _reachable(self) -> None:
-        if self._down_since is not None:
-            self._down_since = None
-            self._problem = None
+        self._health.workers(waiting=waiting > 0, present=not waiting or bool(Worker.all(queue=self.queue)))
 
 
 def run_job(payload: dict[str, Any]) -> str:
