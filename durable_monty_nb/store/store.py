@@ -509,15 +509,9 @@ class Store:
 
     def load_function(self, key: str) -> bytes:
         """The verified pickle of a shipped function (KeyError if the store has none)."""
-        with self._reader.connect() as conn:
-            row = conn.execute(select(FUNCTIONS).where(FUNCTIONS.c.key == key)).first()
-        if row is None:
-            raise KeyError(key)
-        what = f"the function {row.name!r} shipped to workers (key {key})"
-        self.signer.verify(f"function:{key}", row.data, row.signature, what)
-        if blob_key(row.data) != key:
-            raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
-        return row.data
+        return self._load_signed_content(
+            FUNCTIONS, "function", key, lambda row: f"the function {row.name!r} shipped to workers (key {key})"
+        )
 
     def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes, str]], now: float) -> None:
         keys = list(blobs)
@@ -599,12 +593,17 @@ class Store:
         return found
 
     def load_blob(self, key: str) -> bytes:
+        """The verified pickle bytes of a stored value (KeyError if the store has none)."""
+        return self._load_signed_content(BLOBS, "blob", key, lambda row: f"the stored value {key} ({row.type_name})")
+
+    def _load_signed_content(self, table: Any, context: str, key: str, describe: Any) -> bytes:
+        """The data of a content-addressed row, verified against its signature and its key."""
         with self._reader.connect() as conn:
-            row = conn.execute(select(BLOBS).where(BLOBS.c.key == key)).first()
+            row = conn.execute(select(table).where(table.c.key == key)).first()
         if row is None:
             raise KeyError(key)
-        what = f"the stored value {key} ({row.type_name})"
-        self.signer.verify(f"blob:{key}", row.data, row.signature, what)
+        what = describe(row)
+        self.signer.verify(f"{context}:{key}", row.data, row.signature, what)
         if blob_key(row.data) != key:
             raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
         return row.data
