@@ -177,7 +177,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
             done=c.done,
             failed=c.failed,
             running=running,
-            queued=max(in_flight - running, 0) if not self.executor.durable else min(queued, in_flight - running),
+            queued=min(queued, in_flight - running),
             retrying=retrying,
             waiting=waiting,
             restored=c.restored,
