@@ -257,8 +257,9 @@ def test_kill_the_driver_then_resume_follows_the_tasks(cluster: Cluster, sqlite_
     assert all(r.attempt == 1 for r in store.load_attempts([f"{prefix}{i}-1" for i in range(6)]).values())
 
 
-def test_killed_worker_call_runs_again_on_the_other(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
+def gated_call(log: Path, gate: Path) -> Any:
+    """A notebook-style function (a closure: workers cannot import it) that logs its start,
+    then holds until the file ``gate`` exists."""
 
     def gated(i: int) -> int:
         import os
@@ -270,6 +271,13 @@ def test_killed_worker_call_runs_again_on_the_other(dask_engine: Engine, cluster
             time.sleep(0.01)
         return i * 10
 
+    return gated
+
+
+def test_killed_worker_call_runs_again_on_the_other(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+
+    gated = gated_call(log, gate)
     run = dask_engine.start("await gated(4)", {"gated": gated})
     wait_until(lambda: log_entries(log), what="the call to start")
     wait_until(lambda: run.progress.running == 1 and run.calls()[0].worker, what="the call to show as running")
@@ -293,16 +301,7 @@ def test_scheduler_restart_runs_lost_calls_again(sqlite_url: str, tmp_path: Path
         dask_process(tmp_path, "w1", "worker", address),
     ]
 
-    def gated(i: int) -> int:
-        import os
-        import time
-
-        with open(log, "a") as handle:
-            handle.write(f"{os.getpid()} gated {i}\n")
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return i * 10
-
+    gated = gated_call(log, gate)
     engine = Engine(sqlite_url, executor=Dask(address))
     try:
         run = engine.start("await gated(3)", {"gated": gated})
