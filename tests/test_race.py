@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from procs import finish, kill, log_entries, spawn, wait_until
@@ -28,7 +29,10 @@ def test_two_processes_resuming_one_crashed_execution(db_url: str, tmp_path: Pat
     loser = busy[0]
     winner = next(p for p in racers if p is not loser)
     code, out, _ = finish(loser)
-    assert code == 3 and "BUSY" in out and "being driven by process" in out
+    assert code == 3 and "BUSY" in out and f"being driven by process {winner.pid}" in out
+    # It says how long until take-over and how to wait for or take over the run.
+    assert re.search(r"lease runs for \d+ s more", out) and "%durable_status gather" in out
+    assert "stop that process" in out
     wait_until(
         lambda: "work 15" in [e for pid, e in log_entries(log) if pid == winner.pid],
         what="the winner to reach work 15",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from durable_monty_nb import Engine, StoreVersionError, TamperedDataError
 from durable_monty_nb.store import schema
 from durable_monty_nb.store.models import Base
 from durable_monty_nb.store.signing import Signer
-from durable_monty_nb.store.store import Store, new_owner, owner_is_dead
+from durable_monty_nb.store.store import Store, _proc_stat, _process_start, new_owner, owner_is_dead
 
 
 def interrupted_run(engine: Engine, key: str = "tamper") -> str:
@@ -214,6 +215,31 @@ def test_lease_of_a_dead_local_process_is_taken_at_once(db_url: str) -> None:
     store = Store(db_url)
     execution_id = _insert_execution(store, dead_owner, 3600)  # not expired, but its process is gone
     assert store.acquire_lease(execution_id, new_owner(), 60) is None
+
+
+def test_lease_of_a_killed_but_unreaped_process_is_taken_at_once(db_url: str) -> None:
+    """A SIGKILLed kernel its parent has not reaped yet (a zombie) is dead, not an owner."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(600)"], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        owner = new_owner().split(":")
+        owner[1], owner[2] = str(proc.pid), _process_start(proc.pid)
+        zombie_owner = ":".join(owner)
+        assert not owner_is_dead(zombie_owner)  # alive: its lease holds
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _proc_stat(proc.pid)[0] != "Z":  # killed; nobody has called wait() yet
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert owner_is_dead(zombie_owner)
+        store = Store(db_url)
+        execution_id = _insert_execution(store, zombie_owner, 3600)
+        assert store.acquire_lease(execution_id, new_owner(), 60) is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_writer_that_lost_its_lease_cannot_commit(db_url: str) -> None:

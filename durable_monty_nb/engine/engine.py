@@ -149,8 +149,7 @@ class Engine:
                 )
             if latest.status == "running" and lease_held(latest):
                 raise ExecutionBusy(
-                    f"{key!r} is still running (execution {latest.id[:12]}, driven by "
-                    f"{describe_owner(latest.lease_owner)}); wait for it or cancel it before running changed code"
+                    self._busy_message(latest.id, key, latest.lease_owner, "before running changed code")
                 )
         return self._start_new(
             info,
@@ -247,6 +246,19 @@ class Engine:
             chosen = backend(executor, workers=workers or self.settings.workers)
         chosen.check()
         return chosen
+
+    def _busy_message(self, execution_id: str, key: str, owner: str | None, purpose: str = "") -> str:
+        """Who drives an execution, when its lease lapses, and how to wait for it or take it over."""
+        row = self.store.get_execution(execution_id)
+        left = max((row.lease_expires_at or 0.0) - time.time(), 0.0)
+        then = f" {purpose}" if purpose else ""
+        return (
+            f"execution {execution_id[:12]} ({key!r}) is being driven by {describe_owner(owner)}. "
+            f"Its lease runs for {left:.0f} s more and is renewed while that process lives. "
+            f"Wait for it to finish{then} (%durable_status {key} shows its progress), or stop that process "
+            f"(interrupt or kill it): a resume then takes over at once on this machine, or within "
+            f"{left:.0f} s from another one."
+        )
 
     def _open_executor(self, chosen: Backend, execution_id: str, key: str) -> Any:
         return chosen.open(RunContext(execution_id, key, self.store.url, self.store.signer))
@@ -410,7 +422,7 @@ class Engine:
         owner = new_owner()
         busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
         if busy is not None:
-            raise ExecutionBusy(f"execution {row.id[:12]} ({row.key!r}) is being driven by {describe_owner(busy)}")
+            raise ExecutionBusy(self._busy_message(row.id, row.key, busy))
         handle = Run(row.id, row.key)
         emit = self._subscribe_printer(handle, print_callback)
         session = None

@@ -131,11 +131,17 @@ def machine_id() -> str:
     return f"{socket.gethostname()}/{_BOOT_ID}"
 
 
-def _process_start(pid: int) -> str:
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first); [] when unknown."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return "-"
+        return []
+
+
+def _process_start(pid: int) -> str:
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else "-"
 
 
 def new_owner() -> str:
@@ -159,7 +165,10 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return started != "-" and _process_start(pid) != started
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: dead all the same
+        return True
+    return started != "-" and (fields[19] if len(fields) > 19 else "-") != started
 
 
 def lease_held(row: Any) -> bool:
@@ -342,7 +351,11 @@ class Store:
                 .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner == current)
                 .values(lease_owner=owner, lease_expires_at=now + ttl, updated_at=now)
             ).rowcount
-            return None if taken else current
+            if taken:
+                return None
+            # Another process took it over first: name that one, not the dead owner.
+            now_owner = conn.execute(select(EXECUTIONS.c.lease_owner).where(EXECUTIONS.c.id == execution_id)).scalar()
+            return now_owner or "unknown"
 
     def release_lease(self, execution_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
