@@ -211,6 +211,47 @@ def test_a_call_whose_worker_is_killed_runs_again_on_another_worker(
     engine.close()
 
 
+def test_a_module_missing_on_the_workers_reaches_the_cell_and_only_failed_calls_run_again(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "side.log"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "dm_encoder_plugin.py").write_text("def encode(x):\n    return x * 100\n")
+
+    def prepare(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} prepare {i}\n")
+        return i
+
+    def encode(x):
+        import dm_encoder_plugin  # installed on the fixed workers only
+
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} encode {x}\n")
+        return dm_encoder_plugin.encode(x)
+
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    ns = {"prepare": prepare, "encode": encode}
+    code = "xs = [await prepare(i) for i in range(3)]\nsum(await gather(*[encode(x) for x in xs]))"
+    workers.start(1)
+    with pytest.raises(WorkflowFailed) as failure:
+        engine.run(code, ns, key="plugin")
+    text = str(failure.value)
+    assert "ModuleNotFoundError: No module named 'dm_encoder_plugin'" in text
+    assert "import dm_encoder_plugin" in text  # the worker's traceback
+    assert "Install it in the workers' environment" in text and "Monty sandbox" not in text
+    workers.stop()
+
+    workers.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(modules)])  # fix the workers
+    workers.start(1)
+    assert engine.run(code, ns, key="plugin") == 300
+    entries = [entry for _, entry in log_lines(log)]
+    assert sorted(e for e in entries if e.startswith("prepare")) == ["prepare 0", "prepare 1", "prepare 2"]
+    assert sorted(e for e in entries if e.startswith("encode")) == ["encode 0", "encode 1", "encode 2"]
+    engine.close()
+
+
 def test_a_tampered_function_pickle_is_refused_by_the_worker(workers: Workers, sqlite_url: str) -> None:
     workers.start(1)
     engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))

@@ -37,6 +37,12 @@ class CallState:
     task: Task | None = None
     worker: str | None = None
     lost: int = 0  # attempts lost with their worker (not counted by the retry policy)
+    earlier: int = 0  # attempts of runs before a fresh try after a fix (not counted by the policy either)
+
+    @property
+    def policy_attempts(self) -> int:
+        """The attempts the retry policy counts: this try's, not lost ones."""
+        return self.attempts - self.lost - self.earlier
 
     @property
     def view_status(self) -> str:

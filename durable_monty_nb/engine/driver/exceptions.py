@@ -70,8 +70,12 @@ def last_message(text: str | None) -> str:
     return tail if sep and " " not in head.strip() else last
 
 
-def format_monty_error(exc: MontyError, key: str) -> str:
-    """Monty's traceback, with the workflow named and a hint for errors users often meet."""
+def format_monty_error(exc: MontyError, key: str, *, sandbox_hint: bool = True) -> str:
+    """Monty's traceback, with the workflow named and a hint for errors users often meet.
+
+    ``sandbox_hint``: explain Monty's partial standard library on an import error (not when the
+    error was raised by a notebook function, where the sandbox is not the cause).
+    """
     try:
         text = exc.display()  # type: ignore[attr-defined]
     except Exception:
@@ -81,7 +85,7 @@ def format_monty_error(exc: MontyError, key: str) -> str:
         inner = exc.exception()  # type: ignore[attr-defined]
     except Exception:
         inner = None
-    if isinstance(inner, ModuleNotFoundError):
+    if sandbox_hint and isinstance(inner, ModuleNotFoundError):
         text += (
             "\nWorkflow code runs in the Monty sandbox, which offers only part of the standard library "
             "(asyncio, math, json, re, datetime, ...). Import other modules inside a notebook function "

@@ -74,16 +74,24 @@ class Finishing:
         return exported if isinstance(exported, dict) else {}
 
     def _fail(self: Driver, exc: MontyRuntimeError) -> None:
-        text = format_monty_error(exc, self.key)
         inner = exc.exception()
         error_type = type(inner).__name__
         cause = self._failed_calls.get((error_type, exception_message(inner)))
-        if cause is not None and cause.error_text:
-            cause_view = cause.view()
+        from_call = cause is not None and bool(cause.error_text)
+        text = format_monty_error(exc, self.key, sandbox_hint=not from_call)
+        if from_call:
+            assert cause is not None
             text += (
-                f"\n\nThe exception came from call {cause.call_id}, {cause.function}({cause_view.args}), "
-                f"after {cause.attempts} attempt(s):\n{cause.error_text}"
+                f"\n\nThe exception came from call {cause.call_id}, {cause.function}({cause.view().args}), "
+                f"after {cause.attempts} attempt(s)"
+                f"{f' on worker {cause.worker}' if cause.worker else ''}:\n{cause.error_text}"
             )
+            if cause.worker and isinstance(inner, ModuleNotFoundError):
+                text += (
+                    f"\nThe module is missing where the call ran, on worker {cause.worker}. Install it in the "
+                    "workers' environment (for a module of your own: cloudpickle.register_pickle_by_value(module) "
+                    "in the notebook ships it with the function), then run the cell again: only the failed calls run."
+                )
         summary = f"{error_type}: {exception_message(inner)}"
         self._record_failure(text, error_type, WorkflowFailed(summary, text, self.execution_id, error_type))
 

@@ -198,8 +198,8 @@ class Ledger:
                 self._push_timer(due_at or now, state)
             elif status == "retrying" and due_at and due_at > now:
                 self._push_timer(due_at, state)
-            elif status == "failed":  # a fresh try after a fix: the policy starts over
-                state.attempts = 0
+            elif status == "failed":  # a fresh try after a fix: the policy starts over (attempt ids go on)
+                state.earlier = attempts
                 state.status = "pending"
                 self._to_dispatch.append(state)
             else:

@@ -238,10 +238,10 @@ class Scheduling:
             self._settle_failure(state, error, outcome.finished_at)
             return
         policy = policy_for(self._function(state.function), self.settings.retry)
-        if not policy.should_retry(state.attempts - state.lost, error):
+        if not policy.should_retry(state.policy_attempts, error):
             self._settle_failure(state, error, outcome.finished_at)
             return
-        wait = policy.wait_before(state.attempts - state.lost)
+        wait = policy.wait_before(state.policy_attempts)
         state.status, state.due_at = "retrying", outcome.finished_at + wait
         state.error_text, state.error_type = error.traceback, error.type_name
         self._push_timer(state.due_at, state)
