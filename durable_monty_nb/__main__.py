@@ -12,7 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     upgrade = commands.add_parser("upgrade", help="bring a store to this release's schema (Alembic)")
     upgrade.add_argument("--db", required=True, help="SQLAlchemy URL or SQLite file of the store")
     status = commands.add_parser("status", help="list the executions of a store")
-    status.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file (default: durable_monty.db)")
+    status.add_argument(
+        "--db", default=None, help="SQLAlchemy URL or SQLite file (default: .durable/durable_monty.db here)"
+    )
     status.add_argument("name", nargs="?", help="a key or execution id for its details")
     status.add_argument("--all", action="store_true", help="every execution, not only the latest of each key")
     worker = commands.add_parser(
@@ -24,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--url", default=None, help="Redis URL (default: $DURABLE_MONTY_RQ_URL or the local server)")
     worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    from .server.cli import COMMANDS as SERVER_COMMANDS
+    from .server.cli import add_commands, run_command
+
+    add_commands(commands)  # signal, token, serve
     args = parser.parse_args(argv)
+    if args.command in SERVER_COMMANDS:
+        return run_command(args)
 
     if args.command == "worker":
         return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst)

@@ -133,8 +133,11 @@ class ValueCodec:
             return _dumps(value), value
         if cls is list and all(type(item) in SCALARS for item in value):
             return _dumps(value), value  # e.g. call arguments: no handles, no tags
-        tree, sandbox = self._encode(value, what)
-        return _dumps(tree), sandbox
+        try:
+            tree, sandbox = self._encode(value, what)
+            return _dumps(tree), sandbox
+        except RecursionError:  # checked only when it happens: no cost for ordinary values
+            raise ValueCrossingError(_too_deep(value, what)) from None
 
     def encode_text(self, value: Any, what: str = "value") -> str:
         return self.encode(value, what)[0]
@@ -273,6 +276,53 @@ class ValueCodec:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _too_deep(value: Any, what: str) -> str:
+    """Why a value that exhausted the recursion limit cannot be stored, and what to do."""
+    if _contains_itself(value):
+        return (
+            f"{what} is a {type_name_of(value)} that contains itself (a list appended to itself, a dict "
+            f"holding itself), which cannot be stored as data. Return a copy without the cycle, or an "
+            f"object of your own class (it is pickled, cycles included)."
+        )
+    return (
+        f"{what} is nested too deeply to be stored as data (a {type_name_of(value)} of containers "
+        f"hundreds of levels deep). Flatten it, or wrap it in an object of your own class (it is pickled)."
+    )
+
+
+def _contains_itself(value: Any, budget: int = 1_000_000) -> bool:
+    """Whether a container holds itself at some depth: an iterative walk, bounded by ``budget`` steps."""
+    if type(value) not in _CONTAINERS:
+        return False
+
+    def children(container: Any) -> Any:
+        if type(container) is dict:
+            return iter([*container.keys(), *container.values()])
+        return iter(container)
+
+    path = {id(value)}
+    finished: set[int] = set()
+    stack = [(id(value), children(value))]
+    while stack and budget > 0:
+        budget -= 1
+        ident, items = stack[-1]
+        child = next(items, _END)
+        if child is _END:
+            stack.pop()
+            path.discard(ident)
+            finished.add(ident)
+        elif type(child) in _CONTAINERS and id(child) not in finished:
+            if id(child) in path:
+                return True
+            path.add(id(child))
+            stack.append((id(child), children(child)))
+    return False
+
+
+_END = object()
 
 
 def blob_key(data: bytes) -> str:

@@ -143,3 +143,46 @@ def test_dead_monty_worker_is_recovered_from_the_checkpoint(sqlite_engine: Engin
     assert run.result(timeout=60) == [0, 1, 2]
     assert ran == [0, 1, 2]  # restored from the checkpoint, nothing ran twice
     assert driver._crashes == 1
+
+
+def test_a_result_that_contains_itself_is_refused_naming_the_call(sqlite_engine: Engine) -> None:
+    def loop() -> list[object]:
+        x: list[object] = []
+        x.append(x)
+        return x
+
+    with pytest.raises(WorkflowFailed) as info:
+        sqlite_engine.run("a = await double(1)\nb = await loop()", {"double": double, "loop": loop}, key="cycle")
+    text = info.value.traceback
+    assert "ValueCrossingError: the result of loop() is a list that contains itself" in text
+    assert "came from call 1, loop()" in text
+    assert "internal error" not in text and "values.py" not in text and "RecursionError" not in text
+    assert sqlite_engine.store.latest_execution("cycle").calls_done == 1  # the kernel and the run stay sound
+
+
+def test_a_value_nested_too_deeply_is_refused_clearly(sqlite_engine: Engine) -> None:
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueCrossingError, match=r"'deep' .* nested too deeply"):
+        sqlite_engine.run("await double(deep)", {"double": double, "deep": deep})
+
+
+@pytest.mark.parametrize(
+    ("code", "feature", "line"),
+    [
+        ("x = 1\nasync with foo():\n    pass", "'async with'", 2),
+        ("async for item in feed():\n    pass", "'async for'", 1),
+        ("del undefined_name", "'del'", 1),
+        ("class A(Base):\n    pass", "class inheritance", 1),
+        ("def g():\n    yield nothing", "'yield'", 2),
+    ],
+)
+def test_unsupported_syntax_is_reported_before_unknown_names(
+    sqlite_engine: Engine, code: str, feature: str, line: int
+) -> None:
+    with pytest.raises(WorkflowCodeError) as info:  # not UnknownNamesError for foo, feed, Base...
+        sqlite_engine.run(code, {}, key="unsupported-first")
+    assert not isinstance(info.value, UnknownNamesError)
+    assert feature in str(info.value) and info.value.line == line
+    assert sqlite_engine.executions(all=True) == []

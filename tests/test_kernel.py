@@ -194,3 +194,94 @@ def test_config_selects_the_store(setup: tuple[Path, dict[str, str], Store]) -> 
     finally:
         kernel.close()
     assert Store(other).latest_execution("squares").status == "completed"
+
+
+FLAKY = """
+import os
+LOG = os.environ["SIDE_LOG"]
+FAIL = os.environ["GATE_FILE"]
+
+
+def flaky(i):
+    with open(LOG, "a") as handle:
+        handle.write(f"{os.getpid()} {i}\\n")
+    if i == 2 and os.path.exists(FAIL):
+        raise ValueError(f"item {i} is broken")
+    return i * i
+"""
+FLAKY_CELL = "%%durable flaky\nvalues = []\nfor i in range(4):\n    values.append(await flaky(i))\nsum(values)"
+FIND_VIEW = (
+    "m = get_ipython().find_cell_magic('durable').__self__\n"
+    "view = next(v for k, v in m.views.items() if k.endswith({!r}))"
+)
+
+
+def test_a_failed_run_shows_its_traceback_once_and_retries_only_the_failed_calls(
+    setup: tuple[Path, dict[str, str], Store],
+) -> None:
+    tmp_path, env, _ = setup
+    (tmp_path / "gate").touch()  # here: call 2 fails while it exists
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")  # In[1]
+        kernel.ok(FLAKY)  # In[2]
+        reply = kernel.run(FLAKY_CELL)
+        assert reply.error == "WorkflowFailed"
+        # The function's frame reads as IPython's own, not as a temporary file.
+        assert "Cell In[2], line 10, in flaky" in reply.traceback  # IPython strips the leading blank line
+        assert "ipykernel_" not in reply.traceback
+        assert reply.traceback.count("is broken") >= 1
+        # Once: the cell's error has the traceback, the widget only one line.
+        assert not any("raise ValueError" in text for text in reply.widget_text)
+        assert any("(traceback below)" in text and "item 2 is broken" in text for text in reply.widget_text)
+
+        (tmp_path / "gate").unlink()  # fixed
+        shown = kernel.ok(FIND_VIEW.format("flaky") + "\nview._retry.layout.display, view._cancel.layout.display")
+        assert shown.result == "('', 'none')"  # Retry failed shown, Cancel not (the cell waited for the run)
+        kernel.ok("view._retry.click()")  # as the browser's click does
+        wait_until(lambda: kernel.ok("'values' in dir()").result == "True", what="the retried run to export")
+        assert kernel.ok("values").result == "[0, 1, 4, 9]"
+    finally:
+        kernel.close()
+    assert sorted(i for _, i in entries(tmp_path)) == [0, 1, 2, 2, 3]  # only the failed call ran again
+
+
+def test_cancel_button_of_a_background_run_and_calls_as_a_dataframe(
+    setup: tuple[Path, dict[str, str], Store],
+) -> None:
+    tmp_path, env, store = setup
+    (tmp_path / "gate").touch()
+    kernel = Kernel(tmp_path, env)
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(DEFINE)
+        kernel.ok("%%durable steps --background\nfirst = await work(7)\nsecond = await work(8)\nfirst + second")
+        wait_until(lambda: [i for _, i in entries(tmp_path)] == [7], what="the first call to start (held)")
+        shown = kernel.ok(FIND_VIEW.format("steps") + "\nview._cancel.layout.display")
+        assert shown.result == "''"  # a background run can be cancelled from its widget
+        kernel.ok("view._cancel.click()")  # as the browser's click does (the kernel is idle)
+        (tmp_path / "gate").unlink()  # the running call finishes and is kept; the next never starts
+        wait_until(lambda: store.latest_execution("steps").status == "interrupted", what="the interruption")
+        assert [i for _, i in entries(tmp_path)] == [7]
+        assert kernel.ok("%durable_resume steps").result == "113"
+
+        frame = kernel.ok(
+            "df = %durable_status steps --df\n"
+            "str((list(df.columns), df.function.tolist(), df.arguments.tolist(), set(df.status), "
+            "bool((df.end >= df.start).all() and (df.duration >= 0).all())))"
+        )
+        assert frame.result == repr(
+            str(
+                (
+                    ["function", "arguments", "status", "attempts", "start", "end", "duration", "error", "worker"],
+                    ["work", "work"],
+                    ["7", "8"],
+                    {"done"},
+                    True,
+                )
+            )
+        )
+        assert kernel.run("%durable_status --df").error == "DurableError"
+    finally:
+        kernel.close()
+    assert [i for _, i in entries(tmp_path)] == [7, 8]  # each call ran once

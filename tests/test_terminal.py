@@ -79,3 +79,86 @@ def test_load_ext_lists_unfinished_executions(
         assert "%durable_resume NAME (or --all)" in out
     finally:
         ip.run_line_magic("unload_ext", "durable_monty_nb")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("bad --workers 0", "--workers must be at least 1, not 0"),
+        ("bad --retries -1", "--retries must be 0 or more, not -1"),
+        ("bad --retries 2 --delay -1", "--delay must be a number of seconds, 0 or more, not -1.0"),
+        ("bad --retries 2 --max-delay nan", "--max-delay must be a number of seconds, 0 or more, not nan"),
+        ("a::b", "a workflow name has at most 200 characters and no '::'"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_anything_runs(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path, options: str, message: str
+) -> None:
+    from durable_monty_nb.store.store import Store
+
+    result = shell.run_cell(f"%%durable {options}\ndoubled = await gather(*[double(i) for i in items])")
+    assert not result.success
+    err = capsys.readouterr()
+    assert message in err.out + err.err and "Nothing ran." in err.out + err.err
+    assert "magics.py" not in err.out + err.err
+    assert "doubled" not in shell.user_ns
+    store = tmp_path / "terminal.db"
+    assert not store.exists() or Store(store).list_executions() == []
+    assert shell.run_cell("%%durable good\nawait double(21)").result == 42  # the kernel stays usable
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("limits --timeout -1", "timeout must be a positive number of seconds, not -1.0"),
+        ("limits --concurrency 0", "concurrency must be a whole number of at least 1, not 0"),
+        ("limits --rate 0/s", "rate '0/s' must allow at least one call (N > 0)"),
+        ("limits --rate quickly", "rate 'quickly' is not N/s, N/min or N/h"),
+    ],
+)
+def test_call_limits_out_of_range_are_refused_before_anything_runs(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], options: str, message: str
+) -> None:
+    result = shell.run_cell(f"%%durable {options}\ndoubled = await gather(*[double(i) for i in items])")
+    assert not result.success
+    err = capsys.readouterr()
+    assert message in err.out + err.err and "Nothing ran." in err.out + err.err
+    assert "doubled" not in shell.user_ns
+
+
+def test_config_refuses_a_malformed_rate(shell: InteractiveShell, caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        shell.run_line_magic("config", "DurableMagics.rate = '5 per second'")
+        assert "DurableMagics.rate: rate '5 per second' is not N/s, N/min or N/h" in caplog.text
+        assert shell.magics_manager.registry["DurableMagics"].rate is None
+    finally:
+        del shell.config.DurableMagics["rate"]  # IPython keeps the refused value in its config
+
+
+def test_a_cell_timeout_and_config_limits(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    shell.run_cell("import threading\nrelease = threading.Event()\ndef hang(x):\n    release.wait(60)\n    return x")
+    code = "try:\n    await hang(1)\nexcept TimeoutError as e:\n    r = str(e)\nr"
+    result = shell.run_cell(f"%%durable hung --timeout 0.2 --quiet\n{code}")
+    assert "hang() did not finish within 0.2 s" in result.result
+    shell.run_line_magic("config", "DurableMagics.timeout = 0.3")
+    try:
+        result = shell.run_cell(f"%%durable hung-config --quiet\n{code}")
+        assert "hang() did not finish within 0.3 s" in result.result
+    finally:
+        shell.run_line_magic("config", "DurableMagics.timeout = None")
+        shell.user_ns["release"].set()
+
+
+def test_failed_run_names_cell_frames_as_ipython_does(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    shell.run_cell("def broken(x):\n    raise ValueError(f'no {x}')", store_history=True)
+    result = shell.run_cell("%%durable broken-run\nawait broken(1)", store_history=True)
+    assert not result.success
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert re.search(r"Cell In\[\d+\], line 2, in broken", text)  # as IPython labels its own frames
+    assert "<ipython-input-" not in text
+    assert text.count("raise ValueError(f'no {x}')") == 1  # the traceback once (no copy from the view)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from procs import wait_until
 
 from durable_monty_nb import Engine
 from durable_monty_nb.engine.handle import CallView
@@ -127,3 +128,150 @@ def test_without_ipywidgets_a_kernel_gets_the_text_view(sqlite_engine: Engine, m
     assert not views.widgets_available()
     assert isinstance(views.make_view(run), TextView)
     assert views.make_view(run, quiet=True) is None
+
+
+def test_pace_measures_recent_throughput_and_eta() -> None:
+    from durable_monty_nb.engine.handle import Progress
+    from durable_monty_nb.notebook.live import Pace
+
+    pace = Pace(window=10.0)
+    pace.sample(Progress(total=100, done=5, restored=5), now=0.0)  # restored calls are not throughput
+    assert pace.rate is None and pace.describe(Progress(total=100), running=True) == []
+    pace.sample(Progress(total=100, done=25, restored=5), now=2.0)
+    assert pace.rate == 10.0
+    assert pace.eta(Progress(total=100, done=25, restored=5)) == 7.5
+    assert pace.describe(Progress(total=100, done=25), running=True) == ["10.0 calls/s", "ETA 7.5 s"]
+    assert pace.describe(Progress(total=100, done=25), running=False) == []  # a finished run has no pace
+    for second in range(3, 30):  # only the last 10 s count: 1 call/s lately
+        pace.sample(Progress(total=100, done=25 + second - 2, restored=5), now=float(second))
+    assert pace.rate == pytest.approx(1.0)
+
+
+def test_widget_breaks_calls_down_by_function(sqlite_engine: Engine) -> None:
+    def broken(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    code = """
+ok = await gather(*[double(i) for i in range(4)])
+try:
+    await broken(1)
+except ValueError:
+    pass
+ok
+"""
+    run = sqlite_engine.start(code, {"double": double, "broken": broken}, key="by-function")
+    assert run.result(30) == [0, 2, 4, 6]
+    stats = {s.function: s for s in run.function_stats()}
+    assert (stats["double"].total, stats["double"].done, stats["double"].failed) == (4, 4, 0)
+    assert (stats["broken"].total, stats["broken"].done, stats["broken"].failed) == (1, 0, 1)
+    assert stats["double"].mean is not None and stats["double"].longest >= stats["double"].mean
+    widget = make_widget(run)
+    widget.refresh()
+    table = widget._functions.value
+    assert "durable-functions" in table and table.index("broken") < table.index("double")  # failures first
+    assert ">4/4</td>" in table
+
+
+def test_refresh_does_not_format_every_call(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def slow(i: int) -> int:
+        release.wait(30)
+        return i
+
+    run = sqlite_engine.start("await gather(*[slow(i) for i in range(300)])", {"slow": slow}, key="cheap")
+    try:
+        wait_until(lambda: run.progress.total == 300, what="the 300 calls to be announced")
+        widget = make_widget(run)
+
+        def no_calls() -> list[CallView]:
+            raise AssertionError("the per-function breakdown must not build a view of every call")
+
+        monkeypatch.setattr(run, "calls", no_calls)
+        widget.refresh()  # the list of calls is closed: no call views, one pass for the breakdown
+        assert "0/300" in widget._functions.value
+    finally:
+        release.set()
+        run.wait(30)
+
+
+def test_buttons_cancel_and_retry_failed(sqlite_engine: Engine) -> None:
+    release, started = threading.Event(), threading.Event()
+
+    def slow(i: int) -> int:
+        started.set()
+        release.wait(30)
+        return i
+
+    run = sqlite_engine.start("a = await slow(1)\nb = await slow(2)\na + b", {"slow": slow}, key="buttons")
+    assert started.wait(30)
+    widget = make_widget(run, cancellable=True)
+    widget.refresh()
+    assert widget._cancel.layout.display == "" and widget._retry.layout.display == "none"
+    widget._cancel.click()
+    release.set()
+    run.wait(30)
+    assert run.status == "interrupted"
+    widget.refresh()
+    assert widget._cancel.layout.display == "none"
+
+    def broken(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    failed = sqlite_engine.start("await broken(3)", {"broken": broken}, key="retry")
+    failed.wait(30)
+    retried: list[object] = []
+    widget = make_widget(failed, show_error=False, on_retry=retried.append)
+    widget.refresh()
+    assert widget._retry.layout.display == ""
+    assert "ValueError: no 3" in widget._error.value and "(traceback below)" in widget._error.value
+    assert "Traceback" not in widget._error.value  # the cell's error shows it: once is enough
+    widget._retry.click()
+    assert retried == [failed] and widget._retry.disabled
+    assert make_widget(failed).show_error and "Traceback" in _refreshed(make_widget(failed))._error.value
+
+
+def _refreshed(widget: object) -> object:
+    widget.refresh()  # type: ignore[attr-defined]
+    return widget
+
+
+def test_text_view_shows_pace_and_the_breakdown(sqlite_engine: Engine) -> None:
+    import io
+
+    run = sqlite_engine.start("await gather(*[double(i) for i in range(4)])", {"double": double}, key="table")
+    run.wait(30)
+    stream = io.StringIO()
+    view = TextView(run, stream=stream)
+    view.start()
+    view.join(5)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].split() == ["function", "done", "running", "failed", "mean", "max"]
+    assert lines[2].split()[:4] == ["double", "4/4", "0", "0"]
+    assert lines[-1].startswith("table: completed · 4/4 calls done")
+
+
+def test_calls_frame(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    def broken(name: str, level: int = 1) -> int:
+        raise ValueError(f"no {name}")
+
+    code = (
+        "ok = await gather(*[double(i) for i in range(3)])\n"
+        "try:\n    await broken('x.mp4', level=2)\nexcept ValueError:\n    pass"
+    )
+    run = sqlite_engine.start(code, {"double": double, "broken": broken}, key="frame")
+    run.wait(30)
+    frame = run.calls_frame()
+    assert frame.index.name == "call" and list(frame.index) == [0, 1, 2, 3]
+    assert frame.function.tolist() == ["double", "double", "double", "broken"]
+    assert frame.arguments.tolist() == ["0", "1", "2", "'x.mp4', level=2"]
+    assert frame.status.tolist() == ["done", "done", "done", "failed"]
+    assert frame.error.tolist()[3] == "ValueError: no x.mp4" and frame.error.isna().sum() == 3
+    assert (frame.end >= frame.start).all() and (frame.duration >= 0).all()
+    assert str(frame.start.dt.tz) == "UTC"
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+    with pytest.raises(ImportError, match="calls_frame\\(\\) needs pandas"):
+        run.calls_frame()

@@ -85,7 +85,7 @@ MONTY_MISSING_BUILTINS = frozenset(
     )
 )
 # Names the sandbox provides without the namespace.
-SANDBOX_NAMES = (frozenset(dir(builtins)) - MONTY_MISSING_BUILTINS) | {"gather"}
+SANDBOX_NAMES = (frozenset(dir(builtins)) - MONTY_MISSING_BUILTINS) | {"gather", "signal"}
 
 
 def sandbox_substitute(name: str) -> str | None:
@@ -144,11 +144,56 @@ def analyze(code: str) -> CodeInfo:
         raise WorkflowCodeError(
             f"syntax error at line {line} of the workflow code: {exc.msg}{pointer}", line=line
         ) from None
+    _check_supported(tree)
     info = CodeInfo(code=code, code_hash=code_hash(code))
     offsets = _line_offsets(code)
     _classify_calls(tree, info, offsets)
     _find_names(tree, info)
     return info
+
+
+# Syntax Monty's parser refuses (measured on pydantic-monty 1.4), checked here so that it is
+# reported as such before anything else (an unknown name on the same line, for instance).
+_UNSUPPORTED_NODES: dict[type, str] = {
+    ast.AsyncWith: "'async with' (asynchronous context managers)",
+    ast.AsyncFor: "'async for' loops",
+    ast.Yield: "'yield' (generators)",
+    ast.YieldFrom: "'yield from' (generators)",
+    ast.Delete: "the 'del' statement",
+}
+if hasattr(ast, "TryStar"):
+    _UNSUPPORTED_NODES[ast.TryStar] = "'except*' (exception groups)"
+if hasattr(ast, "TypeAlias"):
+    _UNSUPPORTED_NODES[ast.TypeAlias] = "type aliases ('type X = ...')"
+
+
+def _check_supported(tree: ast.Module) -> None:
+    """Raise WorkflowCodeError for the first syntax the sandbox does not support, with its line."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        feature = _UNSUPPORTED_NODES.get(type(node))
+        if isinstance(node, ast.ClassDef):
+            if node.bases or node.keywords:
+                feature = "class inheritance and metaclasses"
+            decorated = [
+                item.decorator_list[0].lineno
+                for item in node.body
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.decorator_list
+            ]
+            if decorated:
+                found.append((decorated[0], "method decorators (classmethod/staticmethod/property)"))
+        elif isinstance(node, ast.comprehension) and node.is_async:
+            found.append((node.iter.lineno, "async comprehensions ('async for' in a comprehension)"))
+        if feature is not None:
+            found.append((getattr(node, "lineno", 0), feature))
+    if found:
+        line, feature = min(found)
+        raise WorkflowCodeError(
+            f"unsupported in workflow code: {feature}, at line {line}. The Monty sandbox that runs "
+            f"workflow code does not have it; do this inside a notebook function and call that function "
+            f"from the workflow.",
+            line=line,
+        )
 
 
 def _line_offsets(code: str) -> list[int]:

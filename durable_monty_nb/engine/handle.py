@@ -7,7 +7,7 @@ drives the execution, the store's rows once it finished (or when it came from th
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,17 +32,23 @@ class Progress:
     restored: int = 0
     reused: int = 0
     note: str | None = None  # what keeps calls from progressing (no worker listening, Redis unreachable)
+    signals: int = 0  # signal waits (``await signal(...)``) not yet answered
+    external: int = 0  # calls of external functions waiting for their completion
+    limited: int = 0  # calls waiting for a concurrency slot or a rate token of their function
 
     def details(self) -> list[tuple[str, int]]:
         """(label, count) of every category besides ``done``, in display order."""
         return [
             ("running", self.running),
             ("queued", self.queued),
+            ("limited", self.limited),
             ("retrying", self.retrying),
             ("failed", self.failed),
             ("waiting", self.waiting),
             ("restored", self.restored),
             ("reused", self.reused),
+            ("waiting for a signal", self.signals),
+            ("waiting for completion", self.external),
         ]
 
     @property
@@ -62,6 +68,81 @@ class CallView:
     duration: float | None
     error: str | None
     worker: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    args_text: str = ""  # the arguments as stored (``[[args...], {kwargs...}]``)
+
+
+@dataclass(frozen=True)
+class FunctionStats:
+    """The calls of one function in a run: how many, how far, how long, how many failed.
+
+    ``mean`` and ``longest`` are durations (seconds) of the finished calls that ran here (not
+    restored or reused ones), None when there are none yet.
+    """
+
+    function: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    mean: float | None = None
+    longest: float | None = None
+
+
+def function_stats(calls: Iterable[tuple[str, str, float | None, float | None]]) -> list[FunctionStats]:
+    """Per-function counts and durations of ``(function, status, started_at, finished_at)``, in order
+    of first appearance; one pass over the calls."""
+    table: dict[str, list[Any]] = {}
+    for function, status, started, finished in calls:
+        row = table.get(function)
+        if row is None:  # total, done, failed, running, timed, sum, longest
+            row = table[function] = [0, 0, 0, 0, 0, 0.0, None]
+        row[0] += 1
+        if status in ("done", "reused"):
+            row[1] += 1
+        elif status == "failed":
+            row[2] += 1
+        elif status == "running":
+            row[3] += 1
+        if started and finished and status in ("done", "failed"):
+            duration = finished - started
+            row[4] += 1
+            row[5] += duration
+            row[6] = duration if row[6] is None or duration > row[6] else row[6]
+    return [
+        FunctionStats(name, t, d, f, r, (total / timed) if timed else None, longest)
+        for name, (t, d, f, r, timed, total, longest) in table.items()
+    ]
+
+
+CALL_FRAME_COLUMNS = ["function", "arguments", "status", "attempts", "start", "end", "duration", "error", "worker"]
+
+
+def calls_frame(calls: Sequence[CallView]) -> Any:
+    """A pandas DataFrame of calls, indexed by call id: function, arguments, status, attempts,
+    start and end (UTC timestamps), duration (seconds), error (its last line) and worker."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError(
+            "calls_frame() needs pandas, which is not installed: pip install pandas (or use run.calls())"
+        ) from None
+    from ..values import format_arguments
+
+    rows = {
+        "function": [c.function for c in calls],
+        "arguments": [format_arguments(c.args_text, 200, 2000) if c.args_text else c.args for c in calls],
+        "status": [c.status for c in calls],
+        "attempts": [c.attempts for c in calls],
+        "start": pd.to_datetime([c.started_at for c in calls], unit="s", utc=True),
+        "end": pd.to_datetime([c.finished_at for c in calls], unit="s", utc=True),
+        "duration": pd.array([c.duration for c in calls], dtype="Float64"),
+        "error": [c.error for c in calls],
+        "worker": [c.worker or None for c in calls],
+    }
+    index = pd.Index([c.call_id for c in calls], name="call", dtype="int64")
+    return pd.DataFrame(rows, index=index, columns=CALL_FRAME_COLUMNS)
 
 
 class RunSource(Protocol):
@@ -134,6 +215,17 @@ class Run:
         """The calls known to this run, in call order."""
         return self._source.call_views() if self._source is not None else []
 
+    def calls_frame(self) -> Any:
+        """The calls as a pandas DataFrame (see :func:`calls_frame`); needs pandas."""
+        return calls_frame(self.calls())
+
+    def function_stats(self) -> list[FunctionStats]:
+        """Per-function counts and durations (one pass over the calls)."""
+        stats = getattr(self._source, "function_stats", None)
+        if stats is not None:
+            return stats()
+        return function_stats((c.function, c.status, c.started_at, c.finished_at) for c in self.calls())
+
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event; returns a function that unsubscribes."""
         return self.events.subscribe(listener)
@@ -171,6 +263,27 @@ class Run:
         """
         if self._source is not None and not self._done.is_set():
             self._source.request_stop()
+
+    @property
+    def parked(self) -> bool:
+        """Running, but waiting for nothing except signals and completions of external calls."""
+        return not self._done.is_set() and bool(getattr(self._source, "parked", False))
+
+    def waits(self) -> list[Any]:
+        """What the run waits for from outside: signals and external calls (``signals.Wait``)."""
+        if self._done.is_set() or self._source is None:
+            return []
+        waits = getattr(self._source, "waits", None)
+        return waits() if waits is not None else []
+
+    def signal(self, name: str, value: Any = None, *, idempotency_key: str | None = None, source: str = "run") -> Any:
+        """Deliver a signal to this execution (a ``Delivery``); raises if it is not driven here."""
+        deliver = getattr(self._source, "deliver", None)
+        if deliver is None or self._done.is_set():
+            from ..errors import DurableError
+
+            raise DurableError(f"{self.key!r} is not running here: deliver with Engine.signal or %durable_signal")
+        return deliver(name, value, idempotency_key=idempotency_key, source=source)
 
     def __repr__(self) -> str:
         p = self.progress

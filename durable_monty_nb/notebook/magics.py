@@ -5,7 +5,11 @@ namespace, shows a view and exports the workflow's names when it completes.
 
 Store selection, first found: ``--db URL``; ``%config DurableMagics.db_url = ...`` (or
 ``c.DurableMagics.db_url`` in ipython_config.py); the ``DURABLE_MONTY_DB`` environment variable;
-``durable_monty.db`` in the working directory (the notebook's folder).
+the default store of the notebook's folder: ``durable_monty.db`` there if it exists (stores of
+earlier releases), else ``.durable/durable_monty.db`` (a hidden folder).
+
+Workflow names are scoped by notebook (see :mod:`.scope`): ``%%durable train`` in two notebooks
+of one folder are two workflows.
 
 Executor selection: ``--executor threads|rq|dask``, else ``%config DurableMagics.executor``;
 RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local cluster of this kernel).
@@ -13,26 +17,33 @@ RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local clust
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Enum, Int, TraitError, Unicode, validate
+from traitlets import Enum, Float, Int, TraitError, Unicode, validate
 
 from .. import defaults
-from ..engine.driver import default_printer
+from ..engine.analysis import code_hash
+from ..engine.controls import CallControls
+from ..engine.driver import default_printer, stored_call_views
 from ..engine.engine import Engine
-from ..engine.handle import Run
+from ..engine.handle import Run, calls_frame
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted
 from ..executors import EXECUTOR_NAMES, Backend, Threads
 from ..store.schema import read_revision
-from ..store.store import DEFAULT_DB_FILE, normalize_url
+from ..store.store import Store, default_db_path, lease_held, normalize_url
+from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
+from .signal_magics import SignalMagics
 from .status import status_report, unfinished_summary
+from .tracebacks import relabel, relabel_error
 from .views import make_view, summary, widgets_available
 
 DB_ENV = "DURABLE_MONTY_DB"
@@ -55,6 +66,19 @@ class DurableMagics(Magics):
     rq_url = Unicode(None, allow_none=True, help="Redis URL of the rq executor (default: the local server).").tag(
         config=True
     )
+    timeout = Float(None, allow_none=True, help="Seconds a call may run (functions without @limits).").tag(config=True)
+    concurrency = Int(None, allow_none=True, help="Most calls of one function at once (without @limits).").tag(
+        config=True
+    )
+    rate = Unicode(None, allow_none=True, help="Most call starts of one function, e.g. '10/s' (without @limits).").tag(
+        config=True
+    )
+    durability = Enum(
+        defaults.DURABILITY_LEVELS, default_value=defaults.DURABILITY, help="full (survives a power cut) or process."
+    ).tag(config=True)
+    store_outage_limit = Float(
+        defaults.STORE_OUTAGE_LIMIT, help="Seconds a run waits for an unreachable store before it stops."
+    ).tag(config=True)
     rq_queue = Unicode(defaults.RQ_QUEUE, help="RQ queue of the rq executor.").tag(config=True)
     dask_address = Unicode(
         None, allow_none=True, help="Dask scheduler address of the dask executor (none: a local cluster)."
@@ -66,6 +90,24 @@ class DurableMagics(Magics):
             raise TraitError(f"DurableMagics.{proposal['trait'].name} must be at least 1, not {proposal['value']}")
         return proposal["value"]
 
+    @validate("timeout", "concurrency", "rate")
+    def _call_limit(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if value is not None:
+            try:
+                CallControls.of(**{proposal["trait"].name: value})
+            except ValueError as exc:
+                raise TraitError(f"DurableMagics.{proposal['trait'].name}: {exc}") from None
+        return value
+
+    @validate("store_outage_limit")
+    def _positive_seconds(self, proposal: Any) -> float:
+        if not proposal["value"] > 0:
+            raise TraitError(
+                f"DurableMagics.store_outage_limit must be a positive number of seconds, not {proposal['value']}"
+            )
+        return proposal["value"]
+
     @validate("rq_queue")
     def _queue_name(self, proposal: Any) -> str:
         if not proposal["value"].strip():
@@ -74,22 +116,77 @@ class DurableMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self._engines: dict[str, Engine] = {}
+        self._engines: dict[tuple[str, str], Engine] = {}
         self._lock = threading.Lock()
         self.runs: dict[str, Run] = {}
+        self.views: dict[str, Any] = {}  # the latest view of each run, by key
         self.resume_panel: Any = None  # the panel of unfinished executions shown by %load_ext
 
     # -- stores -----------------------------------------------------------------------------
 
     def store_url(self, option: str | None = None) -> str:
-        return normalize_url(option or self.db_url or os.environ.get(DB_ENV) or str(Path.cwd() / DEFAULT_DB_FILE))
+        return normalize_url(option or self.db_url or os.environ.get(DB_ENV) or default_db_path(self.folder()))
 
-    def engine(self, option: str | None = None) -> Engine:
+    def folder(self) -> Path:
+        """The notebook's folder (the working directory when the kernel does not know its notebook)."""
+        notebook = notebook_file(self.shell)
+        return notebook.parent if notebook is not None else Path.cwd()
+
+    # -- names per notebook ---------------------------------------------------------------------
+
+    def notebook(self, store: Store) -> str | None:
+        """How this kernel's notebook is named in the keys of ``store`` (None: no notebook)."""
+        notebook = notebook_file(self.shell)
+        return notebook_label(notebook, store.url) if notebook is not None else None
+
+    def workflow_key(self, store: Store, name: str, cell: str) -> str:
+        """The store key of workflow ``name`` of this notebook.
+
+        A store written before keys were scoped by notebook has the plain name: the notebook
+        takes that workflow over when it is the same one (the same cell id or code-derived
+        name, or the same code under this name) and nobody drives it right now.
+        """
+        key = scoped_key(self.notebook(store), name)
+        if key == name or store.latest_execution(key) is not None:
+            return key
+        legacy = store.latest_execution(name)
+        if legacy is None or lease_held(legacy):
+            return key
+        if name.startswith(("cell-", "code-")) or legacy.code_hash == code_hash(cell):
+            store.rename_key(name, key)
+        return key
+
+    def find_execution(self, store: Store, name_or_id: str) -> Any:
+        """The execution a user means: this notebook's workflow of that name, else a key or an id."""
+        key = scoped_key(self.notebook(store), name_or_id)
+        if key != name_or_id:
+            row = store.latest_execution(key)
+            if row is not None:
+                return row
+        return store.find_execution(name_or_id)
+
+    def own_unfinished(self, store: Store) -> list[Any]:
+        """Unfinished executions of this notebook and those without a notebook (all in a terminal)."""
+        notebook = self.notebook(store)
+        rows = store.unfinished_executions()
+        if notebook is None:
+            return rows
+        return [row for row in rows if split_key(row.key)[0] in (None, notebook)]
+
+    def engine(self, option: str | None = None, durability: str | None = None) -> Engine:
+        """The engine of a store (one per store and durability level)."""
         url = self.store_url(option)
+        durability = durability or self.durability
         with self._lock:
-            if url not in self._engines:
-                self._engines[url] = Engine(url, workers=self.workers, lease_ttl=float(self.lease_ttl))
-            return self._engines[url]
+            if (url, durability) not in self._engines:
+                self._engines[(url, durability)] = Engine(
+                    url,
+                    workers=self.workers,
+                    lease_ttl=float(self.lease_ttl),
+                    store_outage_limit=float(self.store_outage_limit),
+                    durability=durability,
+                )
+            return self._engines[(url, durability)]
 
     # -- %%durable --------------------------------------------------------------------------
 
@@ -109,6 +206,14 @@ class DurableMagics(Magics):
     )
     @argument("--delay", type=float, default=1.0, help="Seconds before the first retry (with --retries).")
     @argument("--max-delay", type=float, default=60.0, help="Longest wait between retries (with --retries).")
+    @argument("--timeout", type=float, help="Seconds a call may run before TimeoutError (functions without @limits).")
+    @argument("--concurrency", type=int, help="Most calls of one function running at once (across the kernel's runs).")
+    @argument("--rate", help="Most call starts of one function per second or minute, e.g. 10/s or 100/min.")
+    @argument(
+        "--durability",
+        choices=defaults.DURABILITY_LEVELS,
+        help="full: every step on disk (survives a power cut); process: survives a kernel crash, faster.",
+    )
     @argument("--quiet", action="store_true", help="No progress view.")
     @cell_magic
     def durable(self, line: str, cell: str) -> Any:
@@ -121,32 +226,55 @@ class DurableMagics(Magics):
         args = parse_argstring(self.durable, line)
         if not cell.strip():
             raise DurableError("the %%durable cell is empty: write the workflow code below the magic line")
+        check_options(args)
+        limits = self.call_limits(args)
         executor = self.backend(args.executor, args.workers)
-        engine = self.engine(args.db)
+        engine = self.engine(args.db, args.durability)
         retry = None
         if args.retries is not None:
             retry = RetryPolicy(retries=args.retries, backoff=args.backoff, delay=args.delay, max_delay=args.max_delay)
+        name = args.name or self._cell_key(cell) or f"code-{code_hash(cell)[:12]}"
+        key = self.workflow_key(engine.store, name, cell)
         printer = HeldPrinter()  # prints made while the run starts appear below its view, in order
         try:
             run = engine.start(
                 cell,
                 self.shell.user_ns,
-                key=args.name or self._cell_key(cell),
+                key=key,
                 rerun=args.rerun,
                 executor=executor,
                 retry=retry,
                 print_callback=printer,
                 paused=True,
+                **limits,
             )
         except BaseException:
             printer.release()
             raise
-        return self._follow(run, background=args.background, quiet=args.quiet, printer=printer)
+        return self._follow(
+            run,
+            background=args.background,
+            quiet=args.quiet,
+            printer=printer,
+            on_retry=self._retrier(engine, executor, retry, limits),
+        )
+
+    def call_limits(self, args: Any) -> dict[str, Any]:
+        """Timeout, concurrency and rate of a cell: its options, else ``%config`` (checked here)."""
+        chosen = {
+            "timeout": args.timeout if args.timeout is not None else self.timeout,
+            "concurrency": args.concurrency if args.concurrency is not None else self.concurrency,
+            "rate": args.rate if args.rate is not None else self.rate,
+        }
+        try:
+            CallControls.of(**chosen)
+        except ValueError as exc:
+            raise DurableError(f"{exc}. Nothing ran.") from None
+        return chosen
 
     def backend(self, name: str | None, workers: int | None = None) -> Backend:
         """The executor backend of a cell: ``--executor``, else ``%config DurableMagics.executor``."""
-        if workers is not None and workers < 1:
-            raise DurableError(f"--workers must be at least 1, not {workers}")
+        check_options(SimpleNamespace(workers=workers))
         name = name or self.executor
         if name == "rq":
             from ..executors.rq import RQ
@@ -167,34 +295,92 @@ class DurableMagics(Magics):
             cell_id = None
         return f"cell-{cell_id[:12]}" if cell_id else None
 
-    def _follow(self, run: Run, *, background: bool, quiet: bool, printer: HeldPrinter | None = None) -> Any:
-        """Show the run; wait for it (unless in the background); export its names."""
-        view = self._show(run, quiet)
+    def _follow(
+        self,
+        run: Run,
+        *,
+        background: bool,
+        quiet: bool,
+        printer: HeldPrinter | None = None,
+        on_retry: Any = None,
+    ) -> Any:
+        """Show the run; wait for it (unless in the background); export its names.
+
+        In the foreground the cell raises a failure itself, so the view shows it in one line
+        (the traceback appears once, as the cell's error); in the background the view shows it.
+        """
+        view = self._show(run, quiet, background=background, on_retry=on_retry)
         if printer is not None:
             printer.release()
         run.begin()
         if background:
             self._export_later(run)
             return None
+        name = display_name(run.key)
         _wait_all(
             [run],
-            f"stopped waiting for {run.key!r}. Calls already running finish in the background and their "
-            f"results are kept; nothing is lost. Continue with: %durable_resume {run.key}",
+            f"stopped waiting for {name!r}. Calls already running finish in the background and their "
+            f"results are kept; nothing is lost. Continue with: %durable_resume {name}",
         )
+        if not run.done:  # parked on a signal: it goes on in the background, names are set when it completes
+            if view is not None:
+                view.refresh()  # shows what it waits for (and how to deliver) before the cell returns
+            self._export_later(run)
+            return None
         if view is not None:
             view.join(5)
-        result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
+        try:
+            result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
+        except DurableError as exc:
+            raise relabel_error(exc, self.shell) from None
         self.shell.user_ns.update(run.outputs)
         return result
 
-    def _show(self, run: Run, quiet: bool = False) -> Any:
-        """Remember the run and display its live view (from the main thread); returns the view."""
+    def _show(
+        self,
+        run: Run,
+        quiet: bool = False,
+        *,
+        background: bool = True,
+        on_retry: Any = None,
+        show_error: bool | None = None,
+    ) -> Any:
+        """Remember the run and display its live view (from the main thread); returns the view.
+
+        ``background``: the cell does not wait for the run, so the view shows its traceback
+        (unless ``show_error`` says otherwise) and a Cancel button (a click reaches the kernel
+        only when no cell is running).
+        """
         self.runs[run.key] = run
-        view = make_view(run, quiet=quiet)
+        view = make_view(
+            run,
+            quiet=quiet,
+            show_error=background if show_error is None else show_error,
+            cancellable=background,
+            on_retry=on_retry,
+        )
         if view is not None:
+            self.views[run.key] = view
             display(view)
             view.start()
         return view
+
+    def _retrier(
+        self, engine: Engine, executor: Backend, retry: RetryPolicy | None, limits: dict[str, Any] | None = None
+    ) -> Any:
+        """What a view's Retry failed button does: resume the failed execution, as running the cell
+        again does (only its failed and remaining calls run), in the background, with the cell's
+        executor, retry policy and call limits."""
+
+        def retry_failed(run: Run) -> Run:
+            again = engine.resume(
+                run.execution_id, self.shell.user_ns, executor=executor, retry=retry, **(limits or {})
+            )
+            self._show(again, on_retry=retry_failed)
+            self._export_later(again)
+            return again
+
+        return retry_failed
 
     def _export_later(self, run: Run) -> None:
         """Set the run's names in the notebook when it completes (for runs nobody waits for)."""
@@ -212,11 +398,20 @@ class DurableMagics(Magics):
     @argument("name", nargs="?", help="A workflow name or execution id: show its calls and traceback.")
     @argument("--all", action="store_true", help="Every execution, not only the latest of each name.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
+    @argument("--df", action="store_true", help="With a name: the calls as a pandas DataFrame.")
     @line_magic
     def durable_status(self, line: str) -> Any:
-        """List the executions in the store, or show one in detail."""
+        """List the executions in the store, or show one in detail (``--df``: its calls as a DataFrame)."""
         args = parse_argstring(self.durable_status, line)
-        return status_report(self.engine(args.db).store, args.name, show_all=args.all)
+        store = self.engine(args.db).store
+        if args.df and not args.name:
+            raise DurableError("--df needs a workflow name or id: %durable_status NAME --df")
+        if not args.name:
+            return status_report(store, show_all=args.all)
+        row = self.find_execution(store, args.name)
+        if args.df:
+            return calls_frame(stored_call_views(store.load_calls(row.id)))
+        return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
 
     @magic_arguments()
     @argument("name", nargs="?", help="A workflow name or execution id.")
@@ -230,20 +425,22 @@ class DurableMagics(Magics):
     def durable_resume(self, line: str) -> Any:
         """Continue unfinished executions where they stopped, with the functions defined now."""
         args = parse_argstring(self.durable_resume, line)
-        engine = self.engine(args.db)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
         executor = self.backend(args.executor, args.workers)
+        engine = self.engine(args.db)
+        retrier = self._retrier(engine, executor, None)
         if args.name:
-            run = engine.resume(args.name, self.shell.user_ns, executor=executor)
-            return self._follow(run, background=args.background, quiet=args.quiet)
-        rows = engine.store.unfinished_executions()
+            row = self.find_execution(engine.store, args.name)
+            run = engine.resume(row.id, self.shell.user_ns, executor=executor)
+            return self._follow(run, background=args.background, quiet=args.quiet, on_retry=retrier)
+        rows = self.own_unfinished(engine.store)
         if not rows:
             print(f"nothing to resume in {engine.url}")
             return None
         runs = [engine.resume(row.id, self.shell.user_ns, executor=executor) for row in rows]
-        for run in runs:
-            self._show(run, args.quiet)
+        for run in runs:  # several runs: each view shows its own failure, the cell names them
+            self._show(run, args.quiet, background=args.background, on_retry=retrier, show_error=len(runs) > 1)
         if args.background:
             for run in runs:
                 self._export_later(run)
@@ -252,9 +449,14 @@ class DurableMagics(Magics):
         for run in runs:
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
-        failed = [run for run in runs if run.status != "completed"]
+            elif not run.done:  # parked on a signal
+                self._export_later(run)
+        failed = [run for run in runs if run.done and run.status != "completed"]
+        if len(runs) == 1 and failed:
+            raise relabel_error(failed[0].error or DurableError(summary(failed[0])), self.shell)
         if failed:
-            raise failed[0].error or DurableError(summary(failed[0]))
+            listed = "; ".join(summary(run) for run in failed)
+            raise DurableError(f"{len(failed)} of {len(runs)} resumed executions did not complete: {listed}")
         return None
 
     @magic_arguments()
@@ -264,7 +466,8 @@ class DurableMagics(Magics):
     def durable_cancel(self, line: str) -> None:
         """Interrupt a workflow running in this kernel (running calls finish; it can be resumed)."""
         args = parse_argstring(self.durable_cancel, line)
-        if not self.engine(args.db).cancel(args.name):
+        engine = self.engine(args.db)
+        if not engine.cancel(self.find_execution(engine.store, args.name).id):
             raise DurableError(f"{args.name!r} is not running in this kernel")
         print(f"interrupting {args.name!r}: running calls finish and are kept; resume with %durable_resume")
 
@@ -281,7 +484,7 @@ class DurableMagics(Magics):
             probe = create_engine(url)
             known = read_revision(probe) is not None
             probe.dispose()
-            rows = self.engine().store.unfinished_executions() if known else []
+            rows = self.own_unfinished(self.engine().store) if known else []
         except Exception:
             return
         if not rows:
@@ -318,7 +521,7 @@ class DurableMagics(Magics):
                         print(f"{type(exc).__name__}: {exc}")
                         return
                     button.disabled = True
-                    self._show(run)
+                    self._show(run, on_retry=self._retrier(self.engine(), self.backend(None), None))
                     self._export_later(run)
 
             button.on_click(resume)
@@ -331,12 +534,36 @@ class DurableMagics(Magics):
         return ResumePanel(items)
 
 
+NAME_LIMIT = 200
+
+
+def check_options(args: Any) -> None:
+    """Refuse option values out of range with one clear error, before anything runs."""
+    problems = []
+    name = getattr(args, "name", None)
+    if name is not None and ("::" in name or len(name) > NAME_LIMIT):
+        problems.append(f"a workflow name has at most {NAME_LIMIT} characters and no '::', not {name[:60]!r}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
+        problems.append(f"--workers must be at least 1, not {workers}")
+    retries = getattr(args, "retries", None)
+    if retries is not None and retries < 0:
+        problems.append(f"--retries must be 0 or more, not {retries}")
+    for option in ("delay", "max_delay"):
+        value = getattr(args, option, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"--{option.replace('_', '-')} must be a number of seconds, 0 or more, not {value}")
+    if problems:
+        raise DurableError("; ".join(problems) + ". Nothing ran.")
+
+
 def _wait_all(runs: list[Run], interrupted: str) -> None:
     """Wait for the runs; Ctrl-C interrupts them (they stay resumable) and raises ExecutionInterrupted."""
     try:
         for run in runs:
             while not run.wait(0.1):
-                pass
+                if run.parked:  # waits only for signals: free the kernel for the buttons and %durable_signal
+                    break
     except KeyboardInterrupt:
         for run in runs:
             run.cancel()
@@ -372,6 +599,7 @@ def load_extension(ipython: Any) -> None:
         return
     magics = DurableMagics(shell=ipython)
     ipython.register_magics(magics)
+    ipython.register_magics(SignalMagics(ipython, magics))  # %durable_signal, %durable_serve
     ipython.configurables.append(magics)
     _MAGICS[id(ipython)] = magics
     magics.announce_unfinished()

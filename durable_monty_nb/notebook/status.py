@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import last_line
 from ..store.store import Store, lease_held
 from ..values import format_arguments
+from .scope import split_key
 
 DETAIL_CALL_LIMIT = 50
 CALL_HEADERS = ["call", "function", "arguments", "status", "attempts", "duration", "worker", "error"]
@@ -52,22 +53,29 @@ def format_time(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else ""
 
 
-def status_report(store: Store, name: str | None = None, *, show_all: bool = False) -> Report:
+def status_report(
+    store: Store, name: str | None = None, *, show_all: bool = False, relabel: Callable[[str], str] | None = None
+) -> Report:
+    """The executions of a store, or the detail of one (``relabel`` rewrites its traceback's frames)."""
     if name:
-        return detail_report(store, store.find_execution(name))
+        return detail_report(store, store.find_execution(name), relabel=relabel)
     rows = store.list_executions(latest_only=not show_all)
     return executions_report(rows, store.display_url)
 
 
 def executions_report(rows: Sequence[Any], where: str) -> Report:
-    headers = ["name", "status", "progress", "failed", "started", "duration", "id"]
+    """One line per execution; a notebook column when some were run from a notebook (scoped keys)."""
+    scoped = any(split_key(row.key)[0] for row in rows)
+    headers = ["name", *(["notebook"] if scoped else []), "status", "progress", "failed", "started", "duration", "id"]
     now = time.time()
     body = []
     for row in rows:
         end = row.finished_at or (now if row.status == "running" else row.updated_at)
+        notebook, name = split_key(row.key)
         body.append(
             [
-                row.key,
+                name,
+                *([notebook or ""] if scoped else []),
                 execution_state(row),
                 f"{row.calls_done}/{row.calls_total}",
                 str(row.calls_failed),
@@ -83,10 +91,12 @@ def executions_report(rows: Sequence[Any], where: str) -> Report:
     return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
 
 
-def detail_report(store: Store, row: Any) -> Report:
+def detail_report(store: Store, row: Any, *, relabel: Callable[[str], str] | None = None) -> Report:
     calls = store.load_calls(row.id)
+    notebook, name = split_key(row.key)
     facts = [
-        ("name", row.key),
+        ("name", name),
+        *([("notebook", notebook)] if notebook else []),
         ("id", row.id),
         ("status", execution_state(row)),
         ("calls", f"{row.calls_done}/{row.calls_total} done, {row.calls_failed} failed, {row.calls_reused} reused"),
@@ -129,9 +139,16 @@ def detail_report(store: Store, row: Any) -> Report:
     if note:
         text_parts.append(note)
         html_parts.append(f"<p>{html.escape(note)}</p>")
+    from .signal_views import waits_section  # what it waits for (signals, external calls) and its mailbox
+
+    section = waits_section(store, row)
+    if section is not None:
+        text_parts.append(section[0])
+        html_parts.append(section[1])
     if row.error:
-        text_parts.append("traceback of the failure:\n" + row.error)
-        html_parts.append(f"<details open><summary>traceback</summary><pre>{html.escape(row.error)}</pre></details>")
+        error = relabel(row.error) if relabel is not None else row.error
+        text_parts.append("traceback of the failure:\n" + error)
+        html_parts.append(f"<details open><summary>traceback</summary><pre>{html.escape(error)}</pre></details>")
     return Report("\n\n".join(text_parts), "\n".join(html_parts))
 
 
@@ -176,4 +193,7 @@ def html_table(headers: list[str], rows: list[list[str]], caption: str = "", css
 
 
 def unfinished_summary(rows: Sequence[Any]) -> list[str]:
-    return [f"{r.key} ({execution_state(r)}, {r.calls_done}/{r.calls_total} calls done, id {r.id[:12]})" for r in rows]
+    return [
+        f"{split_key(r.key)[1]} ({execution_state(r)}, {r.calls_done}/{r.calls_total} calls done, id {r.id[:12]})"
+        for r in rows
+    ]

@@ -11,10 +11,16 @@ import html
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..engine.handle import CallView, Run
+from ..engine.handle import CallView, FunctionStats, Run
+from ..errors import last_line
+from .live import Pace, breakdown_html, breakdown_text
+from .scope import display_name
+from .signal_views import WaitAnnouncer, make_signal_panel
 from .status import call_columns, format_duration, html_table, select_calls
+from .tracebacks import relabel
 
 REFRESH_SECONDS = 0.25
 CALL_ROWS = 50
@@ -39,7 +45,7 @@ def summary(run: Run) -> str:
     if p.note:
         parts.append(p.note)
     state = "result from the store" if run.cached else run.status
-    return f"{run.key}: {state} · " + " · ".join(parts)
+    return f"{display_name(run.key)}: {state} · " + " · ".join(parts)
 
 
 class _Updater:
@@ -66,12 +72,17 @@ class _Updater:
 class TextView:
     """Progress lines for terminals: one when something changed, at most every few seconds."""
 
-    def __init__(self, run: Run, stream: TextIO | None = None, interval: float = 2.0) -> None:
+    def __init__(
+        self, run: Run, stream: TextIO | None = None, interval: float = 2.0, *, show_error: bool = True
+    ) -> None:
         self.run = run
+        self.show_error = show_error  # False when the cell raises the error itself
         self._stream = stream
         self._interval = interval
         self._last = ""
         self._last_time = 0.0
+        self._pace = Pace()
+        self._waits = WaitAnnouncer()
         self._updater = _Updater(run, self.refresh)
 
     def start(self) -> None:
@@ -81,15 +92,38 @@ class TextView:
         line = summary(self.run)
         now = time.monotonic()
         final = self.run.done
+        hints = self._waits.lines(self.run)  # how to deliver what the run waits for (signal_views)
+        if hints:
+            (self._stream or sys.stdout).write("\n".join(hints) + "\n")
+        progress = self.run.progress
+        self._pace.sample(progress)
         if line != self._last and (final or now - self._last_time >= self._interval):
             stream = self._stream or sys.stdout
             elapsed = _elapsed(self.run)
-            stream.write(f"{line} ({format_duration(elapsed)})\n" if final and elapsed is not None else line + "\n")
+            if final:
+                table = "" if self.run.cached else breakdown_text(self.run.function_stats())
+                if table:
+                    stream.write(table + "\n")
+                stream.write(f"{line} ({format_duration(elapsed)})\n" if elapsed is not None else line + "\n")
+                error = self.run.error
+                if self.show_error and self.run.status == "failed" and error is not None:
+                    stream.write(relabel(str(error), _shell()) + "\n")
+            else:
+                pace = self._pace.describe(progress, running=True)
+                stream.write(" · ".join([line, *pace]) + "\n")
             stream.flush()
             self._last, self._last_time = line, now
 
     def join(self, timeout: float | None = None) -> None:
         self._updater.join(timeout)
+
+
+def _shell() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 def _elapsed(run: Run) -> float | None:
@@ -98,9 +132,23 @@ def _elapsed(run: Run) -> float | None:
     return (run.finished_at or time.time()) - run.started_at
 
 
-def make_widget(run: Run) -> Any:
-    """The ipywidgets panel of a run (ipywidgets must be installed)."""
+def make_widget(
+    run: Run,
+    *,
+    show_error: bool = True,
+    cancellable: bool = True,
+    on_retry: Callable[[Run], Any] | None = None,
+) -> Any:
+    """The ipywidgets panel of a run (ipywidgets must be installed).
+
+    ``show_error``: show the traceback of a failed run (False when the cell raises it below the
+    widget: one line then). ``cancellable``: a **Cancel** button while it runs (only useful when
+    the kernel is free to handle the click: a run in the background). ``on_retry(run)``: what
+    **Retry failed** does, shown when the run failed; its output goes below the widget.
+    """
     import ipywidgets as widgets
+
+    name = display_name(run.key)
 
     class RunWidget(widgets.VBox):
         """Name and status, a progress bar, counts, the calls, and the error of a failed run."""
@@ -115,12 +163,59 @@ def make_widget(run: Run) -> Any:
             self._calls.set_title(0, "Calls")
             self._error = widgets.HTML()
             self._calls.observe(lambda _: self.refresh(), names="selected_index")
-            super().__init__([self._header, self._bar, self._counts, self._calls, self._error])
+            self.show_error = show_error
+            self._pace = Pace()
+            self._stats: list[FunctionStats] | None = None  # of a finished run, computed once
+            self._functions = widgets.HTML()
+            hidden = widgets.Layout(display="none")
+            self._cancel = widgets.Button(
+                description="Cancel", icon="stop", tooltip=f"%durable_cancel {name}", layout=hidden
+            )
+            self._cancel.on_click(self._cancel_clicked)
+            self._retry = widgets.Button(
+                description="Retry failed",
+                icon="redo",
+                tooltip="run the failed calls again, as running the cell again does",
+                layout=widgets.Layout(display="none"),
+            )
+            self._retry.on_click(self._retry_clicked)
+            self._out = widgets.Output()
+            super().__init__(
+                [
+                    self._header,
+                    self._bar,
+                    self._counts,
+                    self._functions,
+                    widgets.HBox([self._cancel, self._retry]),
+                    self._calls,
+                    self._error,
+                    self._out,
+                ]
+            )
+            self._signals = make_signal_panel(run)  # waiting for a signal: Approve / Reject / Send
+            self.children = (*self.children[:3], self._signals, *self.children[3:])
             self.add_class("durable-run")
             self._updater = _Updater(run, self.refresh)
 
         def __repr__(self) -> str:  # the text/plain fallback: stable, so nbval can compare it
-            return f"DurableRun({run.key!r})"
+            return f"DurableRun({name!r})"
+
+        def _cancel_clicked(self, _: Any) -> None:
+            run.cancel()
+            self._cancel.disabled = True
+            self._cancel.description = "Cancelling…"
+
+        def _retry_clicked(self, _: Any) -> None:
+            if on_retry is None:
+                return
+            self._retry.disabled = True
+            self._out.clear_output()
+            with self._out:
+                try:
+                    on_retry(run)
+                except Exception as exc:  # shown, never raised into the comm handler
+                    print(f"{type(exc).__name__}: {exc}")
+                    self._retry.disabled = False
 
         def start(self) -> None:
             self._updater.start()
@@ -130,25 +225,47 @@ def make_widget(run: Run) -> Any:
 
         def refresh(self) -> None:
             p = run.progress
+            self._signals.refresh()
             status = "result from the store" if run.cached else run.status
             elapsed = _elapsed(run)
             timing = f" · {format_duration(elapsed)}" if elapsed is not None and not run.cached else ""
             self._header.value = (
-                f"<b>{html.escape(run.key)}</b> · <span class='durable-status'>{html.escape(status)}</span>{timing}"
+                f"<b>{html.escape(name)}</b> · <span class='durable-status'>{html.escape(status)}</span>{timing}"
             )
             self._bar.max = max(p.total, 1)
             self._bar.value = min(p.done + p.failed, self._bar.max) if p.total else (1 if run.done else 0)
             self._bar.bar_style = STYLES.get(run.status, "")
             counts = [f"<b>{p.done}</b>/{p.total} done"]
             counts += [f"{n} {label}" for label, n in p.details() if n or label in ("running", "failed")]
+            self._pace.sample(p)
+            counts += self._pace.describe(p, running=not run.done)
             if p.note:
                 counts.append(f"<span class='durable-note' style='color:#b45309'>⚠ {html.escape(p.note)}</span>")
             self._counts.value = " · ".join(counts)
+            self._functions.value = breakdown_html(self._function_stats())
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
+            self._cancel.layout.display = "" if cancellable and not run.done else "none"
+            failed = run.status == "failed" and on_retry is not None and p.failed > 0
+            self._retry.layout.display = "" if failed else "none"
             error = run.error
             if run.status == "failed" and error is not None:
-                self._error.value = f"<pre style='white-space:pre-wrap'>{html.escape(str(error))}</pre>"
+                if self.show_error:
+                    text = relabel(str(error), _shell())
+                    self._error.value = f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
+                else:  # the cell's error shows the traceback, right below
+                    self._error.value = (
+                        f"<span class='durable-error' style='color:#b91c1c'>✖ {html.escape(last_line(str(error)))}"
+                        f"</span> (traceback below)"
+                    )
+
+        def _function_stats(self) -> list[FunctionStats]:
+            if self._stats is not None:
+                return self._stats
+            stats = run.function_stats()
+            if run.done:
+                self._stats = stats
+            return stats
 
     return RunWidget()
 
@@ -173,10 +290,17 @@ def calls_html(calls: list[CallView]) -> str:
     return html_table(headers, rows, css_class="durable-calls") + more
 
 
-def make_view(run: Run, *, quiet: bool = False) -> Any:
-    """A widget in Jupyter, a text view elsewhere, nothing with ``quiet``."""
+def make_view(
+    run: Run,
+    *,
+    quiet: bool = False,
+    show_error: bool = True,
+    cancellable: bool = True,
+    on_retry: Callable[[Run], Any] | None = None,
+) -> Any:
+    """A widget in Jupyter, a text view elsewhere, nothing with ``quiet`` (options: :func:`make_widget`)."""
     if quiet:
         return None
     if widgets_available():
-        return make_widget(run)
-    return TextView(run)
+        return make_widget(run, show_error=show_error, cancellable=cancellable, on_retry=on_retry)
+    return TextView(run, show_error=show_error)

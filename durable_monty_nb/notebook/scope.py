@@ -1,0 +1,78 @@
+"""Workflow names per notebook: two notebooks of one folder both running ``%%durable train``
+get two workflows.
+
+A workflow's key in the store is ``NOTEBOOK::NAME`` when the kernel knows its notebook, where
+NOTEBOOK is the notebook's path relative to the store's folder (its file name for the default
+store of its folder), so a project folder can be moved or renamed with its store. Jupyter tells
+the kernel its notebook through ``JPY_SESSION_NAME`` (ipykernel copies it to ``__session__``);
+VS Code through ``__vsc_ipynb_file__``. In a terminal, or a kernel that was not told, keys are
+the plain names, as before scoping.
+
+Stores written before scoping keep working: a plain key is still found by its name, and the
+first notebook that runs the same workflow (the same cell id, or the same code under the same
+name) takes it over (:meth:`~durable_monty_nb.store.store.Store.rename_key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..store.store import DEFAULT_DB_DIR
+
+SEPARATOR = "::"
+KEY_LIMIT = 255  # the width of the key columns
+SESSION_ENV = "JPY_SESSION_NAME"
+
+
+def notebook_file(shell: Any = None) -> Path | None:
+    """The absolute path of the kernel's notebook, or None (a terminal, an unknown frontend)."""
+    namespace = getattr(shell, "user_ns", None) or {}
+    for candidate in (
+        namespace.get("__vsc_ipynb_file__"),
+        namespace.get("__session__"),
+        os.environ.get(SESSION_ENV),
+    ):
+        if isinstance(candidate, str) and candidate.strip():
+            return Path(candidate).expanduser().absolute()
+    return None
+
+
+def notebook_label(notebook: Path, store_url: str) -> str:
+    """How a notebook is named in its keys: relative to the store's folder, else its file name."""
+    if store_url.startswith("sqlite:///"):
+        base = Path(store_url.removeprefix("sqlite:///")).parent
+        if base.name == DEFAULT_DB_DIR:
+            base = base.parent
+        try:
+            return notebook.resolve().relative_to(base.resolve()).as_posix()
+        except (OSError, ValueError):
+            pass
+    return notebook.name
+
+
+def scoped_key(notebook: str | None, name: str) -> str:
+    """The store key of workflow ``name`` of ``notebook`` (the plain name without a notebook)."""
+    if not notebook:
+        return name
+    key = f"{notebook}{SEPARATOR}{name}"
+    if len(key) > KEY_LIMIT:  # a very deep path: keep its end, made unique by a hash of the whole
+        digest = hashlib.sha256(notebook.encode()).hexdigest()[:10]
+        room = KEY_LIMIT - len(name) - len(SEPARATOR) - len(digest) - 2
+        key = f"{digest}…{notebook[-max(room, 0) :]}{SEPARATOR}{name}"[:KEY_LIMIT]
+    return key
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """(notebook, name) of a store key; (None, key) for a key written without a notebook."""
+    notebook, sep, name = key.rpartition(SEPARATOR)
+    if sep and notebook and name:
+        return notebook, name
+    return None, key
+
+
+def display_name(key: str) -> str:
+    """The workflow's name as the user wrote it (the key without its notebook)."""
+    return split_key(key)[1]
