@@ -62,6 +62,7 @@ class ServerDatabase:
         tables = set(inspector.get_table_names())
         with self.engine.begin() as conn:
             for table in (
+                "dm_signals",
                 "dm_attempts",
                 "dm_functions",
                 "dm_checkpoints",
@@ -171,3 +172,12 @@ def postgres_url() -> str:
     database = server_database("postgresql")
     database.reset()
     return database.url
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerDatabase]:
+    """A fresh, empty store on each database server (``.url``; ``.base_url`` for admin work)."""
+    database = server_database(request.param)
+    database.reset()
+    yield database
+    database.engine.dispose()  # a test may have killed its pooled connections

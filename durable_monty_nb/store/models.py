@@ -156,3 +156,30 @@ class Blob(Base):
     data: Mapped[bytes] = mapped_column(LongBinary)
     signature: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Double)
+
+
+class Signal(Base):
+    """The mailbox of an execution: signals delivered to it, and completions of its external calls.
+
+    ``seq`` orders the deliveries of one execution; a wait takes the oldest unconsumed one of its
+    name and records its call id in ``consumed_by`` in the transaction that journals the call's
+    result (see :mod:`durable_monty_nb.store.mailbox`). Signed like call results.
+    """
+
+    __tablename__ = "dm_signals"
+
+    execution_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(LongText)  # the value in the store's codec (tagged JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(32))  # engine | magic | cli | http | widget
+    signature: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)
+    consumed_by: Mapped[int | None] = mapped_column(Integer)  # the call id of the wait that took it
+    consumed_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_dm_signals_waiting", "execution_id", "consumed_by", "name"),
+        Index("ux_dm_signals_idempotency", "execution_id", "idempotency_key", unique=True),
+    )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 
 from ...errors import ValueCrossingError
+from ...signals import SIGNAL_FUNCTION
 from ..fingerprint import function_fingerprint, sha256
 from .calls import PHANTOM, CallState
 
@@ -81,6 +82,8 @@ class MontyProtocol:
     def _announce(self: Driver, snap: FunctionSnapshot) -> tuple[CallState, dict[str, Any] | None]:
         """Register a new external call. Returns an immediate answer for calls that cannot run."""
         name = snap.function_name
+        if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
+            return self._announce_signal(snap)
         fn = self._function(name)
         if fn is None:
             return PHANTOM, {

@@ -1,0 +1,230 @@
+"""In a real browser: a %%durable cell parks on ``signal("approval")``; clicking **Approve** in
+its widget in JupyterLab completes the run.
+
+A headless JupyterLab (the same setup as tests/test_browser.py, whose helpers and ``page``
+fixture this module reuses) serves a small notebook written here against an empty SQLite store;
+Playwright drives Debian's Chromium. Screenshots land in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from test_browser import (
+    ARTIFACTS,
+    KERNEL_READY_MS,
+    SERVER_START_SECONDS,
+    SERVER_STOP_SECONDS,
+    WIDGET_MS,
+    _free_port,
+    _kill_leftover_kernels,
+    _log_tail,
+    _require_tools,
+    _write_settings,
+    expect,
+    page,  # noqa: F401 - a fixture: Chromium, 1280x900
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+NOTEBOOK_NAME = "approval.ipynb"
+CELLS = [
+    "%load_ext durable_monty_nb",
+    "def record(decision):\n    return f\"recorded {decision['approved']}\"",
+    '%%durable approval\ndecision = await signal("approval")\noutcome = await record(decision)\noutcome',
+    'print("outcome:", outcome)',
+]
+DURABLE_CELL = 2
+
+FIND_PANEL = f"""
+const app = window.jupyterapp;
+const panel = app && Array.from(app.shell.widgets('main'))
+    .find(w => w.context && w.context.path === '{NOTEBOOK_NAME}');
+"""
+NOTEBOOK_READY = f"""() => {{
+    {FIND_PANEL}
+    const session = panel && panel.sessionContext.session;
+    const kernel = session && session.kernel;
+    return !!(panel && panel.context.isReady && panel.content.widgets.length > 0 && kernel
+              && kernel.connectionStatus === 'connected' && kernel.status === 'idle');
+}}"""
+# Run the cells above cell `index` (notebook:run-all-above), or cell `index` alone (notebook:run-cell).
+RUN = f"""([command, index]) => {{
+    {FIND_PANEL}
+    app.shell.activateById(panel.id);
+    app.shell.collapseLeft();
+    panel.content.activeCellIndex = index;
+    window.__durableRan = undefined;
+    app.commands.execute(command).then(
+        ok => {{ window.__durableRan = 'ok'; }},
+        err => {{ window.__durableRan = 'failed: ' + err; }});
+}}"""
+RAN = f"""(count) => {{
+    if (window.__durableRan === undefined) return false;
+    {FIND_PANEL}
+    const cells = Array.from(panel.content.widgets).filter(c => c.model.type === 'code').slice(0, count);
+    return panel.sessionContext.session.kernel.status === 'idle'
+        && cells.every(c => c.model.executionCount !== null);
+}}"""
+NOTEBOOK_ERRORS = f"""() => {{
+    {FIND_PANEL}
+    const errors = [];
+    for (const cell of panel.content.widgets) {{
+        if (cell.model.type !== 'code') continue;
+        for (const output of cell.model.sharedModel.outputs) {{
+            if (output.output_type === 'error') errors.push(output.ename + ': ' + output.evalue);
+        }}
+    }}
+    return errors;
+}}"""
+
+
+def _write_notebook(path: Path) -> None:
+    cells = [
+        {"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [], "source": src}
+        for i, src in enumerate(CELLS)
+    ]
+    nb = {
+        "cells": cells,
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(nb, indent=1) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def signal_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A headless JupyterLab on a free port, serving the approval notebook over an empty store."""
+    _require_tools()
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_notebook(root / NOTEBOOK_NAME)
+    _write_settings(tmp_path / "lab-settings")
+    runtime_dir = tmp_path / "runtime"
+    db = tmp_path / "signals.db"
+    env = dict(os.environ)  # keeps DURABLE_MONTY_KEY (set by conftest)
+    env.update(
+        DURABLE_MONTY_DB=f"sqlite:///{db}",
+        JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
+        JUPYTER_RUNTIME_DIR=str(runtime_dir),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+    )
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--allow-root",
+        "--ServerApp.ip=127.0.0.1",
+        "--IdentityProvider.token=",
+        "--LabApp.expose_app_in_browser=True",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.open_browser=False",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]
+    log = tmp_path / "jupyter-lab.log"
+    base_url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"JupyterLab exited with {server.returncode}:\n{_log_tail(log)}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{base_url}/api", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not answer in {SERVER_START_SECONDS} s:\n{_log_tail(log)}", pytrace=False)
+            time.sleep(0.2)  # polling interval, not synchronization
+        yield {"url": base_url, "log": log, "db": f"sqlite:///{db}"}
+    finally:
+        server.terminate()
+        try:
+            server.wait(SERVER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(SERVER_STOP_SECONDS)
+        _kill_leftover_kernels(runtime_dir)
+
+
+def _run(browser: Any, command: str, index: int, count: int) -> None:
+    browser.evaluate(RUN, [command, index])
+    browser.wait_for_function(RAN, arg=count, timeout=60_000)
+    assert browser.evaluate("() => window.__durableRan") == "ok"
+
+
+def test_approve_button_completes_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
+    ARTIFACTS.mkdir(exist_ok=True)
+    failure_shot = ARTIFACTS / "approval-failure.png"
+    failure_shot.unlink(missing_ok=True)
+    try:
+        page.goto(f"{signal_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
+        page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_MS)
+
+        # Run the cells up to the %%durable one: it parks on the signal and the cell returns.
+        _run(page, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)
+        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        cell = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL)
+        widget = cell.locator(".durable-run")
+        expect(widget).to_have_count(1, timeout=WIDGET_MS)
+        expect(widget.locator(".durable-status")).to_have_text("running", timeout=WIDGET_MS)
+        expect(widget.locator(".durable-waiting")).to_have_text("waiting for signal 'approval'", timeout=WIDGET_MS)
+        approve = widget.locator(".durable-approve")
+        expect(approve).to_be_visible(timeout=WIDGET_MS)
+        cell.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "approval-waiting.png"), full_page=True)
+
+        approve.click()
+
+        expect(widget.locator(".durable-status")).to_have_text("completed", timeout=WIDGET_MS)
+        expect(widget).to_contain_text(re.compile(r"(^|\D)2/2 done"), timeout=WIDGET_MS)  # the wait and record()
+        expect(widget.locator(".durable-approve")).to_have_count(0, timeout=WIDGET_MS)  # nothing to approve now
+        page.screenshot(path=str(ARTIFACTS / "approval-completed.png"), full_page=True)
+
+        # The run's names landed in the notebook when it completed.
+        _run(page, "notebook:run-cell", DURABLE_CELL + 1, len(CELLS))
+        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        printed = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
+        expect(printed).to_have_text("outcome: recorded True", timeout=WIDGET_MS)
+
+        # In the store: one delivery, from the widget, consumed by the wait; the execution completed.
+        store = sa.create_engine(signal_lab["db"])
+        with store.connect() as conn:
+            rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
+            status = conn.execute(sa.text("SELECT status FROM dm_executions")).scalar_one()
+        store.dispose()
+        assert [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows] == [
+            ("approval", {"approved": True}, "widget", 0)
+        ]
+        assert status == "completed"
+    except BaseException:
+        print(f"JupyterLab log:\n{_log_tail(signal_lab['log'])}")
+        with contextlib.suppress(Exception):  # keep the original error
+            page.screenshot(path=str(failure_shot), full_page=True)
+        raise
