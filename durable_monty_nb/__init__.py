@@ -10,6 +10,7 @@ In IPython or Jupyter::
     %load_ext durable_monty_nb
 """
 
+from .engine.controls import CallControls, Rate, RetryAfter, limits
 from .engine.engine import Engine
 from .engine.events import (
     CallFailed,
@@ -35,10 +36,12 @@ from .errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
+from .signals import external
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CallControls",
     "CallFailed",
     "CallRetrying",
     "CallView",
@@ -53,6 +56,8 @@ __all__ = [
     "MissingFunctionsError",
     "Printed",
     "Progress",
+    "Rate",
+    "RetryAfter",
     "RetryPolicy",
     "Run",
     "StoreError",
@@ -62,6 +67,8 @@ __all__ = [
     "ValueCrossingError",
     "WorkflowCodeError",
     "WorkflowFailed",
+    "external",
+    "limits",
     "load_ipython_extension",
     "retry",
     "unload_ipython_extension",

@@ -155,6 +155,13 @@ class Executor(Protocol):
         """
         ...
 
+    def cancel(self, tasks: Sequence[Task]) -> None:
+        """Stop attempts the driver no longer waits for (timed out), as far as the backend can.
+
+        Their outcomes, if they still come, are ignored by the driver.
+        """
+        ...
+
     def counts(self) -> tuple[int, int]:
         """(queued, running) attempts of this executor, cheap enough for every progress tick."""
         ...

@@ -207,6 +207,17 @@ class DaskExecutor:
         self._watch()
         return lost
 
+    def cancel(self, tasks: Sequence[Task]) -> None:
+        """Release the tasks on the scheduler: queued ones never run; a running one runs out
+        on its worker (Dask cannot interrupt a thread) and its result is dropped."""
+        with self._lock:
+            futures = [f for task in tasks if (f := self._futures.pop(task.id, None)) is not None]
+            for task in tasks:
+                self._tasks.pop(task.id, None)
+        if futures:
+            with contextlib.suppress(Exception):
+                self._connected().cancel(futures, force=True)
+
     def shutdown(self) -> None:
         """Stop the watcher and let go of the futures: the tasks go on (fire and forget)."""
         self._closed.set()

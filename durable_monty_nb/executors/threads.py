@@ -50,6 +50,9 @@ class ThreadExecutor:
         self._finished_n = 0
         self._submitted = 0
         self._shutdown = False
+        self._skip: set[str] = set()  # cancelled before they started
+        self._abandoned: set[str] = set()  # cancelled while running in a thread (not killable)
+        self._coroutines: dict[str, Any] = {}  # running asyncio tasks, by attempt id
 
     @property
     def running(self) -> int:
@@ -73,9 +76,24 @@ class ThreadExecutor:
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         return list(tasks)  # threads of a dead process: every attempt is lost
 
+    def cancel(self, tasks: Sequence[Task]) -> None:
+        """Coroutines are cancelled. A thread cannot be killed: a running call is abandoned to
+        finish on its own, and a new thread takes its place so the pool keeps its size."""
+        loop = _LOOP
+        for task in tasks:
+            coroutine = self._coroutines.pop(task.id, None)
+            if coroutine is not None and loop is not None:
+                loop.loop.call_soon_threadsafe(coroutine.cancel)
+            elif not task.started_at:
+                self._skip.add(task.id)
+            else:
+                with self._lock:
+                    self._abandoned.add(task.id)
+                self._spawn()
+
     def _spawn(self) -> None:
         with self._lock:
-            if self._shutdown or len(self._threads) >= self.max_workers:
+            if self._shutdown or len(self._threads) >= self.max_workers + len(self._abandoned):
                 return
             thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
             self._threads.append(thread)
@@ -88,10 +106,21 @@ class ThreadExecutor:
             if item is _STOP:
                 return
             task, done = item
+            if task.id in self._skip:
+                self._skip.discard(task.id)
+                self._idle.release()
+                continue
             outcome = self.run_task(task)
             if inspect.iscoroutine(outcome.value) and outcome.ok:  # e.g. functools.partial(async_fn)
                 outcome = _event_loop().run_blocking(task, outcome.value)
-            done(outcome)
+            with self._lock:
+                abandoned = task.id in self._abandoned
+                if abandoned:  # a replacement took this thread's place: end it
+                    self._abandoned.discard(task.id)
+                    self._threads.remove(threading.current_thread())
+            done(outcome)  # ignored by the driver if the attempt timed out
+            if abandoned:
+                return
             self._idle.release()
 
     def run_task(self, task: Task) -> Outcome:
@@ -123,13 +152,19 @@ class _EventLoop:
 
     def submit(self, task: Task, done: Done, executor: ThreadExecutor) -> None:
         def report(finished: asyncio.Task[Outcome]) -> None:
+            executor._coroutines.pop(task.id, None)
+            if finished.cancelled():  # timed out: the driver settled it already
+                executor._finished_n = next(executor._finished) + 1
+                return
             done(finished.result())
 
         def schedule() -> None:
             # Run in the driver's context, so prints land where the execution started.
             call = task.local
             attempt = _attempt(task, lambda: call.fn(*call.args, **call.kwargs), executor)
-            self.loop.create_task(attempt, context=call.context).add_done_callback(report)
+            running = self.loop.create_task(attempt, context=call.context)
+            executor._coroutines[task.id] = running
+            running.add_done_callback(report)
 
         self.loop.call_soon_threadsafe(schedule)
 

@@ -38,11 +38,15 @@ class CallState:
     worker: str | None = None
     lost: int = 0  # attempts lost with their worker (not counted by the retry policy)
     earlier: int = 0  # attempts of runs before a fresh try after a fix (not counted by the policy either)
+    deferred: int = 0  # attempts that raised RetryAfter (not counted by the policy either)
+    limited: str | None = None  # waiting for a concurrency "slot" or a "rate" token
+    slot: bool = False  # holds a slot of its function's gate
+    timeout_at: float | None = None  # deadline of the running attempt
 
     @property
     def policy_attempts(self) -> int:
         """The attempts the retry policy counts: this try's, not lost ones."""
-        return self.attempts - self.lost - self.earlier
+        return self.attempts - self.lost - self.earlier - self.deferred
 
     @property
     def view_status(self) -> str:
@@ -53,6 +57,8 @@ class CallState:
                 return "waiting"
             if self.task is not None:
                 return "running" if self.task.started_at else "queued"
+            if self.limited is not None:
+                return "limited"
         return self.status
 
     def view(self) -> CallView:
@@ -69,6 +75,9 @@ class CallState:
             duration,
             last_line(self.error_text) or None,
             worker,
+            self.started_at,
+            self.finished_at,
+            self.args_text,
         )
 
     def journaled_answer(self, codec: ValueCodec) -> dict[str, Any] | None:

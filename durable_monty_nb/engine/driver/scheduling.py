@@ -42,6 +42,10 @@ class Scheduling:
             if self.executor.remote and not self._ship(state):
                 continue
             task = self._task(state)
+            ready.append(state)
+            if task.id in self._journaled:  # journaled by a commit that did not reach the store
+                continue
+            self._journaled.add(task.id)
             self.step.attempts.append(
                 {
                     "attempt_id": task.id,
@@ -53,7 +57,6 @@ class Scheduling:
                     "created_at": now,
                 }
             )
-            ready.append(state)
         self._to_dispatch = ready
 
     def _ship(self: Driver, state: CallState) -> bool:
@@ -84,8 +87,11 @@ class Scheduling:
 
     def _dispatch(self: Driver) -> None:
         states, self._to_dispatch = self._to_dispatch, []
+        states = self._admit(states)  # concurrency and rate limits (limiting.py)
         tasks = []
         for state in states:
+            if self._dispatch_external(state):  # published for completion from outside (waits.py)
+                continue
             task = self._task(state)
             if not self.executor.remote:
                 task.local = self._local_call(state)
@@ -94,6 +100,7 @@ class Scheduling:
             state.status = "pending"
             state.task = task
             tasks.append(task)
+            self._start_deadline(state)
         if tasks:
             self._in_flight += len(tasks)
             self.executor.submit(tasks, self._outcomes.put)
@@ -169,10 +176,12 @@ class Scheduling:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _wait(self: Driver) -> list[Any]:
-        timeout = self.settings.heartbeat
+    def _wait(self: Driver, timeout: float | None = None) -> list[Any]:
+        timeout = self.settings.heartbeat if timeout is None else timeout
         if self._timers and not self._stopping:
             timeout = max(min(timeout, self._timers[0][0] - time.time()), 0.0)
+        if self._limit_check_at is not None and not self._stopping:
+            timeout = max(min(timeout, self._limit_check_at - time.time()), 0.0)
         try:
             first = self._outcomes.get(timeout=timeout)
         except queue.Empty:
@@ -200,6 +209,8 @@ class Scheduling:
                 continue  # an outcome of an attempt this driver no longer waits for
             self._in_flight -= 1
             state.task = None
+            state.timeout_at = None
+            self._release_slot(state)
             state.attempts = outcome.attempt
             state.started_at, state.finished_at = outcome.started_at or None, outcome.finished_at
             state.worker = outcome.worker or None
@@ -226,6 +237,8 @@ class Scheduling:
     def _settle_attempt_failure(self: Driver, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
         assert error is not None
+        if self._retry_after(state, outcome):
+            return
         if outcome.lost:
             self.step.lost_attempts.append(attempt_id(self.execution_id, state.call_id, outcome.attempt))
             state.lost += 1
@@ -284,4 +297,10 @@ class Scheduling:
                 state.attempts = 1
                 self._journal(state)
             elif state.status == "retrying":
-                self._to_dispatch.append(state)
+                if state.due_at is None or state.due_at <= now:  # not an older timer of the call
+                    state.due_at = None
+                    self._to_dispatch.append(state)
+            elif self._time_out(state, now):  # the attempt's deadline (limiting.py)
+                continue
+            else:  # a deadline of a signal wait or an external call (waits.py)
+                self._wait_deadline(state, now)
