@@ -17,3 +17,21 @@ RQ_QUEUE = "durable-monty"
 INLINE_LIMIT = 64 * 1024
 """Arguments and results larger than this (bytes of stored text) travel through the store's
 signed blobs, never through Redis or the Dask scheduler."""
+
+STORE_RETRY_WINDOW = 10.0
+"""Seconds one store operation is retried through transient errors (a dropped connection, a
+deadlock, a locked SQLite file) before it raises ``StoreUnavailable``."""
+
+STORE_OUTAGE_LIMIT = 300.0
+"""Seconds a running execution waits for an unreachable store (keeping its results in memory)
+before it stops as interrupted."""
+
+DURABILITY = "full"
+"""How far a committed step survives: ``full`` (every step is on disk before the calls it names
+are dispatched: survives a power cut) or ``process`` (survives the kernel's crash, not the
+machine's; SQLite WAL with ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``)."""
+
+DURABILITY_LEVELS = ("full", "process")
+
+SQLITE_BUSY_TIMEOUT = 5.0
+"""Seconds SQLite waits for another writer's lock before the store's own retries take over."""

@@ -111,6 +111,11 @@ class StoreError(DurableError):
     """The store cannot be used as it is."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (connection dropped, server restarting, database locked),
+    and retrying for a while did not help."""
+
+
 class StoreVersionError(StoreError):
     """The store was written by another schema version."""
 

@@ -281,3 +281,22 @@ def test_environment_key_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
     assert Signer().sign("c", b"x") != one
     assert os.environ["DURABLE_MONTY_KEY"] == "k2"
+
+
+def test_durability_levels_set_what_the_database_syncs(db_url: str, tmp_path: Path) -> None:
+    """full: every commit on disk before it returns; process: survives a crash of the process only."""
+    backend = sa.engine.make_url(db_url).get_backend_name()
+    for level, sqlite_sync, pg_commit in (("full", 2, "on"), ("process", 1, "off")):
+        store = Store(db_url, durability=level)
+        with store.engine.connect() as conn:
+            if backend == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == sqlite_sync
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            elif backend == "postgresql":
+                assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == pg_commit
+        engine = Engine(db_url, durability=level)
+        assert engine.run("await f(2)", {"f": lambda x: x * 21}, key=f"durability-{level}") == 42
+        engine.close()
+        store.close()
+    with pytest.raises(ValueError, match="durability must be one of full, process, not 'fast'"):
+        Engine(tmp_path / "x.db", durability="fast")

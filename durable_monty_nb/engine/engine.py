@@ -43,6 +43,7 @@ from ..store.store import UNFINISHED, Store, describe_owner, lease_held, new_own
 from ..values import ValueCodec, ship_function
 from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
+from .controls import CallControls, Rate
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
@@ -55,13 +56,18 @@ PrintCallback = Callable[[str, str], None]
 class Engine:
     """Runs workflow code durably against one store.
 
-    ``db`` is a SQLAlchemy URL or a SQLite file path (default ``durable_monty.db`` in the
-    working directory). ``executor`` is where notebook functions run: ``"threads"`` (default),
-    ``"rq"``, ``"dask"``, or a backend such as ``RQ(url, queue)`` or ``Dask(address)`` (see
-    :mod:`durable_monty_nb.executors`). ``workers`` sizes the thread pool of each execution,
-    ``retry`` is the policy of functions without their own, ``key`` the signing key (see
-    :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how long (seconds) a silent owner
-    keeps an execution before another process may take it over.
+    ``db`` is a SQLAlchemy URL or a SQLite file path (default ``.durable/durable_monty.db`` in the
+    working directory, or ``durable_monty.db`` there if it exists). ``executor`` is where notebook
+    functions run: ``"threads"`` (default), ``"rq"``, ``"dask"``, or a backend such as
+    ``RQ(url, queue)`` or ``Dask(address)`` (see :mod:`durable_monty_nb.executors`). ``workers``
+    sizes the thread pool of each execution, ``retry`` is the policy of functions without their
+    own, ``key`` the signing key (see :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how
+    long (seconds) a silent owner keeps an execution before another process may take it over.
+    ``timeout`` (seconds), ``concurrency`` and ``rate`` (``"10/s"``, ``"100/min"``) are the call
+    controls of functions without their own (see :func:`durable_monty_nb.limits`).
+    ``store_outage_limit``: seconds a run rides out an unreachable store (its results kept in
+    memory) before it stops as interrupted. ``durability``: ``"full"`` (default) or ``"process"``
+    (see :data:`durable_monty_nb.defaults.DURABILITY`).
     """
 
     def __init__(
@@ -73,9 +79,22 @@ class Engine:
         retry: RetryPolicy | None = None,
         key: bytes | str | None = None,
         lease_ttl: float = defaults.LEASE_TTL,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        rate: str | Rate | None = None,
+        store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT,
+        durability: str = defaults.DURABILITY,
     ) -> None:
-        self.store = Store(db, key=key)
-        self.settings = Settings(workers=workers, retry=retry or RetryPolicy(), lease_ttl=lease_ttl)
+        check_workers(workers)
+        controls = CallControls.of(timeout, concurrency, rate)  # before the store: bad values change nothing
+        self.store = Store(db, key=key, durability=durability)
+        self.settings = Settings(
+            workers=workers,
+            retry=retry or RetryPolicy(),
+            lease_ttl=lease_ttl,
+            controls=controls,
+            store_outage_limit=store_outage_limit,
+        )
         self.executor = backend(executor, workers=workers)
         self._active: dict[str, Driver] = {}
         self._lock = threading.Lock()
@@ -111,6 +130,9 @@ class Engine:
         executor: str | Backend | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        rate: str | Rate | None = None,
     ) -> Run:
         """Start (or resume, or answer from the store) and return a handle at once.
 
@@ -121,7 +143,7 @@ class Engine:
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
-        settings = self._settings(workers, retry)
+        settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
         chosen = self._backend(executor, workers)
         latest = self.store.latest_execution(key)
         if latest is not None:
@@ -176,6 +198,9 @@ class Engine:
         executor: str | Backend | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        rate: str | Rate | None = None,
     ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
@@ -196,7 +221,7 @@ class Engine:
         return self._resume(
             row,
             ns,
-            self._settings(workers, retry),
+            self._settings(workers, retry, CallControls.of(timeout, concurrency, rate)),
             self._backend(executor, workers),
             print_callback,
             info=info,
@@ -219,6 +244,25 @@ class Engine:
         driver.request_stop()
         return True
 
+    def signal(
+        self,
+        name_or_id: str,
+        signal: str,
+        value: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        source: str = "engine",
+    ) -> Any:
+        """Deliver ``signal`` (with ``value``) to an execution: the latest of a key, or an id.
+
+        Kept in the execution's mailbox until ``await signal(name)`` takes it (exactly once);
+        a repeated ``idempotency_key`` is ignored. Returns a ``Delivery``. A driver of this
+        process wakes at once; one in another process finds it within its heartbeat.
+        """
+        from ..signals import deliver_signal
+
+        return deliver_signal(self.store, name_or_id, signal, value, idempotency_key=idempotency_key, source=source)
+
     def active_runs(self) -> list[Run]:
         with self._lock:
             return [driver.run for driver in self._active.values()]
@@ -229,11 +273,16 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _settings(self, workers: int | None, retry: RetryPolicy | None) -> Settings:
+    def _settings(self, workers: int | None, retry: RetryPolicy | None, controls: CallControls) -> Settings:
+        """The engine's settings with a run's overrides (checked before anything runs)."""
+        if workers is not None:
+            check_workers(workers)
         return Settings(
             workers=workers or self.settings.workers,
             retry=retry or self.settings.retry,
             lease_ttl=self.settings.lease_ttl,
+            controls=controls.over(self.settings.controls),
+            store_outage_limit=self.settings.store_outage_limit,
         )
 
     def _backend(self, executor: str | Backend | None, workers: int | None) -> Backend:
@@ -586,3 +635,8 @@ def _code_error_message(exc: MontySyntaxError, key: str) -> str:
     line = _error_line(exc)
     where = f" at line {line}" if line else ""
     return f"syntax error{where} of the workflow code:\n{format_monty_error(exc, key)}"
+
+
+def check_workers(workers: int) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")

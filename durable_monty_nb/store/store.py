@@ -24,12 +24,26 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE_RETRY_WINDOW
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
 from ..executors.record import AttemptRecord
 from ..values import blob_key
+from . import mailbox
 from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .schema import ensure_schema
 from .signing import Signer
+from .transient import cause, retrying
+
+
+def _retried(method: Any) -> Any:
+    """Retry a store method through transient database errors (see :mod:`.transient`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        return retrying(lambda: method(self, *args, **kwargs), self._shown_url, window=self.retry_window)
+
+    return wrapper
+
 
 EXECUTIONS = Execution.__table__
 CALLS = Call.__table__
@@ -40,6 +54,7 @@ ATTEMPTS = Attempt.__table__
 FUNCTIONS = Function.__table__
 
 DEFAULT_DB_FILE = "durable_monty.db"
+DEFAULT_DB_DIR = ".durable"  # the default store's hidden folder, in the notebook's folder
 CALL_FIELDS = (
     "call_id",
     "function",
@@ -80,22 +95,53 @@ IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
 
 
+def default_db_path(folder: str | os.PathLike[str] | None = None) -> Path:
+    """The default store of a folder (default: the working directory).
+
+    ``durable_monty.db`` when the folder has one (stores written before the hidden folder was
+    the default), else ``.durable/durable_monty.db``, out of sight of file browsers.
+    """
+    base = Path(folder if folder is not None else Path.cwd()).expanduser().resolve()
+    legacy = base / DEFAULT_DB_FILE
+    return legacy if legacy.exists() else base / DEFAULT_DB_DIR / DEFAULT_DB_FILE
+
+
+def prepare_default_folder(url: str) -> None:
+    """Create the hidden folder of a default store (``.durable``, ignored by git) if it is missing."""
+    if not url.startswith("sqlite:///"):
+        return
+    folder = Path(url.removeprefix("sqlite:///")).parent
+    if folder.name != DEFAULT_DB_DIR or folder.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".gitignore").write_text("# the durable-monty-nb store of this folder\n*\n")
+
+
 def normalize_url(url: str | os.PathLike[str] | None) -> str:
-    """A SQLAlchemy URL from a URL, a file path, or None (``durable_monty.db`` here)."""
+    """A SQLAlchemy URL from a URL, a file path, or None (:func:`default_db_path` of the working directory)."""
     if url is None:
-        url = DEFAULT_DB_FILE
+        url = default_db_path()
     url = os.fspath(url)
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     return url
 
 
-def _make_engine(url: str, immediate: bool) -> Engine:
+def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, future=True)
+        engine = create_engine(url, pool_pre_ping=True, future=True)
+        if durability == "process" and parsed.get_backend_name() == "postgresql":
+
+            @event.listens_for(engine, "connect")
+            def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cursor:  # the server acknowledges before its WAL is flushed
+                    cursor.execute("SET synchronous_commit = off")
+                dbapi_conn.commit()
+
+        return engine
     memory = parsed.database in (None, "", ":memory:")
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 60}}
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT}}
     if memory:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(url, **kwargs)
@@ -106,8 +152,8 @@ def _make_engine(url: str, immediate: bool) -> Engine:
         cursor = dbapi_conn.cursor()
         if not memory:
             cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA synchronous=FULL" if durability == "full" else "PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -144,14 +190,21 @@ def _process_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 else "-"
 
 
+LIVE_OWNERS: set[str] = set()
+"""Owners of this process still in use (drivers running); the others of this process are over."""
+
+
 def new_owner() -> str:
     """A lease owner id: machine, pid, process start time, and a unique part."""
     pid = os.getpid()
-    return f"{machine_id()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:12]}"
+    owner = f"{machine_id()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:12]}"
+    LIVE_OWNERS.add(owner)  # until its driver ends (Driver discards it)
+    return owner
 
 
 def owner_is_dead(owner: str) -> bool:
-    """True when ``owner`` is a process of this machine that no longer runs."""
+    """True when ``owner`` is a process of this machine that no longer runs, or a driver of
+    this process that ended without releasing its lease (the store was unreachable)."""
     try:
         machine, pid_text, started, _ = owner.rsplit(":", 3)
         pid = int(pid_text)
@@ -159,6 +212,8 @@ def owner_is_dead(owner: str) -> bool:
         return False
     if machine != machine_id():
         return False
+    if pid == os.getpid() and started == _process_start(pid):
+        return owner not in LIVE_OWNERS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,6 +256,8 @@ class Step:
     functions: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     lost_attempts: list[str] = field(default_factory=list)
+    # Mailbox deliveries (seq, call id) taken by waits in this step (see store/mailbox.py).
+    consumed_signals: list[tuple[int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -212,27 +269,39 @@ class Step:
             or self.functions
             or self.attempts
             or self.lost_attempts
+            or self.consumed_signals
         )
 
 
 class Store:
     """A durable-monty store at a SQLAlchemy URL (or a SQLite file path)."""
 
-    def __init__(self, url: str | os.PathLike[str] | None = None, *, key: bytes | str | None = None) -> None:
+    def __init__(
+        self, url: str | os.PathLike[str] | None = None, *, key: bytes | str | None = None, durability: str = DURABILITY
+    ) -> None:
+        if durability not in DURABILITY_LEVELS:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}, not {durability!r}")
+        self.durability = durability
         self.url = normalize_url(url)
         self.backend = make_url(self.url).get_backend_name()
         try:
-            self.engine = _make_engine(self.url, immediate=True)
-            self._reader = _make_engine(self.url, immediate=False) if self.backend == "sqlite" else self.engine
+            prepare_default_folder(self.url)
+            self.engine = _make_engine(self.url, immediate=True, durability=durability)
+            if self.backend == "sqlite":
+                self._reader = _make_engine(self.url, immediate=False, durability=durability)
+            else:
+                self._reader = self.engine
             if self.backend == "sqlite" and make_url(self.url).database in (None, "", ":memory:"):
                 self._reader = self.engine
             ensure_schema(self.engine, self.display_url)
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"cannot open the store {self.display_url}: {exc}") from exc
+            raise StoreError(f"cannot open the store {self.display_url}: {cause(exc)}") from exc
         self.signer = Signer(key)
         self.checkpoint_seq: dict[str, int] = {}
+        self.retry_window = STORE_RETRY_WINDOW
+        self._shown_url = self.display_url
 
     @property
     def display_url(self) -> str:
@@ -245,6 +314,7 @@ class Store:
 
     # -- executions ---------------------------------------------------------------------
 
+    @_retried
     def latest_execution(self, key: str) -> Row | None:
         with self._reader.connect() as conn:
             latest = conn.execute(select(KEYS.c.latest_execution_id).where(KEYS.c.key == key)).scalar()
@@ -252,6 +322,7 @@ class Store:
                 return None
             return conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id == latest)).first()
 
+    @_retried
     def get_execution(self, execution_id: str) -> Row:
         with self._reader.connect() as conn:
             row = conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id == execution_id)).first()
@@ -272,6 +343,7 @@ class Store:
             raise ExecutionNotFound(f"{name_or_id!r} matches several execution ids; give more of the id")
         raise ExecutionNotFound(f"no execution named or with id {name_or_id!r} in {self.display_url}")
 
+    @_retried
     def list_executions(self, *, latest_only: bool = True, key: str | None = None) -> list[Row]:
         query = select(EXECUTIONS).order_by(EXECUTIONS.c.created_at.desc())
         if key is not None:
@@ -281,9 +353,32 @@ class Store:
         with self._reader.connect() as conn:
             return list(conn.execute(query).all())
 
+    @_retried
     def unfinished_executions(self) -> list[Row]:
         """Latest executions of their keys that did not complete and nobody alive drives."""
         return [r for r in self.list_executions() if r.status in UNFINISHED and not lease_held(r)]
+
+    def rename_key(self, old: str, new: str) -> bool:
+        """Move the executions of key ``old``, and the calls later executions reuse, to key ``new``.
+
+        How a notebook takes over a workflow of a store written before keys were scoped by
+        notebook. Returns False, changing nothing, when ``new`` exists already or ``old`` does not.
+        """
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(KEYS.c.key).where(KEYS.c.key == new)).first() is not None:
+                    conn.rollback()
+                    return False
+                moved = conn.execute(update(KEYS).where(KEYS.c.key == old).values(key=new, updated_at=now)).rowcount
+                if moved != 1:
+                    conn.rollback()
+                    return False
+                conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.key == old).values(key=new))
+                conn.execute(update(CALLS).where(CALLS.c.exec_key == old).values(exec_key=new))
+        except IntegrityError:  # another process took ``new`` at the same moment
+            return False
+        return True
 
     def create_execution(
         self, values: dict[str, Any], owner: str, lease_ttl: float, expected_latest: str | None
@@ -291,8 +386,25 @@ class Store:
         """Insert an execution owned by ``owner`` and make it the latest of its key.
 
         Returns False, writing nothing, when another process changed the key's latest
-        execution since ``expected_latest`` was read.
+        execution since ``expected_latest`` was read. Retried through transient errors; a
+        create whose acknowledgement was lost is recognised by its execution row.
         """
+
+        def landed() -> bool | None:
+            with self._reader.connect() as conn:
+                found = conn.execute(select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == values["id"])).scalar()
+            return True if found is not None else None
+
+        return retrying(
+            lambda: self._create_execution(values, owner, lease_ttl, expected_latest),
+            self._shown_url,
+            window=self.retry_window,
+            landed=landed,
+        )
+
+    def _create_execution(
+        self, values: dict[str, Any], owner: str, lease_ttl: float, expected_latest: str | None
+    ) -> bool:
         now = time.time()
         row = {
             **values,
@@ -325,6 +437,7 @@ class Store:
             conn.execute(insert(EXECUTIONS), row)
             return True
 
+    @_retried
     def acquire_lease(self, execution_id: str, owner: str, ttl: float) -> str | None:
         """Take the lease of an execution. Returns None on success, else the live owner."""
         now = time.time()
@@ -357,6 +470,7 @@ class Store:
             now_owner = conn.execute(select(EXECUTIONS.c.lease_owner).where(EXECUTIONS.c.id == execution_id)).scalar()
             return now_owner or "unknown"
 
+    @_retried
     def release_lease(self, execution_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -368,8 +482,27 @@ class Store:
     # -- the driver's transaction ---------------------------------------------------------
 
     def commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step) -> None:
-        """Write one step atomically; raise LeaseLost (writing nothing) if ``owner`` lost the lease."""
+        """Write one step atomically; raise LeaseLost (writing nothing) if ``owner`` lost the lease.
+
+        Transient errors are retried (:mod:`.transient`). A commit whose acknowledgement was lost
+        is recognised by the execution's ``updated_at``, which each step sets to its own time, so
+        a step is never applied twice; StoreUnavailable when the store stays unreachable.
+        """
         now = time.time()
+
+        def landed() -> bool | None:
+            with self._reader.connect() as conn:
+                written = conn.execute(select(EXECUTIONS.c.updated_at).where(EXECUTIONS.c.id == execution_id)).scalar()
+            return True if written == now else None
+
+        retrying(
+            lambda: self._commit(execution_id, owner, lease_ttl, step, now),
+            self._shown_url,
+            window=self.retry_window,
+            landed=landed,
+        )
+
+    def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
         signer = self.signer
         with self.engine.begin() as conn:
             values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
@@ -402,6 +535,8 @@ class Store:
                     _update_statement("dm_attempts", ("attempt_id",), ("status",)),
                     [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts],
                 )
+            if step.consumed_signals:  # with the results of the waits that took them: exactly once
+                mailbox.consume(conn, execution_id, step.consumed_signals, now)
             if step.checkpoint is not None:
                 seq = self.checkpoint_seq.get(execution_id, 0) + 1
                 self.checkpoint_seq[execution_id] = seq
@@ -487,6 +622,7 @@ class Store:
 
     # -- what workers write and read --------------------------------------------------------
 
+    @_retried
     def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes, str]]) -> None:
         """Write the signed outcomes of attempts (and the blobs their results refer to) in one transaction."""
         now = time.time()
@@ -505,6 +641,7 @@ class Store:
                     row = {**values, "created_at": now}
                     _run(conn, _insert_statement("dm_attempts", tuple(sorted(row))), [row])
 
+    @_retried
     def load_attempts(self, attempt_ids: Sequence[str]) -> dict[str, AttemptRecord]:
         """The attempts with these ids, by id; finished ones verified (TamperedDataError otherwise)."""
         found: dict[str, AttemptRecord] = {}
@@ -548,6 +685,7 @@ class Store:
 
     # -- reading back -------------------------------------------------------------------
 
+    @_retried
     def load_checkpoint(self, execution_id: str) -> bytes | None:
         with self._reader.connect() as conn:
             row = conn.execute(select(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id)).first()
@@ -570,12 +708,14 @@ class Store:
             )
         return data
 
+    @_retried
     def load_calls(self, execution_id: str) -> list[Row]:
         """The calls of an execution, in call order, with the columns of ``CALL_FIELDS`` in that order."""
         with self._reader.connect() as conn:
             query = select(*[CALLS.c[name] for name in CALL_FIELDS]).where(CALLS.c.execution_id == execution_id)
             return list(conn.execute(query.order_by(CALLS.c.call_id)).all())
 
+    @_retried
     def reusable_results(self, key: str, call_keys: Iterable[str]) -> dict[str, Row]:
         """Completed calls of earlier executions of ``key``, by call key (verified)."""
         found: dict[str, Row] = {}
@@ -609,6 +749,7 @@ class Store:
         """The verified pickle bytes of a stored value (KeyError if the store has none)."""
         return self._load_signed_content(BLOBS, "blob", key, lambda row: f"the stored value {key} ({row.type_name})")
 
+    @_retried
     def _load_signed_content(self, table: Any, context: str, key: str, describe: Any) -> bytes:
         """The data of a content-addressed row, verified against its signature and its key."""
         with self._reader.connect() as conn:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_monty import MontyCrashedError
 
-from ...errors import DurableError
+from ...errors import DurableError, StoreUnavailable
 from ...store.store import Step
 from .. import sandbox
 from .calls import CallState
@@ -82,8 +82,9 @@ class Ledger:
 
     def _write_step(self: Driver) -> None:
         """Commit the pending step (with the counters and any new blobs) and start a new one."""
-        if self.codec.pending_blobs:
-            self.step.blobs, self.codec.pending_blobs = self.codec.pending_blobs, {}
+        if self.codec.pending_blobs:  # merged: a step that failed to commit keeps its own
+            self.step.blobs.update(self.codec.pending_blobs)
+            self.codec.pending_blobs = {}
         self.step.execution.update(self._counter_columns())
         self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
         self._last_commit = time.time()
@@ -94,7 +95,14 @@ class Ledger:
         """The last write of this driver: it also releases the lease."""
         self._announced = []
         self.step.execution["lease_owner"] = None
-        self._write_step()
+        while True:
+            try:
+                self._write_step()
+            except StoreUnavailable as exc:  # the result is kept in memory until the store is back
+                self._ride_out(exc, collect=False)
+                continue
+            self._outage.recovered()
+            return
 
     def _counter_columns(self: Driver) -> dict[str, int]:
         c = self.counters
@@ -194,6 +202,8 @@ class Ledger:
                 else:
                     self.counters.failed += 1
                     self._failed_calls[(error_type or "", error_message or "")] = state
+            elif kind == "signal":
+                self._restore_wait(state, now)
             elif kind == "sleep":
                 self._push_timer(due_at or now, state)
             elif status == "retrying" and due_at and due_at > now:

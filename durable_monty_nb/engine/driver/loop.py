@@ -22,6 +22,7 @@ import itertools
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,20 +31,24 @@ from typing import Any
 from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, MontySession
 
 from ... import defaults
-from ...errors import DurableError, LeaseLost, WorkflowFailed, interrupted_error
+from ...errors import DurableError, LeaseLost, StoreUnavailable, WorkflowFailed, interrupted_error
 from ...executors.base import Executor
-from ...store.store import Step, Store
+from ...store.store import LIVE_OWNERS, Step, Store
+from ...store.transient import Outage
 from ...values import ValueCodec
 from .. import sandbox
 from ..analysis import CodeInfo
+from ..controls import NO_LIMITS, CallControls
 from ..events import Printed
-from ..handle import CallView, Progress, Run
+from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
 from .calls import CallState, Counters
 from .finishing import Finishing
 from .ledger import Ledger
+from .limiting import Limiting
 from .protocol import MontyProtocol
 from .scheduling import WAKE, Scheduling
+from .waits import Waits
 
 
 @dataclass
@@ -53,13 +58,15 @@ class Settings:
     workers: int = defaults.WORKERS
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     lease_ttl: float = defaults.LEASE_TTL
+    store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT  # then stop as interrupted
+    controls: CallControls = NO_LIMITS  # for functions without limits of their own
 
     @property
     def heartbeat(self) -> float:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
+class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -127,6 +134,10 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
         for name, (key, fingerprint, data) in (shipped or {}).items():
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
+        self._init_waits()
+        self._init_limits()
+        self._journaled: set[str] = set()  # attempt ids already in a step
+        self._outage = Outage()
         if restored_calls is not None:
             self._restore_calls(restored_calls, retry_failed)
 
@@ -182,11 +193,22 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
             waiting=waiting,
             restored=c.restored,
             reused=c.reused,
-            note=None if self._finished else self.executor.problem,
+            note=None if self._finished else (self._store_problem() or self.executor.problem),
+            signals=len(self._signal_waits),
+            external=len(self._external_waits),
+            limited=self.limited_count,
         )
 
     def call_views(self) -> list[CallView]:
         return [state.view() for state in list(self.calls.values())]
+
+    def function_stats(self) -> list[FunctionStats]:
+        """Per-function counts and durations, for live views: one pass, no argument formatting."""
+        return function_stats(
+            (s.function, s.view_status, s.started_at, s.finished_at)
+            for s in list(self.calls.values())
+            if s.kind == "call"
+        )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -197,6 +219,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
             self._loop(self._snapshot)
         except LeaseLost as exc:
             self._finish_run("interrupted", error=exc, commit=False)
+        except StoreUnavailable as exc:
+            self._finish_run("interrupted", error=self._outage_error(exc), commit=False)
         except DurableError as exc:  # e.g. a tampered row: stop, keep the execution resumable
             self._finish_run("interrupted", error=exc)
         except Exception as exc:  # an engine bug must not leave the handle waiting forever
@@ -207,6 +231,9 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
                 WorkflowFailed(f"internal error: {exc}", text, self.execution_id, type(exc).__name__),
             )
         finally:
+            self._stop_listening()
+            self._forget_limits()
+            LIVE_OWNERS.discard(self.owner)
             sandbox.close_session(self.session)
             self.executor.shutdown()
             self._release_memory()
@@ -226,7 +253,12 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
             if type(snap) is MontyComplete:
                 self._complete(snap)
                 return
-            self._commit(snap)
+            try:
+                self._commit(snap)
+            except StoreUnavailable as exc:
+                self._ride_out(exc)  # keep results in memory, dispatch nothing, try again
+                continue
+            self._outage.recovered()
             with self._state_lock:
                 # Attempts on a durable executor go on without us and report to the store.
                 if self._stopping and (self._in_flight == 0 or self.executor.durable):
@@ -236,9 +268,40 @@ class Driver(MontyProtocol, Ledger, Scheduling, Finishing):
                 return
             if not self._stopping:
                 self._dispatch()
+            self._note_parked()
             self._collect(self._wait())
             if not self._stopping:
+                self._take_deliveries()
                 self._fire_timers()
+
+    def _ride_out(self, exc: StoreUnavailable, *, collect: bool = True) -> None:
+        """The store is unreachable: wait for outcomes (kept in memory) and commit again soon;
+        past ``store_outage_limit`` stop as interrupted, losing nothing committed."""
+        self._outage.failed(exc.__cause__ or exc)
+        if time.time() - (self._outage.since or time.time()) > self.settings.store_outage_limit:
+            raise exc
+        items = self._wait(timeout=min(self.settings.heartbeat, 1.0))
+        if collect:
+            self._collect(items)
+            if not self._stopping:
+                self._fire_timers()
+
+    def _outage_error(self, exc: StoreUnavailable) -> StoreUnavailable:
+        """The error a run stopped by an unreachable store ends with: the store, the cause, what to do."""
+        self._outage.failed(exc.__cause__ or exc)
+        down_for = time.time() - (self._outage.since or time.time())
+        error = StoreUnavailable(
+            f"{exc}. Unreachable since {self._outage.since_text} ({down_for:.0f} s): the execution stopped "
+            f"as interrupted, and every result committed before is kept. Resume it when the store is back "
+            f"(%durable_resume {self.key})."
+        )
+        error.__cause__ = exc.__cause__
+        return error
+
+    def _store_problem(self) -> str | None:
+        if self._outage.since is None:
+            return None
+        return f"store unreachable since {self._outage.since_text}, retrying ({self._outage.cause})"
 
     def _release_memory(self) -> None:
         """After the end only the call list stays (for views); drop values and sandbox state."""
