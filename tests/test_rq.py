@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,6 +250,56 @@ def test_a_module_missing_on_the_workers_reaches_the_cell_and_only_failed_calls_
     entries = [entry for _, entry in log_lines(log)]
     assert sorted(e for e in entries if e.startswith("prepare")) == ["prepare 0", "prepare 1", "prepare 2"]
     assert sorted(e for e in entries if e.startswith("encode")) == ["encode 0", "encode 1", "encode 2"]
+    engine.close()
+
+
+def test_a_timed_out_job_is_stopped_and_frees_its_worker(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    from durable_monty_nb import limits
+
+    gate = tmp_path / "gate"
+    gate.touch()
+    log = tmp_path / "side.log"
+    workers.start(1)  # one worker: the next call runs only if the hung job was stopped
+
+    @limits(timeout=1)
+    def hang(x):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} hang\n")
+        while gate.exists():  # hangs until the test ends
+            time.sleep(0.01)
+        return x
+
+    def quick(x):
+        return x + 1
+
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    code = "try:\n    await hang(1)\nexcept TimeoutError as e:\n    r = str(e)\n[r, await quick(1)]"
+    message, after = engine.run(code, {"hang": hang, "quick": quick}, key="timeout")
+    assert "hang() did not finish within 1 s" in message and after == 2
+    assert gate.exists() and len(log_lines(log)) == 1  # stopped mid-call, never run again
+    engine.close()
+
+
+def test_queued_jobs_lost_with_a_flushed_redis_run_again(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    from redis import Redis
+
+    log = tmp_path / "side.log"
+
+    def record(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {i}\n")
+        return i
+
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    run = engine.start("sum(await gather(*[record(i) for i in range(6)]))", {"record": record}, key="flushed")
+    redis = Redis.from_url(workers.url)
+    wait_until(lambda: redis.llen(f"rq:queue:{workers.queue}") == 6, what="6 jobs queued, no worker yet")
+    redis.flushdb()  # the queue and its jobs are gone
+    wait_until(lambda: redis.llen(f"rq:queue:{workers.queue}") == 6, what="the lost jobs enqueued again")
+    workers.start(1)
+    assert run.result(120) == 15
+    assert sorted(int(entry) for _, entry in log_lines(log)) == list(range(6))  # each call once
+    assert {call.attempts for call in run.calls()} == {2}  # the lost attempt, then the one that ran
     engine.close()
 
 

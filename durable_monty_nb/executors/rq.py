@@ -42,6 +42,7 @@ NOTIFY_TTL = 7 * 24 * 3600  # messages of a dead kernel's execution wait this lo
 RESULT_TTL = 60  # RQ's own copy of the (small) return value: the store has the outcome
 FAILURE_TTL = 7 * 24 * 3600
 WATCH_SECONDS = 1.0
+QUEUE_CHECK_SECONDS = 5.0  # how often queued jobs are checked for having vanished
 
 
 def notify_key(execution_id: str) -> str:
@@ -106,6 +107,7 @@ class RQExecutor:
             f"no worker is listening on queue {queue_name} ({url}): start one with: rq worker {queue_name} --url {url}",
         )
         self._last_check = 0.0
+        self._last_queue_check = time.monotonic()
 
     # -- the Executor protocol -----------------------------------------------------------------
 
@@ -149,6 +151,26 @@ class RQExecutor:
                 lost.append(task)
         self._watch()
         return lost
+
+    def cancel(self, tasks: Sequence[Task]) -> None:
+        """Queued jobs are cancelled; a running one is stopped (its work horse is killed)."""
+        from redis.exceptions import RedisError
+        from rq.command import send_stop_job_command
+        from rq.exceptions import InvalidJobOperation, NoSuchJobError
+        from rq.job import Job
+
+        with self._lock:
+            for task in tasks:
+                self._tasks.pop(task.id, None)
+        for task in tasks:
+            try:
+                job = Job.fetch(task.id, connection=self.redis)
+                if job.get_status() == "started":
+                    send_stop_job_command(self.redis, task.id)
+                else:
+                    job.cancel()
+            except (NoSuchJobError, InvalidJobOperation, RedisError):
+                pass  # finished meanwhile, or Redis is away: its outcome is ignored either way
 
     def shutdown(self) -> None:
         self._closed.set()
@@ -236,13 +258,17 @@ class RQExecutor:
             done(outcome)
 
     def _check(self) -> None:
-        """Every second or so: lost jobs (their worker died), and whether anyone listens."""
+        """Every second or so: lost jobs (their worker died), and whether anyone listens; every
+        few seconds, queued jobs that vanished (Redis flushed, a job deleted)."""
         from rq import Worker
 
-        self._last_check = time.monotonic()
+        now = self._last_check = time.monotonic()
         with self._lock:
             started = [task for task in self._tasks.values() if task.started_at]
             waiting = len(self._tasks) - len(started)
+        if waiting and now - self._last_queue_check >= QUEUE_CHECK_SECONDS:
+            self._last_queue_check = now
+            self._find_vanished()
         if started:
             with self.redis.pipeline() as pipe:
                 for task in started:
@@ -252,6 +278,22 @@ class RQExecutor:
                 if not beating and not self.redis.exists(self._notify):  # no outcome on its way either
                     self._report(task.id, Outcome.lost_attempt(task, f"its worker {task.worker} stopped"))
         self._health.workers(waiting=waiting > 0, present=not waiting or bool(Worker.all(queue=self.queue)))
+
+    def _find_vanished(self) -> None:
+        """Queued attempts whose job is gone from Redis: they will never run, so they are lost."""
+        from rq.job import Job
+
+        with self._lock:
+            unsent = {task.id for task in self._unsent}  # waiting for Redis to come back, not lost
+            queued = [task for task in self._tasks.values() if not task.started_at and task.id not in unsent]
+        with self.redis.pipeline() as pipe:
+            for task in queued:
+                pipe.exists(Job.key_for(task.id))
+            present = pipe.execute()
+        gone = [task for task, there in zip(queued, present, strict=True) if not there]
+        if gone and not self.redis.exists(self._notify):  # no outcome on its way either
+            for task in gone:
+                self._report(task.id, Outcome.lost_attempt(task, "its job vanished from Redis before it ran"))
 
 
 def run_job(payload: dict[str, Any]) -> str:
