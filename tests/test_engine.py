@@ -192,3 +192,21 @@ def _wait_for(predicate: Any, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def test_fingerprints_are_the_same_in_another_process() -> None:
+    """A default value whose repr holds a memory address must not change a function's fingerprint."""
+    import subprocess
+    import sys
+
+    code = (
+        "from durable_monty_nb.engine.fingerprint import function_fingerprint\n"
+        "class Marker: pass\n"
+        "def step(x, marker=Marker(), *, options=object()):\n    return x\n"
+        "print(function_fingerprint(step))"
+    )
+    prints = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(prints) == 1 and len(prints.pop().strip()) == 64

@@ -40,8 +40,10 @@ def _describe(fn: Any, seen: set[int]) -> str:
         cls = target if isinstance(target, type) else type(target)
         return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
     parts = [target.__qualname__, _code(code)]
-    parts.append(repr(getattr(target, "__defaults__", None)))
-    parts.append(repr(sorted((getattr(target, "__kwdefaults__", None) or {}).items())))
+    defaults = getattr(target, "__defaults__", None) or ()
+    parts.append(",".join(_value_token(value, seen) for value in defaults))
+    kwdefaults = sorted((getattr(target, "__kwdefaults__", None) or {}).items())
+    parts.append(",".join(f"{name}={_value_token(value, seen)}" for name, value in kwdefaults))
     for cell in getattr(target, "__closure__", None) or ():
         try:
             parts.append(_value_token(cell.cell_contents, seen))
@@ -61,7 +63,8 @@ def _value_token(value: Any, seen: set[int]) -> str:
         return _describe(value, seen)
     if isinstance(value, (tuple, frozenset)) and all(isinstance(v, _PLAIN) for v in value):
         return repr(value)
-    # Modules, classes and mutable objects: identity by name only.
+    # Modules, classes and mutable objects: identity by name only (never a repr, which may hold
+    # a memory address and so differ between processes).
     return f"<{type(value).__qualname__}>"
 
 
