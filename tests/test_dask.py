@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from procs import finish, kill, log_entries, wait_until
 
-from durable_monty_nb import Engine, WorkflowFailed, retry
+from durable_monty_nb import Engine, WorkflowFailed, limits, retry
 from durable_monty_nb.errors import ExecutorUnavailable
 from durable_monty_nb.executors.dask import ADDRESS_ENV, Dask, close_clients
 from durable_monty_nb.store.store import Store
@@ -392,3 +392,20 @@ def test_local_cluster_without_an_address(
     finally:
         engine.close()
         close_clients()
+
+
+def test_timed_out_tasks_are_cancelled_on_the_cluster(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
+    """Two calls hang on the two workers and a third waits behind them: at the deadline all three
+    raise TimeoutError in the workflow, the queued one is cancelled before it ever runs."""
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    gated = limits(timeout=1)(gated_call(log, gate))
+    code = (
+        "async def one(i):\n    try:\n        return await gated(i)\n    except TimeoutError as e:\n"
+        "        return str(e)\nawait gather(*[one(i) for i in range(3)])"
+    )
+    run = dask_engine.start(code, {"gated": gated})
+    assert all("gated() did not finish within 1 s" in r for r in run.result(60))
+    assert len(log_entries(log)) == 2  # two were running; the third never started
+    gate.touch()  # the two running ones end on their workers; their results are dropped
+    wait_until(lambda: not cluster.wanted_by(f"dm-{run.execution_id}-"), what="the scheduler to forget the tasks")
+    assert len(log_entries(log)) == 2

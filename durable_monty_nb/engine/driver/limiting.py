@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ...executors.base import ErrorInfo, Outcome
+from ...executors.base import ErrorInfo, Outcome, Task
 from ..controls import GATES, NO_LIMITS, RETRY_AFTER_TYPE, CallControls, controls_for, gate, retry_after_seconds
 from .calls import CallState
 
@@ -30,6 +30,7 @@ class Limiting:
         self._limit_check_at: float | None = None  # when a rate token may be free again
         self._controls: dict[str, CallControls] = {}
         self._waiting_slot: set[str] = set()
+        self._to_cancel: list[Task] = []  # timed-out attempts, cancelled together after the timers
 
     def _controls_of(self: Driver, function: str) -> CallControls:
         found = self._controls.get(function)
@@ -128,9 +129,7 @@ class Limiting:
         if self.executor.remote:
             where = f"its job on the {self.executor.name} executor was cancelled"
         text = f"TimeoutError: {message} ({where})"
-        cancel = getattr(self.executor, "cancel", None)
-        if cancel is not None:
-            cancel([task])
+        self._to_cancel.append(task)
         state.timeout_at = None
         self._in_flight -= 1
         state.task = None
@@ -141,6 +140,14 @@ class Limiting:
         outcome = Outcome(state.call_id, task.attempt, False, error=error, started_at=task.started_at, finished_at=now)
         self._settle_attempt_failure(state, outcome)
         return True
+
+    def _cancel_timed_out(self: Driver) -> None:
+        """Cancel the attempts that timed out in one request, those not started yet first (so a
+        worker freed by a cancelled running attempt never picks up one about to be cancelled)."""
+        tasks, self._to_cancel = self._to_cancel, []
+        cancel = getattr(self.executor, "cancel", None)
+        if tasks and cancel is not None:
+            cancel(sorted(tasks, key=lambda task: bool(task.started_at)))
 
     def _retry_after(self: Driver, state: CallState, outcome: Outcome) -> bool:
         """A RetryAfter: run the call again after the delay it asked for, not counted as a failure."""

@@ -304,3 +304,4 @@ class Scheduling:
                 continue
             else:  # a deadline of a signal wait or an external call (waits.py)
                 self._wait_deadline(state, now)
+        self._cancel_timed_out()
