@@ -173,19 +173,15 @@ def _kill_leftover_kernels(runtime_dir: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A headless JupyterLab on a free port, serving a fresh copy of the quickstart."""
+@contextlib.contextmanager
+def serve_lab(tmp_path: Path, root: Path, db: Path) -> Iterator[tuple[str, Path]]:
+    """A headless JupyterLab on a free port serving ``root`` over the store ``db``: (URL, log)."""
     _require_tools()
-    root = tmp_path / "root"
-    root.mkdir()
-    cells = _fresh_notebook(NOTEBOOK, root / "quickstart.ipynb")
     _write_settings(tmp_path / "lab-settings")
     runtime_dir = tmp_path / "runtime"
-
     env = dict(os.environ)  # keeps DURABLE_MONTY_KEY (set by conftest)
     env.update(
-        DURABLE_MONTY_DB=f"sqlite:///{tmp_path / 'browser.db'}",
+        DURABLE_MONTY_DB=f"sqlite:///{db}",
         JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"),
         JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
         JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
@@ -229,7 +225,7 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
             if time.monotonic() > deadline:
                 pytest.fail(f"JupyterLab did not answer in {SERVER_START_SECONDS} s:\n{_log_tail(log)}", pytrace=False)
             time.sleep(0.2)  # polling interval, not synchronization
-        yield {"url": base_url, "cells": cells, "log": log}
+        yield base_url, log
     finally:
         server.terminate()  # SIGTERM: the server shuts its kernels down, then exits
         try:
@@ -238,6 +234,17 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
             server.kill()
             server.wait(SERVER_STOP_SECONDS)
         _kill_leftover_kernels(runtime_dir)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A headless JupyterLab on a free port, serving a fresh copy of the quickstart."""
+    _require_tools()
+    root = tmp_path / "root"
+    root.mkdir()
+    cells = _fresh_notebook(NOTEBOOK, root / "quickstart.ipynb")
+    with serve_lab(tmp_path, root, tmp_path / "browser.db") as (base_url, log):
+        yield {"url": base_url, "cells": cells, "log": log}
 
 
 @pytest.fixture

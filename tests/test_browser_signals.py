@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,16 +20,11 @@ import sqlalchemy as sa
 from test_browser import (
     ARTIFACTS,
     KERNEL_READY_MS,
-    SERVER_START_SECONDS,
-    SERVER_STOP_SECONDS,
     WIDGET_MS,
-    _free_port,
-    _kill_leftover_kernels,
     _log_tail,
-    _require_tools,
-    _write_settings,
     expect,
     page,  # noqa: F401 - a fixture: Chromium, 1280x900
+    serve_lab,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -109,68 +98,12 @@ def _write_notebook(path: Path) -> None:
 @pytest.fixture
 def signal_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A headless JupyterLab on a free port, serving the approval notebook over an empty store."""
-    _require_tools()
     root = tmp_path / "root"
     root.mkdir()
     _write_notebook(root / NOTEBOOK_NAME)
-    _write_settings(tmp_path / "lab-settings")
-    runtime_dir = tmp_path / "runtime"
     db = tmp_path / "signals.db"
-    env = dict(os.environ)  # keeps DURABLE_MONTY_KEY (set by conftest)
-    env.update(
-        DURABLE_MONTY_DB=f"sqlite:///{db}",
-        JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"),
-        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
-        JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
-        JUPYTER_RUNTIME_DIR=str(runtime_dir),
-        IPYTHONDIR=str(tmp_path / "ipython"),
-    )
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "jupyter",
-        "lab",
-        "--no-browser",
-        "--allow-root",
-        "--ServerApp.ip=127.0.0.1",
-        "--IdentityProvider.token=",
-        "--LabApp.expose_app_in_browser=True",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.root_dir={root}",
-        "--ServerApp.open_browser=False",
-        "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.extension_manager=readonly",
-    ]
-    log = tmp_path / "jupyter-lab.log"
-    base_url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as log_file:
-        server = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"JupyterLab exited with {server.returncode}:\n{_log_tail(log)}", pytrace=False)
-            try:
-                with urllib.request.urlopen(f"{base_url}/api", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not answer in {SERVER_START_SECONDS} s:\n{_log_tail(log)}", pytrace=False)
-            time.sleep(0.2)  # polling interval, not synchronization
+    with serve_lab(tmp_path, root, db) as (base_url, log):
         yield {"url": base_url, "log": log, "db": f"sqlite:///{db}"}
-    finally:
-        server.terminate()
-        try:
-            server.wait(SERVER_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(SERVER_STOP_SECONDS)
-        _kill_leftover_kernels(runtime_dir)
 
 
 def _run(browser: Any, command: str, index: int, count: int) -> None:

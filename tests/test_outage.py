@@ -78,6 +78,17 @@ class SideLog:
 
         return work
 
+    def held_from(self, first: int, gate: threading.Event) -> Any:
+        """``work``, with calls from ``first`` on held until the gate opens (they finish while the store is down)."""
+        work = self.work()
+
+        def held(i):
+            if i >= first:
+                gate.wait(60)  # test scaffolding: the test opens the gate
+            return work(i)
+
+        return held
+
     def entries(self) -> list[int]:
         with self.lock:
             return [int(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
@@ -138,12 +149,7 @@ def test_a_longer_outage_is_shown_then_ridden_out(server_url: str, tmp_path: Pat
     proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
     gate = threading.Event()
     log = SideLog(tmp_path / "side.log")
-    work = log.work()
-
-    def held(i):
-        if i >= 5:
-            gate.wait(60)  # test scaffolding: calls 5.. finish while the store is down
-        return work(i)
+    held = log.held_from(5, gate)
 
     engine = Engine(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     engine.store.retry_window = 0.5
@@ -171,12 +177,7 @@ def test_past_the_outage_limit_the_run_stops_resumable_losing_nothing_committed(
     proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
     gate = threading.Event()
     log = SideLog(tmp_path / "side.log")
-    work = log.work()
-
-    def held(i):
-        if i >= 5:
-            gate.wait(60)
-        return work(i)
+    held = log.held_from(5, gate)
 
     url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     engine = Engine(url, store_outage_limit=1.0)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import wait_until
@@ -75,6 +76,17 @@ def log_lines(log: Path) -> list[tuple[int, str]]:
     return [(int(pid), rest) for pid, rest in (line.split(" ", 1) for line in log.read_text().splitlines())]
 
 
+def recorder(log: Path) -> Any:
+    """A notebook-style function (it reaches the workers by value) that logs its process and argument."""
+
+    def record(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {i}\n")
+        return i
+
+    return record
+
+
 def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
     workers: Workers, sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -129,12 +141,7 @@ def test_results_errors_and_retries_on_workers(workers: Workers, sqlite_url: str
 def test_two_workers_never_run_one_call_twice(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
     workers.start(2)
     log = tmp_path / "side.log"
-
-    def record(i):
-        with open(log, "a") as handle:
-            handle.write(f"{os.getpid()} {i}\n")
-        return i
-
+    record = recorder(log)
     engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
     assert engine.run("sum(await gather(*[record(i) for i in range(40)]))", {"record": record}, key="two") == 780
     entries = log_lines(log)
@@ -284,12 +291,7 @@ def test_queued_jobs_lost_with_a_flushed_redis_run_again(workers: Workers, sqlit
     from redis import Redis
 
     log = tmp_path / "side.log"
-
-    def record(i):
-        with open(log, "a") as handle:
-            handle.write(f"{os.getpid()} {i}\n")
-        return i
-
+    record = recorder(log)
     engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
     run = engine.start("sum(await gather(*[record(i) for i in range(6)]))", {"record": record}, key="flushed")
     redis = Redis.from_url(workers.url)
