@@ -77,8 +77,8 @@ class WorkerSet:
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def start(self, redis: Any, timeout: float = 30.0) -> None:
-        env = dict(os.environ)
+    def start(self, redis: Any, store: str, timeout: float = 30.0) -> None:
+        env = dict(os.environ, DURABLE_MONTY_DB=store)  # the store the workers serve, as a user sets it
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(ROOT), env.get("PYTHONPATH")]))
         for name in self.names:
             with open(self.log(name), "wb") as out:
@@ -206,9 +206,9 @@ def bench_kind(kind: str, args: argparse.Namespace, url: str, redis: Any, folder
     backend = RQ(url, QUEUE)
     workers = WorkerSet(kind, args.workers, url, QUEUE, folder)
     times: dict[str, list[float]] = {"durable": [], "plain": []}
+    engine = Engine(folder / f"bench-{kind}.db", executor=backend)
     try:
-        workers.start(redis)
-        engine = Engine(folder / f"bench-{kind}.db", executor=backend)
+        workers.start(redis, engine.store.url)
         try:
             # Warm-up (not timed): the store's schema, the first jobs on each worker.
             durable_run(engine, backend, 2 * args.workers, 0.0, f"{kind}-warm-up", args.timeout)

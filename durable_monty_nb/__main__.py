@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -52,16 +53,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_worker(queues: list[str], *, url: str | None, name: str | None, burst: bool) -> int:
-    """An RQ worker whose forked jobs find the store, codec and cloudpickle already imported."""
+    """An RQ worker whose forked jobs find the package imported and, when ``DURABLE_MONTY_DB`` names
+    the store, that store opened with its SQL compiled."""
     import cloudpickle  # noqa: F401  (preloaded: jobs fork from this process)
     from rq import Worker
 
     from . import defaults, values  # noqa: F401
     from .executors.rq import RQ
-    from .store import store  # noqa: F401
+    from .executors.worker import DB_ENV, prepare_store
 
     backend = RQ(url) if url else RQ()
     backend.check()
+    store_url = os.environ.get(DB_ENV)
+    if store_url:  # opened and warmed once here, inherited by every forked job
+        print(f"durable-monty-nb worker: store {prepare_store(store_url)} prepared", flush=True)
     worker = Worker(queues or [defaults.RQ_QUEUE], connection=backend.connection(), name=name)
     worker.work(burst=burst, logging_level="INFO")
     return 0

@@ -139,6 +139,8 @@ def test_results_errors_and_retries_on_workers(workers: Workers, sqlite_url: str
 
 
 def test_two_workers_never_run_one_call_twice(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    # Workers told the store (as a user does) open it before forking; every job inherits it warm.
+    workers.env["DURABLE_MONTY_DB"] = sqlite_url
     workers.start(2)
     log = tmp_path / "side.log"
     record = recorder(log)

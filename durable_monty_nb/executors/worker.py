@@ -34,7 +34,7 @@ PAYLOAD_VERSION = 1
 DB_ENV = "DURABLE_MONTY_DB"
 
 _lock = threading.Lock()
-_stores: dict[tuple[int, str], Any] = {}
+_stores: dict[str, Any] = {}
 _functions: dict[str, Any] = {}
 _signer: Signer | None = None
 
@@ -43,7 +43,7 @@ def make_payload(task: Task, store_url: str, signer: Signer, executor: str, **ex
     """The signed description of a task that a worker needs (never the store's password)."""
     payload = {
         "v": PAYLOAD_VERSION,
-        "store": make_url(store_url).render_as_string(hide_password=True),
+        "store": _public_url(store_url),
         "execution_id": task.execution_id,
         "call_id": task.call_id,
         "attempt": task.attempt,
@@ -160,15 +160,31 @@ def _canonical(payload: dict[str, Any]) -> str:
 
 
 def _store(public_url: str) -> Any:
-    """The store of a payload, opened once per worker process."""
+    """The store of a payload, opened once per worker process (and inherited by forked ones)."""
     from ..store.store import Store
 
-    key = (os.getpid(), public_url)
     with _lock:
-        store = _stores.get(key)
+        store = _stores.get(public_url)
         if store is None:
-            store = _stores[key] = Store(_full_url(public_url), key=None)
+            store = _stores[public_url] = Store(_full_url(public_url), key=None)
+        elif store.pid != os.getpid():  # an RQ work horse forked from a prepared worker
+            store.after_fork()
         return store
+
+
+def _public_url(url: str) -> str:
+    """The store URL as tasks carry it: never with its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def prepare_store(url: str) -> str:
+    """Open the store a worker will serve and warm its statements, before jobs fork (``durable-monty-nb
+    worker``): each job then skips opening it, checking its schema and compiling its SQL."""
+    from ..store.store import normalize_url
+
+    public = _public_url(normalize_url(url))
+    _store(public).prepare_for_workers()
+    return public
 
 
 def _full_url(public_url: str) -> str:

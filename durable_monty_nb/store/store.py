@@ -8,6 +8,7 @@ SQLite runs in WAL mode with ``synchronous=FULL`` (a committed step survives pow
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -301,6 +302,7 @@ class Store:
         self.signer = Signer(key)
         self.checkpoint_seq: dict[str, int] = {}
         self.retry_window = STORE_RETRY_WINDOW
+        self.pid = os.getpid()
         self._shown_url = self.display_url
 
     @property
@@ -657,6 +659,25 @@ class Store:
                     found[record.attempt_id] = record
         return found
 
+    def prepare_for_workers(self) -> None:
+        """Compile, once in this process, what a worker's attempt runs (its reads and its
+        ``finish_attempts``), so processes forked from this one (RQ's work horses) start warm."""
+        columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
+        dialect = self.engine.dialect
+        _compiled(_update_statement("dm_attempts", ("attempt_id",), columns), dialect)
+        _compiled(_insert_statement("dm_attempts", tuple(sorted((*ATTEMPT_FIELDS, "created_at")))), dialect)
+        self.load_attempts(["warm-up"])
+        for read in (self.load_function, self.load_blob):
+            with contextlib.suppress(KeyError):
+                read("warm-up")
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's pooled connections (without closing them)."""
+        self.engine.dispose(close=False)
+        if self._reader is not self.engine:
+            self._reader.dispose(close=False)
+        self.pid = os.getpid()
+
     def load_function(self, key: str) -> bytes:
         """The verified pickle of a shipped function (KeyError if the store has none)."""
         return self._load_signed_content(
@@ -799,6 +820,17 @@ def _insert_statement(table_name: str, columns: tuple[str, ...]) -> Any:
 _COMPILED: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
 
 
+def _compiled(statement: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None]:
+    """The SQL of a prepared statement for a dialect and the order of its parameters, compiled once."""
+    key = (id(statement), dialect.name)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        result = statement.compile(dialect=dialect)
+        order = tuple(result.positiontup) if result.positiontup is not None else None
+        compiled = _COMPILED[key] = (result.string, order)
+    return compiled
+
+
 def _run(conn: Any, statement: Any, rows: list[dict[str, Any]]) -> int:
     """Execute a prepared statement for ``rows`` on the connection's DBAPI cursor.
 
@@ -806,14 +838,7 @@ def _run(conn: Any, statement: Any, rows: list[dict[str, Any]]) -> int:
     driver's ``executemany`` without SQLAlchemy's per-row processing (all values here are
     plain str, int, float, bytes or None). Returns the number of rows matched.
     """
-    dialect = conn.dialect
-    key = (id(statement), dialect.name)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        result = statement.compile(dialect=dialect)
-        order = tuple(result.positiontup) if result.positiontup is not None else None
-        compiled = _COMPILED[key] = (result.string, order)
-    sql, order = compiled
+    sql, order = _compiled(statement, conn.dialect)
     params: list[Any] = [tuple(row[name] for name in order) for row in rows] if order is not None else rows
     cursor = conn.connection.cursor()
     try:
