@@ -167,8 +167,15 @@ def test_gather_of_closures_shipped_by_value(dask_engine: Engine) -> None:
     assert os.getpid() not in {r[1] for r in results}
     calls = dask_engine.store.load_calls(run.execution_id)
     assert {c.status for c in calls} == {"done"} and all(c.worker.startswith("tcp://127.0.0.1:") for c in calls)
-    attempts = dask_engine.store.load_attempts([f"dm-{run.execution_id}-{c.call_id}-1" for c in calls])
+    ids = [f"dm-{run.execution_id}-{c.call_id}-1" for c in calls]
+    attempts = dask_engine.store.load_attempts(ids)
     assert len(attempts) == 50 and {a.executor for a in attempts.values()} == {"dask"}
+    # The workers write outcomes behind (batched): they all reach the store, signed, for re-attach.
+    finished = wait_until(
+        lambda: (found := dask_engine.store.load_attempts(ids)) and all(a.finished for a in found.values()) and found,
+        what="the workers to store every outcome",
+    )
+    assert {a.status for a in finished.values()} == {"done"}
 
 
 def test_sequential_sync_and_async_calls(dask_engine: Engine) -> None:

@@ -446,7 +446,7 @@ def run_task(payload: dict[str, Any]) -> dict[str, Any]:
     """The Dask task of one attempt (runs on the worker): run it, write the outcome, return its message."""
     name = _dask_worker_name()
     try:
-        message = run_attempt(payload, worker=name)
+        message = run_attempt(payload, worker=name, write_behind=True)
     except Exception as exc:  # the attempt could not run at all (wrong key, store unreachable)
         message = failure_message(payload, exc, name)
     if "error" in message:

@@ -14,9 +14,13 @@ A store URL travels without its password; a worker takes the password from its o
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import inspect
 import json
+import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -58,11 +62,16 @@ def make_payload(task: Task, store_url: str, signer: Signer, executor: str, **ex
     return payload
 
 
-def run_attempt(payload: dict[str, Any], worker: str | None = None) -> dict[str, Any]:
+def run_attempt(payload: dict[str, Any], worker: str | None = None, *, write_behind: bool = False) -> dict[str, Any]:
     """Run the attempt a payload describes; return its wire message (see :func:`wire`).
 
     Raises TamperedDataError when the payload's signature does not match this worker's key:
     such a worker cannot sign an outcome either, so the job itself fails with that message.
+
+    ``write_behind`` (long-lived workers whose message reaches the driver by itself, as Dask's
+    futures do): an outcome the message carries whole is written to the store by a background
+    thread that commits many at once, instead of one fsync'ed commit before returning. Outcomes
+    the driver must read from the store (large results, stored values) are written first.
     """
     signer = worker_signer()
     verify_payload(payload, signer)
@@ -102,8 +111,66 @@ def run_attempt(payload: dict[str, Any], worker: str | None = None) -> dict[str,
         )
     record.finished_at = time.time()
     record.sign(signer)
-    store.finish_attempts([record], codec.pending_blobs)
-    return wire(record)
+    message = wire(record)
+    if write_behind and "record" in message and not codec.pending_blobs:
+        _writer(store).put(record)
+    else:
+        store.finish_attempts([record], codec.pending_blobs)
+    return message
+
+
+class _Writer:
+    """One thread per store of a worker process: commits queued attempt outcomes in batches."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.queue: queue.SimpleQueue[AttemptRecord] = queue.SimpleQueue()
+        self.pending = 0
+        self.done = threading.Condition()
+        threading.Thread(target=self._loop, daemon=True, name="durable-attempt-writer").start()
+
+    def put(self, record: AttemptRecord) -> None:
+        with self.done:
+            self.pending += 1
+        self.queue.put(record)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued is committed (at exit, and in tests)."""
+        with self.done:
+            return self.done.wait_for(lambda: self.pending == 0, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            records = [self.queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(records) < WRITE_BATCH:
+                    records.append(self.queue.get_nowait())
+            try:
+                self.store.finish_attempts(records, {})
+            except Exception:  # the store stays unreachable: the driver has the outcomes from the messages
+                logging.getLogger(__name__).exception("durable-monty-nb: %d attempt outcomes not stored", len(records))
+            with self.done:
+                self.pending -= len(records)
+                self.done.notify_all()
+
+
+WRITE_BATCH = 1000
+_writers: dict[int, _Writer] = {}
+
+
+def _writer(store: Any) -> _Writer:
+    with _lock:
+        found = _writers.get(id(store))
+        if found is None:
+            found = _writers[id(store)] = _Writer(store)
+            if len(_writers) == 1:
+                atexit.register(_flush_writers)
+        return found
+
+
+def _flush_writers() -> None:
+    for writer in list(_writers.values()):
+        writer.flush()
 
 
 def wire(record: AttemptRecord) -> dict[str, Any]:
