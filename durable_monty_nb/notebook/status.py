@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import last_line
-from ..store.store import Store, lease_held
+from ..store.store import Store, execution_state
 from ..values import format_arguments
 from .scope import split_key
 
@@ -32,11 +32,6 @@ class Report:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(self.text)
-
-
-def execution_state(row: Any) -> str:
-    """The status, with ``crashed`` for a running execution whose owner is gone."""
-    return "crashed" if row.status == "running" and not lease_held(row) else row.status
 
 
 def format_duration(seconds: float | None) -> str:

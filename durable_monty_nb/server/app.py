@@ -32,10 +32,9 @@ from starlette.routing import Route
 
 from .. import signals as signals_module
 from ..errors import DurableError, ExecutionNotFound, StoreError, ValueCrossingError
-from ..notebook.status import execution_state
 from ..store import mailbox
 from ..store.mailbox import SignalError, check_name
-from ..store.store import Store
+from ..store.store import Store, execution_state
 from ..tokens import Scope, TokenError, verify_token
 
 log = logging.getLogger("durable_monty_nb.server")

@@ -233,6 +233,11 @@ def lease_held(row: Any) -> bool:
     return bool(owner) and (row.lease_expires_at or 0) >= time.time() and not owner_is_dead(owner)
 
 
+def execution_state(row: Any) -> str:
+    """The status, with ``crashed`` for a running execution whose owner is gone."""
+    return "crashed" if row.status == "running" and not lease_held(row) else row.status
+
+
 def describe_owner(owner: str | None) -> str:
     if not owner:
         return "nobody"
