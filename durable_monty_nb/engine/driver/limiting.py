@@ -128,17 +128,12 @@ class Limiting:
         where = "its thread cannot be killed and is left to finish; its result will be ignored"
         if self.executor.remote:
             where = f"its job on the {self.executor.name} executor was cancelled"
-        text = f"TimeoutError: {message} ({where})"
         self._to_cancel.append(task)
-        state.timeout_at = None
-        self._in_flight -= 1
-        state.task = None
-        state.attempts = task.attempt
-        state.started_at, state.finished_at = task.started_at or None, now
-        self._release_slot(state)
-        error = ErrorInfo(TIMEOUT_TYPES, message, text)
-        outcome = Outcome(state.call_id, task.attempt, False, error=error, started_at=task.started_at, finished_at=now)
-        self._settle_attempt_failure(state, outcome)
+        error = ErrorInfo(TIMEOUT_TYPES, message, f"TimeoutError: {message} ({where})")
+        # Settled as any failed attempt (the bookkeeping and the retry policy of _collect); its
+        # real outcome, if it ever comes, is for an attempt the driver no longer waits for.
+        started = task.started_at or 0.0
+        self._collect([Outcome(state.call_id, task.attempt, False, error=error, started_at=started, finished_at=now)])
         return True
 
     def _cancel_timed_out(self: Driver) -> None:
