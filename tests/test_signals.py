@@ -360,7 +360,8 @@ def test_kernel_killed_right_after_the_delivery(kernel_setup: Any) -> None:
     kernel = start_kernel(tmp_path, env)
     kernel.ok(CELL)
     assert "delivered 'approval' #1" in kernel.ok('%durable_signal approve approval {"approved": false}').streams
-    wait_until(lambda: (tmp_path / "side.log").exists(), what="record() to start")
+    # Its line written, not only the file created: a kill between the two would lose the line.
+    wait_until(lambda: log_entries(tmp_path / "side.log"), what="record() to start")
     kernel.kill()
     (tmp_path / "gate").unlink()
     kernel = start_kernel(tmp_path, env)
