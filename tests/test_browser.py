@@ -57,13 +57,34 @@ RUN_ALL_MS = 60_000
 WIDGET_MS = 15_000
 WIDGET_MARGIN_X, WIDGET_MARGIN_Y = 12, 3  # pixels around the widget in durable-widget.png
 
+
 # JavaScript: the NotebookPanel of the quickstart, through the app that
 # --LabApp.expose_app_in_browser=True puts on window.
-FIND_PANEL = """
+def find_panel(path: str) -> str:
+    """JavaScript that sets ``panel`` to the NotebookPanel of the notebook at ``path``."""
+    return f"""
 const app = window.jupyterapp;
 const panel = app && Array.from(app.shell.widgets('main'))
-    .find(w => w.context && w.context.path === 'quickstart.ipynb');
+    .find(w => w.context && w.context.path === '{path}');
 """
+
+
+def notebook_errors(path: str) -> str:
+    """JavaScript returning the errors (``ename: evalue``) in the outputs of the notebook at ``path``."""
+    return f"""() => {{
+    {find_panel(path)}
+    const errors = [];
+    for (const cell of panel.content.widgets) {{
+        if (cell.model.type !== 'code') continue;
+        for (const output of cell.model.sharedModel.outputs) {{
+            if (output.output_type === 'error') errors.push(output.ename + ': ' + output.evalue);
+        }}
+    }}
+    return errors;
+}}"""
+
+
+FIND_PANEL = find_panel("quickstart.ipynb")
 NOTEBOOK_READY = f"""() => {{
     {FIND_PANEL}
     const session = panel && panel.sessionContext.session;
@@ -87,17 +108,7 @@ RUN_ALL_FINISHED = f"""() => {{
     return panel.sessionContext.session.kernel.status === 'idle'
         && cells.every(c => c.model.executionCount !== null);
 }}"""
-NOTEBOOK_ERRORS = f"""() => {{
-    {FIND_PANEL}
-    const errors = [];
-    for (const cell of panel.content.widgets) {{
-        if (cell.model.type !== 'code') continue;
-        for (const output of cell.model.sharedModel.outputs) {{
-            if (output.output_type === 'error') errors.push(output.ename + ': ' + output.evalue);
-        }}
-    }}
-    return errors;
-}}"""
+NOTEBOOK_ERRORS = notebook_errors("quickstart.ipynb")
 
 
 def _unavailable(message: str) -> None:

@@ -23,6 +23,8 @@ from test_browser import (
     WIDGET_MS,
     _log_tail,
     expect,
+    find_panel,
+    notebook_errors,
     page,  # noqa: F401 - a fixture: Chromium, 1280x900
     serve_lab,
 )
@@ -38,11 +40,7 @@ CELLS = [
 ]
 DURABLE_CELL = 2
 
-FIND_PANEL = f"""
-const app = window.jupyterapp;
-const panel = app && Array.from(app.shell.widgets('main'))
-    .find(w => w.context && w.context.path === '{NOTEBOOK_NAME}');
-"""
+FIND_PANEL = find_panel(NOTEBOOK_NAME)
 NOTEBOOK_READY = f"""() => {{
     {FIND_PANEL}
     const session = panel && panel.sessionContext.session;
@@ -68,17 +66,7 @@ RAN = f"""(count) => {{
     return panel.sessionContext.session.kernel.status === 'idle'
         && cells.every(c => c.model.executionCount !== null);
 }}"""
-NOTEBOOK_ERRORS = f"""() => {{
-    {FIND_PANEL}
-    const errors = [];
-    for (const cell of panel.content.widgets) {{
-        if (cell.model.type !== 'code') continue;
-        for (const output of cell.model.sharedModel.outputs) {{
-            if (output.output_type === 'error') errors.push(output.ename + ': ' + output.evalue);
-        }}
-    }}
-    return errors;
-}}"""
+NOTEBOOK_ERRORS = notebook_errors(NOTEBOOK_NAME)
 
 
 def _write_notebook(path: Path) -> None:
