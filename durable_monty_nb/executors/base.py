@@ -16,6 +16,7 @@ rely on (as joblib's parallel backends do).
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -174,6 +175,60 @@ class Executor(Protocol):
     def shutdown(self) -> None:
         """Stop accepting tasks; attempts already running go on (and report if durable)."""
         ...
+
+
+class WatchedExecutor:
+    """What the remote executors (RQ, Dask) share: the attempts in flight, one watcher thread
+    per run that reports their outcomes (``_loop``, defined by each), and the Health views show."""
+
+    name = "remote"
+    remote = True
+    durable = True
+
+    def __init__(self, run: Any, health: Health) -> None:
+        self.run = run
+        self._health = health
+        self._tasks: dict[str, Task] = {}  # attempts in flight, by id
+        self._unsent: list[Task] = []  # waiting for the service to come back
+        self._done: Done | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def problem(self) -> str | None:
+        return self._health.problem
+
+    def _expect(self, tasks: Sequence[Task], done: Done) -> None:
+        """From now on, outcomes of these attempts go to ``done``."""
+        with self._lock:
+            self._done = done
+            for task in tasks:
+                self._tasks[task.id] = task
+
+    def _watch(self) -> None:
+        """Start the watcher thread (once)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name=f"durable-{self.name}-{self.run.execution_id[:8]}"
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _forget(self, task_id: str) -> None:
+        """Drop what the executor keeps for an attempt that reported (called with the lock held)."""
+
+    def _report(self, task_id: str, outcome: Outcome) -> None:
+        """Pass an attempt's outcome to the driver, once."""
+        with self._lock:
+            task = self._tasks.pop(task_id, None)
+            self._forget(task_id)
+            done = self._done
+        if task is not None and done is not None:
+            done(outcome)
 
 
 class Health:

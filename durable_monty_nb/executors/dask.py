@@ -43,7 +43,7 @@ from typing import Any
 
 from ..errors import ExecutorUnavailable, TamperedDataError
 from . import RunContext
-from .base import Done, ErrorInfo, Health, Outcome, Task
+from .base import Done, ErrorInfo, Health, Outcome, Task, WatchedExecutor
 from .record import outcome_from_wire
 from .worker import failure_message, make_payload, run_attempt, worker_name
 
@@ -142,7 +142,7 @@ def close_clients() -> None:
             cluster.close()
 
 
-class DaskExecutor:
+class DaskExecutor(WatchedExecutor):
     """The executor of one execution on a Dask cluster; see the module docstring."""
 
     name = "dask"
@@ -150,31 +150,25 @@ class DaskExecutor:
     durable = True
 
     def __init__(self, backend: Dask, run: RunContext) -> None:
+        client = backend.client()
+        address = backend.address or client.scheduler.address
+        super().__init__(
+            run,
+            Health(
+                f"the Dask scheduler at {address}",
+                f"no Dask worker is connected to {address}: start one with: dask worker {address}",
+            ),
+        )
         self.backend = backend
-        self.run = run
-        self.client = backend.client()
-        self.address = backend.address or self.client.scheduler.address
-        self._tasks: dict[str, Task] = {}  # attempts in flight, by id
-        self._futures: dict[str, Any] = {}  # their futures, referenced until they report
-        self._unsent: list[Task] = []  # waiting for the scheduler to come back
+        self.client = client
+        self.address = address
+        self._futures: dict[str, Any] = {}  # futures of the attempts in flight, referenced until they report
         self._orphans: list[Task] = []  # futures cancelled when the connection dropped: follow again
         self._finished: queue.SimpleQueue[Any] = queue.SimpleQueue()  # futures from done callbacks
-        self._done: Done | None = None
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._thread: threading.Thread | None = None
         self._running = 0
-        self._health = Health(
-            f"the Dask scheduler at {self.address}",
-            f"no Dask worker is connected to {self.address}: start one with: dask worker {self.address}",
-        )
         self._last_poll = 0.0
 
     # -- the Executor protocol -----------------------------------------------------------------
-
-    @property
-    def problem(self) -> str | None:
-        return self._health.problem
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -182,18 +176,12 @@ class DaskExecutor:
             return len(self._tasks) - running, running
 
     def submit(self, tasks: Sequence[Task], done: Done) -> None:
-        with self._lock:
-            self._done = done
-            for task in tasks:
-                self._tasks[task.id] = task
+        self._expect(tasks, done)
         self._send(list(tasks))
         self._watch()
 
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
-        with self._lock:
-            self._done = done
-            for task in tasks:
-                self._tasks[task.id] = task
+        self._expect(tasks, done)
         try:
             lost = self._follow(list(tasks))
         except Exception as exc:  # the scheduler is unreachable: follow them once it is back
@@ -284,14 +272,6 @@ class DaskExecutor:
 
     # -- the watcher thread ----------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, daemon=True, name=f"durable-dask-{self.run.execution_id[:8]}"
-                )
-                self._thread.start()
-
     def _loop(self) -> None:
         while not self._closed.is_set():
             try:
@@ -375,13 +355,8 @@ class DaskExecutor:
             call_id, attempt = (task.call_id, task.attempt) if task else (message.get("call_id", 0), 0)
             return Outcome(call_id, attempt, False, error=ErrorInfo.of(exc, f"TamperedDataError: {exc}"))
 
-    def _report(self, key: str, outcome: Outcome) -> None:
-        with self._lock:
-            task = self._tasks.pop(key, None)
-            self._futures.pop(key, None)
-            done = self._done
-        if task is not None and done is not None:
-            done(outcome)
+    def _forget(self, task_id: str) -> None:
+        self._futures.pop(task_id, None)
 
     def _poll(self) -> None:
         """At most once a second, with attempts in flight: which run where, and is anyone there."""

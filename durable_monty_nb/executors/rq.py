@@ -30,7 +30,7 @@ from typing import Any
 from .. import defaults
 from ..errors import ExecutorUnavailable, TamperedDataError
 from . import RunContext
-from .base import Done, Health, Outcome, Task
+from .base import Done, Health, Outcome, Task, WatchedExecutor
 from .record import outcome_from_wire
 from .worker import failure_message, make_payload, run_attempt, worker_name
 
@@ -80,7 +80,7 @@ class RQ:
         return RQExecutor(self, run)
 
 
-class RQExecutor:
+class RQExecutor(WatchedExecutor):
     """The executor of one execution on RQ; see the module docstring."""
 
     name = "rq"
@@ -90,30 +90,23 @@ class RQExecutor:
     def __init__(self, backend: RQ, run: RunContext) -> None:
         from rq import Queue
 
+        url, queue_name = _public(backend.url), backend.queue
+        super().__init__(
+            run,
+            Health(
+                f"Redis at {url}",
+                f"no worker is listening on queue {queue_name} ({url}): start one with: "
+                f"rq worker {queue_name} --url {url}",
+            ),
+        )
         self.backend = backend
-        self.run = run
         self.redis = backend.connection()
         self.queue = Queue(backend.queue, connection=self.redis)
         self._notify = notify_key(run.execution_id)
-        self._tasks: dict[str, Task] = {}  # attempts in flight, by id
-        self._unsent: list[Task] = []  # waiting for Redis to come back
-        self._done: Done | None = None
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._thread: threading.Thread | None = None
-        url, queue_name = _public(backend.url), backend.queue
-        self._health = Health(
-            f"Redis at {url}",
-            f"no worker is listening on queue {queue_name} ({url}): start one with: rq worker {queue_name} --url {url}",
-        )
         self._last_check = 0.0
         self._last_queue_check = time.monotonic()
 
     # -- the Executor protocol -----------------------------------------------------------------
-
-    @property
-    def problem(self) -> str | None:
-        return self._health.problem
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -121,10 +114,7 @@ class RQExecutor:
             return len(self._tasks) - running, running
 
     def submit(self, tasks: Sequence[Task], done: Done) -> None:
-        with self._lock:
-            self._done = done
-            for task in tasks:
-                self._tasks[task.id] = task
+        self._expect(tasks, done)
         self._enqueue(list(tasks))
         self._watch()
 
@@ -206,14 +196,6 @@ class RQExecutor:
 
     # -- the watcher thread ------------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, daemon=True, name=f"durable-rq-{self.run.execution_id[:8]}"
-                )
-                self._thread.start()
-
     def _loop(self) -> None:
         from redis.exceptions import RedisError
 
@@ -249,13 +231,6 @@ class RQExecutor:
         except TamperedDataError:
             return  # a forged message: the attempt's real outcome is still to come (or in the store)
         self._report(message.get("id", ""), outcome)
-
-    def _report(self, task_id: str, outcome: Outcome) -> None:
-        with self._lock:
-            task = self._tasks.pop(task_id, None)
-            done = self._done
-        if task is not None and done is not None:
-            done(outcome)
 
     def _check(self) -> None:
         """Every second or so: lost jobs (their worker died), and whether anyone listens; every
