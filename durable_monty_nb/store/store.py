@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 import socket
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,9 +159,11 @@ def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Eng
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
         cursor.close()
 
+    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        conn.connection.driver_connection.execute(begin)  # straight to sqlite3: once per transaction
 
     return engine
 
@@ -309,6 +313,7 @@ class Store:
         self.retry_window = STORE_RETRY_WINDOW
         self.pid = os.getpid()
         self._shown_url = self.display_url
+        self._writers = threading.local()  # each driver thread keeps one connection for its steps
 
     @property
     def display_url(self) -> str:
@@ -509,65 +514,90 @@ class Store:
             landed=landed,
         )
 
-    def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
-        signer = self.signer
-        with self.engine.begin() as conn:
-            values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
-            if "lease_owner" in values:  # the final step releases the lease
-                values.update(lease_owner=None, lease_expires_at=None)
-            fenced = _run(
-                conn,
-                _update_statement("dm_executions", ("id", "lease_owner"), tuple(sorted(values))),
-                [{"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}}],
-            )
-            if fenced != 1:
-                conn.rollback()
-                raise LeaseLost(f"execution {execution_id} is now driven by another process")
-            if step.blobs:
-                self._insert_blobs(conn, step.blobs, now)
-            if step.functions:
-                self._insert_functions(conn, step.functions, now)
-            if step.new_calls:
-                for row in step.new_calls:  # executemany needs the same keys in every row
-                    row["created_at"] = now
-                    row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
-                _run(conn, _insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), step.new_calls)
-            if step.call_updates:
-                self._update_calls(conn, execution_id, step.call_updates)
-            if step.attempts:
-                _run(conn, _insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), step.attempts)
-            if step.lost_attempts:
-                _run(
-                    conn,
-                    _update_statement("dm_attempts", ("attempt_id",), ("status",)),
-                    [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts],
-                )
-            if step.consumed_signals:  # with the results of the waits that took them: exactly once
-                mailbox.consume(conn, execution_id, step.consumed_signals, now)
-            if step.checkpoint is not None:
-                seq = self.checkpoint_seq.get(execution_id, 0) + 1
-                self.checkpoint_seq[execution_id] = seq
-                data, compression = step.checkpoint, "none"
-                if len(data) > COMPRESS_ABOVE:
-                    data, compression = zlib.compress(data, 1), "zlib"
-                import pydantic_monty
+    def _writer(self) -> Any:
+        """This thread's connection for steps, kept between them: a driver commits hundreds of
+        steps a second, and checking a connection out of the pool (with its pre-ping on a
+        server database) for each one cost more than the step's own statements."""
+        conn = getattr(self._writers, "conn", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._writers.conn = self.engine.connect()
+        return conn
 
-                row = {
-                    "seq": seq,
-                    "data": data,
-                    "compression": compression,
-                    "created_at": now,
-                    "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
-                    "monty_version": pydantic_monty.__version__,
-                }
-                changed = _run(
-                    conn,
-                    _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
-                    [{"k_execution_id": execution_id, **{f"v_{k}": v for k, v in row.items()}}],
-                )
-                if not changed:
-                    row["execution_id"] = execution_id
-                    _run(conn, _insert_statement("dm_checkpoints", tuple(sorted(row))), [row])
+    def release_writer(self) -> None:
+        """Return this thread's step connection to the pool (a driver does this when it ends)."""
+        conn = getattr(self._writers, "conn", None)
+        self._writers.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection is discarded by the pool
+                conn.close()
+
+    def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
+        conn = self._writer()
+        try:
+            with conn.begin():
+                self._write_step(conn, execution_id, owner, lease_ttl, step, now)
+        except BaseException:
+            self.release_writer()  # a retry starts on a fresh connection
+            raise
+
+    def _write_step(self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
+        signer = self.signer
+        values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
+        if "lease_owner" in values:  # the final step releases the lease
+            values.update(lease_owner=None, lease_expires_at=None)
+        fenced = _run(
+            conn,
+            _update_statement("dm_executions", ("id", "lease_owner"), tuple(sorted(values))),
+            [{"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}}],
+        )
+        if fenced != 1:
+            conn.rollback()
+            raise LeaseLost(f"execution {execution_id} is now driven by another process")
+        if step.blobs:
+            self._insert_blobs(conn, step.blobs, now)
+        if step.functions:
+            self._insert_functions(conn, step.functions, now)
+        if step.new_calls:
+            for row in step.new_calls:  # executemany needs the same keys in every row
+                row["created_at"] = now
+                row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
+            _run(conn, _insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), step.new_calls)
+        if step.call_updates:
+            self._update_calls(conn, execution_id, step.call_updates)
+        if step.attempts:
+            _run(conn, _insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), step.attempts)
+        if step.lost_attempts:
+            _run(
+                conn,
+                _update_statement("dm_attempts", ("attempt_id",), ("status",)),
+                [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts],
+            )
+        if step.consumed_signals:  # with the results of the waits that took them: exactly once
+            mailbox.consume(conn, execution_id, step.consumed_signals, now)
+        if step.checkpoint is not None:
+            seq = self.checkpoint_seq.get(execution_id, 0) + 1
+            self.checkpoint_seq[execution_id] = seq
+            data, compression = step.checkpoint, "none"
+            if len(data) > COMPRESS_ABOVE:
+                data, compression = zlib.compress(data, 1), "zlib"
+            import pydantic_monty
+
+            row = {
+                "seq": seq,
+                "data": data,
+                "compression": compression,
+                "created_at": now,
+                "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
+                "monty_version": pydantic_monty.__version__,
+            }
+            changed = _run(
+                conn,
+                _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
+                [{"k_execution_id": execution_id, **{f"v_{k}": v for k, v in row.items()}}],
+            )
+            if not changed:
+                row["execution_id"] = execution_id
+                _run(conn, _insert_statement("dm_checkpoints", tuple(sorted(row))), [row])
 
     def sign_call(self, execution_id: str, row: dict[str, Any]) -> str:
         fields = (
@@ -678,6 +708,7 @@ class Store:
 
     def after_fork(self) -> None:
         """In a forked child: drop the parent's pooled connections (without closing them)."""
+        self._writers = threading.local()
         self.engine.dispose(close=False)
         if self._reader is not self.engine:
             self._reader.dispose(close=False)
@@ -822,17 +853,21 @@ def _insert_statement(table_name: str, columns: tuple[str, ...]) -> Any:
     return insert(table).values({c: bindparam(c) for c in columns})
 
 
-_COMPILED: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
+_COMPILED: dict[tuple[int, str], tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]] | None]] = {}
 
 
-def _compiled(statement: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None]:
-    """The SQL of a prepared statement for a dialect and the order of its parameters, compiled once."""
+def _compiled(statement: Any, dialect: Any) -> tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]] | None]:
+    """The SQL of a prepared statement for a dialect, compiled once, and for positional
+    paramstyles a function that picks a row's parameters in their order."""
     key = (id(statement), dialect.name)
     compiled = _COMPILED.get(key)
     if compiled is None:
         result = statement.compile(dialect=dialect)
-        order = tuple(result.positiontup) if result.positiontup is not None else None
-        compiled = _COMPILED[key] = (result.string, order)
+        order = result.positiontup
+        pick = None
+        if order is not None:
+            pick = operator.itemgetter(*order) if len(order) > 1 else (lambda row, name=order[0]: (row[name],))
+        compiled = _COMPILED[key] = (result.string, pick)
     return compiled
 
 
@@ -843,8 +878,8 @@ def _run(conn: Any, statement: Any, rows: list[dict[str, Any]]) -> int:
     driver's ``executemany`` without SQLAlchemy's per-row processing (all values here are
     plain str, int, float, bytes or None). Returns the number of rows matched.
     """
-    sql, order = _compiled(statement, conn.dialect)
-    params: list[Any] = [tuple(row[name] for name in order) for row in rows] if order is not None else rows
+    sql, pick = _compiled(statement, conn.dialect)
+    params: list[Any] = list(map(pick, rows)) if pick is not None else rows
     cursor = conn.connection.cursor()
     try:
         if len(params) == 1:

@@ -234,6 +234,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             self._stop_listening()
             self._forget_limits()
             LIVE_OWNERS.discard(self.owner)
+            self.store.release_writer()
             sandbox.close_session(self.session)
             self.executor.shutdown()
             self._release_memory()
