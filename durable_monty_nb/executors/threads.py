@@ -64,14 +64,24 @@ class ThreadExecutor:
         return max(self._submitted - self._finished_n - running, 0), running
 
     def submit(self, tasks: Sequence[Task], done: Done) -> None:
+        coroutine: dict[Any, bool] = {}
+        put = self._queue.put
+        queued = 0
         for task in tasks:
             self._submitted += 1
-            if inspect.iscoroutinefunction(task.local.fn):  # type: ignore[union-attr]
+            fn = task.local.fn  # type: ignore[union-attr]
+            is_coroutine = coroutine.get(fn)
+            if is_coroutine is None:
+                is_coroutine = coroutine[fn] = inspect.iscoroutinefunction(fn)
+            if is_coroutine:
                 _event_loop().submit(task, done, self)
-                continue
-            self._queue.put((task, done))
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self.max_workers:
-                self._spawn()
+            else:
+                put((task, done))
+                queued += 1
+        # Each queued task is taken by an idle thread or gets a new one, until the pool is full.
+        for _ in range(queued):
+            if not self._idle.acquire(blocking=False) and not self._spawn():
+                return
 
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         return list(tasks)  # threads of a dead process: every attempt is lost
@@ -91,13 +101,15 @@ class ThreadExecutor:
                     self._abandoned.add(task.id)
                 self._spawn()
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
+        """Start a thread; False when the pool is full (or shut down)."""
         with self._lock:
             if self._shutdown or len(self._threads) >= self.max_workers + len(self._abandoned):
-                return
+                return False
             thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True)
             self._threads.append(thread)
         thread.start()
+        return True
 
     def _work(self) -> None:
         get = self._queue.get
