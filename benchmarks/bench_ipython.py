@@ -16,11 +16,14 @@ Workloads:
 
 - ``gather-1000``, ``gather-10000``, ``gather-100000``: ``await gather(*[task(i) for i in range(n)])``
 - ``sequential-1000``: ``total = total + await task(i)`` in a loop
+- ``sequential-1000-process``: the same with ``--durability process``
 - ``resume-10000``: a child runs the 10,000-call gather with the second half of the calls blocked;
   once the first half is committed (``dm_calls`` rows ``done``, polled from this process) it is
   killed (SIGKILL). A fresh shell then times ``%durable_resume NAME --quiet`` to completion.
 - ``gather-10000-view``: the 10,000-call gather with the (text) progress view on.
 
+Beside each figure, the floor this machine allows today (``floor.py``: the same body in bare
+Monty, plus one bare SQLite commit per sequential step) and what we add above it, per call.
 Figures, not assertions. Not collected by pytest.
 """
 
@@ -63,9 +66,11 @@ WORKLOADS: dict[str, tuple[str, int, int, bool]] = {
     "gather-10000": (GATHER, 10_000, 10_000, True),
     "gather-100000": (GATHER, 100_000, 100_000, True),
     "sequential-1000": (SEQUENTIAL, 1_000, sum(i * 2 for i in range(1_000)), True),
+    "sequential-1000-process": (SEQUENTIAL, 1_000, sum(i * 2 for i in range(1_000)), True),
     "resume-10000": (GATHER, 10_000, 10_000, True),
     "gather-10000-view": (GATHER, 10_000, 10_000, False),
 }
+OPTIONS = {"sequential-1000-process": " --durability process"}
 LARGE = {"gather-100000"}
 
 
@@ -82,7 +87,7 @@ def child(spec: dict[str, Any]) -> None:
     ready.raise_error()
     if spec.get("warm"):  # the store, the engine and Monty started before the timed cell
         shell.run_cell("%%durable --quiet warm-up\nawait task(0)", store_history=False).raise_error()
-    quiet = " --quiet" if spec["quiet"] else ""
+    quiet = (" --quiet" if spec["quiet"] else "") + OPTIONS.get(spec["name"], "")
     resume = f"%durable_resume {NAME}{quiet}"
     cell = resume if spec["mode"] == "resume" else f"%%durable {NAME}{quiet}\n{spec['body']}"
     start = time.perf_counter()
@@ -169,6 +174,27 @@ def kill_halfway(spec: dict[str, Any], folder: Path, timeout: float) -> int:
     return done_calls(db)
 
 
+def floor_seconds(name: str, timeout: float) -> float | None:
+    """The floor of a workload (see floor.py), measured in a fresh process; None for resumes."""
+    if name.startswith("resume-"):
+        return None
+    body, n, _, _ = WORKLOADS[name]
+    steps = n if name.startswith("sequential-") else 1
+    synchronous = "NORMAL" if "process" in OPTIONS.get(name, "") else "FULL"
+    script = (
+        "import floor, json\n"
+        f"print({MARK!r} + json.dumps({{'seconds': floor.sandbox_seconds({body!r}, {n}) "
+        f"+ floor.commit_seconds({steps}, {synchronous!r})}}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith(MARK):
+            return float(json.loads(line[len(MARK) :])["seconds"])
+    raise RuntimeError(f"{name}: the floor failed\n{done.stderr[-3000:]}")
+
+
 def run_once(name: str, timeout: float, warm: bool = False) -> dict[str, float]:
     body, n, expected, quiet = WORKLOADS[name]
     spec = {"name": name, "body": body, "n": n, "expected": expected, "quiet": quiet, "mode": "cell", "warm": warm}
@@ -179,6 +205,9 @@ def run_once(name: str, timeout: float, warm: bool = False) -> dict[str, float]:
             figures["committed"] = kill_halfway(spec, folder, timeout)
             spec["mode"] = "resume"
         figures.update(measure(spec, folder, timeout))
+        floor = floor_seconds(name, timeout)
+        if floor is not None:
+            figures["floor"] = floor
         return figures
 
 
@@ -210,7 +239,10 @@ def main() -> None:
         f"{os.cpu_count()} cores; best of {args.repeat} (gather-100000: {args.repeat_large or args.repeat})"
         + ("; after a warm-up cell" if args.warm else "; the first %%durable cell of the shell")
     )
-    header = f"{'workload':<20} {'calls':>8} {'best (s)':>9} {'runs (s)':<26} {'µs/call':>8} {'peak RSS':>9}"
+    header = (
+        f"{'workload':<24} {'calls':>7} {'best (s)':>9} {'runs (s)':<23} {'µs/call':>8} {'peak RSS':>9} "
+        f"{'floor (s)':>9} {'ours-floor µs/call':>19}"
+    )
     print(header)
     print("-" * len(header))
     every: dict[str, list[dict[str, float]]] = {}
@@ -225,8 +257,14 @@ def main() -> None:
         per_call = best["seconds"] / calls * 1e6
         peak = max(figures["rss_mb"] for figures in runs)
         note = f"   ({int(best['committed'])} committed before the kill)" if "committed" in best else ""
+        floors = [figures["floor"] for figures in runs if "floor" in figures]
+        floor, above = "", ""
+        if floors:
+            floor = f"{min(floors):.3f}"
+            above = f"{(best['seconds'] - min(floors)) / calls * 1e6:.1f}"
         print(
-            f"{name:<20} {calls:>8} {best['seconds']:>9.3f} {listed:<26} {per_call:>8.1f} {peak:>6.0f} MB{note}",
+            f"{name:<24} {calls:>7} {best['seconds']:>9.3f} {listed:<23} {per_call:>8.1f} {peak:>6.0f} MB "
+            f"{floor:>9} {above:>19}{note}",
             flush=True,
         )
     if args.json:

@@ -1,0 +1,92 @@
+"""What this machine allows: the same workload driven by bare Monty, and bare SQLite commits.
+
+    python benchmarks/floor.py                       # every workload of bench_ipython.py
+    python benchmarks/floor.py --only sequential-1000
+
+The sandbox floor runs the cell body in a Monty session the way the driver must: every call
+announced and answered with a future (one round trip to the Monty worker each), a ``dump()``
+wherever the driver checkpoints (each time new calls were announced), results resumed in
+batches of 1,000. No store, no executor, no bookkeeping. The commit floor is one ``INSERT`` and
+``COMMIT`` per step on a raw ``sqlite3`` connection with the store's PRAGMAs (WAL,
+``synchronous=FULL``, or ``NORMAL`` for ``--durability process``).
+
+``bench_ipython.py`` prints these beside its figures, so "ours minus the floor" can be read on a
+machine whose speed drifts (this VM's varies by about 2x between sessions). Figures, not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic_monty import FunctionSnapshot, FutureSnapshot, Monty, NameLookupSnapshot
+
+RESUME_BATCH = 1000
+
+
+def sandbox_seconds(body: str, n: int) -> float:
+    """Seconds bare Monty takes to run ``body`` with ``task(i)`` answered at once by ``i * 2``."""
+    with Monty(min_processes=1) as pool, pool.checkout(limits={"max_suspensions": 2**62}) as session:
+        session.feed_start("from asyncio import gather")
+        start = time.perf_counter()
+        snap = session.feed_start(body)
+        answers: dict[int, int] = {}
+        announced = False
+        while True:
+            kind = type(snap)
+            if kind is NameLookupSnapshot:
+                snap = snap.resume(value=n)
+            elif kind is FunctionSnapshot:
+                answers[snap.call_id] = snap.args[0] * 2
+                announced = True
+                snap = snap.resume({"future": ...})
+            elif kind is FutureSnapshot:
+                if announced:
+                    snap.dump()  # the checkpoint before dispatch
+                    announced = False
+                ready = [c for c in snap.pending_call_ids if c in answers][:RESUME_BATCH]
+                snap = snap.resume({c: {"return_value": answers.pop(c)} for c in ready})
+            else:
+                return time.perf_counter() - start
+
+
+def commit_seconds(steps: int, synchronous: str = "FULL") -> float:
+    """Seconds for ``steps`` one-row transactions on a fresh SQLite file in WAL mode."""
+    with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
+        conn = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        start = time.perf_counter()
+        for i in range(steps):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (str(i),))
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        conn.close()
+        return elapsed
+
+
+def main() -> None:
+    from bench_ipython import WORKLOADS  # type: ignore[import-not-found]
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", metavar="NAME", help="a workload of bench_ipython.py")
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the best is printed (default 3)")
+    args = parser.parse_args()
+    names = args.only or [name for name in WORKLOADS if not name.startswith("resume-")]
+    print(f"{'workload':<20} {'sandbox (s)':>12} {'commits FULL (s)':>17} {'commits NORMAL (s)':>19}")
+    for name in names:
+        body, n, _, _ = WORKLOADS[name]
+        steps = n if "sequential" in name else 1
+        sandbox = min(sandbox_seconds(body, n) for _ in range(args.repeat))
+        full = min(commit_seconds(steps, "FULL") for _ in range(args.repeat))
+        normal = min(commit_seconds(steps, "NORMAL") for _ in range(args.repeat))
+        print(f"{name:<20} {sandbox:>12.3f} {full:>17.3f} {normal:>19.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
