@@ -628,9 +628,9 @@ class Store:
         for row in updates:
             if row.get("status") in ("done", "failed"):
                 row["result_sig"] = self.sign_call(execution_id, row)
-            columns = tuple(sorted(k for k in row if k != "call_id"))
-            groups.setdefault(columns, []).append(row)
-        for columns, rows in groups.items():
+            groups.setdefault(tuple(row), []).append(row)  # rows built alike share their key order
+        for shape, rows in groups.items():
+            columns = tuple(sorted(k for k in shape if k != "call_id"))
             names = [(c, f"v_{c}") for c in columns]
             params = []
             for r in rows:
