@@ -11,6 +11,7 @@ In IPython or Jupyter::
 """
 
 from .engine.controls import CallControls, Rate, RetryAfter, limits
+from .engine.driver.switching import set_switch_interval
 from .engine.engine import Engine
 from .engine.events import (
     CallFailed,
@@ -71,6 +72,7 @@ __all__ = [
     "limits",
     "load_ipython_extension",
     "retry",
+    "set_switch_interval",
     "unload_ipython_extension",
 ]
 

@@ -33,6 +33,7 @@ from .. import defaults
 from ..engine.analysis import code_hash
 from ..engine.controls import CallControls
 from ..engine.driver import default_printer, stored_call_views
+from ..engine.driver.switching import set_switch_interval
 from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
 from ..engine.retry import RetryPolicy
@@ -83,6 +84,11 @@ class DurableMagics(Magics):
     dask_address = Unicode(
         None, allow_none=True, help="Dask scheduler address of the dask executor (none: a local cluster)."
     ).tag(config=True)
+    switch_interval = Float(
+        defaults.SWITCH_INTERVAL,
+        allow_none=True,
+        help="Seconds between forced thread switches while workflows run (None: leave Python's).",
+    ).tag(config=True)
 
     @validate("workers", "lease_ttl")
     def _positive(self, proposal: Any) -> int:
@@ -114,8 +120,17 @@ class DurableMagics(Magics):
             raise TraitError("DurableMagics.rq_queue must name a queue")
         return proposal["value"]
 
+    @validate("switch_interval")
+    def _switch_interval(self, proposal: Any) -> float | None:
+        try:
+            set_switch_interval(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"DurableMagics.switch_interval: {exc}") from None
+        return proposal["value"]
+
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
+        set_switch_interval(self.switch_interval)
         self._engines: dict[tuple[str, str], Engine] = {}
         self._lock = threading.Lock()
         self.runs: dict[str, Run] = {}

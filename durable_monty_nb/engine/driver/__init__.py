@@ -5,6 +5,7 @@
 - :mod:`.ledger`: the journal of calls, commits, reuse and restore;
 - :mod:`.scheduling`: dispatch, outcomes, retries, timers and attaching to attempts in flight;
 - :mod:`.finishing`: completion and failure;
+- :mod:`.switching`: the interpreter's thread switch interval while drivers run;
 - :mod:`.calls` and :mod:`.exceptions`: call records and how exceptions cross into the sandbox.
 """
 

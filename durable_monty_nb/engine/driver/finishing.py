@@ -118,6 +118,7 @@ class Finishing:
                 self._commit_final()
         with self._state_lock:
             self._finished = True
+        self._end_switching()
         self.run._finish(
             status, result=result, outputs=outputs, error=error, progress=self.progress(), finished_at=finished_at
         )

@@ -42,6 +42,7 @@ from ..controls import NO_LIMITS, CallControls
 from ..events import Printed
 from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
+from . import switching
 from .calls import CallState, Counters
 from .finishing import Finishing
 from .ledger import Ledger
@@ -131,6 +132,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._crashes = 0
         self._thread: threading.Thread | None = None
         self._go = threading.Event()
+        self._switching = False  # counted in switching.py's running drivers
         for name, (key, fingerprint, data) in (shipped or {}).items():
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
@@ -213,6 +215,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
     # -- the loop ------------------------------------------------------------------------
 
     def _main(self) -> None:
+        self._begin_switching()
         try:
             self._go.wait()
             self._attach_pending()
@@ -238,6 +241,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             sandbox.close_session(self.session)
             self.executor.shutdown()
             self._release_memory()
+            self._end_switching()
             if self._on_exit is not None:
                 self._on_exit(self)
 
@@ -274,6 +278,18 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             if not self._stopping:
                 self._take_deliveries()
                 self._fire_timers()
+
+    def _begin_switching(self) -> None:
+        """This driver needs the GIL back quickly (see switching.py), until it ends or parks."""
+        if not self._switching:
+            self._switching = True
+            switching.driver_started()
+
+    def _end_switching(self) -> None:
+        """This driver no longer needs the GIL back quickly (once; before the run's handle resolves)."""
+        if self._switching:
+            self._switching = False
+            switching.driver_ended()
 
     def _ride_out(self, exc: StoreUnavailable, *, collect: bool = True) -> None:
         """The store is unreachable: wait for outcomes (kept in memory) and commit again soon;

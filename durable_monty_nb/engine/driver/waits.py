@@ -81,6 +81,10 @@ class Waits:
                 for _, _, cid in self._timers
             )
         self.parked = parked
+        if parked:  # hours, maybe: leave the interpreter's thread switching alone meanwhile
+            self._end_switching()
+        else:
+            self._begin_switching()
 
     def notify_delivery(self: Driver) -> None:
         """A delivery to this execution was written: look at the mailbox now."""

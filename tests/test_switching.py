@@ -1,0 +1,124 @@
+"""While workflows run, the interpreter switches threads more often, so a notebook function running
+pure Python in a thread does not hold the driver off for 5 ms at every step (see
+durable_monty_nb/engine/driver/switching.py and benchmarks/bench_switching.py)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from procs import wait_until
+
+from durable_monty_nb import Engine, Run, defaults, set_switch_interval
+
+PYTHONS = 0.005  # Python's own default
+
+
+@pytest.fixture(autouse=True)
+def pythons_interval() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(PYTHONS)
+    yield
+    set_switch_interval(defaults.SWITCH_INTERVAL)
+    sys.setswitchinterval(before)
+
+
+@pytest.fixture
+def engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = Engine(sqlite_url)
+    yield engine
+    engine.close()
+
+
+def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
+    """A run whose one call is running and waits for the returned event."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(x: int) -> int:
+        entered.set()
+        release.wait(60)
+        return x
+
+    run = engine.start("await hold(1)", {"hold": hold}, key=key)
+    assert entered.wait(30), "the call did not start"
+    return run, release
+
+
+def finish(run: Run, release: threading.Event) -> None:
+    release.set()
+    assert run.result(30) == 1
+
+
+def test_runs_lower_the_interval_until_the_last_of_them_ends(engine: Engine) -> None:
+    first, release_first = held_run(engine, "first")
+    assert sys.getswitchinterval() == pytest.approx(defaults.SWITCH_INTERVAL)
+    second, release_second = held_run(engine, "second")
+    finish(first, release_first)
+    assert sys.getswitchinterval() == pytest.approx(defaults.SWITCH_INTERVAL)  # the second still runs
+    finish(second, release_second)
+    assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+
+
+def test_an_interval_changed_during_a_run_is_kept(engine: Engine) -> None:
+    run, release = held_run(engine, "changed")
+    sys.setswitchinterval(0.002)
+    finish(run, release)
+    assert sys.getswitchinterval() == pytest.approx(0.002)
+
+
+def test_none_leaves_pythons_interval_alone(engine: Engine) -> None:
+    set_switch_interval(None)
+    run, release = held_run(engine, "alone")
+    assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+    finish(run, release)
+    assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+
+
+def test_an_interval_already_shorter_is_not_raised(engine: Engine) -> None:
+    sys.setswitchinterval(0.0001)
+    run, release = held_run(engine, "shorter")
+    assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finish(run, release)
+    assert sys.getswitchinterval() == pytest.approx(0.0001)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2])
+def test_an_interval_out_of_range_is_refused(value: float) -> None:
+    with pytest.raises(ValueError, match="between 0 and 1 second, or None"):
+        set_switch_interval(value)
+
+
+def test_the_magics_option_sets_it_and_refuses_nonsense(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DURABLE_MONTY_DB", f"sqlite:///{tmp_path / 'switching.db'}")
+    shell: Any = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "durable_monty_nb")
+    try:
+        shell.run_line_magic("config", "DurableMagics.switch_interval = 5")
+        assert "DurableMagics.switch_interval: the switch interval must be between 0 and 1 second" in caplog.text
+        del shell.config.DurableMagics["switch_interval"]  # IPython keeps the refused value in its config
+        shell.run_line_magic("config", "DurableMagics.switch_interval = 0.001")
+        shell.run_cell(
+            "import sys, threading\nseen = []\ndef look(x):\n    seen.append(sys.getswitchinterval())\n    return x"
+        )
+        assert shell.run_cell("%%durable look --quiet\nawait look(1)").result == 1
+        assert shell.user_ns["seen"] == [pytest.approx(0.001)]
+        assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+    finally:
+        shell.run_line_magic("config", "DurableMagics.switch_interval = None")
+        shell.run_line_magic("unload_ext", "durable_monty_nb")
+
+
+def test_a_parked_run_leaves_the_interval_alone_until_its_signal_comes(engine: Engine) -> None:
+    run = engine.start('v = await signal("go")\nv + 1', {}, key="parked")
+    wait_until(lambda: run.parked, what="the run to park")
+    assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+    engine.signal("parked", "go", 41)
+    assert run.result(30) == 42
+    assert sys.getswitchinterval() == pytest.approx(PYTHONS)
