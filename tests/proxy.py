@@ -94,7 +94,7 @@ class Proxy:
                     if self._should_cut(self.cut_anywhere):
                         return
                     peers[source].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the proxy closed the sockets (fd -1) under select
             return
         finally:
             _close(client, server)
