@@ -37,7 +37,6 @@ SQLITE_BUSY_TIMEOUT = 5.0
 """Seconds SQLite waits for another writer's lock before the store's own retries take over."""
 
 SWITCH_INTERVAL = 0.0005
-"""Seconds between the interpreter's forced thread switches while a workflow runs (Python's own
-default is 0.005). The driver gives up the GIL about ten times a step (Monty, the store, the
-executor's threads); beside a notebook function running pure Python, each time costs up to one
-switch interval. None leaves Python's setting alone."""
+"""Seconds between the interpreter's forced thread switches while workflows run beside a thread
+that keeps the GIL (Python's own default is 0.005): the driver gives up the GIL about ten times a
+step, and each time it waits up to one interval for it. None leaves Python's setting alone."""

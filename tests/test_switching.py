@@ -1,6 +1,6 @@
-"""While workflows run, the interpreter switches threads more often, so a notebook function running
-pure Python in a thread does not hold the driver off for 5 ms at every step (see
-durable_monty_nb/engine/driver/switching.py and benchmarks/bench_switching.py)."""
+"""Beside a thread that keeps the GIL (a notebook function looping in pure Python), a running
+workflow makes the interpreter switch threads more often, so it is not held off for 5 ms at every
+wait (see durable_monty_nb/engine/driver/switching.py and benchmarks/bench_switching.py)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,25 @@ def engine(sqlite_url: str) -> Iterator[Engine]:
     engine.close()
 
 
+@pytest.fixture
+def busy() -> Iterator[None]:
+    """A thread of the process looping in pure Python, as a CPU-bound notebook function would."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(30)
+
+
 def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
-    """A run whose one call is running and waits for the returned event."""
+    """A run that made 20 sequential awaits and now waits for the returned event in its last call."""
     entered, release = threading.Event(), threading.Event()
 
     def hold(x: int) -> int:
@@ -44,8 +61,12 @@ def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
         release.wait(60)
         return x
 
-    run = engine.start("await hold(1)", {"hold": hold}, key=key)
-    assert entered.wait(30), "the call did not start"
+    def step(x: int) -> int:
+        return x
+
+    code = "for i in range(20):\n    await step(i)\nawait hold(1)"
+    run = engine.start(code, {"hold": hold, "step": step}, key=key)
+    assert entered.wait(60), "the call did not start"
     return run, release
 
 
@@ -54,7 +75,7 @@ def finish(run: Run, release: threading.Event) -> None:
     assert run.result(30) == 1
 
 
-def test_runs_lower_the_interval_until_the_last_of_them_ends(engine: Engine) -> None:
+def test_beside_a_busy_thread_runs_lower_the_interval_until_the_last_of_them_ends(engine: Engine, busy: None) -> None:
     first, release_first = held_run(engine, "first")
     assert sys.getswitchinterval() == pytest.approx(defaults.SWITCH_INTERVAL)
     second, release_second = held_run(engine, "second")
@@ -64,14 +85,14 @@ def test_runs_lower_the_interval_until_the_last_of_them_ends(engine: Engine) -> 
     assert sys.getswitchinterval() == pytest.approx(PYTHONS)
 
 
-def test_an_interval_changed_during_a_run_is_kept(engine: Engine) -> None:
+def test_an_interval_changed_during_a_run_is_kept(engine: Engine, busy: None) -> None:
     run, release = held_run(engine, "changed")
     sys.setswitchinterval(0.002)
     finish(run, release)
     assert sys.getswitchinterval() == pytest.approx(0.002)
 
 
-def test_none_leaves_pythons_interval_alone(engine: Engine) -> None:
+def test_none_leaves_pythons_interval_alone(engine: Engine, busy: None) -> None:
     set_switch_interval(None)
     run, release = held_run(engine, "alone")
     assert sys.getswitchinterval() == pytest.approx(PYTHONS)
@@ -79,7 +100,7 @@ def test_none_leaves_pythons_interval_alone(engine: Engine) -> None:
     assert sys.getswitchinterval() == pytest.approx(PYTHONS)
 
 
-def test_an_interval_already_shorter_is_not_raised(engine: Engine) -> None:
+def test_an_interval_already_shorter_is_not_raised(engine: Engine, busy: None) -> None:
     sys.setswitchinterval(0.0001)
     run, release = held_run(engine, "shorter")
     assert sys.getswitchinterval() == pytest.approx(0.0001)
@@ -94,7 +115,7 @@ def test_an_interval_out_of_range_is_refused(value: float) -> None:
 
 
 def test_the_magics_option_sets_it_and_refuses_nonsense(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, busy: None
 ) -> None:
     monkeypatch.setenv("DURABLE_MONTY_DB", f"sqlite:///{tmp_path / 'switching.db'}")
     shell: Any = InteractiveShell.instance()
@@ -104,19 +125,22 @@ def test_the_magics_option_sets_it_and_refuses_nonsense(
         assert "DurableMagics.switch_interval: the switch interval must be between 0 and 1 second" in caplog.text
         del shell.config.DurableMagics["switch_interval"]  # IPython keeps the refused value in its config
         shell.run_line_magic("config", "DurableMagics.switch_interval = 0.001")
-        shell.run_cell(
-            "import sys, threading\nseen = []\ndef look(x):\n    seen.append(sys.getswitchinterval())\n    return x"
-        )
-        assert shell.run_cell("%%durable look --quiet\nawait look(1)").result == 1
-        assert shell.user_ns["seen"] == [pytest.approx(0.001)]
+        shell.run_cell("import sys\nseen = []\ndef look(x):\n    seen.append(sys.getswitchinterval())\n    return x")
+        result = shell.run_cell("%%durable look --quiet\nfor i in range(20):\n    await look(i)\nlen(seen)")
+        assert result.result == 20
+        assert shell.user_ns["seen"][-1] == pytest.approx(0.001)
         assert sys.getswitchinterval() == pytest.approx(PYTHONS)
     finally:
         shell.run_line_magic("config", "DurableMagics.switch_interval = None")
         shell.run_line_magic("unload_ext", "durable_monty_nb")
 
 
-def test_a_parked_run_leaves_the_interval_alone_until_its_signal_comes(engine: Engine) -> None:
-    run = engine.start('v = await signal("go")\nv + 1', {}, key="parked")
+def test_a_parked_run_puts_the_interval_back_while_it_waits_for_its_signal(engine: Engine, busy: None) -> None:
+    def step(x: int) -> int:
+        return x
+
+    code = 'for i in range(20):\n    await step(i)\nv = await signal("go")\nv + 1'
+    run = engine.start(code, {"step": step}, key="parked")
     wait_until(lambda: run.parked, what="the run to park")
     assert sys.getswitchinterval() == pytest.approx(PYTHONS)
     engine.signal("parked", "go", 41)

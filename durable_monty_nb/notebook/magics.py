@@ -87,7 +87,7 @@ class DurableMagics(Magics):
     switch_interval = Float(
         defaults.SWITCH_INTERVAL,
         allow_none=True,
-        help="Seconds between forced thread switches while workflows run (None: leave Python's).",
+        help="Seconds between forced thread switches while workflows run beside a busy thread (None: Python's).",
     ).tag(config=True)
 
     @validate("workers", "lease_ttl")

@@ -132,7 +132,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._crashes = 0
         self._thread: threading.Thread | None = None
         self._go = threading.Event()
-        self._switching = False  # counted in switching.py's running drivers
+        self._switching = False  # counted among the running drivers of switching.py
         for name, (key, fingerprint, data) in (shipped or {}).items():
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
@@ -280,16 +280,16 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
                 self._fire_timers()
 
     def _begin_switching(self) -> None:
-        """This driver needs the GIL back quickly (see switching.py), until it ends or parks."""
+        """Counted among the running drivers of switching.py (at the start, and when unparked)."""
         if not self._switching:
             self._switching = True
-            switching.driver_started()
+            switching.driver_running()
 
     def _end_switching(self) -> None:
-        """This driver no longer needs the GIL back quickly (once; before the run's handle resolves)."""
+        """No longer counted (once; before the run's handle resolves, and when parked)."""
         if self._switching:
             self._switching = False
-            switching.driver_ended()
+            switching.driver_stopped()
 
     def _ride_out(self, exc: StoreUnavailable, *, collect: bool = True) -> None:
         """The store is unreachable: wait for outcomes (kept in memory) and commit again soon;

@@ -11,6 +11,7 @@ import inspect
 import json
 import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
@@ -18,7 +19,9 @@ from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 from ...errors import ValueCrossingError
 from ...signals import SIGNAL_FUNCTION
 from ..fingerprint import function_fingerprint, sha256
+from . import switching
 from .calls import PHANTOM, CallState
+from .switching import CONTENDED
 
 if TYPE_CHECKING:
     from .loop import Driver
@@ -47,7 +50,10 @@ class MontyProtocol:
                             snap = snap.resume(answer)
                             continue
                         if state.awaited:
+                            started = perf_counter()
                             snap = snap.resume({"future": ...})
+                            if perf_counter() - started > CONTENDED and not switching.lowered:
+                                switching.contention_seen()  # another thread keeps the GIL from us
                             continue
                     answer = self.answers.pop(snap.call_id, None)
                     if answer is not None:
