@@ -13,7 +13,7 @@ running (finished, or parked waiting for signals), the interval is lowered to
 put back, unless someone changed it meanwhile. It is lowered only on that evidence: lowered for
 every run, it made runs of trivial calls on 32 threads 7 to 8% slower (more forced switches among
 them). Where it is lowered, pure-Python work split over several threads pays for the more
-frequent switches (4 threads: 13% slower at 0.5 ms); such functions gain nothing from threads:
+frequent switches (4 threads: up to 13% slower at 0.5 ms); such functions gain nothing from threads:
 run them in processes (``dask``).
 """
 
