@@ -84,14 +84,19 @@ def notebook_errors(path: str) -> str:
 }}"""
 
 
-FIND_PANEL = find_panel("quickstart.ipynb")
-NOTEBOOK_READY = f"""() => {{
-    {FIND_PANEL}
+def notebook_ready(path: str) -> str:
+    """JavaScript: true once the notebook at ``path`` is loaded and its kernel connected and idle."""
+    return f"""() => {{
+    {find_panel(path)}
     const session = panel && panel.sessionContext.session;
     const kernel = session && session.kernel;
     return !!(panel && panel.context.isReady && panel.content.widgets.length > 0 && kernel
               && kernel.connectionStatus === 'connected' && kernel.status === 'idle');
 }}"""
+
+
+FIND_PANEL = find_panel("quickstart.ipynb")
+NOTEBOOK_READY = notebook_ready("quickstart.ipynb")
 START_RUN_ALL = f"""() => {{
     {FIND_PANEL}
     app.shell.activateById(panel.id);

@@ -25,6 +25,7 @@ from test_browser import (
     expect,
     find_panel,
     notebook_errors,
+    notebook_ready,
     page,  # noqa: F401 - a fixture: Chromium, 1280x900
     serve_lab,
 )
@@ -41,13 +42,7 @@ CELLS = [
 DURABLE_CELL = 2
 
 FIND_PANEL = find_panel(NOTEBOOK_NAME)
-NOTEBOOK_READY = f"""() => {{
-    {FIND_PANEL}
-    const session = panel && panel.sessionContext.session;
-    const kernel = session && session.kernel;
-    return !!(panel && panel.context.isReady && panel.content.widgets.length > 0 && kernel
-              && kernel.connectionStatus === 'connected' && kernel.status === 'idle');
-}}"""
+NOTEBOOK_READY = notebook_ready(NOTEBOOK_NAME)
 # Run the cells above cell `index` (notebook:run-all-above), or cell `index` alone (notebook:run-cell).
 RUN = f"""([command, index]) => {{
     {FIND_PANEL}
