@@ -20,13 +20,8 @@ from durable_monty_nb.engine.controls import Rate
 
 
 @pytest.fixture
-def engine(sqlite_url: str) -> Any:
-    engine = Engine(sqlite_url)
-    yield engine
-    for run in engine.active_runs():
-        run.cancel()
-        run.wait(30)
-    engine.close()
+def engine(sqlite_engine: Engine) -> Engine:
+    return sqlite_engine  # conftest's: runs still active at the end are interrupted
 
 
 # -- timeouts ------------------------------------------------------------------------------------

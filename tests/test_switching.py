@@ -29,10 +29,8 @@ def pythons_interval() -> Iterator[None]:
 
 
 @pytest.fixture
-def engine(sqlite_url: str) -> Iterator[Engine]:
-    engine = Engine(sqlite_url)
-    yield engine
-    engine.close()
+def engine(sqlite_engine: Engine) -> Engine:
+    return sqlite_engine  # conftest's: runs still active at the end are interrupted
 
 
 @pytest.fixture
