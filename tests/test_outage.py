@@ -124,13 +124,19 @@ def test_killed_connections_during_a_run(server: Any, server_url: str, tmp_path:
     engine.close()
 
 
+def proxied(server_url: str, **cuts: float) -> tuple[Proxy, str]:
+    """A proxy in front of the server of ``server_url``, and the store URL that goes through it."""
+    parsed = make_url(server_url)
+    proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432), **cuts)
+    return proxy, parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
 def test_commits_whose_acknowledgement_is_lost(server_url: str, tmp_path: Path) -> None:
     """The connection is cut right after COMMIT is sent, and at random points of steps."""
-    parsed = make_url(server_url)
-    proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432), cut_after_commit=0.3, cut_anywhere=0.02)
+    proxy, url = proxied(server_url, cut_after_commit=0.3, cut_anywhere=0.02)
     proxy.max_cuts = 12
     log = SideLog(tmp_path / "side.log")
-    engine = Engine(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    engine = Engine(url)
     try:
         n = 40
         code = f"squares = await gather(*[work(i) for i in range(20)])\nfor i in range(20, {n}):\n"
@@ -145,13 +151,12 @@ def test_commits_whose_acknowledgement_is_lost(server_url: str, tmp_path: Path) 
 
 
 def test_a_longer_outage_is_shown_then_ridden_out(server_url: str, tmp_path: Path) -> None:
-    parsed = make_url(server_url)
-    proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    proxy, url = proxied(server_url)
     gate = threading.Event()
     log = SideLog(tmp_path / "side.log")
     held = log.held_from(5, gate)
 
-    engine = Engine(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    engine = Engine(url)
     engine.store.retry_window = 0.5
     try:
         run = engine.start("sum(await gather(*[held(i) for i in range(10)]))", {"held": held}, key="outage")
@@ -173,13 +178,11 @@ def test_a_longer_outage_is_shown_then_ridden_out(server_url: str, tmp_path: Pat
 def test_past_the_outage_limit_the_run_stops_resumable_losing_nothing_committed(
     server_url: str, tmp_path: Path
 ) -> None:
-    parsed = make_url(server_url)
-    proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    proxy, url = proxied(server_url)
     gate = threading.Event()
     log = SideLog(tmp_path / "side.log")
     held = log.held_from(5, gate)
 
-    url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     engine = Engine(url, store_outage_limit=1.0)
     engine.store.retry_window = 0.3
     try:
