@@ -178,8 +178,9 @@ class Executor(Protocol):
 
 
 class WatchedExecutor:
-    """What the remote executors (RQ, Dask) share: the attempts in flight, one watcher thread
-    per run that reports their outcomes (``_loop``, defined by each), and the Health views show."""
+    """What the remote executors (RQ, Dask) share: submitting (``_send``, defined by each), the
+    attempts in flight, one watcher thread per run that reports their outcomes (``_loop``, defined
+    by each), and the Health views show."""
 
     name = "remote"
     remote = True
@@ -198,6 +199,15 @@ class WatchedExecutor:
     @property
     def problem(self) -> str | None:
         return self._health.problem
+
+    def submit(self, tasks: Sequence[Task], done: Done) -> None:
+        self._expect(tasks, done)
+        self._send(list(tasks))
+        self._watch()
+
+    def _send(self, tasks: list[Task]) -> None:
+        """Hand the attempts to the service (each backend's); on failure keep them in ``_unsent``."""
+        raise NotImplementedError
 
     def _expect(self, tasks: Sequence[Task], done: Done) -> None:
         """From now on, outcomes of these attempts go to ``done``."""

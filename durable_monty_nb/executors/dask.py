@@ -175,11 +175,6 @@ class DaskExecutor(WatchedExecutor):
             running = min(self._running, len(self._tasks))
             return len(self._tasks) - running, running
 
-    def submit(self, tasks: Sequence[Task], done: Done) -> None:
-        self._expect(tasks, done)
-        self._send(list(tasks))
-        self._watch()
-
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         self._expect(tasks, done)
         try:

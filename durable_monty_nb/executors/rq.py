@@ -113,11 +113,6 @@ class RQExecutor(WatchedExecutor):
             running = sum(1 for task in self._tasks.values() if task.started_at)
             return len(self._tasks) - running, running
 
-    def submit(self, tasks: Sequence[Task], done: Done) -> None:
-        self._expect(tasks, done)
-        self._enqueue(list(tasks))
-        self._watch()
-
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         from rq.job import Job
 
@@ -167,7 +162,7 @@ class RQExecutor(WatchedExecutor):
 
     # -- enqueueing ------------------------------------------------------------------------------
 
-    def _enqueue(self, tasks: list[Task]) -> None:
+    def _send(self, tasks: list[Task]) -> None:
         from redis.exceptions import RedisError
 
         if not tasks:
@@ -204,7 +199,7 @@ class RQExecutor(WatchedExecutor):
                 if self._unsent:
                     with self._lock:
                         unsent, self._unsent = self._unsent, []
-                    self._enqueue(unsent)
+                    self._send(unsent)
                 first = self.redis.blpop([self._notify], timeout=WATCH_SECONDS)
                 messages = [first[1]] if first else []
                 if first:
