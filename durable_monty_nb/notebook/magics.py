@@ -27,13 +27,13 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Enum, Float, Int, TraitError, Unicode, validate
+from traitlets import Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from .. import defaults
 from ..engine.analysis import code_hash
 from ..engine.controls import CallControls
 from ..engine.driver import default_printer, stored_call_views
-from ..engine.driver.switching import set_switch_interval
+from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
 from ..engine.retry import RetryPolicy
@@ -123,10 +123,14 @@ class DurableMagics(Magics):
     @validate("switch_interval")
     def _switch_interval(self, proposal: Any) -> float | None:
         try:
-            set_switch_interval(proposal["value"])
+            check_switch_interval(proposal["value"])
         except ValueError as exc:
             raise TraitError(f"DurableMagics.switch_interval: {exc}") from None
         return proposal["value"]
+
+    @observe("switch_interval")
+    def _apply_switch_interval(self, change: Any) -> None:
+        set_switch_interval(change["new"])
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)

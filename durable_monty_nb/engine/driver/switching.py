@@ -36,11 +36,15 @@ _lowered: float | None = None  # what it was lowered to (put back only while it 
 lowered = False  # read without the lock by drivers, to time nothing more once it is lowered
 
 
+def check_switch_interval(seconds: float | None) -> None:
+    if seconds is not None and not 0 < seconds <= 1:
+        raise ValueError(f"the switch interval must be between 0 and 1 second, or None; not {seconds!r}")
+
+
 def set_switch_interval(seconds: float | None) -> None:
     """The interval while workflows run beside a busy thread; None leaves Python's alone."""
     global _interval
-    if seconds is not None and not 0 < seconds <= 1:
-        raise ValueError(f"the switch interval must be between 0 and 1 second, or None; not {seconds!r}")
+    check_switch_interval(seconds)
     _interval = seconds
 
 
