@@ -39,19 +39,20 @@ class Workers:
     def __init__(self, url: str, queue: str, env: dict[str, str]) -> None:
         self.url, self.queue, self.env = url, queue, env
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.plain: dict[int, bool] = {}  # by pid: a plain `rq worker` or `durable-monty-nb worker`
 
     def start(self, count: int = 1, *, plain: bool = False) -> None:
         for _ in range(count):
             command = [str(VENV_BIN / "rq"), "worker"] if plain else [str(VENV_BIN / "durable-monty-nb"), "worker"]
-            self.procs.append(
-                subprocess.Popen(
-                    [*command, self.queue, "--url", self.url],
-                    env={**os.environ, **self.env},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            proc = subprocess.Popen(
+                [*command, self.queue, "--url", self.url],
+                env={**os.environ, **self.env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
+            self.procs.append(proc)
+            self.plain[proc.pid] = plain
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -11,9 +11,11 @@ which one watcher thread of the driver's process reads (``BLPOP``): no polling p
 no result that depends on RQ's ``result_ttl``.
 
 While a job runs, its worker keeps a Redis key alive (refreshed every few seconds). On
-resume, an attempt whose job is queued, or started with that key alive, is waited for; one
-whose job is gone, failed, or started without a live key (its worker was killed) is lost and
-runs again.
+resume, an attempt whose job is queued or started is waited for (a started job whose key is
+not set yet gets ``ALIVE_SECONDS`` to set it: its work horse may still be starting); one whose
+job is gone or failed, or whose key stays unset (its worker was killed), is lost. The driver
+then looks for the attempt's outcome in the store (a worker that wrote it and died before it
+said so) and runs the call again only when there is none.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ class RQExecutor(WatchedExecutor):
         self._notify = notify_key(run.execution_id)
         self._last_check = 0.0
         self._last_queue_check = time.monotonic()
+        # Attempts a worker had taken when this process attached, whose job had not yet set its
+        # alive key (a work horse starting up): given ALIVE_SECONDS to show it, by id.
+        self._unconfirmed: dict[str, float] = {}
 
     # -- the Executor protocol -----------------------------------------------------------------
 
@@ -126,13 +131,14 @@ class RQExecutor(WatchedExecutor):
         lost = []
         for task, job, beating in zip(tasks, jobs, alive, strict=True):
             status = job.get_status(refresh=False) if job is not None else None
-            waiting = status in ("queued", "deferred", "scheduled")
-            if waiting or (status == "started" and beating):
-                if status == "started":
-                    task.started_at = time.time()
+            if status in ("queued", "deferred", "scheduled", "started"):
                 with self._lock:
+                    if status == "started":
+                        task.started_at = time.time()
+                        if not beating:  # taken by a worker whose job has not said it is alive yet
+                            self._unconfirmed[task.id] = time.monotonic() + ALIVE_SECONDS
                     self._tasks[task.id] = task
-            else:  # gone (flushed), failed, stopped, finished (its outcome is in the store)
+            else:  # gone (flushed), failed, stopped, finished (the driver looks for its outcome in the store)
                 lost.append(task)
         self._watch()
         return lost
@@ -159,6 +165,9 @@ class RQExecutor(WatchedExecutor):
 
     def shutdown(self) -> None:
         self._closed.set()
+
+    def _forget(self, task_id: str) -> None:
+        self._unconfirmed.pop(task_id, None)
 
     # -- enqueueing ------------------------------------------------------------------------------
 
@@ -245,7 +254,13 @@ class RQExecutor(WatchedExecutor):
                     pipe.exists(alive_key(task.id))
                 alive = pipe.execute()
             for task, beating in zip(started, alive, strict=True):
-                if not beating and not self.redis.exists(self._notify):  # no outcome on its way either
+                grace = self._unconfirmed.get(task.id)
+                if beating:
+                    if grace is not None:
+                        with self._lock:
+                            self._unconfirmed.pop(task.id, None)
+                elif (grace is None or now >= grace) and not self.redis.exists(self._notify):
+                    # not alive, and no outcome on its way either
                     self._report(task.id, Outcome.lost_attempt(task, f"its worker {task.worker} stopped"))
         self._health.workers(waiting=waiting > 0, present=not waiting or bool(Worker.all(queue=self.queue)))
 

@@ -163,16 +163,9 @@ class Scheduling:
                 follow.append(task)
             else:
                 self._outcomes.put(Outcome.lost_attempt(task, f"dispatched to the {record.executor} executor"))
-        lost = self.executor.attach(follow, self._outcomes.put) if follow else []
-        if not lost:
-            return
-        records = self.store.load_attempts([task.id for task in lost])  # finished since the first look?
-        for task in lost:
-            record = records.get(task.id)
-            if record is not None and record.finished:
-                self._outcomes.put(record.outcome())
-            else:
-                self._outcomes.put(Outcome.lost_attempt(task, f"the {self.executor.name} executor no longer has it"))
+        for task in self.executor.attach(follow, self._outcomes.put) if follow else []:
+            # finished since the first look? _collect reads the store before it runs anything again
+            self._outcomes.put(Outcome.lost_attempt(task, f"the {self.executor.name} executor no longer has it"))
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -196,11 +189,17 @@ class Scheduling:
         return items
 
     def _collect(self: Driver, items: list[Any]) -> None:
-        stored = [o for o in items if o is not WAKE and o.in_store]
-        if stored:  # large results a worker left in the store: one read for the batch
-            records = self.store.load_attempts([attempt_id(self.execution_id, o.call_id, o.attempt) for o in stored])
-            items = [o for o in items if o is WAKE or not o.in_store]
-            items += [record.outcome() for record in records.values() if record.finished]
+        # Large results a worker left in the store, and attempts an executor gave up as lost (a
+        # worker that wrote its outcome and died before it said so): one read of the store for the
+        # batch. An outcome found there is collected; only an attempt without one runs again.
+        look = [o for o in items if o is not WAKE and (o.in_store or (o.lost and self.executor.durable))]
+        if look:
+            ids = {attempt_id(self.execution_id, o.call_id, o.attempt): o for o in look}
+            records = self.store.load_attempts(list(ids))
+            kept = [o for key, o in ids.items() if o.lost and not (key in records and records[key].finished)]
+            looked = {id(o) for o in look}
+            items = [o for o in items if id(o) not in looked]
+            items += kept + [record.outcome() for record in records.values() if record.finished]
         for outcome in items:
             if outcome is WAKE:
                 continue
