@@ -57,6 +57,26 @@ rest = await gather(*[quick(i) for i in range(5)])
     release.set()
 
 
+def test_time_waiting_for_a_thread_does_not_count_against_a_timeout(engine: Engine) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def hold(x):  # no timeout: it keeps the only thread while the timed call waits behind it
+        started.set()
+        release.wait(60)
+        return x
+
+    @limits(timeout=1)
+    def quick(x):
+        return x + 1
+
+    run = engine.start("await gather(hold(1), quick(2))", {"hold": hold, "quick": quick}, key="queued", workers=1)
+    assert started.wait(30)
+    time.sleep(1.5)  # the scenario itself: quick() has waited longer than its timeout, never having run
+    release.set()
+    assert run.result(60) == [1, 3]  # its one-second budget starts when it starts
+
+
 def test_an_async_call_is_cancelled_at_its_deadline(engine: Engine) -> None:
     seen: list[str] = []
 

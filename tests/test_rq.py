@@ -135,7 +135,8 @@ def test_results_errors_and_retries_on_workers(workers: Workers, sqlite_url: str
         engine.run("await broken(2)", {"broken": broken}, key="uncaught")
     text = str(failure.value)
     assert "KeyError" in text and "no such item 2" in text
-    assert 'raise KeyError(f"no such item {x}")' in text  # the remote traceback reaches the cell
+    # the remote traceback reaches the cell, with this file and the source line
+    assert re.search(rf'File "{re.escape(__file__)}", line \d+, in broken\n\s+raise KeyError\(f"no such', text), text
     engine.close()
 
 

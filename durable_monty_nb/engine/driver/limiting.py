@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .loop import Driver
 
 TIMEOUT_TYPES = ("builtins.TimeoutError", "builtins.OSError", "builtins.Exception", "builtins.BaseException")
+QUEUED_CHECK = 1.0  # seconds between looks at a timed call still waiting to start
 
 
 class Limiting:
@@ -119,11 +120,20 @@ class Limiting:
             self._push_timer(state.timeout_at, state)
 
     def _time_out(self: Driver, state: CallState, now: float) -> bool:
-        """A timer fired for ``state``: settle its attempt as timed out if its deadline passed."""
+        """A timer fired for ``state``: settle its attempt as timed out if its deadline passed.
+
+        An attempt's time starts when it starts running: while it waits for a thread or a worker
+        the deadline moves on (checked again within a second), so a queue never times calls out.
+        """
         task = state.task
         if task is None or state.timeout_at is None or state.timeout_at > now:
             return False
         timeout = self._controls_of(state.function).timeout or 0.0
+        deadline = task.started_at + timeout if task.started_at else now + min(timeout, QUEUED_CHECK)
+        if deadline > now:
+            state.timeout_at = deadline
+            self._push_timer(deadline, state)
+            return False
         message = f"{state.function}() did not finish within {timeout:g} s"
         where = "its thread cannot be killed and is left to finish; its result will be ignored"
         if self.executor.remote:

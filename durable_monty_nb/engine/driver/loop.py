@@ -121,6 +121,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._in_flight = 0
         self._functions: dict[str, tuple[str, bool]] = {}
+        self._frame_indexes: dict[str, Any] = {}  # by function: where its shipped code came from
         self._callables: dict[str, Callable[..., Any]] = {}
         self._shipped: dict[str, str] = {}
         self._args_blobs: dict[int, str] = {}

@@ -7,6 +7,7 @@ executor says they are lost.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import queue
 import time
@@ -17,6 +18,7 @@ from ...errors import ValueCrossingError
 from ...executors.base import ErrorInfo, LocalCall, Outcome, Task, attempt_id
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
+from ..frames import FrameIndex
 from ..retry import policy_for
 from .calls import CallState
 from .exceptions import error_answer, last_message, sandbox_exception_type
@@ -236,6 +238,8 @@ class Scheduling:
     def _settle_attempt_failure(self: Driver, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
         assert error is not None
+        if self.executor.remote and error.traceback:  # frames of code shipped by value: give them back their source
+            error = outcome.error = self._local_frames(state.function, error)
         if self._retry_after(state, outcome):
             return
         if outcome.lost:
@@ -259,6 +263,16 @@ class Scheduling:
         self._push_timer(state.due_at, state)
         self._journal(state)
         self._emit_retrying(state, wait, last_message(error.traceback))
+
+    def _local_frames(self: Driver, function: str, error: ErrorInfo) -> ErrorInfo:
+        """A worker's traceback with the frames of ``function`` (and what it reaches) mapped back to
+        the files and source lines this process holds (see :mod:`..frames`)."""
+        index = self._frame_indexes.get(function)
+        if index is None:
+            fn = self._function(function)
+            index = self._frame_indexes[function] = FrameIndex([fn] if fn is not None else [])
+        text = index.restore(error.traceback)
+        return error if text == error.traceback else dataclasses.replace(error, traceback=text)
 
     def _emit_retrying(self: Driver, state: CallState, wait: float, message: str) -> None:
         self.run.events.emit(
