@@ -33,7 +33,7 @@ ROUND_TRIPS = [
     b"\x00bytes",
     complex(1, -2),
     Decimal("1.10"),
-    dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+    dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
     dt.date(2024, 2, 29),
     dt.time(12, 30),
     dt.timedelta(days=2, seconds=5),
