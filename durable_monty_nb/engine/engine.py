@@ -39,6 +39,7 @@ from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
 
 from .. import defaults
 from ..errors import (
+    DurableError,
     ExecutionBusy,
     MissingFunctionsError,
     UnknownNamesError,
@@ -701,7 +702,7 @@ def check_rerun_functions(names: Any, info: CodeInfo, namespace: Mapping[str, An
     chosen = frozenset(names or ())
     unknown = sorted(name for name in chosen if not callable(namespace.get(name)))
     if unknown:
-        raise ValueError(
+        raise DurableError(
             f"cannot re-run the calls of {', '.join(map(repr, unknown))}: not a function of the namespace. "
             f"Name a function the code calls. Nothing ran."
         )

@@ -389,9 +389,12 @@ class Fingerprinter:
             for k, v in inner.unhashable.items():
                 unhashable[f"{label}/{k}"] = v
             return
-        if isinstance(value, types.BuiltinFunctionType):  # C code: by name (never its bound object's state)
-            parts[label] = f"builtin {getattr(value, '__module__', None)}.{value.__qualname__}"
-            return
+        if isinstance(value, types.BuiltinFunctionType):
+            bound = value.__self__
+            if bound is None or isinstance(bound, types.ModuleType):  # C code of a module: by name
+                parts[label] = f"builtin {getattr(value, '__module__', None)}.{value.__qualname__}"
+                return
+            value = bound  # a method of an object (log.write): what it does depends on the object
         try:
             parts[label] = self.value(value)
         except Unhashable as exc:
