@@ -42,7 +42,8 @@ def durable(shell: InteractiveShell, name: str, body: str = BODY, options: str =
 
 def plain(shell: InteractiveShell, expression: str = PLAIN) -> Any:
     """What the notebook computes without durable (its calls are not counted)."""
-    value = shell.ev(expression)
+    run(shell, f"_plain_value = {expression}")  # a cell: %autoreload reloads before it, as before any cell
+    value = shell.user_ns.pop("_plain_value")
     shell.user_ns["ran"].clear()
     return value
 
@@ -276,3 +277,34 @@ def test_the_why_command_prints_the_same_table(shell: InteractiveShell, tmp_path
         timeout=60,
     )
     assert missing.returncode == 1 and "no execution named or with id 'nope'" in missing.stderr
+
+
+def test_what_a_function_reads_of_an_object_that_cannot_be_hashed_and_locks(
+    shell: InteractiveShell, tmp_path: Path
+) -> None:
+    setup = (
+        "import threading\nclass Client:\n    def __init__(self):\n"
+        f"        self.log = open({str(tmp_path / 'c.txt')!r}, 'a')\n"
+        "        self.timeout = 5\nclient = Client()\nguard = threading.Lock()\n"
+        "def f(x):\n    ran.append(x)\n    with guard:\n        return x * client.timeout"
+    )
+    why = edited(shell, "attributes", setup, "client.timeout = 7")
+    assert why.call("f").reason == "f changed: global client.timeout changed"
+    run(shell, "client.log.close()")
+
+
+def test_autoreload_of_a_local_module(shell: InteractiveShell, tmp_path: Path) -> None:
+    module = tmp_path / "reuse_auto_mod.py"
+    module.write_text("def g(x):\n    return x + 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        run(shell, "%load_ext autoreload")
+        run(shell, "%autoreload 2")
+        setup = "import reuse_auto_mod\ndef f(x):\n    ran.append(x)\n    return reuse_auto_mod.g(x)"
+        module_text = "def g(x):\n    return x + 2000\n"
+        edit = f"from pathlib import Path\nPath({str(module)!r}).write_text({module_text!r})"
+        edited(shell, "autoreload", setup, edit)
+    finally:
+        shell.run_line_magic("autoreload", "off")
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("reuse_auto_mod", None)
