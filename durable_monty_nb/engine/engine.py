@@ -26,6 +26,7 @@ each call, where it came from or why it ran again (see :mod:`.why`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -55,7 +56,7 @@ from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substit
 from .controls import CallControls, Rate
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
-from .fingerprint import Fingerprinter, sha256
+from .fingerprint import Fingerprinter, Unhashable, sha256
 from .handle import CallView, Progress, Run
 from .retry import RetryPolicy
 from .why import explain
@@ -664,8 +665,10 @@ def prepare_inputs(
             )
         text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line {info.free_names[name]})")
         inputs[name] = sandbox_value
-        # A stored object (a blob) also counts by the code of the notebook classes it holds.
-        reads[name] = printer.value(value) if '"$h"' in text else sha256(text)
+        reads[name] = sha256(text)
+        if '"$h"' in text:  # a stored object (a blob) also counts by the code of the notebook classes it holds
+            with contextlib.suppress(Unhashable):
+                reads[name] = printer.value(value)
     return inputs, {"reads": reads, "functions": functions, "parts": parts, "unhashable": unhashable}
 
 

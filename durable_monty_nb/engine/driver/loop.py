@@ -331,6 +331,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self.answers.clear()
         self.inputs.clear()
         self.codec.objects.clear()
+        self.fingerprinter = Fingerprinter()  # what it hashed by id, kept alive for the run only
         for state in self.calls.values():
             state.sandbox_args = None
             state.task = None
