@@ -213,6 +213,8 @@ class Fingerprinter:
             return _digest(f"module:{value.__name__}".encode())
         if isinstance(value, _SYNC_TYPES):
             return _digest(f"sync:{_type_name(value)}".encode())
+        if type(value) in (set, frozenset):  # in a canonical order: iteration order follows the hash seed
+            return _digest(",".join([type(value).__name__, *sorted(self.value(item) for item in value)]).encode())
         out = io.BytesIO()
         buffers: list[Any] = []
         try:
