@@ -308,3 +308,16 @@ def test_autoreload_of_a_local_module(shell: InteractiveShell, tmp_path: Path) -
         shell.run_line_magic("autoreload", "off")
         sys.path.remove(str(tmp_path))
         sys.modules.pop("reuse_auto_mod", None)
+
+
+def test_not_inputs_keeps_the_calls_of_a_function_reading_an_unhashable_value_reusable(
+    shell: InteractiveShell, tmp_path: Path
+) -> None:
+    run(shell, f"from durable_monty_nb import not_inputs\nlog = open({str(tmp_path / 'n.txt')!r}, 'a')\nK = 2")
+    run(shell, "@not_inputs('log')\ndef f(x):\n    ran.append(x)\n    log.write(str(x))\n    return x * K")
+    assert durable(shell, "declared") == [2, 4, 6]
+    ran(shell).clear()
+    assert durable(shell, "declared") == [2, 4, 6] and ran(shell) == []  # reused: log is not an input
+    run(shell, "K = 3")  # what is still an input still counts
+    assert durable(shell, "declared") == [3, 6, 9] and sorted(ran(shell)) == [1, 2, 3]
+    run(shell, "log.close()")

@@ -71,6 +71,28 @@ _SYNC_TYPES = (
 )
 FINGERPRINT_ATTRIBUTE = "__durable_fingerprint__"
 """A callable may carry its own fingerprint (a string) under this name; it is used as it is."""
+IGNORED_ATTRIBUTE = "__durable_not_inputs__"
+
+
+def not_inputs(*names: str) -> Any:
+    """Decorator: the globals (or closure variables) ``names`` are not inputs of the function.
+
+    They count by their type only, so calls stay reusable although their content cannot be hashed
+    (a client, a connection) or changes without changing results (a logger, a progress bar)::
+
+        @not_inputs("client")
+        def ask(question):
+            return client.complete(question)
+    """
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"not_inputs() takes the names of globals or closure variables, not {name!r}")
+
+    def mark(fn: Any) -> Any:
+        setattr(fn, IGNORED_ATTRIBUTE, frozenset(names) | getattr(fn, IGNORED_ATTRIBUTE, frozenset()))
+        return fn
+
+    return mark
 
 
 def sha256(text: str | bytes) -> str:
@@ -316,6 +338,7 @@ class Fingerprinter:
             name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
             return FunctionPrint(_digest(name.encode()), {"name": name})
         reads = code_reads(code)
+        ignored = getattr(fn, IGNORED_ATTRIBUTE, None) or getattr(target, IGNORED_ATTRIBUTE, frozenset())
         parts: dict[str, str] = {"code": _digest(f"{target.__qualname__}\0{_code(code)}".encode())}
         unhashable: dict[str, str] = {}
         for i, value in enumerate(getattr(target, "__defaults__", None) or ()):
@@ -332,6 +355,9 @@ class Fingerprinter:
                 continue
             if name in reads.written and _is_data(value):
                 continue  # a container it fills (results.append, counts[k] += 1): its own state
+            if name in ignored:
+                parts[f"closure:{name}"] = f"not an input: {_type_name(value)}"
+                continue
             self._add(parts, unhashable, f"closure:{name}", value)
         module_globals = getattr(target, "__globals__", {})
         builtins_ns = module_globals.get("__builtins__", {})
@@ -345,6 +371,9 @@ class Fingerprinter:
                 continue
             if name in reads.written and _is_data(value):
                 continue  # a container it fills (results.append, counts[k] += 1): its own state
+            if name in ignored:
+                parts[f"global:{name}"] = f"not an input: {_type_name(value)}"
+                continue
             if isinstance(value, types.ModuleType):
                 parts[f"global:{name}"] = f"module {value.__name__}"
                 if is_local_module(value):  # a library module counts by its name
