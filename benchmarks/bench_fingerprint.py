@@ -10,7 +10,9 @@ Prints, best of ``--repeat`` (seconds):
 - ``same pass, second function``: another function of the same run reads the same frame: it is
   hashed once per run, so this is the cost of describing the function only;
 - ``after an in-place edit``: one cell changed, a new pass: the fingerprint differs (checked);
-- for scale: ``pickle.dumps`` of the frame (what storing it as a value costs) and SHA-256 of that.
+- for scale: ``pickle.dumps`` of the frame (what storing it as a value costs) and SHA-256 of that;
+- other shapes: a string column, a long list, a big dict, a list of small dicts (these go through
+  the pickle element by element, so they cost more per byte than numeric blocks).
 
 Figures, not assertions. Not collected by pytest.
 """
@@ -45,7 +47,11 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=400, help="size of the DataFrame in MB (default 400)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure; the best is printed (default 5)")
     args = parser.parse_args()
+    frame_figures(args)
+    shape_figures(args)
 
+
+def frame_figures(args: argparse.Namespace) -> None:
     columns = 10
     rows = args.mb * 1_000_000 // 8 // columns
     frame = pd.DataFrame(np.random.default_rng(0).random((rows, columns)), columns=[f"c{i}" for i in range(columns)])
@@ -88,6 +94,20 @@ def main() -> None:
     print(f"for scale: sha256 of that pickle:          {sha * 1000:8.1f} ms")
     print(f"memory allocated while fingerprinting:     {allocated:8.3f} MB  (the frame is not copied)")
     print(f"peak RSS of the benchmark: {peak:.0f} MB (building the frame, then its {size:.0f} MB pickle)")
+
+
+def shape_figures(args: argparse.Namespace) -> None:
+    print("other shapes (first pass):")
+    for label, value in (
+        ("DataFrame, 1M-row string column", pd.DataFrame({"s": [f"item-{i}" for i in range(1_000_000)]})),
+        ("list of 1M ints", list(range(1_000_000))),
+        ("dict of 1M str -> int", {f"k{i}": i for i in range(1_000_000)}),
+        ("list of 100k small dicts", [{"i": i, "name": f"n{i}"} for i in range(100_000)]),
+    ):
+        scope: dict[str, Any] = {"V": value}
+        exec("def read(x):\n    return V", scope)
+        seconds = best(args.repeat, lambda scope=scope: Fingerprinter().function(scope["read"]))
+        print(f"  {label + ':':40} {seconds * 1000:8.1f} ms")
 
 
 if __name__ == "__main__":

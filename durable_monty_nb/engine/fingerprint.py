@@ -44,6 +44,8 @@ import xxhash
 
 _ATOMIC = (int, float, str, bool, bytes, type(None), complex)
 _BIG = 1 << 16  # buffers and arrays above this size are hashed once per pass, by id
+_LONG = 1000  # so are containers above this length (and they may take the fast path of _plain_pickle)
+_ATOMIC_TYPES = frozenset(_ATOMIC)
 _SKIPPED_CLASS_ATTRS = frozenset(
     (
         "__dict__",
@@ -180,9 +182,11 @@ class _HashPickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         cls = type(obj)
-        if cls in _ATOMIC or cls is list or cls is dict or cls is tuple or obj is self._root:
+        if cls in _ATOMIC or obj is self._root:
             return None
         owner = self._owner
+        if cls is list or cls is dict or cls is tuple:
+            return ("plain", owner.value(obj)) if len(obj) > _LONG else None
         if cls is set or cls is frozenset:
             return ("set", sorted(owner.value(item) for item in obj))
         if isinstance(obj, _SYNC_TYPES):
@@ -217,6 +221,10 @@ class Fingerprinter:
     def value(self, value: Any) -> str:
         """A digest of a value's content (raises Unhashable)."""
         cls = type(value)
+        if cls is str:
+            return _digest(b"str:" + value.encode("utf-8", "surrogatepass"))
+        if cls is bytes:
+            return _digest(b"bytes:" + value)
         if cls in _ATOMIC:
             return _digest(repr(value).encode() + cls.__name__.encode())
         found = self._values.get(id(value))
@@ -237,6 +245,9 @@ class Fingerprinter:
             return _digest(f"sync:{_type_name(value)}".encode())
         if type(value) in (set, frozenset):  # in a canonical order: iteration order follows the hash seed
             return _digest(",".join([type(value).__name__, *sorted(self.value(item) for item in value)]).encode())
+        plain = _plain_pickle(value)
+        if plain is not None:
+            return _digest(plain)
         out = io.BytesIO()
         buffers: list[Any] = []
         try:
@@ -302,6 +313,10 @@ class Fingerprinter:
         self._stack.append(id(fn))
         try:
             printed = self._describe(fn)
+        except RecursionError:
+            printed = self._opaque(fn, "nested too deeply")
+        except Exception as exc:  # an object that breaks introspection: never "unchanged"
+            printed = self._opaque(fn, f"{type(exc).__name__}: {exc}")
         finally:
             self._stack.pop()
         # A function described while a caller was on the stack may have met that caller as
@@ -310,6 +325,14 @@ class Fingerprinter:
         if not self._stack:
             self._functions[id(fn)] = (fn, printed)
         return printed
+
+    def _opaque(self, fn: Any, reason: str) -> FunctionPrint:
+        """What a callable that cannot be described contributes: a fingerprint of this pass only."""
+        return FunctionPrint(
+            sha256(f"<opaque {self._nonce}>"),
+            {"code": f"<unhashable {self._nonce}>"},
+            {"code": f"{_type_name(fn)} ({reason})"},
+        )
 
     def _describe(self, fn: Any) -> FunctionPrint:
         own = getattr(fn, FINGERPRINT_ATTRIBUTE, None)
@@ -610,6 +633,34 @@ def _code(code: types.CodeType) -> str:
             ",".join(code.co_freevars),
         )
     )
+
+
+def _plain_pickle(value: Any) -> bytes | None:
+    """The plain (C) pickle of a list, tuple or dict of atoms, or of a NumPy object array of atoms:
+    nothing in it needs the hashing pickler (no set, function, class or object), so each element
+    does not cost a Python call. None for anything else."""
+    cls = type(value)
+    if cls is list or cls is tuple:
+        if len(value) < _LONG:
+            return None
+        kinds = set(map(type, value))
+    elif cls is dict:
+        if len(value) < _LONG:
+            return None
+        kinds = set(map(type, value)) | set(map(type, value.values()))
+    elif cls.__module__ == "numpy" and cls.__name__ == "ndarray" and value.dtype.hasobject:
+        if value.dtype.fields is not None or value.size < _LONG:
+            return None
+        kinds = set(map(type, value.ravel(order="K")))
+    else:
+        return None
+    if not kinds <= _ATOMIC_TYPES:
+        return None
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=5)
+    pickler.fast = True  # no memo: atoms cannot form cycles, and memoizing a million strings costs 8x
+    pickler.dump(value)
+    return out.getvalue()
 
 
 def _is_data(value: Any) -> bool:
