@@ -56,10 +56,14 @@ class Explanation:
     def ran(self) -> list[CallReason]:
         return [c for c in self.calls if c.outcome != "reused"]
 
+    def counts(self) -> str:
+        reused = len(self.reused)
+        return f"{reused} {'call' if reused == 1 else 'calls'} reused, {len(self.ran)} ran here"
+
     def text(self) -> str:
         head = [f"execution {self.execution_id[:12]} of {self.key!r} ({self.status})"]
         head += [f"  {line}" for line in self.decisions]
-        head.append(f"  {len(self.reused)} calls reused, {len(self.ran)} ran here")
+        head.append(f"  {self.counts()}")
         rows = [(str(c.call_id), c.function, c.args, c.outcome, c.reason) for c in self.calls]
         if not rows:
             return "\n".join(head)
@@ -81,8 +85,7 @@ class Explanation:
         )
         return (
             f'<div class="durable-why"><b>execution {esc(self.execution_id[:12])}</b> of '
-            f"<code>{esc(self.key)}</code> ({esc(self.status)}): {len(self.reused)} calls reused, "
-            f"{len(self.ran)} ran here<ul>{decisions}</ul>"
+            f"<code>{esc(self.key)}</code> ({esc(self.status)}): {esc(self.counts())}<ul>{decisions}</ul>"
             "<table><thead><tr><th>call</th><th>function</th><th>arguments</th><th>outcome</th><th>why</th>"
             f"</tr></thead><tbody>{body}</tbody></table></div>"
         )
