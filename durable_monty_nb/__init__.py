@@ -21,6 +21,7 @@ from .engine.events import (
     ExecutionStarted,
     Printed,
 )
+from .engine.fingerprint import not_inputs
 from .engine.handle import CallView, Progress, Run
 from .engine.retry import RetryPolicy, retry
 from .errors import (
@@ -71,6 +72,7 @@ __all__ = [
     "external",
     "limits",
     "load_ipython_extension",
+    "not_inputs",
     "retry",
     "set_switch_interval",
     "unload_ipython_extension",

@@ -1,4 +1,5 @@
-"""Command line: ``upgrade`` a store, list its ``status``, run an RQ ``worker`` with the package preloaded."""
+"""Command line: ``upgrade`` a store, list its ``status``, say ``why`` calls were reused or ran, run an RQ
+``worker`` with the package preloaded."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("name", nargs="?", help="a key or execution id for its details")
     status.add_argument("--all", action="store_true", help="every execution, not only the latest of each key")
+    why = commands.add_parser("why", help="which calls of an execution were reused, and why the others ran again")
+    why.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file (default: the store here)")
+    why.add_argument("name", help="a key (its latest execution) or an execution id")
     worker = commands.add_parser(
         "worker",
         help="an RQ worker for durable calls, with durable-monty-nb imported once before jobs fork "
@@ -47,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .notebook.status import status_report
     from .store.store import Store
+
+    if args.command == "why":
+        from .engine.why import explain
+        from .errors import DurableError
+
+        store = Store(args.db)
+        try:
+            print(explain(store, store.find_execution(args.name).id).text())
+        except DurableError as exc:
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     print(status_report(Store(args.db), args.name, show_all=args.all).text)
     return 0

@@ -41,7 +41,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .engine.fingerprint import function_fingerprint
+from .engine.fingerprint import function_fingerprint, sha256
 
 try:
     from pydantic import ValidationError
@@ -178,10 +178,9 @@ class DurableAgent:
     # -- the durable steps ------------------------------------------------------------------------
 
     def _make_model_step(self) -> Callable[[list[Any]], dict[str, Any]]:
-        # A function's fingerprint covers its closure values and the globals it names: this one names
-        # none (the agent object counts by its type only) and keeps what identifies the step in a
-        # closure value, so another model, other tool schemas or other instructions make another
-        # step function, whose stored calls are not reused.
+        # The step function declares its fingerprint (the agent object itself is not plain data):
+        # what identifies the step, so another model, other tool schemas or other instructions make
+        # another step function, whose stored calls are not reused.
         agent = self
         identity = json.dumps(
             [
@@ -198,6 +197,7 @@ class DurableAgent:
             _ = identity
             return agent._request(messages)
 
+        model_step.__durable_fingerprint__ = sha256(identity)  # type: ignore[attr-defined]
         return model_step
 
     def _request(self, messages: list[Any]) -> dict[str, Any]:
@@ -242,6 +242,7 @@ class DurableAgent:
             _ = identity
             return agent._tool_part(call, decision)
 
+        run_tool.__durable_fingerprint__ = sha256(identity)  # type: ignore[attr-defined]
         return run_tool
 
     def _tool_part(self, call: dict[str, Any], decision: Any) -> dict[str, Any]:

@@ -78,7 +78,58 @@ def test_edited_code_serves_unchanged_calls_and_keeps_them_in_order(engine: Engi
     assert latest.calls_reused == 2
 
 
-def test_failed_run_resumes_after_a_fix_running_only_failed_and_remaining_calls(engine: Engine) -> None:
+def _failing_b(rec: Recorder) -> Any:
+    ran = rec.ran
+
+    def b(x: int) -> int:
+        ran["b", x] += 1
+        if x == 20:
+            raise ValueError("bug for 20")
+        return x + 1
+
+    def b_fixed(x: int) -> int:
+        ran["b", x] += 1
+        return x + 1
+
+    return b, b_fixed
+
+
+FIX_CODE = "xs = await gather(*[a(i) for i in items])\nys = await gather(*[b(x) for x in xs])\nz = await a(99)\nys"
+
+
+def test_a_failed_run_whose_function_was_fixed_runs_that_functions_calls_again(engine: Engine) -> None:
+    # Running the code again is exact: b changed, so none of its old results is returned; a's are.
+    rec = Recorder()
+    b, b_fixed = _failing_b(rec)
+    with pytest.raises(WorkflowFailed, match="bug for 20"):
+        engine.run(FIX_CODE, rec.namespace(items=[1, 2, 3], b=b), key="fix")
+    failed = engine.store.latest_execution("fix")
+    assert failed.status == "failed"
+    rec.ran.clear()
+    again = engine.start(FIX_CODE, rec.namespace(items=[1, 2, 3], b=b_fixed), key="fix")
+    assert again.result(timeout=30) == [11, 21, 31]
+    assert rec.ran == Counter({("b", 10): 1, ("b", 20): 1, ("b", 30): 1, ("a", 99): 1})
+    assert again.execution_id != failed.id  # a new execution: the snapshot holds the old b's results
+    why = again.explain()
+    assert {c.function for c in why.reused} == {"a"} and {c.source for c in why.reused} == {failed.id}
+    assert "b changed: its code changed" in why.call("b").reason
+    assert any("was failed; it was not resumed because function b changed" in d for d in why.decisions)
+
+
+def test_resuming_a_failed_run_after_a_fix_runs_only_failed_and_remaining_calls(engine: Engine) -> None:
+    # Resuming says the completed calls stay valid: only the failed call and the rest run.
+    rec = Recorder()
+    b, b_fixed = _failing_b(rec)
+    with pytest.raises(WorkflowFailed, match="bug for 20"):
+        engine.run(FIX_CODE, rec.namespace(items=[1, 2, 3], b=b), key="fix")
+    rec.ran.clear()
+    assert engine.resume("fix", rec.namespace(items=[1, 2, 3], b=b_fixed)).result(timeout=30) == [11, 21, 31]
+    assert rec.ran == Counter({("b", 20): 1, ("a", 99): 1})
+    assert len(engine.executions(all=True)) == 1  # the same execution, resumed
+
+
+def test_a_failed_run_whose_input_value_changed_starts_over_reusing_valid_calls(engine: Engine) -> None:
+    # The snapshot holds the old value: resuming it could never get past the failure.
     rec = Recorder()
     ran = rec.ran
 
@@ -88,20 +139,18 @@ def test_failed_run_resumes_after_a_fix_running_only_failed_and_remaining_calls(
             raise ValueError("bug for 20")
         return x + 1
 
-    code = "xs = await gather(*[a(i) for i in items])\nys = await gather(*[b(x) for x in xs])\nz = await a(99)\nys"
     with pytest.raises(WorkflowFailed, match="bug for 20"):
-        engine.run(code, rec.namespace(items=[1, 2, 3], b=b), key="fix")
-    assert engine.store.latest_execution("fix").status == "failed"
+        engine.run(FIX_CODE, rec.namespace(items=[1, 2, 3], b=b), key="value")
     ran.clear()
-
-    def b_fixed(x: int) -> int:
-        ran["b", x] += 1
-        return x + 1
-
-    assert engine.run(code, rec.namespace(items=[1, 2, 3], b=b_fixed), key="fix") == [11, 21, 31]
-    # a(1..3), b(10) and b(30) had completed; only the failed call and the rest ran.
-    assert ran == Counter({("b", 20): 1, ("a", 99): 1})
-    assert len(engine.executions(all=True)) == 1  # the same execution, resumed
+    assert engine.run(FIX_CODE, rec.namespace(items=[1, 5, 3], b=b), key="value") == [11, 51, 31]
+    assert ran == Counter({("a", 5): 1, ("b", 50): 1, ("a", 99): 1})
+    assert len(engine.executions(all=True)) == 2
+    # The explicit resume of such an execution does the same (it cannot take the new value either).
+    ran.clear()
+    with pytest.raises(WorkflowFailed, match="bug for 20"):
+        engine.run(FIX_CODE, rec.namespace(items=[2], b=b), key="value2")
+    assert engine.resume("value2", rec.namespace(items=[3], b=b)).result(timeout=30) == [31]
+    assert len(engine.executions(all=True, key="value2")) == 2
 
 
 def test_rerun_starts_fresh(engine: Engine) -> None:

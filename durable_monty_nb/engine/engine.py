@@ -11,14 +11,23 @@ Deciding what a run of a key means:
 
 - the latest execution of the key completed with the same code, the same values of the names
   the code reads and the same function definitions: its stored result, nothing runs;
-- it is unfinished (crashed, interrupted, failed) and the code is unchanged: it resumes from
-  its latest checkpoint, calls with committed results are not run again;
+- it is unfinished (crashed, interrupted, failed), the code is unchanged and so is everything
+  it reads (the values of the names the code reads, the fingerprints of its functions): it
+  resumes from its latest checkpoint, calls with committed results are not run again;
 - otherwise a new execution starts, and each call of it that an earlier execution of the key
-  completed (same function source, same arguments) is served from the store.
+  completed (the same function fingerprint, the same arguments) is served from the store. An
+  unfinished execution whose inputs changed is not resumed: its snapshot holds the old values.
+
+A function's fingerprint covers its code, the notebook functions it reaches and the content of
+the globals, closure and default values it reads (see :mod:`.fingerprint`). ``rerun_functions``
+names functions whose calls run again whatever the store holds; ``run.explain()`` says, for
+each call, where it came from or why it ran again (see :mod:`.why`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import threading
 import time
@@ -31,6 +40,7 @@ from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
 
 from .. import defaults
 from ..errors import (
+    DurableError,
     ExecutionBusy,
     MissingFunctionsError,
     UnknownNamesError,
@@ -46,9 +56,10 @@ from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substit
 from .controls import CallControls, Rate
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
-from .fingerprint import function_fingerprint, sha256
+from .fingerprint import Fingerprinter, Unhashable, sha256
 from .handle import CallView, Progress, Run
 from .retry import RetryPolicy
+from .why import explain
 
 PrintCallback = Callable[[str, str], None]
 
@@ -133,16 +144,20 @@ class Engine:
         timeout: float | None = None,
         concurrency: int | None = None,
         rate: str | Rate | None = None,
+        rerun_functions: tuple[str, ...] | list[str] = (),
     ) -> Run:
         """Start (or resume, or answer from the store) and return a handle at once.
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
-        ``executor`` and ``workers`` override the engine's for this run.
+        ``executor`` and ``workers`` override the engine's for this run. ``rerun`` runs every
+        call again; ``rerun_functions`` the calls of the functions it names (the others are
+        reused as usual).
         """
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
+        rerun_functions = check_rerun_functions(rerun_functions, info, ns)
         settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
         chosen = self._backend(executor, workers)
         latest = self.store.latest_execution(key)
@@ -152,12 +167,18 @@ class Engine:
                 return attached
         check_names(info, ns, latest)
         codec = ValueCodec(self.store.load_blob)
-        inputs, fingerprints = prepare_inputs(info, ns, codec)
+        fingerprinter = Fingerprinter()
+        inputs, fingerprints = prepare_inputs(info, ns, codec, fingerprinter)
+        if rerun:
+            fingerprints["rerun"] = True
+        if rerun_functions:
+            fingerprints["rerun_functions"] = sorted(rerun_functions)
         if latest is not None and not rerun:
             same_code = latest.code_hash == info.code_hash
-            if same_code and latest.status == "completed" and _same_fingerprints(latest.fingerprints, fingerprints):
+            same_inputs = _same_fingerprints(latest.fingerprints, fingerprints)
+            if same_code and latest.status == "completed" and same_inputs and not rerun_functions:
                 return self._stored_run(latest)
-            if same_code and latest.status in UNFINISHED:
+            if same_code and latest.status in UNFINISHED and same_inputs and not rerun_functions:
                 return self._resume(
                     latest,
                     ns,
@@ -168,6 +189,7 @@ class Engine:
                     codec=codec,
                     inputs=inputs,
                     paused=paused,
+                    fingerprinter=fingerprinter,
                 )
             if latest.status == "running" and lease_held(latest):
                 raise ExecutionBusy(
@@ -186,6 +208,8 @@ class Engine:
             previous=latest,
             reuse=latest is not None and not rerun,
             paused=paused,
+            fingerprinter=fingerprinter,
+            rerun_functions=rerun_functions,
         )
 
     def resume(
@@ -204,6 +228,11 @@ class Engine:
     ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
+        Its completed calls are kept even when a function they called changed since (say so by
+        resuming: running the code again with ``start`` runs the changed function's calls again).
+        When a value the code read changed, its snapshot holds the old one: a new execution of
+        the key starts instead, reusing every completed call that is still valid.
+
         A completed execution returns its stored result. Raises MissingFunctionsError (changing
         nothing) when the namespace lacks functions the execution still has to call.
         """
@@ -217,17 +246,39 @@ class Engine:
         ns = dict(namespace or {})
         check_names(info, ns, row)
         codec = ValueCodec(self.store.load_blob)
-        inputs, _ = prepare_inputs(info, ns, codec)
+        fingerprinter = Fingerprinter()
+        inputs, fingerprints = prepare_inputs(info, ns, codec, fingerprinter)
+        settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
+        chosen = self._backend(executor, workers)
+        if not _same_reads(row.fingerprints, fingerprints) and self.store.latest_execution(row.key).id == row.id:
+            if row.status == "running" and lease_held(row):
+                raise ExecutionBusy(self._busy_message(row.id, row.key, row.lease_owner, "before resuming it"))
+            return self._start_new(
+                info,
+                row.key,
+                ns,
+                inputs,
+                fingerprints,
+                codec,
+                settings,
+                chosen,
+                print_callback,
+                previous=row,
+                reuse=True,
+                paused=paused,
+                fingerprinter=fingerprinter,
+            )
         return self._resume(
             row,
             ns,
-            self._settings(workers, retry, CallControls.of(timeout, concurrency, rate)),
-            self._backend(executor, workers),
+            settings,
+            chosen,
             print_callback,
             info=info,
             codec=codec,
             inputs=inputs,
             paused=paused,
+            fingerprinter=fingerprinter,
         )
 
     def resume_all(self, namespace: Mapping[str, Any] | None = None, **options: Any) -> list[Run]:
@@ -333,6 +384,7 @@ class Engine:
         codec = ValueCodec(self.store.load_blob)
         handle = Run(row.id, row.key, source=StoredCalls(self.store, row.id))
         handle.cached = True
+        handle._explain = functools.partial(explain, self.store, row.id, cached=True)
         handle.started_at = row.created_at
         progress = Progress(
             total=row.calls_total,
@@ -379,6 +431,8 @@ class Engine:
         previous: Any,
         reuse: bool,
         paused: bool = False,
+        fingerprinter: Fingerprinter | None = None,
+        rerun_functions: frozenset[str] = frozenset(),
     ) -> Run:
         shipped = ship_functions(info, ns, fingerprints) if chosen.remote else {}
         execution_id = uuid.uuid4().hex
@@ -438,6 +492,8 @@ class Engine:
             shipped=shipped,
             reuse_key=key if reuse else None,
             on_exit=self._forget,
+            fingerprinter=fingerprinter,
+            rerun_functions=rerun_functions,
         )
         return self._launch(driver, resumed=False, paused=paused)
 
@@ -453,6 +509,7 @@ class Engine:
         codec: ValueCodec,
         inputs: dict[str, Any],
         paused: bool = False,
+        fingerprinter: Fingerprinter | None = None,
     ) -> Run:
         retry_failed = row.status == "failed"
         calls = self.store.load_calls(row.id)
@@ -498,6 +555,7 @@ class Engine:
                 restored_calls=calls,
                 retry_failed=retry_failed,
                 on_exit=self._forget,
+                fingerprinter=fingerprinter,
             )
         except BaseException:
             sandbox.close_session(session)
@@ -509,6 +567,7 @@ class Engine:
         with self._lock:
             self._active[driver.execution_id] = driver
         handle = driver.run
+        handle._explain = functools.partial(explain, self.store, driver.execution_id)
         c = driver.counters
         handle.events.emit(ExecutionStarted(driver.execution_id, driver.key, resumed, c.restored, c.reused))
         driver.start(paused=paused)
@@ -548,6 +607,8 @@ def ship_functions(info: CodeInfo, namespace: Mapping[str, Any], fingerprints: d
     """
     shipped = {}
     for name, fingerprint in fingerprints["functions"].items():
+        if name not in namespace:
+            continue
         key, data = ship_function(namespace[name], name)
         shipped[name] = (key, fingerprint, data)
     return shipped
@@ -573,19 +634,29 @@ def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -
 
 
 def prepare_inputs(
-    info: CodeInfo, namespace: Mapping[str, Any], codec: ValueCodec
+    info: CodeInfo, namespace: Mapping[str, Any], codec: ValueCodec, fingerprinter: Fingerprinter | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sandbox values of the namespace names the code reads, and fingerprints of all of them.
 
-    Raises ValueCrossingError, before anything runs, for a value that cannot cross.
+    ``{"reads": {name: digest}, "functions": {name: digest}, "parts": {function: {part: digest}},
+    "unhashable": {function: {part: type}}}``: the parts (see :class:`.fingerprint.FunctionPrint`)
+    say what changed when a digest differs. Raises ValueCrossingError, before anything runs, for
+    a value that cannot cross.
     """
+    printer = fingerprinter or Fingerprinter()
     inputs: dict[str, Any] = {}
     reads: dict[str, str] = {}
     functions: dict[str, str] = {}
+    parts: dict[str, dict[str, str]] = {}
+    unhashable: dict[str, dict[str, str]] = {}
     for name in sorted(info.free_names):
         value = namespace[name]
         if is_function_like(value):
-            functions[name] = function_fingerprint(value)
+            printed = printer.function(value)
+            functions[name] = printed.digest
+            parts[name] = printed.parts
+            if printed.unhashable:
+                unhashable[name] = printed.unhashable
             continue
         if isinstance(value, types.ModuleType):
             raise ValueCrossingError(
@@ -595,16 +666,50 @@ def prepare_inputs(
         text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line {info.free_names[name]})")
         inputs[name] = sandbox_value
         reads[name] = sha256(text)
-    return inputs, {"reads": reads, "functions": functions}
+        if '"$h"' in text:  # a stored object (a blob) also counts by the code of the notebook classes it holds
+            with contextlib.suppress(Unhashable):
+                reads[name] = printer.value(value)
+    return inputs, {"reads": reads, "functions": functions, "parts": parts, "unhashable": unhashable}
+
+
+def _stored_prints(stored: str | None) -> dict[str, Any] | None:
+    if not stored:
+        return None
+    try:
+        found = json.loads(stored)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _same_fingerprints(stored: str | None, current: dict[str, Any]) -> bool:
-    if not stored:
-        return False
-    try:
-        return json.loads(stored) == json.loads(json.dumps(current, sort_keys=True))
-    except ValueError:
-        return False
+    """The same values read and the same function fingerprints (what explains them aside)."""
+    found = _stored_prints(stored)
+    return (
+        found is not None
+        and found.get("reads") == current["reads"]
+        and found.get("functions") == current["functions"]
+        and not current["unhashable"]
+    )
+
+
+def _same_reads(stored: str | None, current: dict[str, Any]) -> bool:
+    found = _stored_prints(stored)
+    return found is not None and found.get("reads") == current["reads"]
+
+
+def check_rerun_functions(names: Any, info: CodeInfo, namespace: Mapping[str, Any]) -> frozenset[str]:
+    """The functions whose calls run again (a clear error, before anything runs, for a name that is none)."""
+    if isinstance(names, str):
+        names = (names,)
+    chosen = frozenset(names or ())
+    unknown = sorted(name for name in chosen if not callable(namespace.get(name)))
+    if unknown:
+        raise DurableError(
+            f"cannot re-run the calls of {', '.join(map(repr, unknown))}: not a function of the namespace. "
+            f"Name a function the code calls. Nothing ran."
+        )
+    return chosen
 
 
 def _describe_unfinished(row: Any) -> str | None:

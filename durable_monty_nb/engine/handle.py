@@ -178,6 +178,7 @@ class Run:
         self._final_progress: Progress | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self._explain: Callable[[], Any] | None = None
 
     # -- set by the engine / driver --------------------------------------------------------
 
@@ -255,6 +256,13 @@ class Run:
         """Let a run started with ``paused=True`` dispatch its calls (no-op otherwise)."""
         if self._source is not None:
             self._source.begin()
+
+    def explain(self) -> Any:
+        """Why each call was reused (from which execution) or ran again (what changed): an
+        ``Explanation`` (a table: text in a terminal, HTML in a notebook)."""
+        if self._explain is None:
+            raise ValueError(f"execution {self.execution_id[:12]} has no record to explain (not from a store)")
+        return self._explain()
 
     def cancel(self) -> None:
         """Stop dispatching calls; calls already running finish and their results are kept.

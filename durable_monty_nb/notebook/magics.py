@@ -1,4 +1,5 @@
-"""IPython magics: ``%%durable``, ``%durable_status``, ``%durable_resume``, ``%durable_cancel``.
+"""IPython magics: ``%%durable``, ``%durable_status``, ``%durable_resume``, ``%durable_cancel``
+(``%durable_why`` is in :mod:`.why_magics`).
 
 A thin face over :class:`~durable_monty_nb.Engine`: it picks the store, passes the notebook's
 namespace, shows a view and exports the workflow's names when it completes.
@@ -46,6 +47,7 @@ from .signal_magics import SignalMagics
 from .status import status_report, unfinished_summary
 from .tracebacks import relabel, relabel_error
 from .views import make_view, summary, widgets_available
+from .why_magics import WhyMagics
 
 DB_ENV = "DURABLE_MONTY_DB"
 
@@ -216,6 +218,13 @@ class DurableMagics(Magics):
     @argument("--workers", type=int, help="Threads for the notebook functions of this cell (default 32).")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
+    @argument(
+        "--rerun-fn",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Run the calls of this function again (repeat for several); the others are reused as usual.",
+    )
     @argument("--retries", type=int, help="Retries for functions without their own @retry policy.")
     @argument(
         "--backoff",
@@ -261,6 +270,7 @@ class DurableMagics(Magics):
                 self.shell.user_ns,
                 key=key,
                 rerun=args.rerun,
+                rerun_functions=args.rerun_fn,
                 executor=executor,
                 retry=retry,
                 print_callback=printer,
@@ -619,6 +629,7 @@ def load_extension(ipython: Any) -> None:
     magics = DurableMagics(shell=ipython)
     ipython.register_magics(magics)
     ipython.register_magics(SignalMagics(ipython, magics))  # %durable_signal, %durable_serve
+    ipython.register_magics(WhyMagics(ipython, magics))  # %durable_why
     ipython.configurables.append(magics)
     _MAGICS[id(ipython)] = magics
     magics.announce_unfinished()

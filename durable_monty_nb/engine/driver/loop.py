@@ -40,6 +40,7 @@ from .. import sandbox
 from ..analysis import CodeInfo
 from ..controls import NO_LIMITS, CallControls
 from ..events import Printed
+from ..fingerprint import Fingerprinter
 from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
 from . import switching
@@ -89,6 +90,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         retry_failed: bool = False,
         reuse_key: str | None = None,
         on_exit: Callable[[Driver], None] | None = None,
+        fingerprinter: Fingerprinter | None = None,
+        rerun_functions: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.codec = codec
@@ -106,6 +109,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._snapshot = snapshot
         self.reuse_key = reuse_key
         self._on_exit = on_exit
+        self.fingerprinter = fingerprinter or Fingerprinter()
+        self.rerun_functions = rerun_functions
 
         self.calls: dict[int, CallState] = {}
         self.answers: dict[int, dict[str, Any]] = {}
@@ -123,6 +128,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._functions: dict[str, tuple[str, bool]] = {}
         self._frame_indexes: dict[str, Any] = {}  # by function: where its shipped code came from
         self._callables: dict[str, Callable[..., Any]] = {}
+        self._argument_classes: dict[str, str] = {}  # type name -> class token ("" for other types)
         self._shipped: dict[str, str] = {}
         self._args_blobs: dict[int, str] = {}
         self._failed_calls: dict[tuple[str, str], CallState] = {}
@@ -326,6 +332,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self.answers.clear()
         self.inputs.clear()
         self.codec.objects.clear()
+        self.fingerprinter = Fingerprinter()  # what it hashed by id, kept alive for the run only
         for state in self.calls.values():
             state.sandbox_args = None
             state.task = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import sys
 import time
 from collections.abc import Callable
 from time import perf_counter
@@ -18,7 +19,7 @@ from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 
 from ...errors import ValueCrossingError
 from ...signals import SIGNAL_FUNCTION
-from ..fingerprint import function_fingerprint, sha256
+from ..fingerprint import is_local, sha256
 from . import switching
 from .calls import PHANTOM, CallState
 from .switching import CONTENDED
@@ -109,8 +110,9 @@ class MontyProtocol:
         except ValueCrossingError as exc:
             return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
         state = CallState(snap.call_id, name, "call", args_text, awaited, fingerprint, (args, kwargs))
-        self._register(state, call_key=sha256(f"{name}\0{fingerprint}\0{args_text}"))
-        if self.reuse_key is not None:
+        classes = self._classes_of(args_text) if '"$h"' in args_text else ""
+        self._register(state, call_key=sha256(f"{name}\0{fingerprint}\0{args_text}{classes}"))
+        if self.reuse_key is not None and name not in self.rerun_functions:
             self._to_reuse.append(state)
         else:
             self._to_dispatch.append(state)
@@ -164,8 +166,55 @@ class MontyProtocol:
         """(fingerprint, is a coroutine function), computed once per function of the run."""
         found = self._functions.get(name)
         if found is None:
-            found = self._functions[name] = (function_fingerprint(fn), inspect.iscoroutinefunction(fn))
+            digest = self.fingerprinter.function(fn).digest
+            found = self._functions[name] = (digest, inspect.iscoroutinefunction(fn))
         return found
+
+    def _classes_of(self: Driver, args_text: str) -> str:
+        """The code of the notebook classes of the stored objects among a call's arguments.
+
+        An argument object counts by its pickle (its state); a method of its class edited since
+        must make the call look changed too. Only the objects' own classes count (not those of
+        objects held inside them).
+        """
+        tokens = []
+        for key, type_name in _handles(json.loads(args_text)):
+            token = self._argument_classes.get(type_name)
+            if token is None:
+                obj = self.codec.objects.get(key)
+                cls = type(obj) if obj is not None else self._class_named(type_name)
+                token = self.fingerprinter.class_token(cls) if cls is not None and is_local(cls) else ""
+                self._argument_classes[type_name] = token
+            if token:
+                tokens.append(token)
+        return "\0classes:" + ",".join(sorted(set(tokens))) if tokens else ""
+
+    def _class_named(self: Driver, type_name: str) -> type | None:
+        """A class of the namespace (or an imported module) with this ``module.qualname``."""
+        for value in self.namespace.values():
+            if isinstance(value, type) and f"{value.__module__}.{value.__qualname__}" == type_name:
+                return value
+        module, _, qualname = type_name.rpartition(".")
+        found: Any = sys.modules.get(module)
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        return found if isinstance(found, type) else None
+
+
+def _handles(tree: Any) -> list[tuple[str, str]]:
+    """(blob key, type name) of every stored object in a tagged JSON tree."""
+    found: list[tuple[str, str]] = []
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if "$h" in item:
+                found.append((item["$h"], item.get("t", "")))
+            else:
+                stack.extend(item.values())
+    return found
 
 
 def is_function_like(value: Any) -> bool:
