@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci import require_module
 from procs import kill, log_entries, wait_until
-
-pytest.importorskip("pydantic_ai")
 
 from durable_monty_nb import Engine
 from durable_monty_nb.agents import AGENT_LOOP, DENIED, DurableAgent, agent_loop, approval_signal
 from durable_monty_nb.store.store import Store
+
+require_module("pydantic_ai", extra="agents")  # in CI a missing extra fails, never skips
 
 # The agent, as source: run in this process, in runner subprocesses and in kernels alike.
 # It looks up LOOKUPS cities one request at a time, then books a flight (approval needed), then answers.

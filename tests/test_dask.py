@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from ci import require_module
 from procs import finish, kill, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed, limits, retry
@@ -26,7 +27,7 @@ from durable_monty_nb.errors import ExecutorUnavailable
 from durable_monty_nb.executors.dask import ADDRESS_ENV, Dask, close_clients
 from durable_monty_nb.store.store import Store
 
-pytest.importorskip("distributed")
+require_module("distributed", extra="dask")  # in CI a missing extra fails, never skips
 
 TESTS = Path(__file__).resolve().parent
 DASK = str(Path(sys.executable).parent / "dask")

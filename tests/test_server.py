@@ -7,7 +7,6 @@ Log lines are checked for tokens.
 
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from ci import missing, require_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import wait_until
@@ -26,16 +26,9 @@ from procs import wait_until
 from durable_monty_nb import Engine, external, retry
 from durable_monty_nb.tokens import admin_token, call_token, make_token, signal_token
 
-try:
-    import httpx
-    import starlette  # noqa: F401
-    import uvicorn  # noqa: F401
-except ImportError as exc:  # the server extra is missing: skip, or fail in CI
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        raise
-    pytest.skip(f"the server extra is not installed: {exc}", allow_module_level=True)
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+require_module("starlette", extra="server")  # in CI a missing extra fails, never skips
+require_module("uvicorn", extra="server")
+httpx = require_module("httpx", extra="test")
 MAX_BODY = 1 << 20
 
 
@@ -64,10 +57,7 @@ class Served:
             wait_until(self._listening, what="the server to listen", procs=())
         except AssertionError as exc:
             self.close()
-            message = f"the server did not start: {exc}\n{self.log.read_text()}"
-            if IN_CI:
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+            missing(f"the server did not start: {exc}\n{self.log.read_text()}")
 
     def _listening(self) -> bool:
         if self.proc.poll() is not None:

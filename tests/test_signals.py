@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from ci import require_module
 from procs import kill, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed
@@ -399,7 +400,7 @@ def test_approve_button_of_the_widget(kernel_setup: Any) -> None:
 
 @pytest.mark.kernel
 def test_durable_serve_in_the_kernel_and_a_token_from_the_command_line(kernel_setup: Any) -> None:
-    httpx = pytest.importorskip("httpx")
+    httpx = require_module("httpx", extra="test")
     import socket
 
     with socket.socket() as sock:
