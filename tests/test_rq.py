@@ -102,9 +102,13 @@ def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
     )
     run = engine.start(code, {"triple": triple}, key="plain")
     assert run.result(120) == [0, 3, 6, 9, 30]
-    calls = run.calls()
-    assert all(call.worker for call in calls)  # the call list says where each call ran
+    calls = sorted(run.calls(), key=lambda call: call.call_id)
     assert {call.status for call in calls} == {"done"}
+    # The call list says where each call ran: the worker's name and the process (its work horse)
+    # that the function itself saw, never this process.
+    ran_in = [r["pid"] for r in [*run.outputs["rs"], run.outputs["one"]]]  # in call order
+    assert os.getpid() not in ran_in
+    assert [call.worker.rsplit(":", 1)[-1] for call in calls] == [str(pid) for pid in ran_in]
     engine.close()
 
 

@@ -210,8 +210,23 @@ def test_external_call_completed_over_http(served: Served) -> None:
     assert served.client.post(f"/calls/{other}/complete", json={"value": 1}).status_code == 404
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on ``port``, read from the kernel's tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in handle.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, port_hex = local.rsplit(":", 1)
+                if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
 def test_binds_localhost_by_default(served: Served) -> None:
-    assert "on http://127.0.0.1:" in served.log.read_text()
+    # What is bound, not what the log says: one listening socket, on 127.0.0.1 (0100007F) only.
+    assert listening_addresses(served.port) == {"0100007F"}
+    assert f"on http://127.0.0.1:{served.port}" in served.log.read_text()
 
 
 # -- fuzz ----------------------------------------------------------------------------------------------

@@ -275,12 +275,19 @@ def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
     assert all(b >= a for a, b in itertools.pairwise(seen))
 
 
-def test_environment_key_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_key_is_used(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
     one = Signer().sign("c", b"x")
+    assert one == Signer(key="k1").sign("c", b"x")  # the variable's value is the key
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
-    assert Signer().sign("c", b"x") != one
-    assert os.environ["DURABLE_MONTY_KEY"] == "k2"
+    assert Signer().sign("c", b"x") == Signer(key="k2").sign("c", b"x") != one
+    # A store's rows are signed with it: what k2 wrote is refused under k1, and read back under k2.
+    interrupted_run(Engine(sqlite_url))
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
+    with pytest.raises(TamperedDataError, match="another signing key"):
+        Engine(sqlite_url).resume("tamper", resume_namespace())
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
+    assert Engine(sqlite_url).resume("tamper", resume_namespace()).result(timeout=30) == [[1, 2], 3]
 
 
 def test_durability_levels_set_what_the_database_syncs(db_url: str, tmp_path: Path) -> None:
