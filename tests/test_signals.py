@@ -81,6 +81,22 @@ r = await gather(signal("x"), signal("y"), work(5))
         engine.signal("mail", "approval", 1)
 
 
+def test_a_changed_cell_gets_a_mailbox_of_its_own(engine: Engine) -> None:
+    """A delivery kept for the old execution is not taken by the new execution of the edited code."""
+    old = engine.start('a = await signal("first")\nb = await signal("go")\n[a, b]', {}, key="edited")
+    until_parked(old)
+    engine.signal("edited", "go", "for the old code")  # kept: the old run waits for "first"
+    old.cancel()
+    assert old.wait(30) and old.status == "interrupted"
+    new = engine.start('b = await signal("go")\n["edited", b]', {}, key="edited")  # the cell, edited
+    assert new.execution_id != old.execution_id
+    until_parked(new)  # it waits: the old execution's "go" is not in its mailbox
+    assert [w.name for w in new.waits()] == ["go"] and consumed(engine.store, new.execution_id) == []
+    engine.signal("edited", "go", "for the new code")  # a name delivers to the latest execution
+    assert new.result(30) == ["edited", "for the new code"]
+    assert [(v, by) for _, _, v, by in consumed(engine.store, old.execution_id)] == [("for the old code", None)]
+
+
 def test_timeout_raises_timeout_error_in_the_workflow(sqlite_engine: Engine) -> None:
     code = """
 try:
