@@ -415,3 +415,40 @@ def test_timed_out_tasks_are_cancelled_on_the_cluster(dask_engine: Engine, clust
     gate.touch()  # the two running ones end on their workers; their results are dropped
     wait_until(lambda: not cluster.wanted_by(f"dm-{run.execution_id}-"), what="the scheduler to forget the tasks")
     assert len(log_entries(log)) == 2
+
+
+def test_large_arguments_travel_by_the_store_never_through_the_scheduler(
+    dask_engine: Engine, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Over 64 KB of arguments reach the worker through the store's blobs: the task the
+    scheduler holds carries only the blob's key (measured while the task runs, held by a gate)."""
+    gate = tmp_path / "gate"
+
+    def held(value: str, gate: str) -> int:
+        import os
+        import time
+
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return len(value)
+
+    big = os.urandom(50_000).hex()  # 100 KB
+    run = dask_engine.start("await held(big, gate)", {"held": held, "big": big, "gate": str(gate)}, key="big-args")
+    prefix = f"dm-{run.execution_id}-"
+
+    def spec_sizes(dask_scheduler: Any, prefix: str) -> dict[str, int]:
+        import pickle
+
+        return {
+            str(key): len(pickle.dumps(ts.run_spec))
+            for key, ts in dask_scheduler.tasks.items()
+            if str(key).startswith(prefix) and ts.run_spec is not None
+        }
+
+    sizes = wait_until(lambda: cluster.client.run_on_scheduler(spec_sizes, prefix=prefix), what="the task")
+    gate.touch()
+    assert run.result(60) == 100_000
+    (size,) = sizes.values()
+    assert size < 8_000, size  # the key of a blob, not 100 KB of arguments
+    (call,) = dask_engine.store.load_calls(run.execution_id)
+    assert len(call.args) > 100_000  # the arguments themselves are in the store

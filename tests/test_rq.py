@@ -368,3 +368,41 @@ def test_a_postgresql_store_shared_by_the_kernel_and_the_workers(workers: Worker
 
     assert engine.run("sum(await gather(*[square(i) for i in range(20)]))", {"square": square}, key="pg") == 2470
     engine.close()
+
+
+def test_large_arguments_and_objects_travel_by_the_store_never_through_redis(workers: Workers, sqlite_url: str) -> None:
+    """Over 64 KB of arguments, and any object (a DataFrame, however small), reach the worker
+    through the store's blobs: the job in Redis holds only a reference."""
+    import json
+
+    import pandas as pd
+    from redis import Redis
+    from rq.job import Job
+
+    workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    big = os.urandom(50_000).hex()  # 100 KB of text, which compression cannot shrink below 64 KB
+
+    def measure(value):
+        return len(value) if isinstance(value, str) else int(value["n"].sum())
+
+    code = "await gather(measure(big), measure(small), measure(frame))"
+    namespace = {"measure": measure, "big": big, "small": "tiny", "frame": pd.DataFrame({"n": [1, 2, 3]})}
+    run = engine.start(code, namespace, key="by-store")
+    assert run.result(120) == [100_000, 4, 6]
+    redis = Redis.from_url(workers.url)
+    jobs = {c.call_id: Job.fetch(f"dm-{run.execution_id}-{c.call_id}-1", connection=redis) for c in run.calls()}
+    payloads = {call_id: job.args[0] for call_id, job in jobs.items()}
+    stored = {c.call_id: c.args for c in engine.store.load_calls(run.execution_id)}
+    with engine.store.engine.connect() as conn:
+        blobs = {row[0] for row in conn.exec_driver_sql("SELECT key FROM dm_blobs")}
+    big_call, small_call, frame_call = sorted(payloads)
+    # Over 64 KB: the job carries the blob's key, not the arguments; the blob holds them.
+    assert payloads[big_call]["args"] == "" and payloads[big_call]["args_blob"] in blobs
+    assert all(len(redis.hget(f"rq:job:{job.id}", "data") or b"") < 4096 for job in jobs.values())
+    assert big not in json.dumps(payloads[big_call])
+    # Small arguments travel inline; an object travels as its handle, its pickle in the store.
+    assert payloads[small_call]["args"] == stored[small_call] and not payloads[small_call]["args_blob"]
+    handle = json.loads(payloads[frame_call]["args"])[0][0]
+    assert set(handle) == {"$h", "t"} and handle["t"] == "pandas.DataFrame" and handle["$h"] in blobs
+    engine.close()
