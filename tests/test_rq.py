@@ -406,3 +406,47 @@ def test_large_arguments_and_objects_travel_by_the_store_never_through_redis(wor
     handle = json.loads(payloads[frame_call]["args"])[0][0]
     assert set(handle) == {"$h", "t"} and handle["t"] == "pandas.DataFrame" and handle["$h"] in blobs
     engine.close()
+
+
+def test_redis_lost_mid_run_is_shown_then_ridden_out(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    """The kernel's connection to Redis goes away while a call runs on a worker: the widget says
+    "cannot reach Redis ... since ..., retrying", the run waits, and continues when Redis is back;
+    no call runs twice."""
+    from proxy import Proxy
+    from redis.connection import parse_url
+
+    from durable_monty_nb.notebook.views import make_widget
+
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    gate.touch()
+
+    def step(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {i}\n")
+        while i == 2 and gate.exists():  # held on the worker while the test cuts Redis off
+            time.sleep(0.01)
+        return i
+
+    workers.start(1)  # the workers reach Redis directly; only the kernel's way goes through the proxy
+    target = parse_url(workers.url)
+    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
+    through = f"redis://127.0.0.1:{proxy.port}/{target.get('db', 0)}"
+    engine = Engine(sqlite_url, executor=RQ(through, workers.queue))
+    try:
+        run = engine.start("t = 0\nfor i in range(5):\n    t += await step(i)\nt", {"step": step}, key="redis-lost")
+        wait_until(lambda: len(log_lines(log)) == 3, what="call 2 to run on the worker")
+        proxy.down()
+        gate.unlink()  # call 2 finishes on the worker while the kernel cannot reach Redis
+        note = wait_until(lambda: run.progress.note, what="the loss to be shown")
+        assert note.startswith(f"cannot reach Redis at {through} since") and "retrying" in note, note
+        widget = make_widget(run)
+        widget.refresh()
+        assert "cannot reach Redis" in widget._counts.value
+        assert not run.done
+        proxy.up()
+        assert run.result(120) == 10
+        assert sorted(int(i) for _, i in log_lines(log)) == [0, 1, 2, 3, 4]  # each call once
+        assert run.progress.note is None
+    finally:
+        proxy.close()
+        engine.close()
