@@ -300,3 +300,23 @@ def test_during_an_outage_nothing_new_is_dispatched_and_the_widget_and_status_sa
         gate.set()
         proxy.close()
         shell.run_line_magic("unload_ext", "durable_monty_nb")
+
+
+def test_a_start_whose_commit_acknowledgement_is_lost_is_recognised(server_url: str) -> None:
+    """The commit that creates an execution lands, its answer is lost with the connection: the
+    retried create finds its own row and the run goes on (it answered ExecutionBusy, "another
+    process started it"). For a new key and for a key with an earlier execution, a few times each."""
+    proxy, url = proxied(server_url)
+    engine = Engine(url)
+    try:
+        for i in range(4):
+            for key in (f"fresh-{i}", "again"):  # no execution of the key yet / an earlier one to replace
+                with proxy._lock:
+                    proxy.cuts, proxy.max_cuts, proxy.cut_after_commit = 0, 1, 1.0  # the next COMMIT only
+                run = engine.start(f"await f({i})", {"f": lambda x: x + 1}, key=key, rerun=True)
+                assert proxy.commit_cuts >= 1 and run.result(60) == i + 1
+                proxy.cut_after_commit, proxy.commit_cuts = 0.0, 0
+        assert [r.key for r in engine.store.list_executions(latest_only=False)].count("again") == 4
+    finally:
+        engine.close()
+        proxy.close()
