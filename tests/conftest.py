@@ -34,14 +34,9 @@ SERVER_URLS = {
     "postgresql": os.environ.get("DURABLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     "mysql": os.environ.get("DURABLE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from ci import IN_CI, missing, require_module, unavailable  # noqa: E402  (one decision for the suite)
 
-
-def unavailable(what: str, error: Exception) -> None:
-    message = f"{what} is not reachable: {error}"
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+__all__ = ["IN_CI", "missing", "require_module", "unavailable"]
 
 
 class ServerDatabase:

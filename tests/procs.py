@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -66,3 +67,15 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str,
 def kill(proc: subprocess.Popen[str]) -> None:
     proc.kill()
     proc.communicate(timeout=30)
+
+
+# Random-moment fuzzes draw from this seed: a new one each session (more moments over time), or
+# DURABLE_TEST_SEED to replay one. Each fuzz prints its seed, which pytest shows when it fails.
+SESSION_SEED = int(os.environ.get("DURABLE_TEST_SEED") or random.SystemRandom().randrange(1 << 30))
+
+
+def fuzz_random(index: int) -> random.Random:
+    """The random source of run ``index`` of a fuzz, its seed printed (shown on failure)."""
+    seed = SESSION_SEED + index
+    print(f"random moment from seed {seed} (replay: DURABLE_TEST_SEED={SESSION_SEED})", flush=True)
+    return random.Random(seed)

@@ -70,6 +70,11 @@ SCENARIOS = {
         "try:\n    r = await flaky(1)\nexcept OSError as e:\n    r = 'gave up: ' + str(e)\nr",
         {},
     ),
+    "sleepy": (
+        "import asyncio\nimport time\nawait step(0)\nawait asyncio.sleep(s)\nawait step(1)\ntime.sleep(s)\n"
+        "await step(2)\n'slept'",
+        {"s": 3.0},
+    ),
 }
 
 

@@ -2,7 +2,7 @@
 
 ``python signal_runner.py DB_URL KEY [COUNT]``: runs (or resumes) the workflow; prints
 ``RESULT <json>``. Side effects go to $SIDE_LOG (``<pid> <entry>``); ``record`` holds while
-$GATE_FILE exists (test scaffolding: a call in flight at the kill).
+$GATE_FILE exists and ``step`` while $STEP_GATE does (test scaffolding: a call in flight at the kill).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def log(entry: str) -> None:
 
 def step(x):
     log(f"step {x}")
+    gate = os.environ.get("STEP_GATE", "")
+    while gate and os.path.exists(gate):  # held while the test holds the gate: in flight before the wait
+        time.sleep(0.01)
     return x
 
 

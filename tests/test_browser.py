@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ci import missing
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -48,7 +49,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 SERVER_START_SECONDS = 60
 SERVER_STOP_SECONDS = 20
@@ -116,21 +116,15 @@ RUN_ALL_FINISHED = f"""() => {{
 NOTEBOOK_ERRORS = notebook_errors("quickstart.ipynb")
 
 
-def _unavailable(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 def _require_tools() -> None:
     if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+        missing(f"{CHROMIUM} is missing (apt-get install chromium)")
     if sync_playwright is None:
-        _unavailable("the playwright package is missing (pip install playwright; no browser download needed)")
+        missing("the playwright package is missing (pip install playwright; no browser download needed)")
     try:
         import jupyterlab  # noqa: F401
     except ImportError:
-        _unavailable("jupyterlab is missing (pip install 'jupyterlab>=4.2')")
+        missing("jupyterlab is missing (pip install 'jupyterlab>=4.2')")
 
 
 def _free_port() -> int:

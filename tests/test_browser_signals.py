@@ -1,5 +1,6 @@
-"""In a real browser: a %%durable cell parks on ``signal("approval")``; clicking **Approve** in
-its widget in JupyterLab completes the run.
+"""In a real browser: a %%durable cell parks on three signals in turn; clicking **Approve**, then
+**Reject**, then typing a JSON value and clicking **Send** in its widget in JupyterLab completes
+the run (a value that is not JSON is refused in the widget, and nothing is delivered).
 
 A headless JupyterLab (the same setup as tests/test_browser.py, whose helpers and ``page``
 fixture this module reuses) serves a small notebook written here against an empty SQLite store;
@@ -35,8 +36,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 NOTEBOOK_NAME = "approval.ipynb"
 CELLS = [
     "%load_ext durable_monty_nb",
-    "def record(decision):\n    return f\"recorded {decision['approved']}\"",
-    '%%durable approval\ndecision = await signal("approval")\noutcome = await record(decision)\noutcome',
+    "def record(decision, review, note):\n"
+    "    return f\"recorded {decision['approved']} {review['approved']} {note['note']}\"",
+    '%%durable approval\ndecision = await signal("approval")\nreview = await signal("review")\n'
+    'note = await signal("note")\noutcome = await record(decision, review, note)\noutcome',
     'print("outcome:", outcome)',
 ]
 DURABLE_CELL = 2
@@ -95,7 +98,7 @@ def _run(browser: Any, command: str, index: int, count: int) -> None:
     assert browser.evaluate("() => window.__durableRan") == "ok"
 
 
-def test_approve_button_completes_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
+def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
     ARTIFACTS.mkdir(exist_ok=True)
     failure_shot = ARTIFACTS / "approval-failure.png"
     failure_shot.unlink(missing_ok=True)
@@ -118,8 +121,20 @@ def test_approve_button_completes_a_parked_run(signal_lab: dict[str, Any], page:
 
         approve.click()
 
+        waiting = widget.locator(".durable-waiting")
+        expect(waiting).to_have_text("waiting for signal 'review'", timeout=WIDGET_MS)
+        widget.locator(".durable-reject").click()
+
+        expect(waiting).to_have_text("waiting for signal 'note'", timeout=WIDGET_MS)
+        field = widget.locator(".durable-signal-value input")
+        field.fill("{not json")
+        widget.locator(".durable-send").click()
+        expect(widget.locator(".durable-signal-error")).to_contain_text("not JSON", timeout=WIDGET_MS)
+        field.fill('{"note": "ok"}')
+        widget.locator(".durable-send").click()
+
         expect(widget.locator(".durable-status")).to_have_text("completed", timeout=WIDGET_MS)
-        expect(widget).to_contain_text(re.compile(r"(^|\D)2/2 done"), timeout=WIDGET_MS)  # the wait and record()
+        expect(widget).to_contain_text(re.compile(r"(^|\D)4/4 done"), timeout=WIDGET_MS)  # the 3 waits and record()
         expect(widget.locator(".durable-approve")).to_have_count(0, timeout=WIDGET_MS)  # nothing to approve now
         page.screenshot(path=str(ARTIFACTS / "approval-completed.png"), full_page=True)
 
@@ -127,16 +142,18 @@ def test_approve_button_completes_a_parked_run(signal_lab: dict[str, Any], page:
         _run(page, "notebook:run-cell", DURABLE_CELL + 1, len(CELLS))
         assert page.evaluate(NOTEBOOK_ERRORS) == []
         printed = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
-        expect(printed).to_have_text("outcome: recorded True", timeout=WIDGET_MS)
+        expect(printed).to_have_text("outcome: recorded True False ok", timeout=WIDGET_MS)
 
-        # In the store: one delivery, from the widget, consumed by the wait; the execution completed.
+        # In the store: three deliveries (none of the refused text), from the widget, each consumed by its wait.
         store = sa.create_engine(signal_lab["db"])
         with store.connect() as conn:
             rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
             status = conn.execute(sa.text("SELECT status FROM dm_executions")).scalar_one()
         store.dispose()
         assert [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows] == [
-            ("approval", {"approved": True}, "widget", 0)
+            ("approval", {"approved": True}, "widget", 0),
+            ("review", {"approved": False}, "widget", 1),
+            ("note", {"note": "ok"}, "widget", 2),
         ]
         assert status == "completed"
     except BaseException:

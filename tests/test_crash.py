@@ -7,7 +7,9 @@ calls in flight at the kill run twice.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 from procs import finish, kill, log_entries, spawn, wait_until
 
@@ -92,3 +94,39 @@ def test_kill_during_retry_backoff_continues_the_schedule(db_url: str, tmp_path:
     call = store.load_calls(execution(store, "retry").id)[0]
     assert call.status == "failed" and call.attempts == 3
     assert call.started_at >= due_at  # the resumed process waited out the persisted backoff
+
+
+def test_durable_sleeps_survive_a_kill_with_the_remaining_time(sqlite_url: str, tmp_path: Path) -> None:
+    """``await asyncio.sleep(3)``, then ``time.sleep(3)``: the process is killed during each, and
+    resumed when most of the time has passed. The sleep keeps the deadline stored before the kill
+    (never a fresh 3 s from the restart), and ends no earlier than it."""
+    log, store = tmp_path / "side.log", Store(sqlite_url)
+
+    def pending_sleep(function: str) -> Any:
+        row = execution(store, "sleepy")
+        found = [c for c in store.load_calls(row.id) if c.function == function] if row else []
+        return found[0] if found and found[0].status == "pending" and found[0].due_at else None
+
+    proc = spawn(sqlite_url, "sleepy", log)
+    for function in ("asyncio.sleep", "time.sleep"):
+        sleep = wait_until(lambda f=function: pending_sleep(f), what=f"{function} to be journaled", procs=(proc,))
+        kill(proc)  # the moment chosen: the sleep is stored with its deadline, and runs
+        wait_until(lambda due=sleep.due_at: time.time() >= due - 0.5, timeout=10, what="most of the sleep to pass")
+        proc = spawn(sqlite_url, "sleepy", log)  # the same cell again: resumes
+        assert proc.stdout is not None and proc.stdout.readline().startswith("STARTED")
+        resumed_at = time.time()  # the execution is loaded and driven (however long the process took to start)
+        woke = wait_until(
+            lambda f=function: next(
+                (c for c in store.load_calls(execution(store, "sleepy").id) if c.function == f and c.status == "done"),
+                None,
+            ),
+            what=f"{function} to end",
+            procs=(proc,),
+        )
+        assert woke.due_at == sleep.due_at  # the stored deadline, not a new one
+        # It ends at the stored deadline (or at once, past it), never a fresh 3 s after the resume.
+        assert sleep.due_at <= woke.finished_at < max(sleep.due_at, resumed_at) + 1.5
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert "RESULT 'slept'" in out
+    assert [e for _, e in log_entries(log)] == ["step 0", "step 1", "step 2"]  # nothing ran twice

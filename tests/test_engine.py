@@ -10,6 +10,7 @@ import pytest
 
 from durable_monty_nb import Engine
 from durable_monty_nb.engine import driver as driver_module
+from durable_monty_nb.errors import ExecutionNotFound
 
 
 def double(x: int) -> int:
@@ -156,6 +157,40 @@ def test_background_progress_cancel_and_resume(sqlite_engine: Engine) -> None:
     assert again.result(timeout=30) == [0, 1, 2, 3, 4, 5]
     assert ran == [5]  # nothing ran twice
     assert again.progress.restored == 5
+
+
+def test_engine_cancel_by_name_and_by_id(sqlite_engine: Engine) -> None:
+    """``engine.cancel(name_or_id)``: no new call starts, the running one finishes and is kept;
+    False for an execution this process does not drive; resumable afterwards."""
+    release = threading.Event()
+    started: list[int] = []
+
+    def step(i: int) -> int:
+        started.append(i)
+        release.wait(30)
+        return i
+
+    code = "a = await step(1)\nb = await step(2)\nc = await step(3)\na + b + c"
+    run = sqlite_engine.start(code, {"step": step}, key="cancel-me")
+    _wait_for(lambda: started == [1])  # the moment chosen: the first step runs, the second is not announced
+    assert sqlite_engine.cancel("cancel-me") is True
+    release.set()
+    assert run.wait(30) and run.status == "interrupted"
+    assert started == [1]  # the next call never started
+    row = sqlite_engine.store.latest_execution("cancel-me")
+    assert row.status == "interrupted" and row.calls_done == 1  # the running call's result was kept
+    assert sqlite_engine.cancel("cancel-me") is False and sqlite_engine.cancel(row.id) is False  # nothing driven
+    with pytest.raises(ExecutionNotFound):
+        sqlite_engine.cancel("no-such-workflow")
+
+    release.clear()
+    again = sqlite_engine.resume("cancel-me", {"step": step})
+    _wait_for(lambda: started == [1, 2])
+    assert sqlite_engine.cancel(again.execution_id) is True  # by id
+    release.set()
+    assert again.wait(30) and again.status == "interrupted"
+    assert sqlite_engine.resume(row.id[:12], {"step": step}).result(timeout=30) == 6  # an id prefix also names it
+    assert started == [1, 2, 3]  # each call ran once
 
 
 def test_in_process_rerun_attaches_to_the_running_execution(sqlite_engine: Engine) -> None:

@@ -20,7 +20,7 @@ from proxy import Proxy
 from sqlalchemy.engine import make_url
 
 from durable_monty_nb import Engine
-from durable_monty_nb.errors import StoreUnavailable
+from durable_monty_nb.errors import StoreError, StoreUnavailable
 
 
 @pytest.fixture
@@ -246,10 +246,77 @@ def test_store_errors_name_the_store_in_one_line(server: Any) -> None:
     proxy.down()
     url = make_url(server.url).set(host="127.0.0.1", port=proxy.port, password="secret")
     try:
-        with pytest.raises(Exception) as failure:
+        with pytest.raises(StoreError) as failure:  # typed: a caller catches it without matching text
             Engine(url.render_as_string(hide_password=False))
         text = str(failure.value)
         assert f"127.0.0.1:{proxy.port}" in text and "secret" not in text
         assert len(text.splitlines()) <= 3
     finally:
+        proxy.close()
+
+
+def test_during_an_outage_nothing_new_is_dispatched_and_the_widget_and_status_say_so(
+    server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential cell run with %%durable: the store goes away while call 2 runs. Call 2's result
+    cannot be committed, so call 3 never starts until the store is back; the widget and
+    %durable_status show the outage; then the run continues."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from durable_monty_nb.notebook.views import make_widget
+
+    proxy, url = proxied(server_url)
+    gate = threading.Event()
+    log = SideLog(tmp_path / "side.log")
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "durable_monty_nb")
+    magics = shell.magics_manager.registry["DurableMagics"]
+    try:
+        engine = magics.engine(url)
+        engine.store.retry_window = 0.5
+        shell.user_ns["held"] = log.held_from(2, gate)
+        cell = "total = 0\nfor i in range(5):\n    total += await held(i)\ntotal"
+        assert shell.run_cell(f"%%durable steps --background --quiet --db {url}\n{cell}").success
+        (run,) = engine.active_runs()
+        wait_until(lambda: engine.store.get_execution(run.execution_id).calls_done == 2, what="2 committed calls")
+        proxy.down()
+        gate.set()  # call 2 finishes while the store is away
+        note = wait_until(lambda: run.progress.note, what="the outage to be shown")
+        assert note.startswith("store unreachable since") and "retrying" in note
+        assert not run.wait(1.0)  # a second of outage: the run neither ends nor goes on
+        assert log.entries() == [0, 1, 2]  # call 3 was not dispatched
+        widget = make_widget(run)
+        widget.refresh()
+        assert "store unreachable since" in widget._counts.value
+        status = repr(shell.run_line_magic("durable_status", f"--db {url}"))
+        # From the kernel's memory: call 2's result is in (3 done), call 3 announced and held back (of 4).
+        assert "store unreachable since" in status and "steps" in status and "3/4" in status, status
+        proxy.up()
+        assert run.wait(120) and run.status == "completed"
+        assert run.result() == sum(i * i for i in range(5))
+        assert log.entries() == [0, 1, 2, 3, 4]  # each call once
+        assert "store unreachable" not in repr(shell.run_line_magic("durable_status", f"--db {url}"))
+    finally:
+        gate.set()
+        proxy.close()
+        shell.run_line_magic("unload_ext", "durable_monty_nb")
+
+
+def test_a_start_whose_commit_acknowledgement_is_lost_is_recognised(server_url: str) -> None:
+    """The commit that creates an execution lands, its answer is lost with the connection: the
+    retried create finds its own row and the run goes on (it answered ExecutionBusy, "another
+    process started it"). For a new key and for a key with an earlier execution, a few times each."""
+    proxy, url = proxied(server_url)
+    engine = Engine(url)
+    try:
+        for i in range(4):
+            for key in (f"fresh-{i}", "again"):  # no execution of the key yet / an earlier one to replace
+                with proxy._lock:
+                    proxy.cuts, proxy.max_cuts, proxy.cut_after_commit = 0, 1, 1.0  # the next COMMIT only
+                run = engine.start(f"await f({i})", {"f": lambda x: x + 1}, key=key, rerun=True)
+                assert proxy.commit_cuts >= 1 and run.result(60) == i + 1
+                proxy.cut_after_commit, proxy.commit_cuts = 0.0, 0
+        assert [r.key for r in engine.store.list_executions(latest_only=False)].count("again") == 4
+    finally:
+        engine.close()
         proxy.close()

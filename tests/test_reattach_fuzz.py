@@ -8,7 +8,7 @@ be right, and only calls that were running on a killed worker may appear twice. 
 alone excuses nothing: an attempt that finished on a worker while its kernel was dead is
 collected from the store, never run again.
 
-The seed is printed on failure; ``DURABLE_FUZZ_SEED`` replays one.
+The seed is printed on failure; ``DURABLE_TEST_SEED`` replays one (``tests/procs.py``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from pathlib import Path
 
 import pytest
 from kernels import Kernel
-from procs import wait_until
+from procs import SESSION_SEED, fuzz_random, wait_until
 from test_dask import Cluster
 from test_rq import Workers
 
 from durable_monty_nb.executors.dask import close_clients
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(600)]
 
-CALLS = 24
+CALLS = 16
 TRIALS = int(os.environ.get("DURABLE_FUZZ_TRIALS", "2"))
-SEED = int(os.environ.get("DURABLE_FUZZ_SEED", random.SystemRandom().randrange(1 << 30)))
 
 DEFINE = f"""
 import os, time
@@ -45,7 +44,7 @@ LOG = os.environ["SIDE_LOG"]
 def work(i):  # defined in a cell: it reaches the workers by value
     with open(LOG, "a") as handle:
         handle.write(f"start {{os.getpid()}} {{i}}\\n")
-    time.sleep(0.3)
+    time.sleep(0.25)
     with open(LOG, "a") as handle:
         handle.write(f"end {{os.getpid()}} {{i}}\\n")
     return i * i
@@ -137,14 +136,13 @@ def kill_one_worker(workers: Workers, log: Path) -> set[int]:
 
 
 def trials(tmp_path: Path, configure: str, workers: Workers | None = None) -> None:
-    rng = random.Random(SEED)
     try:
         for trial in range(TRIALS):
             folder = tmp_path / f"trial{trial}"
             folder.mkdir()
-            run_trial(folder, rng, configure, workers)
+            run_trial(folder, fuzz_random(trial), configure, workers)
     except AssertionError as exc:
-        raise AssertionError(f"{exc} (replay with DURABLE_FUZZ_SEED={SEED})") from exc
+        raise AssertionError(f"{exc} (replay with DURABLE_TEST_SEED={SESSION_SEED})") from exc
 
 
 def test_rq_kernel_and_worker_kills_rerun_only_what_a_killed_worker_took(redis_url: str, tmp_path: Path) -> None:

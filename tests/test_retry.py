@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from durable_monty_nb import CallRetrying, Engine, RetryPolicy, WorkflowFailed, retry
+from durable_monty_nb import CallFailed, CallRetrying, Engine, ExecutionFinished, RetryPolicy, WorkflowFailed, retry
 
 
 def flaky_factory(failures: int, exc: type[Exception] = TimeoutError) -> tuple[Any, list[int]]:
@@ -50,10 +50,16 @@ def test_decorated_function_is_retried_with_its_policy(engine: Engine) -> None:
     flaky, attempts = flaky_factory(2)
     flaky = retry(retries=3, backoff="exponential", delay=0.01)(flaky)
     events: list[Any] = []
-    run = engine.start("await flaky(7)", {"flaky": flaky}, key="retry-deco")
-    run.subscribe(events.append)
+    run = engine.start("await flaky(7)", {"flaky": flaky}, key="retry-deco", paused=True)
+    run.subscribe(events.append)  # before anything is dispatched: no event can be missed
+    run.begin()
     assert run.result(timeout=30) == 7
     assert attempts == [7, 7, 7]
+    retrying = [e for e in events if isinstance(e, CallRetrying)]
+    assert [(e.function, e.attempt) for e in retrying] == [("flaky", 1), ("flaky", 2)]
+    assert [e.wait for e in retrying] == pytest.approx([0.01, 0.02])  # the decorator's exponential backoff
+    assert not [e for e in events if isinstance(e, CallFailed)]
+    assert [e.status for e in events if isinstance(e, ExecutionFinished)] == ["completed"]
     (call,) = run.calls()
     assert call.attempts == 3 and call.status == "done"
     row = engine.store.load_calls(run.execution_id)[0]
@@ -64,12 +70,14 @@ def test_retry_events_report_attempts_and_waits(sqlite_engine: Engine) -> None:
     flaky, _ = flaky_factory(2)
     flaky = retry(retries=2, backoff="linear", delay=0.02)(flaky)
     events: list[CallRetrying] = []
-    run = sqlite_engine.start("await flaky(1)", {"flaky": flaky}, key="retry-events", print_callback=lambda *_: None)
+    run = sqlite_engine.start(
+        "await flaky(1)", {"flaky": flaky}, key="retry-events", print_callback=lambda *_: None, paused=True
+    )
     run.subscribe(lambda e: events.append(e) if isinstance(e, CallRetrying) else None)
-    run.result(timeout=30)
-    # The first retry event may fire before subscribe; the last one cannot have.
-    assert events and events[-1].attempt == 2 and events[-1].wait == pytest.approx(0.04)
-    assert "attempt 2 failed" in events[-1].error
+    run.begin()  # subscribed before the first dispatch: every retry event is seen
+    assert run.result(timeout=30) == 1
+    assert [(e.attempt, e.wait) for e in events] == [(1, pytest.approx(0.02)), (2, pytest.approx(0.04))]
+    assert ["attempt 1 failed" in events[0].error, "attempt 2 failed" in events[1].error] == [True, True]
 
 
 def test_engine_default_policy_applies_to_undecorated_functions(sqlite_url: str) -> None:

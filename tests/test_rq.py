@@ -103,9 +103,13 @@ def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
     )
     run = engine.start(code, {"triple": triple}, key="plain")
     assert run.result(120) == [0, 3, 6, 9, 30]
-    calls = run.calls()
-    assert all(call.worker for call in calls)  # the call list says where each call ran
+    calls = sorted(run.calls(), key=lambda call: call.call_id)
     assert {call.status for call in calls} == {"done"}
+    # The call list says where each call ran: the worker's name and the process (its work horse)
+    # that the function itself saw, never this process.
+    ran_in = [r["pid"] for r in [*run.outputs["rs"], run.outputs["one"]]]  # in call order
+    assert os.getpid() not in ran_in
+    assert [call.worker.rsplit(":", 1)[-1] for call in calls] == [str(pid) for pid in ran_in]
     engine.close()
 
 
@@ -366,3 +370,85 @@ def test_a_postgresql_store_shared_by_the_kernel_and_the_workers(workers: Worker
 
     assert engine.run("sum(await gather(*[square(i) for i in range(20)]))", {"square": square}, key="pg") == 2470
     engine.close()
+
+
+def test_large_arguments_and_objects_travel_by_the_store_never_through_redis(workers: Workers, sqlite_url: str) -> None:
+    """Over 64 KB of arguments, and any object (a DataFrame, however small), reach the worker
+    through the store's blobs: the job in Redis holds only a reference."""
+    import json
+
+    import pandas as pd
+    from redis import Redis
+    from rq.job import Job
+
+    workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    big = os.urandom(50_000).hex()  # 100 KB of text, which compression cannot shrink below 64 KB
+
+    def measure(value):
+        return len(value) if isinstance(value, str) else int(value["n"].sum())
+
+    code = "await gather(measure(big), measure(small), measure(frame))"
+    namespace = {"measure": measure, "big": big, "small": "tiny", "frame": pd.DataFrame({"n": [1, 2, 3]})}
+    run = engine.start(code, namespace, key="by-store")
+    assert run.result(120) == [100_000, 4, 6]
+    redis = Redis.from_url(workers.url)
+    jobs = {c.call_id: Job.fetch(f"dm-{run.execution_id}-{c.call_id}-1", connection=redis) for c in run.calls()}
+    payloads = {call_id: job.args[0] for call_id, job in jobs.items()}
+    stored = {c.call_id: c.args for c in engine.store.load_calls(run.execution_id)}
+    with engine.store.engine.connect() as conn:
+        blobs = {row[0] for row in conn.exec_driver_sql("SELECT key FROM dm_blobs")}
+    big_call, small_call, frame_call = sorted(payloads)
+    # Over 64 KB: the job carries the blob's key, not the arguments; the blob holds them.
+    assert payloads[big_call]["args"] == "" and payloads[big_call]["args_blob"] in blobs
+    assert all(len(redis.hget(f"rq:job:{job.id}", "data") or b"") < 4096 for job in jobs.values())
+    assert big not in json.dumps(payloads[big_call])
+    # Small arguments travel inline; an object travels as its handle, its pickle in the store.
+    assert payloads[small_call]["args"] == stored[small_call] and not payloads[small_call]["args_blob"]
+    handle = json.loads(payloads[frame_call]["args"])[0][0]
+    assert set(handle) == {"$h", "t"} and handle["t"] == "pandas.DataFrame" and handle["$h"] in blobs
+    engine.close()
+
+
+def test_redis_lost_mid_run_is_shown_then_ridden_out(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
+    """The kernel's connection to Redis goes away while a call runs on a worker: the widget says
+    "cannot reach Redis ... since ..., retrying", the run waits, and continues when Redis is back;
+    no call runs twice."""
+    from proxy import Proxy
+    from redis.connection import parse_url
+
+    from durable_monty_nb.notebook.views import make_widget
+
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    gate.touch()
+
+    def step(i):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {i}\n")
+        while i == 2 and gate.exists():  # held on the worker while the test cuts Redis off
+            time.sleep(0.01)
+        return i
+
+    workers.start(1)  # the workers reach Redis directly; only the kernel's way goes through the proxy
+    target = parse_url(workers.url)
+    proxy = Proxy((target.get("host", "127.0.0.1"), int(target.get("port", 6379))))
+    through = f"redis://127.0.0.1:{proxy.port}/{target.get('db', 0)}"
+    engine = Engine(sqlite_url, executor=RQ(through, workers.queue))
+    try:
+        run = engine.start("t = 0\nfor i in range(5):\n    t += await step(i)\nt", {"step": step}, key="redis-lost")
+        wait_until(lambda: len(log_lines(log)) == 3, what="call 2 to run on the worker")
+        proxy.down()
+        gate.unlink()  # call 2 finishes on the worker while the kernel cannot reach Redis
+        note = wait_until(lambda: run.progress.note, what="the loss to be shown")
+        assert note.startswith(f"cannot reach Redis at {through} since") and "retrying" in note, note
+        widget = make_widget(run)
+        widget.refresh()
+        assert "cannot reach Redis" in widget._counts.value
+        assert not run.done
+        proxy.up()
+        assert run.result(120) == 10
+        assert sorted(int(i) for _, i in log_lines(log)) == [0, 1, 2, 3, 4]  # each call once
+        assert run.progress.note is None
+    finally:
+        proxy.close()
+        engine.close()

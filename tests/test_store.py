@@ -275,12 +275,19 @@ def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
     assert all(b >= a for a, b in itertools.pairwise(seen))
 
 
-def test_environment_key_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_key_is_used(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
     one = Signer().sign("c", b"x")
+    assert one == Signer(key="k1").sign("c", b"x")  # the variable's value is the key
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
-    assert Signer().sign("c", b"x") != one
-    assert os.environ["DURABLE_MONTY_KEY"] == "k2"
+    assert Signer().sign("c", b"x") == Signer(key="k2").sign("c", b"x") != one
+    # A store's rows are signed with it: what k2 wrote is refused under k1, and read back under k2.
+    interrupted_run(Engine(sqlite_url))
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
+    with pytest.raises(TamperedDataError, match="another signing key"):
+        Engine(sqlite_url).resume("tamper", resume_namespace())
+    monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
+    assert Engine(sqlite_url).resume("tamper", resume_namespace()).result(timeout=30) == [[1, 2], 3]
 
 
 def test_durability_levels_set_what_the_database_syncs(db_url: str, tmp_path: Path) -> None:
@@ -300,3 +307,61 @@ def test_durability_levels_set_what_the_database_syncs(db_url: str, tmp_path: Pa
         store.close()
     with pytest.raises(ValueError, match="durability must be one of full, process, not 'fast'"):
         Engine(tmp_path / "x.db", durability="fast")
+
+
+def _downgrade(url: str, revision: str) -> None:
+    """Take a store back to an older schema revision with the migrations' own downgrades (its rows stay)."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = sa.create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(schema.MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("revision", ["0001_initial", "0002_remote_attempts"])
+def test_upgrade_of_an_older_store_that_holds_work(db_url: str, revision: str) -> None:
+    """A store at an older revision, with a completed execution (its result, a stored object) and
+    an interrupted one (its checkpoint and committed calls): `durable-monty-nb upgrade` brings it
+    to the head, and both are used as before: the stored result back, the resume running only
+    the calls that had not finished."""
+    import pandas as pd
+
+    def frame(n: int) -> object:
+        return pd.DataFrame({"n": range(n)})
+
+    code, ns = "f = await frame(4)\nn = await rows(f)\nn", {"frame": frame, "rows": len}
+    engine = Engine(db_url)
+    done = engine.run(code, ns, key="finished")
+    interrupted_run(engine, key="half")
+    engine.close()
+    _downgrade(db_url, revision)
+    assert schema.read_revision(sa.create_engine(db_url)) == revision
+    with pytest.raises(StoreVersionError, match="durable-monty-nb upgrade --db"):
+        Store(db_url)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "durable_monty_nb", "upgrade", "--db", db_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert schema.HEAD_REVISION in out
+    engine = Engine(db_url)
+    try:
+        again = engine.start(code, ns, key="finished")
+        assert again.cached and again.result(30) == done == 4
+        assert list(again.outputs["f"]["n"]) == [0, 1, 2, 3]  # the stored object, read back
+        resumed = engine.resume("half", resume_namespace())  # frame(3) must not run again
+        assert resumed.result(timeout=30) == [[1, 2], 3]
+        assert resumed.progress.restored == 3
+        mail = engine.start('v = await signal("go")\nv', {}, key="mail")  # what the newer revisions added works
+        engine.signal("mail", "go", "delivered")
+        assert mail.result(30) == "delivered"
+    finally:
+        engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -162,3 +163,73 @@ def test_failed_run_names_cell_frames_as_ipython_does(
     assert re.search(r"Cell In\[\d+\], line 2, in broken", text)  # as IPython labels its own frames
     assert "<ipython-input-" not in text
     assert text.count("raise ValueError(f'no {x}')") == 1  # the traceback once (no copy from the view)
+
+
+HELD = """
+import threading
+release = threading.Event()
+started, running, peak = [], [0], [0]
+lock = threading.Lock()
+
+
+def held(i):
+    with lock:
+        started.append(i)
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+    release.wait(60)
+    with lock:
+        running[0] -= 1
+    return i
+"""
+
+
+def _magics(shell: InteractiveShell) -> Any:
+    return shell.magics_manager.registry["DurableMagics"]
+
+
+def _until(predicate: Any, what: str) -> None:
+    from procs import wait_until
+
+    wait_until(predicate, timeout=30, what=what)
+
+
+def test_durable_cancel_by_name_stops_a_background_run(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shell.run_cell(HELD)
+    ns = shell.user_ns
+    try:
+        cell = "%%durable steps --background --quiet\nfirst = await held(1)\nsecond = await held(2)\nfirst + second"
+        assert shell.run_cell(cell).success
+        _until(lambda: ns["started"] == [1], "the first call to run")
+        assert shell.run_cell("%durable_cancel steps").success
+        assert "interrupting 'steps'" in capsys.readouterr().out
+        ns["release"].set()  # the running call finishes and is kept; the next never starts
+        store = _magics(shell).engine().store
+        _until(lambda: store.latest_execution("steps").status == "interrupted", "the interruption")
+        assert ns["started"] == [1] and store.latest_execution("steps").calls_done == 1
+        refused = shell.run_cell("%durable_cancel steps")  # not running any more: said so, nothing changes
+        assert not refused.success and "'steps' is not running in this kernel" in str(refused.error_in_exec)
+        assert shell.run_cell("%durable_resume steps --quiet").result == 3
+        assert ns["started"] == [1, 2]  # each call ran once
+    finally:
+        ns["release"].set()
+
+
+def test_workers_option_caps_the_calls_running_at_once(shell: InteractiveShell) -> None:
+    """``--workers 3``: a gather of 12 calls has exactly 3 running while the other 9 wait."""
+    shell.run_cell(HELD)
+    ns = shell.user_ns
+    try:
+        cell = "%%durable capped --workers 3 --background --quiet\nr = await gather(*[held(i) for i in range(12)])"
+        assert shell.run_cell(cell).success
+        (run,) = _magics(shell).engine().active_runs()
+        # The moment chosen: all 12 calls handed to the executor, 3 of them running, 9 queued.
+        _until(lambda: ns["running"][0] == 3 and run.progress.queued == 9, "3 calls running and 9 queued")
+        assert ns["running"][0] == 3 and len(ns["started"]) == 3
+        ns["release"].set()
+        assert run.wait(30) and run.status == "completed"
+        assert ns["peak"][0] == 3 and sorted(ns["started"]) == list(range(12))
+    finally:
+        ns["release"].set()

@@ -290,7 +290,7 @@ class Engine:
         row = self.store.find_execution(name_or_id)
         with self._lock:
             driver = self._active.get(row.id)
-        if driver is None:
+        if driver is None or driver.run.done:  # finished, its driver not yet forgotten: nothing to interrupt
             return False
         driver.request_stop()
         return True

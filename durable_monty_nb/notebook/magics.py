@@ -38,13 +38,13 @@ from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
 from ..engine.retry import RetryPolicy
-from ..errors import DurableError, ExecutionInterrupted
+from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
 from ..executors import EXECUTOR_NAMES, Backend, Threads
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
 from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
 from .signal_magics import SignalMagics
-from .status import status_report, unfinished_summary
+from .status import outage_report, status_report, unfinished_summary
 from .tracebacks import relabel, relabel_error
 from .views import make_view, summary, widgets_available
 from .why_magics import WhyMagics
@@ -432,15 +432,21 @@ class DurableMagics(Magics):
     def durable_status(self, line: str) -> Any:
         """List the executions in the store, or show one in detail (``--df``: its calls as a DataFrame)."""
         args = parse_argstring(self.durable_status, line)
-        store = self.engine(args.db).store
+        engine = self.engine(args.db)
+        store = engine.store
         if args.df and not args.name:
             raise DurableError("--df needs a workflow name or id: %durable_status NAME --df")
-        if not args.name:
-            return status_report(store, show_all=args.all)
-        row = self.find_execution(store, args.name)
-        if args.df:
-            return calls_frame(stored_call_views(store.load_calls(row.id)))
-        return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
+        try:
+            if not args.name:
+                return status_report(store, show_all=args.all)
+            row = self.find_execution(store, args.name)
+            if args.df:
+                return calls_frame(stored_call_views(store.load_calls(row.id)))
+            return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
+        except StoreUnavailable as exc:  # the outage, and what this kernel's runs know without the store
+            if args.df:
+                raise
+            return outage_report(exc, engine.active_runs(), store.display_url)
 
     @magic_arguments()
     @argument("name", nargs="?", help="A workflow name or execution id.")

@@ -120,6 +120,8 @@ def make_signal_panel(run: Any) -> Any:
             send = widgets.Button(description="Send")
             approve.add_class("durable-approve")
             reject.add_class("durable-reject")
+            field.add_class("durable-signal-value")
+            send.add_class("durable-send")
             approve.on_click(lambda _: self._deliver(wait.name, APPROVE))
             reject.on_click(lambda _: self._deliver(wait.name, REJECT))
 

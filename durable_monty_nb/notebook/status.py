@@ -58,6 +58,30 @@ def status_report(
     return executions_report(rows, store.display_url)
 
 
+def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
+    """While the store cannot be read: the outage, and the runs of this process as they know themselves."""
+    notes = [p.note for p in (run.progress for run in runs) if p.note]
+    headline = f"{where}: {notes[0] if notes else last_line(str(error))}"
+    headers = ["name", "status", "progress", "failed", "note", "id"]
+    body = []
+    for run in runs:
+        p = run.progress
+        body.append(
+            [
+                split_key(run.key)[1],
+                run.status,
+                f"{p.done}/{p.total}",
+                str(p.failed),
+                p.note or "",
+                run.execution_id[:12],
+            ]
+        )
+    if not body:
+        return Report(headline, f"<p>{html.escape(headline)}</p>")
+    caption = f"{headline}; the runs of this kernel, from memory:"
+    return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
+
+
 def executions_report(rows: Sequence[Any], where: str) -> Report:
     """One line per execution; a notebook column when some were run from a notebook (scoped keys)."""
     scoped = any(split_key(row.key)[0] for row in rows)

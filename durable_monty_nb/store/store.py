@@ -434,8 +434,8 @@ class Store:
                 with self.engine.begin() as conn:
                     conn.execute(insert(KEYS), {"key": row["key"], "latest_execution_id": row["id"], "updated_at": now})
                     conn.execute(insert(EXECUTIONS), row)
-            except IntegrityError:  # another process created the key first
-                return False
+            except IntegrityError:  # another process created the key first, or this one did (a lost ack)
+                return self._created(row["id"])
             return True
         with self.engine.begin() as conn:
             swapped = conn.execute(
@@ -443,11 +443,17 @@ class Store:
                 .where(KEYS.c.key == row["key"], KEYS.c.latest_execution_id == expected_latest)
                 .values(latest_execution_id=row["id"], updated_at=now)
             ).rowcount
-            if swapped != 1:
-                conn.rollback()
-                return False
-            conn.execute(insert(EXECUTIONS), row)
-            return True
+            if swapped == 1:
+                conn.execute(insert(EXECUTIONS), row)
+                return True
+            conn.rollback()
+        return self._created(row["id"])  # another process swapped first, or this one did (a lost ack)
+
+    def _created(self, execution_id: str) -> bool:
+        """Whether an earlier try of this create committed (its acknowledgement lost with its connection):
+        a retry then collides with its own write, which must not read as another process's."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(EXECUTIONS.c.id).where(EXECUTIONS.c.id == execution_id)).scalar() is not None
 
     @_retried
     def acquire_lease(self, execution_id: str, owner: str, ttl: float) -> str | None:

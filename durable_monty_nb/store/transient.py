@@ -144,7 +144,12 @@ def _landed_soon(landed: Callable[[], T | None], within: float = 5.0) -> T | Non
     """Ask ``landed`` until it says yes or ``within`` seconds pass."""
     deadline = time.monotonic() + within
     while True:
-        found = landed()
+        try:
+            found = landed()
+        except Exception as exc:  # the look itself lost its connection: look again
+            if not is_transient(exc):
+                raise
+            found = None
         if found is not None or time.monotonic() > deadline:
             return found
         time.sleep(0.01)  # the other transaction's commit is in progress on the server

@@ -260,9 +260,19 @@ class Waits:
             token,
             completion_url(token),
         )
-        if spec.hook is not None:
+        if spec.hook is not None and not self._completed_while_down(state, attempt):
             self._run_hook(spec, call, task)
         return True
+
+    def _completed_while_down(self: Driver, state: CallState, attempt: int) -> bool:
+        """An attempt published before a restart whose completion is already in the mailbox: the
+        completion is taken, the hook is not run again (it would submit the same job twice)."""
+        if not state.restored:
+            return False
+        try:
+            return bool(mailbox.unconsumed(self.store, self.execution_id, [call_signal_name(state.call_id, attempt)]))
+        except Exception:  # the store is unreachable: publishing again is the safe side
+            return False
 
     def _run_hook(self: Driver, spec: ExternalSpec, call: ExternalCall, task: Task) -> None:
         def run() -> None:

@@ -1,0 +1,42 @@
+"""Whether the suite runs in CI, and what a missing service or extra does there.
+
+The one place that decides: conftest.py and every test module import from here (a module of
+its own, since notebooks/conftest.py shares the module name ``conftest``). Outside CI a missing
+service or extra skips its tests; with ``CI`` set to 1, true or yes it fails them, naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from types import ModuleType
+
+import pytest
+
+
+def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+IN_CI = in_ci()
+
+
+def missing(message: str) -> None:
+    """Skip (outside CI) or fail (in CI) the current test or module, with ``message``."""
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def unavailable(what: str, error: Exception) -> None:
+    missing(f"{what} is not reachable: {error}")
+
+
+def require_module(name: str, extra: str) -> ModuleType:
+    """Import ``name``, a module of the package's ``extra``; skip or fail (in CI) naming the extra."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"{name} is not installed ({exc}): pip install -e '.[{extra}]' (or '.[test]')")
+        raise  # not reached: missing() always raises
