@@ -39,7 +39,8 @@ from ..errors import (
     WorkflowFailed,
 )
 from ..executors import Backend, RunContext, Threads, backend
-from ..store.store import UNFINISHED, Store, describe_owner, lease_held, new_owner
+from ..store.owners import describe_owner, lease_held, new_owner
+from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
 from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute

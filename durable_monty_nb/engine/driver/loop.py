@@ -33,7 +33,8 @@ from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, 
 from ... import defaults
 from ...errors import DurableError, LeaseLost, StoreUnavailable, WorkflowFailed, interrupted_error
 from ...executors.base import Executor
-from ...store.store import LIVE_OWNERS, Step, Store
+from ...store.owners import release_owner
+from ...store.store import Step, Store
 from ...store.transient import Outage
 from ...values import ValueCodec
 from .. import sandbox
@@ -236,7 +237,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         finally:
             self._stop_listening()
             self._forget_limits()
-            LIVE_OWNERS.discard(self.owner)
+            release_owner(self.owner)
             self.store.release_writer()
             sandbox.close_session(self.session)
             self.executor.shutdown()

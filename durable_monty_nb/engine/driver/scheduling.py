@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ...defaults import INLINE_LIMIT
 from ...errors import ValueCrossingError
 from ...executors.base import ErrorInfo, LocalCall, Outcome, Task, attempt_id
+from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..retry import policy_for
@@ -158,7 +159,7 @@ class Scheduling:
             state.task = task
             self._in_flight += 1
             if record.finished:
-                self._outcomes.put(record.outcome())
+                self._outcomes.put(outcome_of(record))
             elif record.executor == self.executor.name:
                 follow.append(task)
             else:
@@ -170,7 +171,7 @@ class Scheduling:
         for task in lost:
             record = records.get(task.id)
             if record is not None and record.finished:
-                self._outcomes.put(record.outcome())
+                self._outcomes.put(outcome_of(record))
             else:
                 self._outcomes.put(Outcome.lost_attempt(task, f"the {self.executor.name} executor no longer has it"))
 
@@ -200,7 +201,7 @@ class Scheduling:
         if stored:  # large results a worker left in the store: one read for the batch
             records = self.store.load_attempts([attempt_id(self.execution_id, o.call_id, o.attempt) for o in stored])
             items = [o for o in items if o is WAKE or not o.in_store]
-            items += [record.outcome() for record in records.values() if record.finished]
+            items += [outcome_of(record) for record in records.values() if record.finished]
         for outcome in items:
             if outcome is WAKE:
                 continue
