@@ -37,6 +37,7 @@ from .errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
+from .executors.registry import register_executor
 from .signals import external
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "external",
     "limits",
     "load_ipython_extension",
+    "register_executor",
     "retry",
     "set_switch_interval",
     "unload_ipython_extension",

@@ -146,6 +146,11 @@ def test_imports_point_down_the_layers() -> None:
     assert upward == [], "imports running up the layers:\n" + "\n".join(upward)
 
 
+def test_no_module_imports_another_in_a_circle() -> None:
+    found = cycles(import_graph())
+    assert found == [], "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
 def test_the_graph_sees_deferred_and_relative_imports(tmp_path: Path) -> None:
     """The checks would catch what they look for: a lazy upward import and a two-module cycle."""
     graph = import_graph()

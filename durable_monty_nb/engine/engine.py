@@ -19,6 +19,7 @@ Deciding what a run of a key means:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -38,7 +39,7 @@ from ..errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
-from ..executors import Backend, RunContext, Threads, backend
+from ..executors import Backend, RunContext, backend
 from ..store.owners import describe_owner, lease_held, new_owner
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
@@ -59,7 +60,8 @@ class Engine:
 
     ``db`` is a SQLAlchemy URL or a SQLite file path (default ``.durable/durable_monty.db`` in the
     working directory, or ``durable_monty.db`` there if it exists). ``executor`` is where notebook
-    functions run: ``"threads"`` (default), ``"rq"``, ``"dask"``, or a backend such as
+    functions run: the name of a registered executor (``"threads"``, the default, ``"rq"``, ``"dask"``,
+    or one of :func:`~durable_monty_nb.executors.register_executor`), or a backend such as
     ``RQ(url, queue)`` or ``Dask(address)`` (see :mod:`durable_monty_nb.executors`). ``workers``
     sizes the thread pool of each execution, ``retry`` is the policy of functions without their
     own, ``key`` the signing key (see :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how
@@ -290,8 +292,8 @@ class Engine:
         """The run's backend (checked: an unreachable one raises before anything runs)."""
         if executor is None:
             chosen = self.executor
-            if workers and isinstance(chosen, Threads):
-                chosen = Threads(workers)
+            if workers and "workers" in getattr(chosen, "__dataclass_fields__", ()):
+                chosen = dataclasses.replace(chosen, workers=workers)  # type: ignore[type-var]
         else:
             chosen = backend(executor, workers=workers or self.settings.workers)
         chosen.check()

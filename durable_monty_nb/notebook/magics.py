@@ -11,8 +11,11 @@ earlier releases), else ``.durable/durable_monty.db`` (a hidden folder).
 Workflow names are scoped by notebook (see :mod:`.scope`): ``%%durable train`` in two notebooks
 of one folder are two workflows.
 
-Executor selection: ``--executor threads|rq|dask``, else ``%config DurableMagics.executor``;
-RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local cluster of this kernel).
+Executor selection: ``--executor NAME``, else ``%config DurableMagics.executor``: any executor of
+the registry (``threads``, ``rq``, ``dask``, or one registered by a package). Each setting an
+executor takes is read from ``%config DurableMagics.executor_settings = {NAME: {setting: value}}``,
+else from the option ``NAME_SETTING`` when there is one: RQ reads ``rq_url`` and ``rq_queue``, Dask
+``dask_address`` (none: a local cluster of this kernel); ``workers`` is ``--workers`` or ``workers``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Enum, Float, Int, TraitError, Unicode, observe, validate
+from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from .. import defaults
 from ..engine.analysis import code_hash
@@ -38,7 +41,7 @@ from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted
-from ..executors import EXECUTOR_NAMES, Backend, Threads
+from ..executors import Backend, executor_entry
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
 from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
@@ -61,9 +64,12 @@ class DurableMagics(Magics):
     lease_ttl = Int(
         int(defaults.LEASE_TTL), help="Seconds before another kernel may take over a silent execution."
     ).tag(config=True)
-    executor = Enum(EXECUTOR_NAMES, default_value=defaults.EXECUTOR, help="Where notebook functions run.").tag(
+    executor = Unicode(defaults.EXECUTOR, help="Where notebook functions run: a registered executor's name.").tag(
         config=True
     )
+    executor_settings = Dict(
+        help="Settings of executors by name, e.g. {'rq': {'url': 'redis://host:6379/0'}} (over rq_url ...)."
+    ).tag(config=True)
     rq_url = Unicode(None, allow_none=True, help="Redis URL of the rq executor (default: the local server).").tag(
         config=True
     )
@@ -105,6 +111,14 @@ class DurableMagics(Magics):
             except ValueError as exc:
                 raise TraitError(f"DurableMagics.{proposal['trait'].name}: {exc}") from None
         return value
+
+    @validate("executor")
+    def _known_executor(self, proposal: Any) -> str:
+        try:
+            executor_entry(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"DurableMagics.executor: {exc}") from None
+        return proposal["value"]
 
     @validate("store_outage_limit")
     def _positive_seconds(self, proposal: Any) -> float:
@@ -212,7 +226,7 @@ class DurableMagics(Magics):
     @magic_arguments()
     @argument("name", nargs="?", help="Name of the workflow (its key in the store). Default: from the cell.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
+    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
     @argument("--workers", type=int, help="Threads for the notebook functions of this cell (default 32).")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
@@ -295,15 +309,17 @@ class DurableMagics(Magics):
         """The executor backend of a cell: ``--executor``, else ``%config DurableMagics.executor``."""
         check_options(SimpleNamespace(workers=workers))
         name = name or self.executor
-        if name == "rq":
-            from ..executors.rq import RQ
-
-            return RQ(self.rq_url, self.rq_queue) if self.rq_url else RQ(queue=self.rq_queue)
-        if name == "dask":
-            from ..executors.dask import Dask
-
-            return Dask(self.dask_address) if self.dask_address else Dask()
-        return Threads(workers or self.workers)
+        try:
+            entry = executor_entry(name)
+        except ValueError as exc:
+            raise DurableError(f"{exc}. Nothing ran.") from None
+        settings: dict[str, Any] = {"workers": workers or self.workers}
+        for setting in entry.settings:  # the option NAME_SETTING (rq_url, dask_address ...), if there is one
+            option = f"{name}_{setting}"
+            if self.has_trait(option):
+                settings[setting] = getattr(self, option)
+        settings.update(self.executor_settings.get(name) or {})
+        return entry.create(settings)
 
     def _cell_key(self, cell: str) -> str | None:
         """Without a name: the notebook cell's id (stable across edits), else derived from the code."""
@@ -436,7 +452,7 @@ class DurableMagics(Magics):
     @argument("name", nargs="?", help="A workflow name or execution id.")
     @argument("--all", action="store_true", help="Resume every unfinished execution of the store.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
+    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
     @argument("--workers", type=int, help="Threads for the notebook functions.")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--quiet", action="store_true", help="No progress view.")
