@@ -189,15 +189,6 @@ class DurableMagics(Magics):
             store.rename_key(name, key)
         return key
 
-    def find_execution(self, store: Store, name_or_id: str) -> Any:
-        """The execution a user means: this notebook's workflow of that name, else a key or an id."""
-        key = scoped_key(self.notebook(store), name_or_id)
-        if key != name_or_id:
-            row = store.latest_execution(key)
-            if row is not None:
-                return row
-        return store.find_execution(name_or_id)
-
     def own_unfinished(self, store: Store) -> list[Any]:
         """Unfinished executions of this notebook and those without a notebook (all in a terminal)."""
         notebook = self.notebook(store)
@@ -443,7 +434,7 @@ class DurableMagics(Magics):
             raise DurableError("--df needs a workflow name or id: %durable_status NAME --df")
         if not args.name:
             return status_report(store, show_all=args.all)
-        row = self.find_execution(store, args.name)
+        row = store.find_execution(args.name, notebook=self.notebook(store))
         if args.df:
             return calls_frame(stored_call_views(store.load_calls(row.id)))
         return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
@@ -466,7 +457,7 @@ class DurableMagics(Magics):
         engine = self.engine(args.db)
         retrier = self._retrier(engine, executor, None)
         if args.name:
-            row = self.find_execution(engine.store, args.name)
+            row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
             run = engine.resume(row.id, self.shell.user_ns, executor=executor)
             return self._follow(run, background=args.background, quiet=args.quiet, on_retry=retrier)
         rows = self.own_unfinished(engine.store)
@@ -502,7 +493,8 @@ class DurableMagics(Magics):
         """Interrupt a workflow running in this kernel (running calls finish; it can be resumed)."""
         args = parse_argstring(self.durable_cancel, line)
         engine = self.engine(args.db)
-        if not engine.cancel(self.find_execution(engine.store, args.name).id):
+        row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
+        if not engine.cancel(row.id):
             raise DurableError(f"{args.name!r} is not running in this kernel")
         print(f"interrupting {args.name!r}: running calls finish and are kept; resume with %durable_resume")
 

@@ -30,6 +30,7 @@ from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
 from ..values import blob_key
 from . import mailbox
 from .attempts import AttemptRecord
+from .keys import scoped_key
 from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .owners import (  # noqa: F401  (where they were before owners.py)
     _proc_stat,
@@ -267,8 +268,17 @@ class Store:
             raise ExecutionNotFound(f"no execution {execution_id!r} in {self.display_url}")
         return row
 
-    def find_execution(self, name_or_id: str) -> Row:
-        """The latest execution of a key, or the execution with this id (or id prefix)."""
+    def find_execution(self, name_or_id: str, *, notebook: str | None = None) -> Row:
+        """The execution a user means: ``notebook``'s workflow of that name (when a notebook is
+        given), else the latest execution of that key, else the execution with this id (or id prefix).
+
+        The one resolver of names and ids: the magics, the command line and the HTTP server use it.
+        """
+        key = scoped_key(notebook, name_or_id)
+        if key != name_or_id:
+            row = self.latest_execution(key)
+            if row is not None:
+                return row
         row = self.latest_execution(name_or_id)
         if row is not None:
             return row
