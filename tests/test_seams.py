@@ -85,3 +85,25 @@ def test_store_errors_answer_503_without_their_message() -> None:
     """A store failure may name the database: the answer says only that the store cannot answer."""
     for error in (StoreError("sqlite:////secret/path.db is locked"), StoreUnavailable("postgresql://u:pw@h/db")):
         assert _answer_for(error) == (503, "the store cannot answer right now", {})
+
+
+def test_the_signing_secret_is_secret_and_key_still_works_with_a_warning(sqlite_url: str) -> None:
+    """``secret=`` signs; ``key=`` (its old name) signs alike with a DeprecationWarning; both: refused."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # secret= warns about nothing
+        engine = Engine(sqlite_url, secret="one secret")
+    try:
+        engine.run("1 + 1", key="signed")  # key= of run() names the workflow, no warning
+        with pytest.warns(DeprecationWarning, match=r"Engine\(key=...\) is deprecated: the signing secret is secret="):
+            old = Engine(sqlite_url, key="one secret")
+        try:
+            assert old.store.signer.sign("c", b"x") == engine.store.signer.sign("c", b"x")
+            assert old.run("1 + 1", key="signed") == 2  # verified with the same secret
+        finally:
+            old.close()
+        with pytest.raises(TypeError, match="give the signing secret once"):
+            Engine(sqlite_url, secret="a", key="b")
+    finally:
+        engine.close()

@@ -41,6 +41,7 @@ from ..errors import (
 )
 from ..executors import Backend, RunContext, backend
 from ..store.owners import describe_owner, lease_held, new_owner
+from ..store.signing import secret_argument
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
 from . import sandbox
@@ -64,7 +65,8 @@ class Engine:
     or one of :func:`~durable_monty_nb.executors.register_executor`), or a backend such as
     ``RQ(url, queue)`` or ``Dask(address)`` (see :mod:`durable_monty_nb.executors`). ``workers``
     sizes the thread pool of each execution, ``retry`` is the policy of functions without their
-    own, ``key`` the signing key (see :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how
+    own, ``secret`` the signing secret (see :mod:`durable_monty_nb.store.signing`; ``key=``, its old
+    name, still works with a DeprecationWarning: ``key`` names a workflow), ``lease_ttl`` how
     long (seconds) a silent owner keeps an execution before another process may take it over.
     ``timeout`` (seconds), ``concurrency`` and ``rate`` (``"10/s"``, ``"100/min"``) are the call
     controls of functions without their own (see :func:`durable_monty_nb.limits`).
@@ -80,17 +82,19 @@ class Engine:
         executor: str | Backend | None = None,
         workers: int = defaults.WORKERS,
         retry: RetryPolicy | None = None,
-        key: bytes | str | None = None,
+        secret: bytes | str | None = None,
         lease_ttl: float = defaults.LEASE_TTL,
         timeout: float | None = None,
         concurrency: int | None = None,
         rate: str | Rate | None = None,
         store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT,
         durability: str = defaults.DURABILITY,
+        key: bytes | str | None = None,
     ) -> None:
+        secret = secret_argument(secret, key, "Engine")
         check_workers(workers)
         controls = CallControls.of(timeout, concurrency, rate)  # before the store: bad values change nothing
-        self.store = Store(db, key=key, durability=durability)
+        self.store = Store(db, secret=secret, durability=durability)
         self.settings = Settings(
             workers=workers,
             retry=retry or RetryPolicy(),

@@ -44,7 +44,7 @@ from .owners import (  # noqa: F401  (where they were before owners.py)
     release_owner,
 )
 from .schema import ensure_schema
-from .signing import Signer
+from .signing import Signer, secret_argument
 from .transient import cause, retrying
 
 
@@ -213,8 +213,14 @@ class Store:
     """A durable-monty store at a SQLAlchemy URL (or a SQLite file path)."""
 
     def __init__(
-        self, url: str | os.PathLike[str] | None = None, *, key: bytes | str | None = None, durability: str = DURABILITY
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        secret: bytes | str | None = None,
+        durability: str = DURABILITY,
+        key: bytes | str | None = None,
     ) -> None:
+        secret = secret_argument(secret, key, "Store")
         if durability not in DURABILITY_LEVELS:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}, not {durability!r}")
         self.durability = durability
@@ -234,7 +240,7 @@ class Store:
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the store {self.display_url}: {cause(exc)}") from exc
-        self.signer = Signer(key)
+        self.signer = Signer(secret)
         self.checkpoint_seq: dict[str, int] = {}
         self.retry_window = STORE_RETRY_WINDOW
         self.pid = os.getpid()
