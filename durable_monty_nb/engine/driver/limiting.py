@@ -153,8 +153,7 @@ class Limiting:
         due = outcome.finished_at + delay
         gate(state.function).hold_until(due)  # the other calls of the function wait too
         state.deferred += 1
-        state.status, state.due_at = "retrying", due
+        self.book.transition_pending_retrying(state, due)
         self._push_timer(due, state)
-        self._journal(state)
         self._emit_retrying(state, delay, error.message)
         return True

@@ -44,7 +44,8 @@ from ..events import Printed
 from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
 from . import switching
-from .calls import CallState, Counters
+from .book import CallBook
+from .calls import CallState
 from .finishing import Finishing
 from .ledger import Ledger
 from .limiting import Limiting
@@ -108,9 +109,10 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self.reuse_key = reuse_key
         self._on_exit = on_exit
 
-        self.calls: dict[int, CallState] = {}
-        self.answers: dict[int, dict[str, Any]] = {}
-        self.counters = Counters()
+        self.book = CallBook()  # the calls, their answers, counters and journal (the only writer of a status)
+        self.calls: dict[int, CallState] = self.book.calls  # read-only views of the book's own
+        self.answers: dict[int, dict[str, Any]] = self.book.answers
+        self.counters = self.book.counters
         self.step = Step(execution={"status": "running", "finished_at": None})
         self._announced: list[CallState] = []
         self._new_rows: dict[int, dict[str, Any]] = {}
@@ -125,7 +127,6 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._callables: dict[str, Callable[..., Any]] = {}
         self._shipped: dict[str, str] = {}
         self._args_blobs: dict[int, str] = {}
-        self._failed_calls: dict[tuple[str, str], CallState] = {}
         self._stopping = False
         self._finished = False
         self._state_lock = threading.Lock()
@@ -175,15 +176,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         return True
 
     def progress(self) -> Progress:
-        c = self.counters
+        c = self.book.snapshot()  # one consistent copy of the counters, whatever the driver does meanwhile
         queued, running = self.executor.counts()
-        retrying = waiting = 0
-        if self._timers:
-            for state in list(self.calls.values()):
-                if state.status == "retrying":
-                    retrying += 1
-                elif state.kind == "sleep" and state.status == "pending":
-                    waiting += 1
         in_flight = max(self._in_flight, 0)
         running = min(running, in_flight)
         return Progress(
@@ -192,8 +186,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             failed=c.failed,
             running=running,
             queued=min(queued, in_flight - running),
-            retrying=retrying,
-            waiting=waiting,
+            retrying=c.retrying,
+            waiting=c.waiting,
             restored=c.restored,
             reused=c.reused,
             note=None if self._finished else (self._store_problem() or self.executor.problem),

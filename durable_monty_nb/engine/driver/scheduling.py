@@ -19,7 +19,7 @@ from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..retry import policy_for
-from .calls import CallState
+from .calls import PENDING, RETRYING, CallState
 from .exceptions import error_answer, last_message, sandbox_exception_type
 
 if TYPE_CHECKING:
@@ -98,7 +98,6 @@ class Scheduling:
                 task.local = self._local_call(state)
                 if task.local is None:
                     continue
-            state.status = "pending"
             state.task = task
             tasks.append(task)
             self._start_deadline(state)
@@ -229,11 +228,7 @@ class Scheduling:
             except ValueCrossingError as exc:
                 self._settle_failure(state, ErrorInfo.of(exc, f"ValueCrossingError: {exc}"), outcome.finished_at)
                 return
-        state.status, state.result_text, state.error_text = "done", text, None
-        self.answers[state.call_id] = {"return_value": sandbox_value}
-        self.counters.done += 1
-        state.error_type = state.error_message = state.due_at = None
-        self._journal(state)
+        self.book.transition_pending_done(state, text, {"return_value": sandbox_value})
 
     def _settle_attempt_failure(self: Driver, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
@@ -244,8 +239,7 @@ class Scheduling:
             self.step.lost_attempts.append(attempt_id(self.execution_id, state.call_id, outcome.attempt))
             state.lost += 1
             if state.lost <= MAX_LOST_ATTEMPTS:
-                state.status = "pending"
-                self._journal(state)
+                self.book.journal(state)  # still pending: its next attempt is dispatched at once
                 self._to_dispatch.append(state)
                 self._emit_retrying(state, 0.0, error.message)
                 return
@@ -256,10 +250,9 @@ class Scheduling:
             self._settle_failure(state, error, outcome.finished_at)
             return
         wait = policy.wait_before(state.policy_attempts)
-        state.status, state.due_at = "retrying", outcome.finished_at + wait
-        state.error_text, state.error_type = error.traceback, error.type_name
-        self._push_timer(state.due_at, state)
-        self._journal(state)
+        due = outcome.finished_at + wait
+        self.book.transition_pending_retrying(state, due, error_text=error.traceback, error_type=error.type_name)
+        self._push_timer(due, state)
         self._emit_retrying(state, wait, last_message(error.traceback))
 
     def _emit_retrying(self: Driver, state: CallState, wait: float, message: str) -> None:
@@ -269,13 +262,8 @@ class Scheduling:
 
     def _settle_failure(self: Driver, state: CallState, error: ErrorInfo, finished_at: float) -> None:
         exc_type = sandbox_exception_type(error)
-        state.status, state.error_text, state.error_type = "failed", error.traceback, exc_type
-        state.error_message, state.finished_at = error.message, finished_at
-        self.answers[state.call_id] = error_answer(exc_type, error.message)
-        self._failed_calls[(exc_type, error.message)] = state
-        self.counters.failed += 1
-        state.result_text = state.due_at = None
-        self._journal(state)
+        answer = error_answer(exc_type, error.message)
+        self.book.transition_pending_failed(state, exc_type, error.message, error.traceback, finished_at, answer)
         self.run.events.emit(
             CallFailed(self.execution_id, state.call_id, state.function, state.attempts, last_message(error.traceback))
         )
@@ -291,15 +279,14 @@ class Scheduling:
             _, _, call_id = heapq.heappop(self._timers)
             state = self.calls[call_id]
             if state.kind == "sleep":
-                state.status, state.result_text = "done", "null"
-                state.finished_at = now
-                self.answers[call_id] = {"return_value": None}
-                self.counters.done += 1
-                state.attempts = 1
-                self._journal(state)
-            elif state.status == "retrying":
+                if state.status is not PENDING:
+                    continue  # a timer of a sleep announced twice (the sandbox crashed between)
+                state.finished_at, state.attempts = now, 1
+                self.book.transition_pending_done(state, "null", {"return_value": None})
+            elif state.status is RETRYING:
                 if state.due_at is None or state.due_at <= now:  # not an older timer of the call
                     state.due_at = None
+                    self.book.transition_retrying_pending(state)
                     self._to_dispatch.append(state)
             elif self._time_out(state, now):  # the attempt's deadline (limiting.py)
                 continue
