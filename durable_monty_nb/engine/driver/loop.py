@@ -32,7 +32,7 @@ from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, 
 
 from ... import defaults
 from ...errors import DurableError, LeaseLost, StoreUnavailable, WorkflowFailed, interrupted_error
-from ...executors.base import Executor
+from ...executors.base import Executor, Outcome
 from ...store.owners import release_owner
 from ...store.store import Step, Store
 from ...store.transient import Outage
@@ -46,9 +46,10 @@ from ..retry import RetryPolicy
 from . import switching
 from .book import CallBook
 from .calls import CallState
+from .components import Hooks
 from .finishing import Finishing
 from .ledger import Ledger
-from .limiting import Limiting
+from .limiting import call_controls
 from .protocol import MontyProtocol
 from .scheduling import WAKE, Scheduling
 from .waits import Waits
@@ -69,7 +70,7 @@ class Settings:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
+class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -139,7 +140,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
         self._init_waits()
-        self._init_limits()
+        self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
         if restored_calls is not None:
@@ -193,7 +194,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             note=None if self._finished else (self._store_problem() or self.executor.problem),
             signals=len(self._signal_waits),
             external=len(self._external_waits),
-            limited=self.limited_count,
+            limited=sum(waiting() for waiting in self.hooks.waiting),
         )
 
     def call_views(self) -> list[CallView]:
@@ -206,6 +207,23 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             for s in list(self.calls.values())
             if s.kind == "call"
         )
+
+    # -- what components may ask of the loop (components.Loop) -----------------------------------
+
+    def function(self, name: str) -> Callable[..., Any] | None:
+        return self._function(name)
+
+    def wake(self) -> None:
+        self._outcomes.put(WAKE)
+
+    def push_timer(self, due: float, state: CallState) -> None:
+        self._push_timer(due, state)
+
+    def settle(self, outcome: Outcome) -> None:
+        self._collect([outcome])
+
+    def emit_retrying(self, state: CallState, wait: float, message: str) -> None:
+        self._emit_retrying(state, wait, message)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -230,7 +248,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             )
         finally:
             self._stop_listening()
-            self._forget_limits()
+            for close in self.hooks.close:
+                close()
             release_owner(self.owner)
             self.store.release_writer()
             sandbox.close_session(self.session)

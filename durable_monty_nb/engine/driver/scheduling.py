@@ -88,7 +88,9 @@ class Scheduling:
 
     def _dispatch(self: Driver) -> None:
         states, self._to_dispatch = self._to_dispatch, []
-        states = self._admit(states)  # concurrency and rate limits (limiting.py)
+        now = time.time()
+        for admit in self.hooks.admit:  # concurrency and rate limits (limiting.py)
+            states = admit(states, now)
         tasks = []
         for state in states:
             if self._dispatch_external(state):  # published for completion from outside (waits.py)
@@ -100,7 +102,8 @@ class Scheduling:
                     continue
             state.task = task
             tasks.append(task)
-            self._start_deadline(state)
+            for started in self.hooks.started:  # the attempt's deadline (limiting.py)
+                started(state, now)
         if tasks:
             self._in_flight += len(tasks)
             self.executor.submit(tasks, self._outcomes.put)
@@ -180,8 +183,11 @@ class Scheduling:
         timeout = self.settings.heartbeat if timeout is None else timeout
         if self._timers and not self._stopping:
             timeout = max(min(timeout, self._timers[0][0] - time.time()), 0.0)
-        if self._limit_check_at is not None and not self._stopping:
-            timeout = max(min(timeout, self._limit_check_at - time.time()), 0.0)
+        if not self._stopping:
+            for next_check in self.hooks.next_check:
+                check_at = next_check()
+                if check_at is not None:
+                    timeout = max(min(timeout, check_at - time.time()), 0.0)
         try:
             first = self._outcomes.get(timeout=timeout)
         except queue.Empty:
@@ -209,8 +215,8 @@ class Scheduling:
                 continue  # an outcome of an attempt this driver no longer waits for
             self._in_flight -= 1
             state.task = None
-            state.timeout_at = None
-            self._release_slot(state)
+            for ended in self.hooks.ended:  # slots given back, deadlines dropped (limiting.py)
+                ended(state)
             state.attempts = outcome.attempt
             state.started_at, state.finished_at = outcome.started_at or None, outcome.finished_at
             state.worker = outcome.worker or None
@@ -233,8 +239,9 @@ class Scheduling:
     def _settle_attempt_failure(self: Driver, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
         assert error is not None
-        if self._retry_after(state, outcome):
-            return
+        for failed in self.hooks.failed:  # a RetryAfter (limiting.py)
+            if failed(state, outcome):
+                return
         if outcome.lost:
             self.step.lost_attempts.append(attempt_id(self.execution_id, state.call_id, outcome.attempt))
             state.lost += 1
@@ -288,8 +295,9 @@ class Scheduling:
                     state.due_at = None
                     self.book.transition_retrying_pending(state)
                     self._to_dispatch.append(state)
-            elif self._time_out(state, now):  # the attempt's deadline (limiting.py)
+            elif any(timer(state, now) for timer in self.hooks.timer):  # an attempt's deadline (limiting.py)
                 continue
             else:  # a deadline of a signal wait or an external call (waits.py)
                 self._wait_deadline(state, now)
-        self._cancel_timed_out()
+        for after_timers in self.hooks.after_timers:
+            after_timers()
