@@ -22,6 +22,7 @@ from .engine.events import (
     Printed,
 )
 from .engine.handle import CallView, Progress, Run
+from .engine.options import RunOptions
 from .engine.retry import RetryPolicy, retry
 from .errors import (
     DurableError,
@@ -62,6 +63,7 @@ __all__ = [
     "RetryAfter",
     "RetryPolicy",
     "Run",
+    "RunOptions",
     "StoreError",
     "StoreVersionError",
     "TamperedDataError",

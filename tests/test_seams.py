@@ -107,3 +107,41 @@ def test_the_signing_secret_is_secret_and_key_still_works_with_a_warning(sqlite_
             Engine(sqlite_url, secret="a", key="b")
     finally:
         engine.close()
+
+
+def test_run_options_are_checked_once_and_taken_by_start_and_resume(sqlite_engine: Engine) -> None:
+    from durable_monty_nb import RunOptions, WorkflowFailed
+
+    for bad, message in (
+        ({"workers": 0}, "workers must be a whole number of at least 1"),
+        ({"rate": "fast"}, "rate 'fast' is not N/s"),
+        ({"timeout": -1}, "timeout must be a positive number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RunOptions(**bad)
+    with pytest.raises(TypeError, match="unknown run option\\(s\\): speed"):
+        sqlite_engine.start("1", key="typo", speed=3)
+    assert sqlite_engine.executions() == []  # refused before anything was stored
+
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hang(x: int) -> int:
+        release.wait(30)
+        return x
+
+    options = RunOptions(timeout=0.2)
+    try:
+        with pytest.raises(WorkflowFailed, match=r"hang\(\) did not finish within 0\.2 s"):
+            sqlite_engine.run("await hang(1)", {"hang": hang}, key="hung", options=options)
+
+        def slow(x: int) -> int:
+            time.sleep(0.6)  # over the options' 0.2 s, under the keyword's 5 s
+            return x + 1
+
+        run = sqlite_engine.resume("hung", {"hang": slow}, options=options, timeout=5)  # the keyword wins
+        assert run.result(30) == 2
+    finally:
+        release.set()

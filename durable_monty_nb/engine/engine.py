@@ -51,6 +51,7 @@ from .driver import Driver, Settings, default_printer, format_monty_error, is_fu
 from .events import ExecutionStarted, Printed
 from .fingerprint import function_fingerprint, sha256
 from .handle import CallView, Progress, Run
+from .options import RunOptions, check_workers
 from .retry import RetryPolicy
 
 PrintCallback = Callable[[str, str], None]
@@ -132,26 +133,25 @@ class Engine:
         *,
         key: str | None = None,
         rerun: bool = False,
-        workers: int | None = None,
-        retry: RetryPolicy | None = None,
-        executor: str | Backend | None = None,
+        options: RunOptions | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
-        timeout: float | None = None,
-        concurrency: int | None = None,
-        rate: str | Rate | None = None,
+        **option_fields: Any,
     ) -> Run:
         """Start (or resume, or answer from the store) and return a handle at once.
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
-        ``executor`` and ``workers`` override the engine's for this run.
+        ``options`` (a :class:`~.options.RunOptions`), and the same fields as keywords
+        (``workers``, ``retry``, ``executor``, ``timeout``, ``concurrency``, ``rate``), override
+        the engine's for this run.
         """
+        chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
-        settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
-        chosen = self._backend(executor, workers)
+        settings = self._settings(chosen_options)
+        chosen = self._backend(chosen_options.executor, chosen_options.workers)
         latest = self.store.latest_execution(key)
         if latest is not None:
             attached = self._attach(latest, info)
@@ -200,20 +200,18 @@ class Engine:
         name_or_id: str,
         namespace: Mapping[str, Any] | None = None,
         *,
-        workers: int | None = None,
-        retry: RetryPolicy | None = None,
-        executor: str | Backend | None = None,
+        options: RunOptions | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
-        timeout: float | None = None,
-        concurrency: int | None = None,
-        rate: str | Rate | None = None,
+        **option_fields: Any,
     ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
         A completed execution returns its stored result. Raises MissingFunctionsError (changing
-        nothing) when the namespace lacks functions the execution still has to call.
+        nothing) when the namespace lacks functions the execution still has to call. ``options``
+        and option keywords: as :meth:`start`.
         """
+        chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         row = self.store.find_execution(name_or_id)
         info = analyze(row.code)
         attached = self._attach(row, info)
@@ -228,8 +226,8 @@ class Engine:
         return self._resume(
             row,
             ns,
-            self._settings(workers, retry, CallControls.of(timeout, concurrency, rate)),
-            self._backend(executor, workers),
+            self._settings(chosen_options),
+            self._backend(chosen_options.executor, chosen_options.workers),
             print_callback,
             info=info,
             codec=codec,
@@ -280,15 +278,13 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _settings(self, workers: int | None, retry: RetryPolicy | None, controls: CallControls) -> Settings:
-        """The engine's settings with a run's overrides (checked before anything runs)."""
-        if workers is not None:
-            check_workers(workers)
+    def _settings(self, options: RunOptions) -> Settings:
+        """The engine's settings with a run's options (checked when the options were made)."""
         return Settings(
-            workers=workers or self.settings.workers,
-            retry=retry or self.settings.retry,
+            workers=options.workers or self.settings.workers,
+            retry=options.retry or self.settings.retry,
             lease_ttl=self.settings.lease_ttl,
-            controls=controls.over(self.settings.controls),
+            controls=options.controls.over(self.settings.controls),
             store_outage_limit=self.settings.store_outage_limit,
         )
 
@@ -640,8 +636,3 @@ def _code_error_message(exc: MontySyntaxError, key: str) -> str:
     line = _error_line(exc)
     where = f" at line {line}" if line else ""
     return f"syntax error{where} of the workflow code:\n{format_monty_error(exc, key)}"
-
-
-def check_workers(workers: int) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")

@@ -39,6 +39,7 @@ from ..engine.driver import default_printer, stored_call_views
 from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
+from ..engine.options import RunOptions
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted
 from ..executors import Backend, executor_entry
@@ -257,6 +258,7 @@ class DurableMagics(Magics):
         retry = None
         if args.retries is not None:
             retry = RetryPolicy(retries=args.retries, backoff=args.backoff, delay=args.delay, max_delay=args.max_delay)
+        options = RunOptions(executor=executor, retry=retry, **limits)
         name = args.name or self._cell_key(cell) or f"code-{code_hash(cell)[:12]}"
         key = self.workflow_key(engine.store, name, cell)
         printer = HeldPrinter()  # prints made while the run starts appear below its view, in order
@@ -266,11 +268,9 @@ class DurableMagics(Magics):
                 self.shell.user_ns,
                 key=key,
                 rerun=args.rerun,
-                executor=executor,
-                retry=retry,
+                options=options,
                 print_callback=printer,
                 paused=True,
-                **limits,
             )
         except BaseException:
             printer.release()
@@ -280,7 +280,7 @@ class DurableMagics(Magics):
             background=args.background,
             quiet=args.quiet,
             printer=printer,
-            on_retry=self._retrier(engine, executor, retry, limits),
+            on_retry=self._retrier(engine, options),
         )
 
     def call_limits(self, args: Any) -> dict[str, Any]:
@@ -391,17 +391,13 @@ class DurableMagics(Magics):
             view.start()
         return view
 
-    def _retrier(
-        self, engine: Engine, executor: Backend, retry: RetryPolicy | None, limits: dict[str, Any] | None = None
-    ) -> Any:
+    def _retrier(self, engine: Engine, options: RunOptions) -> Any:
         """What a view's Retry failed button does: resume the failed execution, as running the cell
         again does (only its failed and remaining calls run), in the background, with the cell's
         executor, retry policy and call limits."""
 
         def retry_failed(run: Run) -> Run:
-            again = engine.resume(
-                run.execution_id, self.shell.user_ns, executor=executor, retry=retry, **(limits or {})
-            )
+            again = engine.resume(run.execution_id, self.shell.user_ns, options=options)
             self._show(again, on_retry=retry_failed)
             self._export_later(again)
             return again
@@ -453,18 +449,18 @@ class DurableMagics(Magics):
         args = parse_argstring(self.durable_resume, line)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
-        executor = self.backend(args.executor, args.workers)
+        options = RunOptions(executor=self.backend(args.executor, args.workers))
         engine = self.engine(args.db)
-        retrier = self._retrier(engine, executor, None)
+        retrier = self._retrier(engine, options)
         if args.name:
             row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
-            run = engine.resume(row.id, self.shell.user_ns, executor=executor)
+            run = engine.resume(row.id, self.shell.user_ns, options=options)
             return self._follow(run, background=args.background, quiet=args.quiet, on_retry=retrier)
         rows = self.own_unfinished(engine.store)
         if not rows:
             print(f"nothing to resume in {engine.url}")
             return None
-        runs = [engine.resume(row.id, self.shell.user_ns, executor=executor) for row in rows]
+        runs = [engine.resume(row.id, self.shell.user_ns, options=options) for row in rows]
         for run in runs:  # several runs: each view shows its own failure, the cell names them
             self._show(run, args.quiet, background=args.background, on_retry=retrier, show_error=len(runs) > 1)
         if args.background:
@@ -548,7 +544,7 @@ class DurableMagics(Magics):
                         print(f"{type(exc).__name__}: {exc}")
                         return
                     button.disabled = True
-                    self._show(run, on_retry=self._retrier(self.engine(), self.backend(None), None))
+                    self._show(run, on_retry=self._retrier(self.engine(), RunOptions(executor=self.backend(None))))
                     self._export_later(run)
 
             button.on_click(resume)
