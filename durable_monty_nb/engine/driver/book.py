@@ -193,13 +193,6 @@ class CallBook:
         with self._lock:
             self.counters.failed -= 1
 
-    def to_pending(self, state: CallState) -> None:
-        """Whatever its status, the call waits for a new attempt (dispatch, a restored wait)."""
-        if state.status is RETRYING:
-            self.transition_retrying_pending(state)
-        elif state.status is FAILED:
-            self.transition_failed_pending(state)
-
     def journal(self, state: CallState) -> None:
         """Queue the call's row for the next commit (also for changes that keep its status)."""
         self._journal.append(
