@@ -23,6 +23,7 @@ from .engine.events import (
 )
 from .engine.fingerprint import not_inputs
 from .engine.handle import CallView, Progress, Run
+from .engine.options import RunOptions
 from .engine.retry import RetryPolicy, retry
 from .errors import (
     DurableError,
@@ -38,6 +39,7 @@ from .errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
+from .executors.registry import register_executor
 from .signals import external
 
 __version__ = "0.1.0"
@@ -62,6 +64,7 @@ __all__ = [
     "RetryAfter",
     "RetryPolicy",
     "Run",
+    "RunOptions",
     "StoreError",
     "StoreVersionError",
     "TamperedDataError",
@@ -73,6 +76,7 @@ __all__ = [
     "limits",
     "load_ipython_extension",
     "not_inputs",
+    "register_executor",
     "retry",
     "set_switch_interval",
     "unload_ipython_extension",

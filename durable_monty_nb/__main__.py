@@ -75,10 +75,10 @@ def run_worker(queues: list[str], *, url: str | None, name: str | None, burst: b
     from rq import Worker
 
     from . import defaults, values  # noqa: F401
-    from .executors.rq import RQ
+    from .executors import backend as executor_backend
     from .executors.worker import DB_ENV, prepare_store
 
-    backend = RQ(url) if url else RQ()
+    backend = executor_backend("rq", url=url)
     backend.check()
     store_url = os.environ.get(DB_ENV)
     if store_url:  # opened and warmed once here, inherited by every forked job

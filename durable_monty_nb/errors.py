@@ -7,7 +7,13 @@ from __future__ import annotations
 
 
 class DurableError(Exception):
-    """Base class of every durable-monty-nb error."""
+    """Base class of every durable-monty-nb error.
+
+    ``http_status`` is how the HTTP server answers a request this error refuses (by the class,
+    never by the message): 400 unless a subclass says otherwise.
+    """
+
+    http_status = 400
 
     def _render_traceback_(self) -> list[str]:
         """IPython shows this instead of the extension's internal frames."""
@@ -98,9 +104,13 @@ class ExecutorUnavailable(DurableError):
 class ExecutionBusy(DurableError):
     """Another live process (or run) drives this execution right now."""
 
+    http_status = 409
+
 
 class ExecutionNotFound(DurableError):
     """No execution with this name or id exists in the store."""
+
+    http_status = 404
 
 
 class MissingFunctionsError(DurableError):
@@ -109,6 +119,8 @@ class MissingFunctionsError(DurableError):
 
 class StoreError(DurableError):
     """The store cannot be used as it is."""
+
+    http_status = 503
 
 
 class StoreUnavailable(StoreError):
@@ -126,6 +138,30 @@ class TamperedDataError(StoreError):
 
 class LeaseLost(DurableError):
     """This process no longer owns the execution (another process took it over)."""
+
+    http_status = 409
+
+
+class SignalError(DurableError):
+    """A delivery that cannot be accepted (bad name, bad idempotency key, unstorable value)."""
+
+
+class ExecutionCompleted(SignalError):
+    """A delivery to an execution that has completed: nothing waits for it any more."""
+
+    http_status = 409
+
+
+class MailboxBusy(SignalError):
+    """The mailbox could not take a delivery: too many writers at once (try again)."""
+
+    http_status = 409
+
+
+class NoSuchCall(SignalError):
+    """A completion for a call the execution does not have (or that is not an external call)."""
+
+    http_status = 404
 
 
 def last_line(text: str | None) -> str:

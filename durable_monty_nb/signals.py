@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import DurableError, ValueCrossingError
+from .errors import DurableError, ExecutionCompleted, NoSuchCall, ValueCrossingError
 from .store import mailbox
 from .store.mailbox import Delivery, SignalError, call_signal_name, check_name
 from .store.store import Store
@@ -46,6 +46,8 @@ __all__ = [
 
 class CompletionConflict(DurableError):
     """A second, different completion of an external call (HTTP 409)."""
+
+    http_status = 409
 
 
 # -- external calls -------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def deliver_signal(
     check_name(signal)
     row = execution if execution is not None else store.find_execution(name_or_id)
     if row.status == "completed":
-        raise SignalError(f"execution {row.id[:12]} ({row.key!r}) has completed: nothing waits for {signal!r}")
+        raise ExecutionCompleted(f"execution {row.id[:12]} ({row.key!r}) has completed: nothing waits for {signal!r}")
     return mailbox.deliver(store, row.id, signal, encode_value(value), idempotency_key=idempotency_key, source=source)
 
 
@@ -174,7 +176,7 @@ def complete_call(
     calls = {c.call_id: c for c in store.load_calls(execution_id)}
     call = calls.get(call_id)
     if call is None or call.kind != "call":
-        raise SignalError(f"execution {execution_id[:12]} has no external call {call_id}")
+        raise NoSuchCall(f"execution {execution_id[:12]} has no external call {call_id}")
     payload = completion_payload(value, error)
     text = encode_value(payload)
     name = call_signal_name(call_id, attempt)

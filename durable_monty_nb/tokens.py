@@ -32,6 +32,8 @@ MAX_TOKEN_LENGTH = 1024
 class TokenError(DurableError):
     """A token that is missing, malformed, forged or expired (HTTP 401)."""
 
+    http_status = 401
+
 
 @dataclass(frozen=True)
 class Scope:

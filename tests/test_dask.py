@@ -362,7 +362,7 @@ def test_worker_with_another_key_refuses_the_task(cluster: Cluster, sqlite_url: 
     def double(x: int) -> int:
         return x * 2
 
-    engine = Engine(sqlite_url, executor=Dask(cluster.address), key="not-the-workers-key")
+    engine = Engine(sqlite_url, executor=Dask(cluster.address), secret="not-the-workers-key")
     try:
         with pytest.raises(WorkflowFailed) as info:
             engine.run("await double(2)", {"double": double})

@@ -150,7 +150,7 @@ def test_tampered_code_is_refused(sqlite_engine: Engine) -> None:
 def test_rows_signed_with_another_key_are_refused(sqlite_url: str) -> None:
     interrupted_run(Engine(sqlite_url))
     with pytest.raises(TamperedDataError, match="another signing key"):
-        Engine(sqlite_url, key="some-other-key").resume("tamper", resume_namespace())
+        Engine(sqlite_url, secret="some-other-key").resume("tamper", resume_namespace())
 
 
 def test_key_file_is_created_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

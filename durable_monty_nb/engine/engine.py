@@ -27,6 +27,7 @@ each call, where it came from or why it ran again (see :mod:`.why`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import threading
@@ -48,8 +49,10 @@ from ..errors import (
     WorkflowCodeError,
     WorkflowFailed,
 )
-from ..executors import Backend, RunContext, Threads, backend
-from ..store.store import UNFINISHED, Store, describe_owner, lease_held, new_owner
+from ..executors import Backend, RunContext, backend
+from ..store.owners import describe_owner, lease_held, new_owner
+from ..store.signing import secret_argument
+from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
 from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
@@ -58,6 +61,7 @@ from .driver import Driver, Settings, default_printer, format_monty_error, is_fu
 from .events import ExecutionStarted, Printed
 from .fingerprint import Fingerprinter, Unhashable, sha256
 from .handle import CallView, Progress, Run
+from .options import RunOptions, check_workers
 from .retry import RetryPolicy
 from .why import explain
 
@@ -69,10 +73,12 @@ class Engine:
 
     ``db`` is a SQLAlchemy URL or a SQLite file path (default ``.durable/durable_monty.db`` in the
     working directory, or ``durable_monty.db`` there if it exists). ``executor`` is where notebook
-    functions run: ``"threads"`` (default), ``"rq"``, ``"dask"``, or a backend such as
+    functions run: the name of a registered executor (``"threads"``, the default, ``"rq"``, ``"dask"``,
+    or one of :func:`~durable_monty_nb.executors.register_executor`), or a backend such as
     ``RQ(url, queue)`` or ``Dask(address)`` (see :mod:`durable_monty_nb.executors`). ``workers``
     sizes the thread pool of each execution, ``retry`` is the policy of functions without their
-    own, ``key`` the signing key (see :mod:`durable_monty_nb.store.signing`), ``lease_ttl`` how
+    own, ``secret`` the signing secret (see :mod:`durable_monty_nb.store.signing`; ``key=``, its old
+    name, still works with a DeprecationWarning: ``key`` names a workflow), ``lease_ttl`` how
     long (seconds) a silent owner keeps an execution before another process may take it over.
     ``timeout`` (seconds), ``concurrency`` and ``rate`` (``"10/s"``, ``"100/min"``) are the call
     controls of functions without their own (see :func:`durable_monty_nb.limits`).
@@ -88,17 +94,19 @@ class Engine:
         executor: str | Backend | None = None,
         workers: int = defaults.WORKERS,
         retry: RetryPolicy | None = None,
-        key: bytes | str | None = None,
+        secret: bytes | str | None = None,
         lease_ttl: float = defaults.LEASE_TTL,
         timeout: float | None = None,
         concurrency: int | None = None,
         rate: str | Rate | None = None,
         store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT,
         durability: str = defaults.DURABILITY,
+        key: bytes | str | None = None,
     ) -> None:
+        secret = secret_argument(secret, key, "Engine")
         check_workers(workers)
         controls = CallControls.of(timeout, concurrency, rate)  # before the store: bad values change nothing
-        self.store = Store(db, key=key, durability=durability)
+        self.store = Store(db, secret=secret, durability=durability)
         self.settings = Settings(
             workers=workers,
             retry=retry or RetryPolicy(),
@@ -136,30 +144,29 @@ class Engine:
         *,
         key: str | None = None,
         rerun: bool = False,
-        workers: int | None = None,
-        retry: RetryPolicy | None = None,
-        executor: str | Backend | None = None,
+        options: RunOptions | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
-        timeout: float | None = None,
-        concurrency: int | None = None,
-        rate: str | Rate | None = None,
         rerun_functions: tuple[str, ...] | list[str] = (),
+        **option_fields: Any,
     ) -> Run:
         """Start (or resume, or answer from the store) and return a handle at once.
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
-        ``executor`` and ``workers`` override the engine's for this run. ``rerun`` runs every
-        call again; ``rerun_functions`` the calls of the functions it names (the others are
-        reused as usual).
+        ``options`` (a :class:`~.options.RunOptions`), and the same fields as keywords
+        (``workers``, ``retry``, ``executor``, ``timeout``, ``concurrency``, ``rate``), override
+        the engine's for this run.
+        ``rerun`` runs every call again; ``rerun_functions`` the calls of the functions it names
+        (the others are reused as usual).
         """
+        chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         ns = dict(namespace or {})
         rerun_functions = check_rerun_functions(rerun_functions, info, ns)
-        settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
-        chosen = self._backend(executor, workers)
+        settings = self._settings(chosen_options)
+        chosen = self._backend(chosen_options.executor, chosen_options.workers)
         latest = self.store.latest_execution(key)
         if latest is not None:
             attached = self._attach(latest, info)
@@ -217,14 +224,10 @@ class Engine:
         name_or_id: str,
         namespace: Mapping[str, Any] | None = None,
         *,
-        workers: int | None = None,
-        retry: RetryPolicy | None = None,
-        executor: str | Backend | None = None,
+        options: RunOptions | None = None,
         print_callback: PrintCallback | None = None,
         paused: bool = False,
-        timeout: float | None = None,
-        concurrency: int | None = None,
-        rate: str | Rate | None = None,
+        **option_fields: Any,
     ) -> Run:
         """Continue an unfinished execution (by key or id) where it stopped.
 
@@ -234,8 +237,10 @@ class Engine:
         the key starts instead, reusing every completed call that is still valid.
 
         A completed execution returns its stored result. Raises MissingFunctionsError (changing
-        nothing) when the namespace lacks functions the execution still has to call.
+        nothing) when the namespace lacks functions the execution still has to call. ``options``
+        and option keywords: as :meth:`start`.
         """
+        chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         row = self.store.find_execution(name_or_id)
         info = analyze(row.code)
         attached = self._attach(row, info)
@@ -248,8 +253,8 @@ class Engine:
         codec = ValueCodec(self.store.load_blob)
         fingerprinter = Fingerprinter()
         inputs, fingerprints = prepare_inputs(info, ns, codec, fingerprinter)
-        settings = self._settings(workers, retry, CallControls.of(timeout, concurrency, rate))
-        chosen = self._backend(executor, workers)
+        settings = self._settings(chosen_options)
+        chosen = self._backend(chosen_options.executor, chosen_options.workers)
         if not _same_reads(row.fingerprints, fingerprints) and self.store.latest_execution(row.key).id == row.id:
             if row.status == "running" and lease_held(row):
                 raise ExecutionBusy(self._busy_message(row.id, row.key, row.lease_owner, "before resuming it"))
@@ -324,15 +329,13 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _settings(self, workers: int | None, retry: RetryPolicy | None, controls: CallControls) -> Settings:
-        """The engine's settings with a run's overrides (checked before anything runs)."""
-        if workers is not None:
-            check_workers(workers)
+    def _settings(self, options: RunOptions) -> Settings:
+        """The engine's settings with a run's options (checked when the options were made)."""
         return Settings(
-            workers=workers or self.settings.workers,
-            retry=retry or self.settings.retry,
+            workers=options.workers or self.settings.workers,
+            retry=options.retry or self.settings.retry,
             lease_ttl=self.settings.lease_ttl,
-            controls=controls.over(self.settings.controls),
+            controls=options.controls.over(self.settings.controls),
             store_outage_limit=self.settings.store_outage_limit,
         )
 
@@ -340,8 +343,8 @@ class Engine:
         """The run's backend (checked: an unreachable one raises before anything runs)."""
         if executor is None:
             chosen = self.executor
-            if workers and isinstance(chosen, Threads):
-                chosen = Threads(workers)
+            if workers and "workers" in getattr(chosen, "__dataclass_fields__", ()):
+                chosen = dataclasses.replace(chosen, workers=workers)  # type: ignore[type-var]
         else:
             chosen = backend(executor, workers=workers or self.settings.workers)
         chosen.check()
@@ -738,8 +741,3 @@ def _code_error_message(exc: MontySyntaxError, key: str) -> str:
     line = _error_line(exc)
     where = f" at line {line}" if line else ""
     return f"syntax error{where} of the workflow code:\n{format_monty_error(exc, key)}"
-
-
-def check_workers(workers: int) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a whole number of at least 1, not {workers!r}")

@@ -1,22 +1,48 @@
 """Where notebook functions run: a backend per kind, each opening one executor per execution.
 
-- ``threads`` (default): :class:`~.threads.ThreadExecutor` in the kernel's process;
-- ``rq``: jobs on RQ workers (:mod:`.rq`), needs the ``rq`` extra;
-- ``dask``: tasks on a ``distributed`` cluster (:mod:`.dask`), needs the ``dask`` extra.
+Executors are registered by name (:mod:`.registry`), with the settings each takes:
 
-A backend is anything with ``name``, ``check()`` (raise before anything runs when it cannot
-work) and ``open(run) -> Executor``.
+- ``threads`` (default): :class:`~.threads.ThreadExecutor` in the kernel's process (``workers``);
+- ``rq``: jobs on RQ workers (:mod:`.rq`, ``url``, ``queue``), needs the ``rq`` extra;
+- ``dask``: tasks on a ``distributed`` cluster (:mod:`.dask`, ``address``), needs the ``dask`` extra;
+- others through :func:`register_executor` or the entry-point group ``durable_monty_nb.executors``.
+
+A backend is anything with ``name``, ``remote``, ``check()`` (raise before anything runs when it
+cannot work) and ``open(run) -> Executor``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import defaults
 from ..store.signing import Signer
 from .base import Executor
+from .registry import (
+    ENTRY_POINT_GROUP,
+    ExecutorEntry,
+    create_backend,
+    executor_entry,
+    executor_names,
+    register_executor,
+    unregister_executor,
+)
 from .threads import ThreadExecutor
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Backend",
+    "ExecutorEntry",
+    "RunContext",
+    "Threads",
+    "backend",
+    "create_backend",
+    "executor_entry",
+    "executor_names",
+    "register_executor",
+    "unregister_executor",
+]
 
 
 @dataclass(frozen=True)
@@ -59,21 +85,13 @@ class Threads:
         return ThreadExecutor(self.workers, name=f"durable-{run.key[:20]}")
 
 
-EXECUTOR_NAMES = ("threads", "rq", "dask")
+register_executor("threads", Threads, settings=("workers",))
+register_executor("rq", "durable_monty_nb.executors.rq:RQ", settings=("url", "queue"))
+register_executor("dask", "durable_monty_nb.executors.dask:Dask", settings=("address",))
 
 
-def backend(spec: str | Backend | None, *, workers: int = defaults.WORKERS) -> Backend:
-    """The backend named by ``spec`` (``threads``, ``rq``, ``dask``) with its defaults, or ``spec`` itself."""
-    if spec is None or spec == "threads":
-        return Threads(workers)
-    if spec == "rq":
-        from .rq import RQ
-
-        return RQ()
-    if spec == "dask":
-        from .dask import Dask
-
-        return Dask()
-    if isinstance(spec, str):
-        raise ValueError(f"unknown executor {spec!r}: choose one of {', '.join(EXECUTOR_NAMES)}")
+def backend(spec: str | Backend | None, *, workers: int | None = None, **settings: Any) -> Backend:
+    """The backend of the executor named ``spec`` (default ``threads``) with ``settings``, or ``spec`` itself."""
+    if spec is None or isinstance(spec, str):
+        return create_backend(spec or defaults.EXECUTOR, settings, workers=workers)
     return spec

@@ -1,103 +1,45 @@
-"""The outcome of one attempt as workers write it: a signed record, in the store and on the wire.
+"""What the driver makes of attempt records (:mod:`durable_monty_nb.store.attempts`): outcomes.
 
-A worker writes the record to ``dm_attempts`` and hands the same record (its result left out
-when large) to the job or future that notifies the driver. The driver verifies the signature
-of every record, wherever it came from: a forged notification or a tampered row is refused.
+A record comes from the store (``dm_attempts``) or from the wire (the message a worker hands to
+its job or future); either way its signature is verified before its outcome is believed.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import TamperedDataError
+from ..store.attempts import FINISHED, AttemptRecord
 from ..store.signing import Signer
 from .base import ErrorInfo, Outcome
 
-FINISHED = ("done", "failed")
+__all__ = ["FINISHED", "AttemptRecord", "outcome_from_wire", "outcome_of"]
 
 
-@dataclass(slots=True)
-class AttemptRecord:
-    attempt_id: str
-    execution_id: str
-    call_id: int
-    attempt: int
-    status: str  # dispatched | done | failed | lost
-    executor: str = ""
-    worker: str = ""
-    result: str | None = None
-    error_types: str | None = None  # JSON list
-    error_message: str | None = None
-    traceback: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    signature: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    def signed_text(self) -> str:
-        parts = (
-            self.status,
-            self.worker or "",
-            self.result or "",
-            self.error_types or "",
-            self.error_message or "",
-            self.traceback or "",
-            repr(self.started_at),
-            repr(self.finished_at),
-        )
-        return "\0".join(parts)
-
-    def sign(self, signer: Signer) -> AttemptRecord:
-        self.signature = signer.sign_text(f"attempt:{self.attempt_id}", self.signed_text())
-        return self
-
-    def verify(self, signer: Signer) -> AttemptRecord:
-        signer.verify_text(
-            f"attempt:{self.attempt_id}",
-            self.signed_text(),
-            self.signature,
-            f"the outcome of attempt {self.attempt} of call {self.call_id} (execution {self.execution_id})",
-        )
-        return self
-
-    def outcome(self) -> Outcome:
-        if self.status == "done":
-            return Outcome(
-                self.call_id,
-                self.attempt,
-                True,
-                result=self.result,
-                started_at=self.started_at or 0.0,
-                finished_at=self.finished_at or 0.0,
-                worker=self.worker,
-            )
-        types = tuple(json.loads(self.error_types or '["builtins.Exception"]'))
-        error = ErrorInfo(types, self.error_message or "", self.traceback or "")
+def outcome_of(record: AttemptRecord) -> Outcome:
+    """The outcome a finished record reports."""
+    if record.status == "done":
         return Outcome(
-            self.call_id,
-            self.attempt,
-            False,
-            error=error,
-            started_at=self.started_at or 0.0,
-            finished_at=self.finished_at or 0.0,
-            worker=self.worker,
+            record.call_id,
+            record.attempt,
+            True,
+            result=record.result,
+            started_at=record.started_at or 0.0,
+            finished_at=record.finished_at or 0.0,
+            worker=record.worker,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttemptRecord:
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise TamperedDataError(f"a malformed attempt record was refused: {exc}") from None
+    types = tuple(json.loads(record.error_types or '["builtins.Exception"]'))
+    error = ErrorInfo(types, record.error_message or "", record.traceback or "")
+    return Outcome(
+        record.call_id,
+        record.attempt,
+        False,
+        error=error,
+        started_at=record.started_at or 0.0,
+        finished_at=record.finished_at or 0.0,
+        worker=record.worker,
+    )
 
 
 def outcome_from_wire(message: dict[str, Any], signer: Signer) -> Outcome:
@@ -106,7 +48,7 @@ def outcome_from_wire(message: dict[str, Any], signer: Signer) -> Outcome:
     Raises TamperedDataError for a record whose signature does not match.
     """
     if "record" in message:
-        return AttemptRecord.from_dict(message["record"]).verify(signer).outcome()
+        return outcome_of(AttemptRecord.from_dict(message["record"]).verify(signer))
     if message.get("in_store"):
         return Outcome(message["call_id"], message["attempt"], True, in_store=True)
     error = message.get("error") or {}

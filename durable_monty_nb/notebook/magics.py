@@ -12,8 +12,11 @@ earlier releases), else ``.durable/durable_monty.db`` (a hidden folder).
 Workflow names are scoped by notebook (see :mod:`.scope`): ``%%durable train`` in two notebooks
 of one folder are two workflows.
 
-Executor selection: ``--executor threads|rq|dask``, else ``%config DurableMagics.executor``;
-RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local cluster of this kernel).
+Executor selection: ``--executor NAME``, else ``%config DurableMagics.executor``: any executor of
+the registry (``threads``, ``rq``, ``dask``, or one registered by a package). Each setting an
+executor takes is read from ``%config DurableMagics.executor_settings = {NAME: {setting: value}}``,
+else from the option ``NAME_SETTING`` when there is one: RQ reads ``rq_url`` and ``rq_queue``, Dask
+``dask_address`` (none: a local cluster of this kernel); ``workers`` is ``--workers`` or ``workers``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Enum, Float, Int, TraitError, Unicode, observe, validate
+from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from .. import defaults
 from ..engine.analysis import code_hash
@@ -37,9 +40,10 @@ from ..engine.driver import default_printer, stored_call_views
 from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
 from ..engine.handle import Run, calls_frame
+from ..engine.options import RunOptions
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
-from ..executors import EXECUTOR_NAMES, Backend, Threads
+from ..executors import Backend, executor_entry
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
 from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
@@ -63,9 +67,12 @@ class DurableMagics(Magics):
     lease_ttl = Int(
         int(defaults.LEASE_TTL), help="Seconds before another kernel may take over a silent execution."
     ).tag(config=True)
-    executor = Enum(EXECUTOR_NAMES, default_value=defaults.EXECUTOR, help="Where notebook functions run.").tag(
+    executor = Unicode(defaults.EXECUTOR, help="Where notebook functions run: a registered executor's name.").tag(
         config=True
     )
+    executor_settings = Dict(
+        help="Settings of executors by name, e.g. {'rq': {'url': 'redis://host:6379/0'}} (over rq_url ...)."
+    ).tag(config=True)
     rq_url = Unicode(None, allow_none=True, help="Redis URL of the rq executor (default: the local server).").tag(
         config=True
     )
@@ -107,6 +114,14 @@ class DurableMagics(Magics):
             except ValueError as exc:
                 raise TraitError(f"DurableMagics.{proposal['trait'].name}: {exc}") from None
         return value
+
+    @validate("executor")
+    def _known_executor(self, proposal: Any) -> str:
+        try:
+            executor_entry(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"DurableMagics.executor: {exc}") from None
+        return proposal["value"]
 
     @validate("store_outage_limit")
     def _positive_seconds(self, proposal: Any) -> float:
@@ -177,15 +192,6 @@ class DurableMagics(Magics):
             store.rename_key(name, key)
         return key
 
-    def find_execution(self, store: Store, name_or_id: str) -> Any:
-        """The execution a user means: this notebook's workflow of that name, else a key or an id."""
-        key = scoped_key(self.notebook(store), name_or_id)
-        if key != name_or_id:
-            row = store.latest_execution(key)
-            if row is not None:
-                return row
-        return store.find_execution(name_or_id)
-
     def own_unfinished(self, store: Store) -> list[Any]:
         """Unfinished executions of this notebook and those without a notebook (all in a terminal)."""
         notebook = self.notebook(store)
@@ -214,7 +220,7 @@ class DurableMagics(Magics):
     @magic_arguments()
     @argument("name", nargs="?", help="Name of the workflow (its key in the store). Default: from the cell.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
+    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
     @argument("--workers", type=int, help="Threads for the notebook functions of this cell (default 32).")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
@@ -261,6 +267,7 @@ class DurableMagics(Magics):
         retry = None
         if args.retries is not None:
             retry = RetryPolicy(retries=args.retries, backoff=args.backoff, delay=args.delay, max_delay=args.max_delay)
+        options = RunOptions(executor=executor, retry=retry, **limits)
         name = args.name or self._cell_key(cell) or f"code-{code_hash(cell)[:12]}"
         key = self.workflow_key(engine.store, name, cell)
         printer = HeldPrinter()  # prints made while the run starts appear below its view, in order
@@ -271,11 +278,9 @@ class DurableMagics(Magics):
                 key=key,
                 rerun=args.rerun,
                 rerun_functions=args.rerun_fn,
-                executor=executor,
-                retry=retry,
+                options=options,
                 print_callback=printer,
                 paused=True,
-                **limits,
             )
         except BaseException:
             printer.release()
@@ -285,7 +290,7 @@ class DurableMagics(Magics):
             background=args.background,
             quiet=args.quiet,
             printer=printer,
-            on_retry=self._retrier(engine, executor, retry, limits),
+            on_retry=self._retrier(engine, options),
         )
 
     def call_limits(self, args: Any) -> dict[str, Any]:
@@ -305,15 +310,17 @@ class DurableMagics(Magics):
         """The executor backend of a cell: ``--executor``, else ``%config DurableMagics.executor``."""
         check_options(SimpleNamespace(workers=workers))
         name = name or self.executor
-        if name == "rq":
-            from ..executors.rq import RQ
-
-            return RQ(self.rq_url, self.rq_queue) if self.rq_url else RQ(queue=self.rq_queue)
-        if name == "dask":
-            from ..executors.dask import Dask
-
-            return Dask(self.dask_address) if self.dask_address else Dask()
-        return Threads(workers or self.workers)
+        try:
+            entry = executor_entry(name)
+        except ValueError as exc:
+            raise DurableError(f"{exc}. Nothing ran.") from None
+        settings: dict[str, Any] = {"workers": workers or self.workers}
+        for setting in entry.settings:  # the option NAME_SETTING (rq_url, dask_address ...), if there is one
+            option = f"{name}_{setting}"
+            if self.has_trait(option):
+                settings[setting] = getattr(self, option)
+        settings.update(self.executor_settings.get(name) or {})
+        return entry.create(settings)
 
     def _cell_key(self, cell: str) -> str | None:
         """Without a name: the notebook cell's id (stable across edits), else derived from the code."""
@@ -394,17 +401,13 @@ class DurableMagics(Magics):
             view.start()
         return view
 
-    def _retrier(
-        self, engine: Engine, executor: Backend, retry: RetryPolicy | None, limits: dict[str, Any] | None = None
-    ) -> Any:
+    def _retrier(self, engine: Engine, options: RunOptions) -> Any:
         """What a view's Retry failed button does: resume the failed execution, as running the cell
         again does (only its failed and remaining calls run), in the background, with the cell's
         executor, retry policy and call limits."""
 
         def retry_failed(run: Run) -> Run:
-            again = engine.resume(
-                run.execution_id, self.shell.user_ns, executor=executor, retry=retry, **(limits or {})
-            )
+            again = engine.resume(run.execution_id, self.shell.user_ns, options=options)
             self._show(again, on_retry=retry_failed)
             self._export_later(again)
             return again
@@ -439,7 +442,7 @@ class DurableMagics(Magics):
         try:
             if not args.name:
                 return status_report(store, show_all=args.all)
-            row = self.find_execution(store, args.name)
+            row = store.find_execution(args.name, notebook=self.notebook(store))
             if args.df:
                 return calls_frame(stored_call_views(store.load_calls(row.id)))
             return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
@@ -452,7 +455,7 @@ class DurableMagics(Magics):
     @argument("name", nargs="?", help="A workflow name or execution id.")
     @argument("--all", action="store_true", help="Resume every unfinished execution of the store.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", choices=EXECUTOR_NAMES, help="Where the notebook functions run (default: threads).")
+    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
     @argument("--workers", type=int, help="Threads for the notebook functions.")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--quiet", action="store_true", help="No progress view.")
@@ -462,18 +465,18 @@ class DurableMagics(Magics):
         args = parse_argstring(self.durable_resume, line)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
-        executor = self.backend(args.executor, args.workers)
+        options = RunOptions(executor=self.backend(args.executor, args.workers))
         engine = self.engine(args.db)
-        retrier = self._retrier(engine, executor, None)
+        retrier = self._retrier(engine, options)
         if args.name:
-            row = self.find_execution(engine.store, args.name)
-            run = engine.resume(row.id, self.shell.user_ns, executor=executor)
+            row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
+            run = engine.resume(row.id, self.shell.user_ns, options=options)
             return self._follow(run, background=args.background, quiet=args.quiet, on_retry=retrier)
         rows = self.own_unfinished(engine.store)
         if not rows:
             print(f"nothing to resume in {engine.url}")
             return None
-        runs = [engine.resume(row.id, self.shell.user_ns, executor=executor) for row in rows]
+        runs = [engine.resume(row.id, self.shell.user_ns, options=options) for row in rows]
         for run in runs:  # several runs: each view shows its own failure, the cell names them
             self._show(run, args.quiet, background=args.background, on_retry=retrier, show_error=len(runs) > 1)
         if args.background:
@@ -502,7 +505,8 @@ class DurableMagics(Magics):
         """Interrupt a workflow running in this kernel (running calls finish; it can be resumed)."""
         args = parse_argstring(self.durable_cancel, line)
         engine = self.engine(args.db)
-        if not engine.cancel(self.find_execution(engine.store, args.name).id):
+        row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
+        if not engine.cancel(row.id):
             raise DurableError(f"{args.name!r} is not running in this kernel")
         print(f"interrupting {args.name!r}: running calls finish and are kept; resume with %durable_resume")
 
@@ -556,7 +560,7 @@ class DurableMagics(Magics):
                         print(f"{type(exc).__name__}: {exc}")
                         return
                     button.disabled = True
-                    self._show(run, on_retry=self._retrier(self.engine(), self.backend(None), None))
+                    self._show(run, on_retry=self._retrier(self.engine(), RunOptions(executor=self.backend(None))))
                     self._export_later(run)
 
             button.on_click(resume)

@@ -15,15 +15,14 @@ name) takes it over (:meth:`~durable_monty_nb.store.store.Store.rename_key`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
+from ..store.keys import KEY_LIMIT, SEPARATOR, display_name, scoped_key, split_key
 from ..store.store import DEFAULT_DB_DIR
 
-SEPARATOR = "::"
-KEY_LIMIT = 255  # the width of the key columns
+__all__ = ["KEY_LIMIT", "SEPARATOR", "display_name", "notebook_file", "notebook_label", "scoped_key", "split_key"]
 SESSION_ENV = "JPY_SESSION_NAME"
 
 
@@ -51,28 +50,3 @@ def notebook_label(notebook: Path, store_url: str) -> str:
         except (OSError, ValueError):
             pass
     return notebook.name
-
-
-def scoped_key(notebook: str | None, name: str) -> str:
-    """The store key of workflow ``name`` of ``notebook`` (the plain name without a notebook)."""
-    if not notebook:
-        return name
-    key = f"{notebook}{SEPARATOR}{name}"
-    if len(key) > KEY_LIMIT:  # a very deep path: keep its end, made unique by a hash of the whole
-        digest = hashlib.sha256(notebook.encode()).hexdigest()[:10]
-        room = KEY_LIMIT - len(name) - len(SEPARATOR) - len(digest) - 2
-        key = f"{digest}…{notebook[-max(room, 0) :]}{SEPARATOR}{name}"[:KEY_LIMIT]
-    return key
-
-
-def split_key(key: str) -> tuple[str | None, str]:
-    """(notebook, name) of a store key; (None, key) for a key written without a notebook."""
-    notebook, sep, name = key.rpartition(SEPARATOR)
-    if sep and notebook and name:
-        return notebook, name
-    return None, key
-
-
-def display_name(key: str) -> str:
-    """The workflow's name as the user wrote it (the key without its notebook)."""
-    return split_key(key)[1]

@@ -61,7 +61,7 @@ class SignalMagics(Magics):
         """
         options, name, signal, value = parse_signal_line(line)
         engine = self._durable.engine(options.get("db"))
-        row = self._durable.find_execution(engine.store, name)  # this notebook's workflow of that name first
+        row = engine.store.find_execution(name, notebook=self._durable.notebook(engine.store))  # this notebook's first
         delivery = engine.signal(row.id, signal, value, idempotency_key=options.get("idempotency-key"), source="magic")
         if delivery.duplicate:
             print(f"already delivered (idempotency key seen): {signal!r} #{delivery.seq}, ignored")

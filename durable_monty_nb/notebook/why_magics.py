@@ -30,7 +30,7 @@ class WhyMagics(Magics):
         argument)."""
         args = parse_argstring(self.durable_why, line)
         store = self._durable.engine(args.db).store
-        row = self._durable.find_execution(store, args.name)
+        row = store.find_execution(args.name, notebook=self._durable.notebook(store))
         run = self._durable.runs.get(row.key)
         # The run of this kernel knows whether it was answered with the stored result.
         found = run.explain() if run is not None and run.execution_id == row.id else explain(store, row.id)

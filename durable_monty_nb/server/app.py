@@ -9,8 +9,10 @@ Endpoints, each authenticated by a capability token (:mod:`durable_monty_nb.toke
 
 Answers: 401 missing, malformed, forged or expired token; 403 a token of another scope; 400
 malformed JSON or arguments; 413 a body over the limit; 404 unknown execution or call; 409 a
-delivery to a completed execution, a second different completion. A refused request changes
-nothing; an unexpected failure answers 503 (never a bare 500) and the log names only its type.
+delivery to a completed execution, a second different completion. The code of a refusal is the
+``http_status`` of its exception's class (:mod:`durable_monty_nb.errors`), never read from its
+message. A refused request changes nothing; an unexpected failure answers 503 (never a bare 500)
+and the log names only its type.
 Log lines never hold a token: paths of ``/calls/...`` are redacted, headers are never logged.
 """
 
@@ -31,9 +33,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .. import signals as signals_module
-from ..errors import DurableError, ExecutionNotFound, StoreError, ValueCrossingError
+from ..errors import DurableError, ExecutionNotFound
 from ..store import mailbox
-from ..store.mailbox import SignalError, check_name
+from ..store.mailbox import check_name
 from ..store.store import Store, execution_state
 from ..tokens import Scope, TokenError, verify_token
 
@@ -109,10 +111,7 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
         scope = scope_of(request)
         data = await read_json(request, SIGNAL_KEYS)
         name_or_id, signal = request.path_params["name"], request.path_params["signal"]
-        try:
-            check_name(signal)
-        except SignalError as exc:
-            raise HTTPError(400, str(exc)) from None
+        check_name(signal)  # a SignalError: 400
         key = data.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not key or len(key) > mailbox.MAX_KEY_LENGTH):
             raise HTTPError(400, f"idempotency_key is a string of 1 to {mailbox.MAX_KEY_LENGTH} characters")
@@ -121,14 +120,9 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
             row = find(name_or_id)
             if not scope.allows_signal(row.id, signal):
                 raise HTTPError(403, "this token does not allow this signal of this execution")
-            try:
-                delivery = signals_module.deliver_signal(
-                    the_store, row.id, signal, data.get("value"), idempotency_key=key, source="http", execution=row
-                )
-            except ValueCrossingError as exc:
-                raise HTTPError(400, str(exc)) from None
-            except SignalError as exc:
-                raise HTTPError(409, str(exc)) from None
+            delivery = signals_module.deliver_signal(  # a completed execution: ExecutionCompleted, 409
+                the_store, row.id, signal, data.get("value"), idempotency_key=key, source="http", execution=row
+            )
             return JSONResponse(
                 {
                     "delivered": not delivery.duplicate,
@@ -170,12 +164,7 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
                     the_store, scope, data.get("value"), data.get("error"), source="http"
                 )
             except ExecutionNotFound:
-                raise HTTPError(404, "no such execution") from None
-            except signals_module.CompletionConflict as exc:
-                raise HTTPError(409, str(exc)) from None
-            except (SignalError, ValueCrossingError) as exc:
-                status = 404 if "has no external call" in str(exc) else 400
-                raise HTTPError(status, str(exc)) from None
+                raise HTTPError(404, "no such execution") from None  # not the store's URL
             return JSONResponse(
                 {"completed": not delivery.duplicate, "duplicate": delivery.duplicate, "call_id": scope.call_id}
             )
@@ -235,11 +224,12 @@ class Guard:
 def _answer_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, HTTPError):
         return exc.status, exc.message, exc.headers
-    if isinstance(exc, StoreError):
-        log.warning("store error: %s", type(exc).__name__)
-        return 503, "the store cannot answer right now", {}
     if isinstance(exc, DurableError):
-        return 400, str(exc)[:500], {}
+        status = exc.http_status
+        if status >= 500:  # the store (or another service) failed: its message may name it
+            log.warning("store error: %s", type(exc).__name__)
+            return status, "the store cannot answer right now", {}
+        return status, str(exc)[:500], {}
     log.error("unexpected %s while answering a request", type(exc).__name__)
     return 503, "the server could not answer this request", {}
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..errors import DurableError, LeaseLost
+from ..errors import LeaseLost, MailboxBusy, SignalError
 from .models import Signal
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ SIGNALS = Signal.__table__
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 MAX_KEY_LENGTH = 200
 INSERT_TRIES = 20
-
-
-class SignalError(DurableError):
-    """A delivery that cannot be accepted (bad name, finished execution, unstorable value)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ def deliver(
             continue
         notify(execution_id)
         return Delivery(execution_id, name, seq, False, value_text)
-    raise SignalError(f"could not append to the mailbox of execution {execution_id}: too much contention")
+    raise MailboxBusy(f"could not append to the mailbox of execution {execution_id}: too much contention")
 
 
 def find_by_key(store: Store, execution_id: str, idempotency_key: str) -> Delivery | None:

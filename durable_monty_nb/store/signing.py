@@ -4,7 +4,7 @@ Snapshots and pickles are executable state: a row edited in the database must ne
 loaded. Every blob, checkpoint and call result is stored with an HMAC-SHA256 over its
 content and its identity (so a valid row cannot be moved to another execution either).
 
-The key comes from, in order: the ``key`` argument, the ``DURABLE_MONTY_KEY`` environment
+The key comes from, in order: the ``secret`` argument, the ``DURABLE_MONTY_KEY`` environment
 variable, or a key file (``$DURABLE_MONTY_KEY_FILE``, default
 ``~/.config/durable-monty-nb/secret.key``) created with mode 0600 on first use. Processes that
 share a store (other kernels, workers on other machines) must share the key.
@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 from ..errors import TamperedDataError
@@ -54,11 +55,26 @@ def load_key(key: bytes | str | None = None) -> bytes:
     return new_key
 
 
-class Signer:
-    """Signs and verifies stored content."""
+def secret_argument(secret: bytes | str | None, key: bytes | str | None, where: str) -> bytes | str | None:
+    """The signing secret given as ``secret=``, or under its old name ``key=`` (deprecated: ``key``
+    names a workflow, as in ``Engine.start(key=)``)."""
+    if key is None:
+        return secret
+    if secret is not None:
+        raise TypeError(f"{where}: give the signing secret once, as secret= (key= is its old name)")
+    warnings.warn(
+        f"{where}(key=...) is deprecated: the signing secret is secret=... (key= names a workflow)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return key
 
-    def __init__(self, key: bytes | str | None = None) -> None:
-        self._key = load_key(key)
+
+class Signer:
+    """Signs and verifies stored content with the signing secret (see the module docstring)."""
+
+    def __init__(self, secret: bytes | str | None = None) -> None:
+        self._key = load_key(secret)
 
     def sign(self, context: str, data: bytes) -> str:
         mac = hmac.new(self._key, context.encode(), hashlib.sha256)

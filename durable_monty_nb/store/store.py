@@ -12,10 +12,8 @@ import contextlib
 import functools
 import operator
 import os
-import socket
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +27,24 @@ from sqlalchemy.pool import StaticPool
 
 from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE_RETRY_WINDOW
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
-from ..executors.record import AttemptRecord
 from ..values import blob_key
 from . import mailbox
+from .attempts import AttemptRecord
+from .keys import scoped_key
 from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
+from .owners import (  # noqa: F401  (where they were before owners.py)
+    _proc_stat,
+    _process_start,
+    describe_owner,
+    execution_state,
+    lease_held,
+    machine_id,
+    new_owner,
+    owner_is_dead,
+    release_owner,
+)
 from .schema import ensure_schema
-from .signing import Signer
+from .signing import Signer, secret_argument
 from .transient import cause, retrying
 
 
@@ -168,90 +178,6 @@ def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Eng
     return engine
 
 
-_BOOT_ID: str | None = None
-
-
-def machine_id() -> str:
-    """This machine (hostname plus boot id): owners on it can be checked for liveness."""
-    global _BOOT_ID
-    if _BOOT_ID is None:
-        try:
-            _BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-        except OSError:
-            _BOOT_ID = "-"
-    return f"{socket.gethostname()}/{_BOOT_ID}"
-
-
-def _proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state first); [] when unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _process_start(pid: int) -> str:
-    fields = _proc_stat(pid)
-    return fields[19] if len(fields) > 19 else "-"
-
-
-LIVE_OWNERS: set[str] = set()
-"""Owners of this process still in use (drivers running); the others of this process are over."""
-
-
-def new_owner() -> str:
-    """A lease owner id: machine, pid, process start time, and a unique part."""
-    pid = os.getpid()
-    owner = f"{machine_id()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:12]}"
-    LIVE_OWNERS.add(owner)  # until its driver ends (Driver discards it)
-    return owner
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True when ``owner`` is a process of this machine that no longer runs, or a driver of
-    this process that ended without releasing its lease (the store was unreachable)."""
-    try:
-        machine, pid_text, started, _ = owner.rsplit(":", 3)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if machine != machine_id():
-        return False
-    if pid == os.getpid() and started == _process_start(pid):
-        return owner not in LIVE_OWNERS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    fields = _proc_stat(pid)
-    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: dead all the same
-        return True
-    return started != "-" and (fields[19] if len(fields) > 19 else "-") != started
-
-
-def lease_held(row: Any) -> bool:
-    """Whether a live process holds the lease of this execution row right now."""
-    owner = row.lease_owner
-    return bool(owner) and (row.lease_expires_at or 0) >= time.time() and not owner_is_dead(owner)
-
-
-def execution_state(row: Any) -> str:
-    """The status, with ``crashed`` for a running execution whose owner is gone."""
-    return "crashed" if row.status == "running" and not lease_held(row) else row.status
-
-
-def describe_owner(owner: str | None) -> str:
-    if not owner:
-        return "nobody"
-    try:
-        machine, pid, _, _ = owner.rsplit(":", 3)
-    except ValueError:
-        return owner
-    return f"process {pid} on {machine.split('/')[0]}"
-
-
 @dataclass
 class Step:
     """Everything one driver step writes, committed in one transaction."""
@@ -287,8 +213,14 @@ class Store:
     """A durable-monty store at a SQLAlchemy URL (or a SQLite file path)."""
 
     def __init__(
-        self, url: str | os.PathLike[str] | None = None, *, key: bytes | str | None = None, durability: str = DURABILITY
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        secret: bytes | str | None = None,
+        durability: str = DURABILITY,
+        key: bytes | str | None = None,
     ) -> None:
+        secret = secret_argument(secret, key, "Store")
         if durability not in DURABILITY_LEVELS:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}, not {durability!r}")
         self.durability = durability
@@ -308,7 +240,7 @@ class Store:
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the store {self.display_url}: {cause(exc)}") from exc
-        self.signer = Signer(key)
+        self.signer = Signer(secret)
         self.checkpoint_seq: dict[str, int] = {}
         self.retry_window = STORE_RETRY_WINDOW
         self.pid = os.getpid()
@@ -342,8 +274,17 @@ class Store:
             raise ExecutionNotFound(f"no execution {execution_id!r} in {self.display_url}")
         return row
 
-    def find_execution(self, name_or_id: str) -> Row:
-        """The latest execution of a key, or the execution with this id (or id prefix)."""
+    def find_execution(self, name_or_id: str, *, notebook: str | None = None) -> Row:
+        """The execution a user means: ``notebook``'s workflow of that name (when a notebook is
+        given), else the latest execution of that key, else the execution with this id (or id prefix).
+
+        The one resolver of names and ids: the magics, the command line and the HTTP server use it.
+        """
+        key = scoped_key(notebook, name_or_id)
+        if key != name_or_id:
+            row = self.latest_execution(key)
+            if row is not None:
+                return row
         row = self.latest_execution(name_or_id)
         if row is not None:
             return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,23 @@ from ...executors.base import Task
 from ...values import ValueCodec, format_arguments
 from ..handle import CallView
 from .exceptions import error_answer
+
+
+class CallStatus(enum.StrEnum):
+    """Where a call is: waiting for its outcome (``pending``: queued, limited, running, waiting for
+    a timer or a signal), waiting for its next attempt (``retrying``), or over. Only the call book
+    (:mod:`.book`) changes it."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PENDING, RETRYING, DONE, FAILED = CallStatus.PENDING, CallStatus.RETRYING, CallStatus.DONE, CallStatus.FAILED
 
 
 @dataclass(slots=True, eq=False)
@@ -23,7 +41,7 @@ class CallState:
     awaited: bool
     fingerprint: str = ""
     sandbox_args: Any = None  # (args, kwargs) as the sandbox gave them; None after a restore
-    status: str = "pending"  # pending | retrying | done | failed
+    status: CallStatus = PENDING  # changed by the call book only
     attempts: int = 0
     result_text: str | None = None
     error_text: str | None = None
@@ -52,14 +70,15 @@ class CallState:
     def view_status(self) -> str:
         if self.reused:
             return "reused"
-        if self.status == "pending":
+        status = self.status
+        if status is PENDING:
             if self.kind == "sleep":
                 return "waiting"
             if self.task is not None:
                 return "running" if self.task.started_at else "queued"
             if self.limited is not None:
                 return "limited"
-        return self.status
+        return status.value
 
     def view(self) -> CallView:
         duration = None
@@ -82,20 +101,11 @@ class CallState:
 
     def journaled_answer(self, codec: ValueCodec) -> dict[str, Any] | None:
         """What Monty gets for a call whose outcome is in the journal (None when it has none)."""
-        if self.status == "done":
+        if self.status is DONE:
             return {"return_value": codec.decode_sandbox(self.result_text)}
-        if self.status == "failed":
+        if self.status is FAILED:
             return error_answer(self.error_type, self.error_message)
         return None
-
-
-@dataclass
-class Counters:
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    restored: int = 0
-    reused: int = 0
 
 
 PHANTOM = CallState(-1, "", "call", "[]", False)
@@ -111,7 +121,7 @@ def stored_call_views(rows: list[Any]) -> list[CallView]:
             row.kind,
             row.args,
             True,
-            status=row.status,
+            status=CallStatus(row.status),
             attempts=row.attempts,
             error_text=row.error,
             started_at=row.started_at,

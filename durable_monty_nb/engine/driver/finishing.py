@@ -76,7 +76,7 @@ class Finishing:
     def _fail(self: Driver, exc: MontyRuntimeError) -> None:
         inner = exc.exception()
         error_type = type(inner).__name__
-        cause = self._failed_calls.get((error_type, exception_message(inner)))
+        cause = self.book.failed_by_error.get((error_type, exception_message(inner)))
         from_call = cause is not None and bool(cause.error_text)
         text = format_monty_error(exc, self.key, sandbox_hint=not from_call)
         if from_call:

@@ -14,7 +14,7 @@ from pydantic_monty import MontyCrashedError
 from ...errors import DurableError, StoreUnavailable
 from ...store.store import Step
 from .. import sandbox
-from .calls import CallState
+from .calls import RETRYING, CallState, CallStatus
 
 if TYPE_CHECKING:
     from .loop import Driver
@@ -26,9 +26,8 @@ class Ledger:
     """Mixin of :class:`Driver`: the journal of calls and the store's view of them."""
 
     def _register(self: Driver, state: CallState, call_key: str, due_at: float | None = None) -> None:
-        self.calls[state.call_id] = state
+        self.book.add(state)
         self._announced.append(state)
-        self.counters.total += 1
         row = {
             "execution_id": self.execution_id,
             "call_id": state.call_id,
@@ -48,28 +47,11 @@ class Ledger:
         self.step.new_calls.append(row)
         self._new_rows[state.call_id] = row
 
-    def _journal(self: Driver, state: CallState) -> None:
-        """Queue the call's current outcome for the next commit (every column, so rows stay signed right)."""
-        self.step.call_updates.append(
-            {
-                "call_id": state.call_id,
-                "status": state.status,
-                "attempts": state.attempts,
-                "result": state.result_text,
-                "error": state.error_text,
-                "error_type": state.error_type,
-                "error_message": state.error_message,
-                "due_at": state.due_at,
-                "started_at": state.started_at,
-                "finished_at": state.finished_at,
-                "worker": state.worker,
-            }
-        )
-
     # -- commits ------------------------------------------------------------------------------
 
     def _commit(self: Driver, blocked_snapshot: Any) -> None:
         step = self.step
+        step.call_updates += self.book.take_journal()
         if self._announced and blocked_snapshot is not None:
             step.checkpoint = blocked_snapshot.dump()
             self._announced = []
@@ -82,6 +64,7 @@ class Ledger:
 
     def _write_step(self: Driver) -> None:
         """Commit the pending step (with the counters and any new blobs) and start a new one."""
+        self.step.call_updates += self.book.take_journal()
         if self.codec.pending_blobs:  # merged: a step that failed to commit keeps its own
             self.step.blobs.update(self.codec.pending_blobs)
             self.codec.pending_blobs = {}
@@ -127,11 +110,9 @@ class Ledger:
             if hit is None:
                 self._to_dispatch.append(state)
                 continue
-            state.status, state.reused, state.result_text = "done", True, hit.result
-            row.update(status="done", result=hit.result, reused_from=hit.execution_id, attempts=0)
-            self.answers[state.call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
-            self.counters.done += 1
-            self.counters.reused += 1
+            answer = {"return_value": self.codec.decode_sandbox(hit.result)}
+            self.book.transition_pending_done(state, hit.result, answer, reused=True, journal=False)
+            row.update(status="done", result=hit.result, reused_from=hit.execution_id, attempts=0)  # the new row
             served = True
         return served
 
@@ -145,6 +126,7 @@ class Ledger:
         """
         now = time.time()
         verify = self.store.verify_call_fields
+        book, codec = self.book, self.codec
         unfinished = self._to_attach if self.executor.durable else self._to_dispatch
         for row in rows:  # unpacked: attribute access on 10,000 rows costs more than all the rest
             (
@@ -178,7 +160,7 @@ class Ledger:
                 True,
                 fingerprint,
                 None,
-                status,
+                CallStatus(status),
                 attempts,
                 result,
                 error,
@@ -192,28 +174,21 @@ class Ledger:
                 None,
                 worker,
             )
-            self.calls[call_id] = state
-            self.counters.total += 1
-            if status == "done" or (status == "failed" and not retry_failed):
-                self.answers[call_id] = state.journaled_answer(self.codec)  # type: ignore[assignment]
-                if status == "done":
-                    self.counters.done += 1
-                    self.counters.restored += 1
-                else:
-                    self.counters.failed += 1
-                    self._failed_calls[(error_type or "", error_message or "")] = state
-            elif kind == "signal":
+            over = status == "done" or (status == "failed" and not retry_failed)
+            book.restore(state, retry_failed=retry_failed, answer=state.journaled_answer(codec) if over else None)
+            if over:
+                continue
+            if kind == "signal":
                 self._restore_wait(state, now)
             elif kind == "sleep":
                 self._push_timer(due_at or now, state)
             elif status == "retrying" and due_at and due_at > now:
                 self._push_timer(due_at, state)
-            elif status == "failed":  # a fresh try after a fix: the policy starts over (attempt ids go on)
-                state.earlier = attempts
-                state.status = "pending"
+            elif status == "failed":  # a fresh try after a fix (the book starts the policy over)
                 self._to_dispatch.append(state)
             else:
-                state.status = "pending"
+                if state.status is RETRYING:  # its time came while nobody drove it
+                    book.transition_retrying_pending(state)
                 unfinished.append(state)
 
     def _recover_from_crash(self: Driver, exc: MontyCrashedError) -> Any:
@@ -221,10 +196,8 @@ class Ledger:
         self._crashes += 1
         if self._crashes > MAX_WORKER_CRASHES:
             raise DurableError(f"the Monty worker crashed {self._crashes} times; last: {exc}") from exc
-        for state in self._announced:  # not checkpointed: Monty will announce them again
-            self.calls.pop(state.call_id, None)
-            self.counters.total -= 1
         announced = {s.call_id for s in self._announced}
+        self.book.forget(announced)  # not checkpointed: Monty will announce them again
         self.step.new_calls = [r for r in self.step.new_calls if r["call_id"] not in announced]
         self._new_rows = {k: v for k, v in self._new_rows.items() if k not in announced}
         self._to_dispatch = [s for s in self._to_dispatch if s.call_id not in announced]

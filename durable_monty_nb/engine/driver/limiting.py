@@ -1,52 +1,65 @@
-"""Call controls in the driver: admission by concurrency and rate, timeouts, RetryAfter.
+"""Call controls as components of the driver: admission by concurrency and rate, timeouts, RetryAfter.
 
-Calls of a function with a concurrency limit or a rate wait in ``_limited`` until their
-function's process-wide :class:`~..controls.Gate` admits them; a slot is given back when the
-attempt ends (or times out). A timed-out attempt is settled as a ``TimeoutError`` at its
-deadline and the executor is asked to cancel it: the cell never waits for a hung call.
+- :class:`Admission`: calls of a function with a concurrency limit or a rate wait in it until
+  their function's process-wide :class:`~..controls.Gate` admits them; a slot is given back
+  when the attempt ends (or times out).
+- :class:`Timeouts`: a timed-out attempt is settled as a ``TimeoutError`` at its deadline and
+  the executor is asked to cancel it: the cell never waits for a hung call.
+- :class:`RetryAfters`: a ``RetryAfter`` runs the call again after the delay it asked for, not
+  counted as a failure; the other calls of the function wait too.
+
+Each reaches the loop only through :class:`~.components.Loop`; :class:`Controls` is the
+per-function lookup they share.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from ...executors.base import ErrorInfo, Outcome, Task
 from ..controls import GATES, NO_LIMITS, RETRY_AFTER_TYPE, CallControls, controls_for, gate, retry_after_seconds
-from .calls import CallState
+from .components import Component, Loop
 
 if TYPE_CHECKING:
-    from .loop import Driver
+    from .calls import CallState
 
 TIMEOUT_TYPES = ("builtins.TimeoutError", "builtins.OSError", "builtins.Exception", "builtins.BaseException")
 QUEUED_CHECK = 1.0  # seconds between looks at a timed call still waiting to start
 
 
-class Limiting:
-    """Mixin of :class:`Driver`: see the module docstring."""
+class Controls:
+    """The call controls of each function of a run (its own, over the run's defaults), looked up once."""
 
-    def _init_limits(self: Driver) -> None:
-        self._limited: dict[str, deque[CallState]] = {}  # calls waiting for admission, by function
-        self._limit_check_at: float | None = None  # when a rate token may be free again
-        self._controls: dict[str, CallControls] = {}
-        self._waiting_slot: set[str] = set()
-        self._to_cancel: list[Task] = []  # timed-out attempts, cancelled together after the timers
+    def __init__(self, loop: Loop, default: CallControls) -> None:
+        self._loop = loop
+        self._default = default
+        self._found: dict[str, CallControls] = {}
 
-    def _controls_of(self: Driver, function: str) -> CallControls:
-        found = self._controls.get(function)
+    def of(self, function: str) -> CallControls:
+        found = self._found.get(function)
         if found is None:
-            fn = self._function(function)
-            found = self._controls[function] = controls_for(fn, self.settings.controls) if fn else NO_LIMITS
+            fn = self._loop.function(function)
+            found = self._found[function] = controls_for(fn, self._default) if fn else NO_LIMITS
         return found
 
-    def _admit(self: Driver, states: list[CallState]) -> list[CallState]:
-        """The calls that may start now (each holding a slot); the others wait in ``_limited``.
+
+class Admission(Component):
+    """Concurrency and rate (see the module docstring)."""
+
+    def __init__(self, loop: Loop, controls: Controls) -> None:
+        self._loop = loop
+        self._controls = controls
+        self._limited: dict[str, deque[CallState]] = {}  # calls waiting for admission, by function
+        self._check_at: float | None = None  # when a rate token may be free again
+        self._waiting_slot: set[str] = set()
+
+    def admit(self, states: list[CallState], now: float) -> list[CallState]:
+        """The calls that may start now (each holding a slot); the others wait here.
 
         O(1) per call: unlimited functions pass straight through, and a function's waiting
         calls are admitted from the head of its queue until its gate says stop.
         """
-        now = time.time()
         admitted: list[CallState] = []
         limited = self._limited
         for state in states:
@@ -54,7 +67,7 @@ class Limiting:
             if name in limited:
                 limited[name].append(state)
                 continue
-            if not self._controls_of(name).limited:
+            if not self._controls.of(name).limited:
                 held = GATES.get(name)
                 if held is None or held.next_start <= now:
                     admitted.append(state)
@@ -62,10 +75,10 @@ class Limiting:
             limited[name] = deque((state,))
         if not limited:
             return admitted
-        self._limit_check_at = None
+        self._check_at = None
         for name in list(limited):
             waiting = limited[name]
-            controls = self._controls_of(name)
+            controls = self._controls.of(name)
             function_gate = gate(name)
             while waiting:
                 wait = function_gate.admit(controls, now)
@@ -85,77 +98,90 @@ class Limiting:
             if wait is None:
                 if name not in self._waiting_slot:
                     self._waiting_slot.add(name)
-                    function_gate.wait_for_slot(id(self), self._wake)
+                    function_gate.wait_for_slot(id(self), self._loop.wake)
             else:
                 due = now + wait
-                self._limit_check_at = due if self._limit_check_at is None else min(self._limit_check_at, due)
+                self._check_at = due if self._check_at is None else min(self._check_at, due)
         return admitted
 
-    @property
-    def limited_count(self: Driver) -> int:
-        return sum(len(waiting) for waiting in list(self._limited.values()))  # read by other threads
-
-    def _wake(self: Driver) -> None:
-        from .scheduling import WAKE
-
-        self._outcomes.put(WAKE)
-
-    def _release_slot(self: Driver, state: CallState) -> None:
+    def ended(self, state: CallState) -> None:
         if state.slot:
             state.slot = False
             gate(state.function).release()
 
-    def _forget_limits(self: Driver) -> None:
-        """At the end: give back slots of attempts still running, stop waiting for slots."""
-        for state in self.calls.values():
-            self._release_slot(state)
+    def next_check(self) -> float | None:
+        return self._check_at
+
+    def waiting(self) -> int:
+        return sum(len(waiting) for waiting in list(self._limited.values()))  # read by other threads
+
+    def close(self) -> None:
+        """Give back slots of attempts still running, stop waiting for slots."""
+        for state in self._loop.book.calls.values():
+            self.ended(state)
         for name in self._waiting_slot:
             gate(name).forget(id(self))
 
-    def _start_deadline(self: Driver, state: CallState) -> None:
-        """At dispatch: the attempt's deadline, as a timer."""
-        timeout = self._controls_of(state.function).timeout
+
+class Timeouts(Component):
+    """An attempt's deadline (see the module docstring)."""
+
+    def __init__(self, loop: Loop, controls: Controls) -> None:
+        self._loop = loop
+        self._controls = controls
+        self._to_cancel: list[Task] = []  # timed-out attempts, cancelled together after the timers
+
+    def started(self, state: CallState, now: float) -> None:
+        timeout = self._controls.of(state.function).timeout
         if timeout is not None:
-            state.timeout_at = time.time() + timeout
-            self._push_timer(state.timeout_at, state)
+            state.timeout_at = now + timeout
+            self._loop.push_timer(state.timeout_at, state)
 
-    def _time_out(self: Driver, state: CallState, now: float) -> bool:
-        """A timer fired for ``state``: settle its attempt as timed out if its deadline passed.
+    def ended(self, state: CallState) -> None:
+        state.timeout_at = None
 
-        An attempt's time starts when it starts running: while it waits for a thread or a worker
-        the deadline moves on (checked again within a second), so a queue never times calls out.
-        """
+    def timer(self, state: CallState, now: float) -> bool:
+        """Settle the attempt of ``state`` as timed out if its deadline passed."""
         task = state.task
         if task is None or state.timeout_at is None or state.timeout_at > now:
             return False
-        timeout = self._controls_of(state.function).timeout or 0.0
+        timeout = self._controls.of(state.function).timeout or 0.0
+        # An attempt's time starts when it starts running: while it waits for a thread or a worker
+        # the deadline moves on (checked again within a second), so a queue never times calls out.
         deadline = task.started_at + timeout if task.started_at else now + min(timeout, QUEUED_CHECK)
         if deadline > now:
             state.timeout_at = deadline
-            self._push_timer(deadline, state)
+            self._loop.push_timer(deadline, state)
             return False
         message = f"{state.function}() did not finish within {timeout:g} s"
+        executor = self._loop.executor
         where = "its thread cannot be killed and is left to finish; its result will be ignored"
-        if self.executor.remote:
-            where = f"its job on the {self.executor.name} executor was cancelled"
+        if executor.remote:
+            where = f"its job on the {executor.name} executor was cancelled"
         self._to_cancel.append(task)
         error = ErrorInfo(TIMEOUT_TYPES, message, f"TimeoutError: {message} ({where})")
-        # Settled as any failed attempt (the bookkeeping and the retry policy of _collect); its
-        # real outcome, if it ever comes, is for an attempt the driver no longer waits for.
+        # Settled as any failed attempt (the bookkeeping and the retry policy); its real
+        # outcome, if it ever comes, is for an attempt the driver no longer waits for.
         started = task.started_at or 0.0
-        self._collect([Outcome(state.call_id, task.attempt, False, error=error, started_at=started, finished_at=now)])
+        self._loop.settle(Outcome(state.call_id, task.attempt, False, error=error, started_at=started, finished_at=now))
         return True
 
-    def _cancel_timed_out(self: Driver) -> None:
+    def after_timers(self) -> None:
         """Cancel the attempts that timed out in one request, those not started yet first (so a
         worker freed by a cancelled running attempt never picks up one about to be cancelled)."""
         tasks, self._to_cancel = self._to_cancel, []
-        cancel = getattr(self.executor, "cancel", None)
+        cancel = getattr(self._loop.executor, "cancel", None)
         if tasks and cancel is not None:
             cancel(sorted(tasks, key=lambda task: bool(task.started_at)))
 
-    def _retry_after(self: Driver, state: CallState, outcome: Outcome) -> bool:
-        """A RetryAfter: run the call again after the delay it asked for, not counted as a failure."""
+
+class RetryAfters(Component):
+    """A ``RetryAfter`` (see the module docstring)."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+
+    def failed(self, state: CallState, outcome: Outcome) -> bool:
         error = outcome.error
         if error is None or RETRY_AFTER_TYPE not in error.types:
             return False
@@ -163,8 +189,13 @@ class Limiting:
         due = outcome.finished_at + delay
         gate(state.function).hold_until(due)  # the other calls of the function wait too
         state.deferred += 1
-        state.status, state.due_at = "retrying", due
-        self._push_timer(due, state)
-        self._journal(state)
-        self._emit_retrying(state, delay, error.message)
+        self._loop.book.transition_pending_retrying(state, due)
+        self._loop.push_timer(due, state)
+        self._loop.emit_retrying(state, delay, error.message)
         return True
+
+
+def call_controls(loop: Loop, default: CallControls) -> list[Component]:
+    """The components of the call controls, in the order the loop calls them."""
+    controls = Controls(loop, default)
+    return [Admission(loop, controls), Timeouts(loop, controls), RetryAfters(loop)]

@@ -32,8 +32,9 @@ from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, 
 
 from ... import defaults
 from ...errors import DurableError, LeaseLost, StoreUnavailable, WorkflowFailed, interrupted_error
-from ...executors.base import Executor
-from ...store.store import LIVE_OWNERS, Step, Store
+from ...executors.base import Executor, Outcome
+from ...store.owners import release_owner
+from ...store.store import Step, Store
 from ...store.transient import Outage
 from ...values import ValueCodec
 from .. import sandbox
@@ -44,10 +45,12 @@ from ..fingerprint import Fingerprinter
 from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
 from . import switching
-from .calls import CallState, Counters
+from .book import CallBook
+from .calls import CallState
+from .components import Hooks
 from .finishing import Finishing
 from .ledger import Ledger
-from .limiting import Limiting
+from .limiting import call_controls
 from .protocol import MontyProtocol
 from .scheduling import WAKE, Scheduling
 from .waits import Waits
@@ -68,7 +71,7 @@ class Settings:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
+class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -112,9 +115,10 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self.fingerprinter = fingerprinter or Fingerprinter()
         self.rerun_functions = rerun_functions
 
-        self.calls: dict[int, CallState] = {}
-        self.answers: dict[int, dict[str, Any]] = {}
-        self.counters = Counters()
+        self.book = CallBook()  # the calls, their answers, counters and journal (the only writer of a status)
+        self.calls: dict[int, CallState] = self.book.calls  # read-only views of the book's own
+        self.answers: dict[int, dict[str, Any]] = self.book.answers
+        self.counters = self.book.counters
         self.step = Step(execution={"status": "running", "finished_at": None})
         self._announced: list[CallState] = []
         self._new_rows: dict[int, dict[str, Any]] = {}
@@ -131,7 +135,6 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         self._argument_classes: dict[str, str] = {}  # type name -> class token ("" for other types)
         self._shipped: dict[str, str] = {}
         self._args_blobs: dict[int, str] = {}
-        self._failed_calls: dict[tuple[str, str], CallState] = {}
         self._stopping = False
         self._finished = False
         self._state_lock = threading.Lock()
@@ -144,7 +147,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
         self._init_waits()
-        self._init_limits()
+        self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
         if restored_calls is not None:
@@ -181,15 +184,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         return True
 
     def progress(self) -> Progress:
-        c = self.counters
+        c = self.book.snapshot()  # one consistent copy of the counters, whatever the driver does meanwhile
         queued, running = self.executor.counts()
-        retrying = waiting = 0
-        if self._timers:
-            for state in list(self.calls.values()):
-                if state.status == "retrying":
-                    retrying += 1
-                elif state.kind == "sleep" and state.status == "pending":
-                    waiting += 1
         in_flight = max(self._in_flight, 0)
         running = min(running, in_flight)
         return Progress(
@@ -198,14 +194,14 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             failed=c.failed,
             running=running,
             queued=min(queued, in_flight - running),
-            retrying=retrying,
-            waiting=waiting,
+            retrying=c.retrying,
+            waiting=c.waiting,
             restored=c.restored,
             reused=c.reused,
             note=None if self._finished else (self._store_problem() or self.executor.problem),
             signals=len(self._signal_waits),
             external=len(self._external_waits),
-            limited=self.limited_count,
+            limited=sum(waiting() for waiting in self.hooks.waiting),
         )
 
     def call_views(self) -> list[CallView]:
@@ -218,6 +214,23 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             for s in list(self.calls.values())
             if s.kind == "call"
         )
+
+    # -- what components may ask of the loop (components.Loop) -----------------------------------
+
+    def function(self, name: str) -> Callable[..., Any] | None:
+        return self._function(name)
+
+    def wake(self) -> None:
+        self._outcomes.put(WAKE)
+
+    def push_timer(self, due: float, state: CallState) -> None:
+        self._push_timer(due, state)
+
+    def settle(self, outcome: Outcome) -> None:
+        self._collect([outcome])
+
+    def emit_retrying(self, state: CallState, wait: float, message: str) -> None:
+        self._emit_retrying(state, wait, message)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -242,8 +255,9 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
             )
         finally:
             self._stop_listening()
-            self._forget_limits()
-            LIVE_OWNERS.discard(self.owner)
+            for close in self.hooks.close:
+                close()
+            release_owner(self.owner)
             self.store.release_writer()
             sandbox.close_session(self.session)
             self.executor.shutdown()

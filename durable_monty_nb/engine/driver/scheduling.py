@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from ...defaults import INLINE_LIMIT
 from ...errors import ValueCrossingError
 from ...executors.base import ErrorInfo, LocalCall, Outcome, Task, attempt_id
+from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..frames import FrameIndex
 from ..retry import policy_for
-from .calls import CallState
+from .calls import PENDING, RETRYING, CallState
 from .exceptions import error_answer, last_message, sandbox_exception_type
 
 if TYPE_CHECKING:
@@ -89,7 +90,9 @@ class Scheduling:
 
     def _dispatch(self: Driver) -> None:
         states, self._to_dispatch = self._to_dispatch, []
-        states = self._admit(states)  # concurrency and rate limits (limiting.py)
+        now = time.time()
+        for admit in self.hooks.admit:  # concurrency and rate limits (limiting.py)
+            states = admit(states, now)
         tasks = []
         for state in states:
             if self._dispatch_external(state):  # published for completion from outside (waits.py)
@@ -99,10 +102,10 @@ class Scheduling:
                 task.local = self._local_call(state)
                 if task.local is None:
                     continue
-            state.status = "pending"
             state.task = task
             tasks.append(task)
-            self._start_deadline(state)
+            for started in self.hooks.started:  # the attempt's deadline (limiting.py)
+                started(state, now)
         if tasks:
             self._in_flight += len(tasks)
             self.executor.submit(tasks, self._outcomes.put)
@@ -160,7 +163,7 @@ class Scheduling:
             state.task = task
             self._in_flight += 1
             if record.finished:
-                self._outcomes.put(record.outcome())
+                self._outcomes.put(outcome_of(record))
             elif record.executor == self.executor.name:
                 follow.append(task)
             else:
@@ -175,8 +178,11 @@ class Scheduling:
         timeout = self.settings.heartbeat if timeout is None else timeout
         if self._timers and not self._stopping:
             timeout = max(min(timeout, self._timers[0][0] - time.time()), 0.0)
-        if self._limit_check_at is not None and not self._stopping:
-            timeout = max(min(timeout, self._limit_check_at - time.time()), 0.0)
+        if not self._stopping:
+            for next_check in self.hooks.next_check:
+                check_at = next_check()
+                if check_at is not None:
+                    timeout = max(min(timeout, check_at - time.time()), 0.0)
         try:
             first = self._outcomes.get(timeout=timeout)
         except queue.Empty:
@@ -201,7 +207,7 @@ class Scheduling:
             kept = [o for key, o in ids.items() if o.lost and not (key in records and records[key].finished)]
             looked = {id(o) for o in look}
             items = [o for o in items if id(o) not in looked]
-            items += kept + [record.outcome() for record in records.values() if record.finished]
+            items += kept + [outcome_of(record) for record in records.values() if record.finished]
         for outcome in items:
             if outcome is WAKE:
                 continue
@@ -210,8 +216,8 @@ class Scheduling:
                 continue  # an outcome of an attempt this driver no longer waits for
             self._in_flight -= 1
             state.task = None
-            state.timeout_at = None
-            self._release_slot(state)
+            for ended in self.hooks.ended:  # slots given back, deadlines dropped (limiting.py)
+                ended(state)
             state.attempts = outcome.attempt
             state.started_at, state.finished_at = outcome.started_at or None, outcome.finished_at
             state.worker = outcome.worker or None
@@ -229,25 +235,21 @@ class Scheduling:
             except ValueCrossingError as exc:
                 self._settle_failure(state, ErrorInfo.of(exc, f"ValueCrossingError: {exc}"), outcome.finished_at)
                 return
-        state.status, state.result_text, state.error_text = "done", text, None
-        self.answers[state.call_id] = {"return_value": sandbox_value}
-        self.counters.done += 1
-        state.error_type = state.error_message = state.due_at = None
-        self._journal(state)
+        self.book.transition_pending_done(state, text, {"return_value": sandbox_value})
 
     def _settle_attempt_failure(self: Driver, state: CallState, outcome: Outcome) -> None:
         error = outcome.error
         assert error is not None
         if self.executor.remote and error.traceback:  # frames of code shipped by value: give them back their source
             error = outcome.error = self._local_frames(state.function, error)
-        if self._retry_after(state, outcome):
-            return
+        for failed in self.hooks.failed:  # a RetryAfter (limiting.py)
+            if failed(state, outcome):
+                return
         if outcome.lost:
             self.step.lost_attempts.append(attempt_id(self.execution_id, state.call_id, outcome.attempt))
             state.lost += 1
             if state.lost <= MAX_LOST_ATTEMPTS:
-                state.status = "pending"
-                self._journal(state)
+                self.book.journal(state)  # still pending: its next attempt is dispatched at once
                 self._to_dispatch.append(state)
                 self._emit_retrying(state, 0.0, error.message)
                 return
@@ -258,10 +260,9 @@ class Scheduling:
             self._settle_failure(state, error, outcome.finished_at)
             return
         wait = policy.wait_before(state.policy_attempts)
-        state.status, state.due_at = "retrying", outcome.finished_at + wait
-        state.error_text, state.error_type = error.traceback, error.type_name
-        self._push_timer(state.due_at, state)
-        self._journal(state)
+        due = outcome.finished_at + wait
+        self.book.transition_pending_retrying(state, due, error_text=error.traceback, error_type=error.type_name)
+        self._push_timer(due, state)
         self._emit_retrying(state, wait, last_message(error.traceback))
 
     def _local_frames(self: Driver, function: str, error: ErrorInfo) -> ErrorInfo:
@@ -281,13 +282,8 @@ class Scheduling:
 
     def _settle_failure(self: Driver, state: CallState, error: ErrorInfo, finished_at: float) -> None:
         exc_type = sandbox_exception_type(error)
-        state.status, state.error_text, state.error_type = "failed", error.traceback, exc_type
-        state.error_message, state.finished_at = error.message, finished_at
-        self.answers[state.call_id] = error_answer(exc_type, error.message)
-        self._failed_calls[(exc_type, error.message)] = state
-        self.counters.failed += 1
-        state.result_text = state.due_at = None
-        self._journal(state)
+        answer = error_answer(exc_type, error.message)
+        self.book.transition_pending_failed(state, exc_type, error.message, error.traceback, finished_at, answer)
         self.run.events.emit(
             CallFailed(self.execution_id, state.call_id, state.function, state.attempts, last_message(error.traceback))
         )
@@ -303,18 +299,18 @@ class Scheduling:
             _, _, call_id = heapq.heappop(self._timers)
             state = self.calls[call_id]
             if state.kind == "sleep":
-                state.status, state.result_text = "done", "null"
-                state.finished_at = now
-                self.answers[call_id] = {"return_value": None}
-                self.counters.done += 1
-                state.attempts = 1
-                self._journal(state)
-            elif state.status == "retrying":
+                if state.status is not PENDING:
+                    continue  # a timer of a sleep announced twice (the sandbox crashed between)
+                state.finished_at, state.attempts = now, 1
+                self.book.transition_pending_done(state, "null", {"return_value": None})
+            elif state.status is RETRYING:
                 if state.due_at is None or state.due_at <= now:  # not an older timer of the call
                     state.due_at = None
+                    self.book.transition_retrying_pending(state)
                     self._to_dispatch.append(state)
-            elif self._time_out(state, now):  # the attempt's deadline (limiting.py)
+            elif any(timer(state, now) for timer in self.hooks.timer):  # an attempt's deadline (limiting.py)
                 continue
             else:  # a deadline of a signal wait or an external call (waits.py)
                 self._wait_deadline(state, now)
-        self._cancel_timed_out()
+        for after_timers in self.hooks.after_timers:
+            after_timers()

@@ -42,7 +42,7 @@ from ...store import mailbox
 from ...store.mailbox import SignalError, call_signal_name, check_name
 from ...tokens import call_token, signal_token
 from ..fingerprint import sha256
-from .calls import PHANTOM, CallState
+from .calls import PENDING, PHANTOM, RETRYING, CallState
 from .exceptions import SANDBOX_EXCEPTIONS, error_answer
 from .scheduling import WAKE
 
@@ -77,7 +77,7 @@ class Waits:
         if waiting and not self._to_dispatch and self._in_flight <= len(self._external_waits):
             calls = self.calls
             parked = not any(
-                calls[cid].status == "retrying" or (calls[cid].kind == "sleep" and calls[cid].status == "pending")
+                calls[cid].status is RETRYING or (calls[cid].kind == "sleep" and calls[cid].status is PENDING)
                 for _, _, cid in self._timers
             )
         self.parked = parked
@@ -150,7 +150,6 @@ class Waits:
 
     def _restore_wait(self: Driver, state: CallState, now: float) -> None:
         """A signal wait of the checkpoint without a journaled answer: wait again (same deadline)."""
-        state.status = "pending"
         name = signal_name_of(state.args_text)
         self._signal_waits[state.call_id] = name
         if state.due_at is None and (timeout := signal_timeout_of(state.args_text)) is not None:
@@ -191,29 +190,21 @@ class Waits:
             self._taken_seqs.add(row.seq)
             self.step.consumed_signals.append((row.seq, call_id))
             state = self.calls[call_id]
-            state.status, state.result_text, state.error_text = "done", row.value, None
-            state.error_type = state.error_message = state.due_at = None
             state.attempts, state.started_at, state.finished_at = 1, row.created_at, now
-            self.answers[call_id] = {"return_value": self.codec.decode_sandbox(row.value)}
-            self.counters.done += 1
-            self._journal(state)
+            self.book.transition_pending_done(state, row.value, {"return_value": self.codec.decode_sandbox(row.value)})
 
     def _wait_deadline(self: Driver, state: CallState, now: float) -> None:
         """A timer of a wait fired: a signal or an external attempt not answered in time."""
         call_id = state.call_id
-        if state.kind == "signal" and call_id in self._signal_waits and state.status == "pending":
+        if state.kind == "signal" and call_id in self._signal_waits and state.status is PENDING:
             if state.due_at is None or state.due_at > now:
                 return
             name = self._signal_waits.pop(call_id)
             timeout = signal_timeout_of(state.args_text)
             message = f"no signal {name!r} arrived within {timeout:g} s" if timeout is not None else "timed out"
-            state.status, state.error_type, state.error_message = "failed", "TimeoutError", message
-            state.error_text, state.result_text, state.due_at = f"TimeoutError: {message}", None, None
-            state.attempts, state.finished_at = 1, now
-            self.answers[call_id] = error_answer("TimeoutError", message)
-            self._failed_calls[("TimeoutError", message)] = state
-            self.counters.failed += 1
-            self._journal(state)
+            state.attempts = 1
+            answer = error_answer("TimeoutError", message)
+            self.book.transition_pending_failed(state, "TimeoutError", message, f"TimeoutError: {message}", now, answer)
             return
         found = self._external_waits.get(call_id)
         if found is None or state.task is None or state.task.attempt != found[0]:
@@ -240,13 +231,13 @@ class Waits:
         now = time.time()
         task = Task(self.execution_id, state.call_id, attempt, state.function)
         task.started_at = now
-        state.task, state.status, state.worker = task, "pending", EXTERNAL_WORKER
+        state.task, state.worker = task, EXTERNAL_WORKER
         self._in_flight += 1
         deadline = now + spec.timeout if spec.timeout is not None else None
         self._external_waits[state.call_id] = (attempt, deadline)
         if deadline is not None:
             self._push_timer(deadline, state)
-        self._journal(state)  # the worker column marks it external in the store (status views)
+        self.book.journal(state)  # the worker column marks it external in the store (status views)
         self._mailbox_check = True  # completed while this kernel was down?
         token = call_token(self.store.signer, self.execution_id, state.call_id, attempt)
         call = ExternalCall(
