@@ -99,6 +99,10 @@ class ExecutionBusy(DurableError):
     """Another live process (or run) drives this execution right now."""
 
 
+class ForgetRefused(ExecutionBusy):
+    """An execution to forget is running or parked in a live process (it holds its lease)."""
+
+
 class ExecutionNotFound(DurableError):
     """No execution with this name or id exists in the store."""
 

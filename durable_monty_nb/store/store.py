@@ -96,6 +96,7 @@ ATTEMPT_FIELDS = (
 COMPRESS_ABOVE = 16 * 1024
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
+DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)
 
 
 def default_db_path(folder: str | os.PathLike[str] | None = None) -> Path:
@@ -348,7 +349,11 @@ class Store:
         if row is not None:
             return row
         with self._reader.connect() as conn:
-            rows = conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id.like(f"{name_or_id}%")).limit(2)).all()
+            rows = conn.execute(
+                select(EXECUTIONS)
+                .where(EXECUTIONS.c.id.like(f"{name_or_id}%"), EXECUTIONS.c.status != DELETING)
+                .limit(2)
+            ).all()
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
@@ -357,7 +362,7 @@ class Store:
 
     @_retried
     def list_executions(self, *, latest_only: bool = True, key: str | None = None) -> list[Row]:
-        query = select(EXECUTIONS).order_by(EXECUTIONS.c.created_at.desc())
+        query = select(EXECUTIONS).where(EXECUTIONS.c.status != DELETING).order_by(EXECUTIONS.c.created_at.desc())
         if key is not None:
             query = query.where(EXECUTIONS.c.key == key)
         elif latest_only:
@@ -642,6 +647,8 @@ class Store:
 
     def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
         existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
+        if existing:
+            existing = _reuse_existing(conn, FUNCTIONS, existing, now, self.backend)
         rows = [
             {
                 "key": key,
@@ -725,6 +732,8 @@ class Store:
         existing: set[str] = set()
         for chunk in _chunks(keys, IN_CHUNK):
             existing.update(conn.execute(_EXISTING_BLOBS, {"keys": list(chunk)}).scalars())
+        if existing:
+            existing = _reuse_existing(conn, BLOBS, existing, now, self.backend)
         rows = [
             {
                 "key": k,
@@ -739,6 +748,33 @@ class Store:
         ]
         if rows:
             _run(conn, _insert_statement("dm_blobs", tuple(sorted(rows[0]))), rows)
+
+    # -- retention (see retention.py) ---------------------------------------------------------
+
+    def forget(self, name_or_id: str, *, force: bool = False, vacuum: bool = False) -> Any:
+        """Remove a workflow (all executions of a key) or one execution, with everything only they use."""
+        from .retention import forget
+
+        return forget(self, name_or_id, force=force, vacuum=vacuum)
+
+    def prune(
+        self,
+        *,
+        older_than: float | str | None = None,
+        keep_latest: int = 1,
+        dry_run: bool = False,
+        vacuum: bool = False,
+    ) -> Any:
+        """Remove completed executions beyond the latest ``keep_latest`` of each key (see retention.prune)."""
+        from .retention import prune
+
+        return prune(self, older_than=older_than, keep_latest=keep_latest, dry_run=dry_run, vacuum=vacuum)
+
+    def sizes(self) -> Any:
+        """The store's size and, per workflow, its executions and the bytes they take."""
+        from .retention import sizes
+
+        return sizes(self)
 
     # -- reading back -------------------------------------------------------------------
 
@@ -791,7 +827,12 @@ class Store:
                         CALLS.c.error_message,
                         CALLS.c.result_sig,
                         CALLS.c.function,
-                    ).where(CALLS.c.exec_key == key, CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
+                    ).where(
+                        CALLS.c.exec_key == key,
+                        CALLS.c.call_key.in_(chunk),
+                        CALLS.c.status == "done",
+                        CALLS.c.execution_id.not_in(_BEING_DELETED),  # a prune or forget is removing it
+                    )
                 ).all()
                 for row in rows:
                     if row.call_key not in found:
@@ -834,6 +875,24 @@ class Store:
 TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS)}
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
+_BEING_DELETED = select(EXECUTIONS.c.id).where(EXECUTIONS.c.status == DELETING)
+
+
+def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: str) -> set[str]:
+    """Of content-addressed rows found existing, those still there once refreshed.
+
+    Refreshing ``created_at`` tells a concurrent prune (which only collects rows older than its
+    start) that a writer counts on the row; the locking re-read then sees a row such a prune
+    deleted meanwhile as gone, so the writer inserts it again.
+    """
+    found: set[str] = set()
+    for chunk in _chunks(sorted(keys), IN_CHUNK):
+        conn.execute(update(table).where(table.c.key.in_(chunk)).values(created_at=now))
+        query = select(table.c.key).where(table.c.key.in_(chunk))
+        if backend != "sqlite":
+            query = query.with_for_update(read=True)
+        found.update(conn.execute(query).scalars())
+    return found
 
 
 @functools.cache
