@@ -30,7 +30,9 @@ def main() -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("VACUUM")
     rows = conn.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall()
-    calls = sum(size for name, size in rows if name in ("dm_calls", "ix_dm_calls_reuse", "sqlite_autoindex_dm_calls_1"))
+    calls = sum(
+        size for name, size in rows if name.endswith("dm_calls_1") or name.startswith(("dm_calls", "ix_dm_calls"))
+    )
     for name, size in rows[:5]:
         print(f"{name:32s} {size:>10,d} bytes  {size / n:7.1f} per call")
     print(f"call rows with their indexes: {calls / n:.0f} bytes per call; store file {os.path.getsize(path):,d} bytes")

@@ -293,3 +293,79 @@ def test_ages() -> None:
     for bad in ("-1d", "7 days", "", True, float("nan")):
         with pytest.raises(ValueError):
             parse_age(bad)  # type: ignore[arg-type]
+
+
+def test_upgrade_to_lighter_calls_keeps_older_calls_reusable(db_url: str) -> None:
+    """A store written at 0003 (calls carrying their execution's key and a 64-hex HMAC), upgraded:
+    an edited cell still reuses its calls, whose old signatures still verify."""
+    from alembic import command
+    from alembic.config import Config
+
+    from durable_monty_nb.engine.fingerprint import function_fingerprint, sha256
+    from durable_monty_nb.store import schema
+    from durable_monty_nb.store.signing import Signer
+    from durable_monty_nb.store.store import _signed_text
+
+    ran: list[int] = []
+
+    def a(x: int) -> int:
+        ran.append(x)
+        return x * 10
+
+    config = Config()
+    config.set_main_option("script_location", str(schema.MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
+    db = sa.create_engine(db_url)
+    tables = sa.MetaData()
+    tables.reflect(db)  # a server database of the session holds the tables of earlier tests: start empty
+    tables.drop_all(db)
+    with db.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003_signals")
+    signer, now, eid, key = Signer(), 1.0e9, "e" * 32, "nb.ipynb::cell-0123456789ab"
+    with db.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO dm_executions (id, " + ("`key`" if db.dialect.name == "mysql" else "key") + ", status, "
+                "code, code_hash, code_sig, monty_version, calls_total, calls_done, calls_failed, calls_reused, "
+                "created_at, updated_at) VALUES (:id, :key, 'completed', 'x', 'h', 's', '1.4.0', 2, 2, 0, 0, :t, :t)"
+            ),
+            {"id": eid, "key": key, "t": now},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO dm_keys ("
+                + ("`key`" if db.dialect.name == "mysql" else "key")
+                + ", latest_execution_id, updated_at) VALUES (:k, :e, :t)"
+            ),
+            {"k": key, "e": eid, "t": now},
+        )
+        for call_id, x in ((0, 1), (1, 2)):
+            args, result = f"[[{x}],{{}}]", str(x * 10)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO dm_calls (execution_id, call_id, exec_key, function, kind, fingerprint, args, "
+                    "call_key, status, attempts, result, result_sig, created_at) VALUES (:e, :c, :k, 'a', 'call', "
+                    ":f, :args, :ck, 'done', 1, :r, :sig, :t)"
+                ),
+                {
+                    "e": eid,
+                    "c": call_id,
+                    "k": key,
+                    "f": function_fingerprint(a),
+                    "args": args,
+                    "ck": sha256(f"a\0{function_fingerprint(a)}\0{args}"),
+                    "r": result,
+                    "sig": signer.sign_text(f"call:{eid}:{call_id}", _signed_text(("done", result, None, None, None))),
+                    "t": now,
+                },
+            )
+    db.dispose()
+    schema.upgrade(db_url)
+    engine = Engine(db_url)
+    try:
+        assert engine.run("await gather(a(1), a(2), a(3))", {"a": a}, key=key) == [10, 20, 30]
+        assert ran == [3]  # the two calls stored before the upgrade were reused
+        assert engine.prune().executions == [(eid, key)]
+    finally:
+        engine.close()

@@ -94,6 +94,7 @@ ATTEMPT_FIELDS = (
     "signature",
 )
 COMPRESS_ABOVE = 16 * 1024
+CALL_TAG = 32  # hex digits of a call row's HMAC (128 bits): rows stored by the ten thousand
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
 DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)
@@ -376,7 +377,7 @@ class Store:
         return [r for r in self.list_executions() if r.status in UNFINISHED and not lease_held(r)]
 
     def rename_key(self, old: str, new: str) -> bool:
-        """Move the executions of key ``old``, and the calls later executions reuse, to key ``new``.
+        """Move the executions of key ``old`` (and so the calls later executions reuse) to key ``new``.
 
         How a notebook takes over a workflow of a store written before keys were scoped by
         notebook. Returns False, changing nothing, when ``new`` exists already or ``old`` does not.
@@ -392,7 +393,6 @@ class Store:
                     conn.rollback()
                     return False
                 conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.key == old).values(key=new))
-                conn.execute(update(CALLS).where(CALLS.c.exec_key == old).values(exec_key=new))
         except IntegrityError:  # another process took ``new`` at the same moment
             return False
         return True
@@ -612,7 +612,7 @@ class Store:
             row.get("error_type"),
             row.get("error_message"),
         )
-        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))
+        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))[:CALL_TAG]
 
     def verify_call(self, execution_id: str, row: Any) -> None:
         fields = (row.status, row.result, row.error, row.error_type, row.error_message)
@@ -626,6 +626,7 @@ class Store:
             _signed_text(fields),
             signature,
             f"the stored result of call {call_id} ({function}) of execution {execution_id}",
+            short=True,
         )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
@@ -828,8 +829,8 @@ class Store:
                         CALLS.c.result_sig,
                         CALLS.c.function,
                     ).where(
-                        CALLS.c.exec_key == key,
                         CALLS.c.call_key.in_(chunk),
+                        CALLS.c.execution_id.in_(select(EXECUTIONS.c.id).where(EXECUTIONS.c.key == key)),
                         CALLS.c.status == "done",
                         CALLS.c.execution_id.not_in(_BEING_DELETED),  # a prune or forget is removing it
                     )
