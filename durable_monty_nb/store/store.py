@@ -815,6 +815,13 @@ class Store:
         found: dict[str, Row] = {}
         wanted = list(dict.fromkeys(call_keys))
         with self._reader.connect() as conn:
+            # The executions of the key (those a prune or forget is removing excepted), then the
+            # calls by call key (its index): a call of another key with the same call key is skipped.
+            executions = set(
+                conn.execute(
+                    select(EXECUTIONS.c.id).where(EXECUTIONS.c.key == key, EXECUTIONS.c.status != DELETING)
+                ).scalars()
+            )
             for chunk in _chunks(wanted, IN_CHUNK):
                 rows = conn.execute(
                     select(
@@ -828,15 +835,10 @@ class Store:
                         CALLS.c.error_message,
                         CALLS.c.result_sig,
                         CALLS.c.function,
-                    ).where(
-                        CALLS.c.call_key.in_(chunk),
-                        CALLS.c.execution_id.in_(select(EXECUTIONS.c.id).where(EXECUTIONS.c.key == key)),
-                        CALLS.c.status == "done",
-                        CALLS.c.execution_id.not_in(_BEING_DELETED),  # a prune or forget is removing it
-                    )
+                    ).where(CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
                 ).all()
                 for row in rows:
-                    if row.call_key not in found:
+                    if row.call_key not in found and row.execution_id in executions:
                         try:
                             self.verify_call(row.execution_id, row)
                         except TamperedDataError:
@@ -876,7 +878,6 @@ class Store:
 TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS)}
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
-_BEING_DELETED = select(EXECUTIONS.c.id).where(EXECUTIONS.c.status == DELETING)
 
 
 def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: str) -> set[str]:
