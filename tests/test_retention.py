@@ -369,3 +369,20 @@ def test_upgrade_to_lighter_calls_keeps_older_calls_reusable(db_url: str) -> Non
         assert engine.prune().executions == [(eid, key)]
     finally:
         engine.close()
+
+
+def test_an_outcome_written_for_a_forgotten_execution_is_collected(engine: Engine) -> None:
+    """A worker that finishes an attempt of an execution forgotten meanwhile keeps its outcome
+    (and the value it returned); the next prune removes both."""
+    from durable_monty_nb.executors.record import AttemptRecord
+
+    engine.run(CODE + "0\nys", namespace(), key="w")
+    execution_id = engine.store.latest_execution("w").id
+    engine.forget("w")
+    codec = ValueCodec()
+    result = codec.encode_text(make(7))
+    record = AttemptRecord(f"dm-{execution_id}-0-1", execution_id, 0, 1, "done", "rq", "w1", result, finished_at=1.0)
+    engine.store.finish_attempts([record.sign(engine.store.signer)], codec.pending_blobs)
+    assert len(table_rows(engine, "SELECT attempt_id FROM dm_attempts")) == 1 and len(blob_keys(engine)) == 1
+    engine.prune()
+    assert table_rows(engine, "SELECT attempt_id FROM dm_attempts") == [] and blob_keys(engine) == set()

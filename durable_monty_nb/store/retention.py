@@ -463,6 +463,7 @@ def _purge_deleting(store: Store) -> None:
     """Delete the rows of every execution marked deleting, in bounded batches (idempotent)."""
     with store._reader.connect() as conn:
         ids = list(conn.execute(select(EXECUTIONS.c.id).where(EXECUTIONS.c.status == DELETING)).scalars())
+    _purge_orphans(store)
     for execution_id in ids:
         _purge_rows(store, CALLS, CALLS.c.call_id, execution_id)
         _purge_rows(store, ATTEMPTS, ATTEMPTS.c.attempt_id, execution_id)
@@ -470,6 +471,18 @@ def _purge_deleting(store: Store) -> None:
         with store.engine.begin() as conn:
             conn.execute(delete(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id))
             conn.execute(delete(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == DELETING))
+
+
+def _purge_orphans(store: Store) -> None:
+    """Attempts and signals of executions that no longer exist (a worker finishing an attempt of a
+    forgotten execution keeps its outcome rather than lose it)."""
+    with store._reader.connect() as conn:  # the rows first: an execution created since has none of them
+        seen = {t.name: set(conn.execute(select(t.c.execution_id).distinct()).scalars()) for t in (ATTEMPTS, SIGNALS)}
+        existing = set(conn.execute(select(EXECUTIONS.c.id)).scalars())
+    orphans = {name: ids - existing for name, ids in seen.items()}
+    for table, order in ((ATTEMPTS, ATTEMPTS.c.attempt_id), (SIGNALS, SIGNALS.c.seq)):
+        for execution_id in sorted(orphans[table.name]):
+            _purge_rows(store, table, order, execution_id)
 
 
 def _purge_rows(store: Store, table: Any, order: Any, execution_id: str) -> None:
