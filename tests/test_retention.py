@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from procs import wait_until
+from retention_runner import LIVE_CODE
 
 from durable_monty_nb import Engine, ForgetRefused
 from durable_monty_nb.store.retention import HANDLE, parse_age
@@ -123,6 +124,8 @@ def test_prune_and_forget_beside_a_live_process(engine: Engine, live: Any) -> No
     for n in range(3):  # three edits of one cell: three executions, the later reusing the earlier's calls
         engine.run(CODE + f"{n}\n(ys, xs)", ns, key="old")
     engine.run(CODE + "(ys, xs)", ns, key="gone")  # another workflow storing the same arrays
+    engine.run(LIVE_CODE, ns, key="live")  # the live process's workflow, earlier: its own functions
+    engine.run(LIVE_CODE + "\n1", ns, key="live")
     kept = engine.store.latest_execution("old")
     shared = referenced_blobs(engine)
     assert len(shared) == 4  # one blob per array, shared by every execution of both workflows
@@ -141,6 +144,7 @@ def test_prune_and_forget_beside_a_live_process(engine: Engine, live: Any) -> No
     removal = engine.prune()
     assert sorted(key for _, key in removal.executions) == ["old", "old"]
     assert "live" in removal.skipped_live
+    assert len(engine.executions(all=True, key="live")) == 3  # nothing of a workflow that runs
     assert [row.id for row in engine.executions(all=True, key="old")] == [kept.id]
     assert removal.blobs == 0  # the arrays are still used by the kept execution and the others
 
@@ -158,6 +162,8 @@ def test_prune_and_forget_beside_a_live_process(engine: Engine, live: Any) -> No
     ys, xs = ValueCodec(engine.store.load_blob).decode_host(row.result)  # its arrays are in the store
     assert ys == LIVE_RESULT["sums"] and [len(x) for x in xs] == [2000] * 4
     check_consistent(engine)
+    assert len(engine.prune().executions) == 2  # now the live workflow's earlier executions go
+    assert [r.id for r in engine.executions(all=True, key="live")] == [running.id]
 
     engine.forget("old")
     engine.forget("live")
