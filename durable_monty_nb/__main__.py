@@ -1,5 +1,5 @@
-"""Command line: ``upgrade`` a store, list its ``status``, say ``why`` calls were reused or ran, run an RQ
-``worker`` with the package preloaded."""
+"""Command line: ``upgrade`` a store, list its ``status``, say ``why`` calls were reused or ran,
+``forget`` a workflow, ``prune`` old executions, run an RQ ``worker`` with the package preloaded."""
 
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     why = commands.add_parser("why", help="which calls of an execution were reused, and why the others ran again")
     why.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file (default: the store here)")
     why.add_argument("name", help="a key (its latest execution) or an execution id")
+    forget = commands.add_parser(
+        "forget", help="remove a workflow (or one execution) with its calls and the values only it uses"
+    )
+    forget.add_argument("name", help="a workflow name (key) for all its executions, or an execution id")
+    forget.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file of the store")
+    forget.add_argument("--force", action="store_true", help="even if a live process runs it (it stops)")
+    forget.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
+    prune = commands.add_parser(
+        "prune", help="remove completed executions, keeping the latest of each workflow and every unfinished one"
+    )
+    prune.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite file of the store")
+    prune.add_argument("--older-than", default=None, help="only executions finished longer ago: 7d, 12h, 30m, 45s")
+    prune.add_argument("--keep-latest", type=int, default=1, help="completed executions kept per workflow (default 1)")
+    prune.add_argument("--dry-run", action="store_true", help="print what would go and the space it frees")
+    prune.add_argument("--vacuum", action="store_true", help="give the freed space back to the disk")
     worker = commands.add_parser(
         "worker",
         help="an RQ worker for durable calls, with durable-monty-nb imported once before jobs fork "
@@ -41,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "worker":
         return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst)
+
+    if args.command in ("forget", "prune"):
+        return run_retention(args)
 
     if args.command == "upgrade":
         from .store.schema import upgrade as run_upgrade
@@ -65,6 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(status_report(Store(args.db), args.name, show_all=args.all).text)
+    return 0
+
+
+def run_retention(args: argparse.Namespace) -> int:
+    """``forget`` and ``prune``: what went (or would go) and the space, on stdout; refusals on stderr."""
+    from .errors import DurableError
+    from .store.store import Store
+
+    try:
+        store = Store(args.db)
+        try:
+            if args.command == "forget":
+                removal = store.forget(args.name, force=args.force, vacuum=args.vacuum)
+            else:
+                removal = store.prune(
+                    older_than=args.older_than,
+                    keep_latest=args.keep_latest,
+                    dry_run=args.dry_run,
+                    vacuum=args.vacuum,
+                )
+        finally:
+            store.close()
+    except (DurableError, ValueError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(removal.summary())
     return 0
 
 

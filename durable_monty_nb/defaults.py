@@ -40,3 +40,10 @@ SWITCH_INTERVAL = 0.0005
 """Seconds between the interpreter's forced thread switches while workflows run beside a thread
 that keeps the GIL (Python's own default is 0.005): the driver gives up the GIL about ten times a
 step, and each time it waits up to one interval for it. None leaves Python's setting alone."""
+
+RETENTION = None
+"""Automatic retention (``Engine(retention="30d")``, ``%config DurableMagics.retention``): off.
+When set, completed executions older than that are pruned (the latest of each workflow kept)."""
+
+RETENTION_EVERY = 3600.0
+"""Seconds between two automatic prunes of one engine (the first comes with its first run)."""

@@ -107,6 +107,10 @@ class ExecutionBusy(DurableError):
     http_status = 409
 
 
+class ForgetRefused(ExecutionBusy):
+    """An execution to forget is running or parked in a live process (it holds its lease)."""
+
+
 class ExecutionNotFound(DurableError):
     """No execution with this name or id exists in the store."""
 

@@ -278,9 +278,9 @@ def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
 def test_environment_key_is_used(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")
     one = Signer().sign("c", b"x")
-    assert one == Signer(key="k1").sign("c", b"x")  # the variable's value is the key
+    assert one == Signer(secret="k1").sign("c", b"x")  # the variable's value is the key
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k2")
-    assert Signer().sign("c", b"x") == Signer(key="k2").sign("c", b"x") != one
+    assert Signer().sign("c", b"x") == Signer(secret="k2").sign("c", b"x") != one
     # A store's rows are signed with it: what k2 wrote is refused under k1, and read back under k2.
     interrupted_run(Engine(sqlite_url))
     monkeypatch.setenv("DURABLE_MONTY_KEY", "k1")

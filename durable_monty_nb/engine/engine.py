@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..executors import Backend, RunContext, backend
 from ..store.owners import describe_owner, lease_held, new_owner
+from ..store.retention import Removal, StoreSize, parse_age
 from ..store.signing import secret_argument
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
@@ -84,7 +85,9 @@ class Engine:
     controls of functions without their own (see :func:`durable_monty_nb.limits`).
     ``store_outage_limit``: seconds a run rides out an unreachable store (its results kept in
     memory) before it stops as interrupted. ``durability``: ``"full"`` (default) or ``"process"``
-    (see :data:`durable_monty_nb.defaults.DURABILITY`).
+    (see :data:`durable_monty_nb.defaults.DURABILITY`). ``retention`` (``"30d"``, seconds;
+    default None: off): completed executions older than that are pruned in the background, the
+    latest of each key kept, with the first run and then at most hourly (see :meth:`prune`).
     """
 
     def __init__(
@@ -102,10 +105,14 @@ class Engine:
         store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT,
         durability: str = defaults.DURABILITY,
         key: bytes | str | None = None,
+        retention: float | str | None = defaults.RETENTION,
     ) -> None:
         secret = secret_argument(secret, key, "Engine")
         check_workers(workers)
         controls = CallControls.of(timeout, concurrency, rate)  # before the store: bad values change nothing
+        self.retention = retention
+        self._retained_at: float | None = None
+        self.retention_error: BaseException | None = None
         self.store = Store(db, secret=secret, durability=durability)
         self.settings = Settings(
             workers=workers,
@@ -121,6 +128,70 @@ class Engine:
     @property
     def url(self) -> str:
         return self.store.display_url
+
+    @property
+    def retention(self) -> float | None:
+        return self._retention
+
+    @retention.setter
+    def retention(self, value: float | str | None) -> None:
+        self._retention = parse_age(value)
+
+    # -- keeping the store small --------------------------------------------------------------
+
+    def forget(self, name_or_id: str, *, force: bool = False, vacuum: bool = False) -> Removal:
+        """Remove a workflow (every execution of a key) or one execution (an id), with its calls,
+        checkpoints, attempts, signals and the stored values and shipped functions nothing else uses.
+
+        Raises ForgetRefused, changing nothing, for an execution a live process drives (running or
+        parked) unless ``force``; a run of this engine is then interrupted first.
+        """
+        if force:
+            for run in self.active_runs():
+                if run.key == name_or_id or run.execution_id.startswith(name_or_id):
+                    run.cancel()
+                    run.wait(30)
+        return self.store.forget(name_or_id, force=force, vacuum=vacuum)
+
+    def prune(
+        self,
+        *,
+        older_than: float | str | None = None,
+        keep_latest: int = 1,
+        dry_run: bool = False,
+        vacuum: bool = False,
+    ) -> Removal:
+        """Remove completed executions beyond the ``keep_latest`` latest of each key (finished more
+        than ``older_than`` ago, e.g. ``"7d"``); never one that did not complete. ``dry_run``: report
+        what would go and the bytes it frees, changing nothing. ``vacuum``: give the space back."""
+        return self.store.prune(older_than=older_than, keep_latest=keep_latest, dry_run=dry_run, vacuum=vacuum)
+
+    def sizes(self) -> StoreSize:
+        """The store's size and, per workflow, its executions and the bytes they take."""
+        return self.store.sizes()
+
+    def _retain(self) -> None:
+        """The automatic retention: a prune in the background, at most every RETENTION_EVERY seconds."""
+        if self._retention is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._retained_at is not None and now - self._retained_at < defaults.RETENTION_EVERY:
+                return
+            self._retained_at = now
+        age = self._retention
+
+        def prune() -> None:
+            try:
+                self.store.prune(older_than=age)
+            except Exception as exc:  # the next run tries again; the error is kept for whoever looks
+                self.retention_error = exc
+                with self._lock:
+                    self._retained_at = None
+            else:
+                self.retention_error = None
+
+        threading.Thread(target=prune, name="durable-retention", daemon=True).start()
 
     def close(self) -> None:
         self.store.close()
@@ -163,6 +234,7 @@ class Engine:
         chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
+        self._retain()
         ns = dict(namespace or {})
         rerun_functions = check_rerun_functions(rerun_functions, info, ns)
         settings = self._settings(chosen_options)

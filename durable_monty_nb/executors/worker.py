@@ -233,7 +233,7 @@ def _store(public_url: str) -> Any:
     with _lock:
         store = _stores.get(public_url)
         if store is None:
-            store = _stores[public_url] = Store(_full_url(public_url), key=None)
+            store = _stores[public_url] = Store(_full_url(public_url))
         elif store.pid != os.getpid():  # an RQ work horse forked from a prepared worker
             store.after_fork()
         return store

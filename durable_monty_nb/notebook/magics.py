@@ -44,8 +44,10 @@ from ..engine.options import RunOptions
 from ..engine.retry import RetryPolicy
 from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
 from ..executors import Backend, executor_entry
+from ..store.retention import parse_age
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
+from .retention_magics import RetentionMagics
 from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
 from .signal_magics import SignalMagics
 from .status import outage_report, status_report, unfinished_summary
@@ -98,6 +100,28 @@ class DurableMagics(Magics):
         allow_none=True,
         help="Seconds between forced thread switches while workflows run beside a busy thread (None: Python's).",
     ).tag(config=True)
+
+    retention = Unicode(
+        defaults.RETENTION,
+        allow_none=True,
+        help="Prune completed executions older than this ('30d', '12h'; None: off), the latest of each kept.",
+    ).tag(config=True)
+
+    @validate("retention")
+    def _retention(self, proposal: Any) -> str | None:
+        try:
+            parse_age(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"DurableMagics.retention: {exc}") from None
+        return proposal["value"]
+
+    @observe("retention")
+    def _apply_retention(self, change: Any) -> None:
+        if not hasattr(self, "_engines"):  # set by the configuration, before __init__ made any engine
+            return
+        with self._lock:
+            for engine in self._engines.values():
+                engine.retention = change["new"]
 
     @validate("workers", "lease_ttl")
     def _positive(self, proposal: Any) -> int:
@@ -212,6 +236,7 @@ class DurableMagics(Magics):
                     lease_ttl=float(self.lease_ttl),
                     store_outage_limit=float(self.store_outage_limit),
                     durability=durability,
+                    retention=self.retention,
                 )
             return self._engines[(url, durability)]
 
@@ -640,6 +665,7 @@ def load_extension(ipython: Any) -> None:
     ipython.register_magics(magics)
     ipython.register_magics(SignalMagics(ipython, magics))  # %durable_signal, %durable_serve
     ipython.register_magics(WhyMagics(ipython, magics))  # %durable_why
+    ipython.register_magics(RetentionMagics(ipython, magics))  # %durable_forget, %durable_prune
     ipython.configurables.append(magics)
     _MAGICS[id(ipython)] = magics
     magics.announce_unfinished()

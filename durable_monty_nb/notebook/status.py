@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import last_line
+from ..store.retention import StoreSize, format_bytes
 from ..store.store import Store, execution_state
 from ..values import format_arguments
 from .scope import split_key
@@ -55,7 +56,7 @@ def status_report(
     if name:
         return detail_report(store, store.find_execution(name), relabel=relabel)
     rows = store.list_executions(latest_only=not show_all)
-    return executions_report(rows, store.display_url)
+    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all)
 
 
 def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
@@ -82,10 +83,27 @@ def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
     return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
 
 
-def executions_report(rows: Sequence[Any], where: str) -> Report:
-    """One line per execution; a notebook column when some were run from a notebook (scoped keys)."""
+def executions_report(
+    rows: Sequence[Any], where: str, size: StoreSize | None = None, *, per_workflow: bool = True
+) -> Report:
+    """One line per execution; a notebook column when some were run from a notebook (scoped keys).
+
+    With the store's ``size``: its total in the caption and, one line per workflow, the number of
+    its executions and the bytes they take (``runs``, ``size``).
+    """
     scoped = any(split_key(row.key)[0] for row in rows)
-    headers = ["name", *(["notebook"] if scoped else []), "status", "progress", "failed", "started", "duration", "id"]
+    sized = size is not None and per_workflow
+    headers = [
+        "name",
+        *(["notebook"] if scoped else []),
+        "status",
+        "progress",
+        "failed",
+        "started",
+        "duration",
+        *(["runs", "size"] if sized else []),
+        "id",
+    ]
     now = time.time()
     body = []
     for row in rows:
@@ -100,14 +118,23 @@ def executions_report(rows: Sequence[Any], where: str) -> Report:
                 str(row.calls_failed),
                 format_time(row.created_at),
                 format_duration(end - row.created_at),
+                *(_workflow_size(size, row.key) if sized else []),
                 row.id[:12],
             ]
         )
+    total = f" ({format_bytes(size.total_bytes)})" if size is not None and size.total_bytes is not None else ""
     if not body:
-        message = f"no executions in {where}"
+        message = f"no executions in {where}{total}"
         return Report(message, f"<p>{html.escape(message)}</p>")
-    caption = f"{len(body)} execution(s) in {where}"
+    caption = f"{len(body)} execution(s) in {where}{total}"
     return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
+
+
+def _workflow_size(size: Any, key: str) -> list[str]:
+    found = size.workflows.get(key)
+    if found is None:
+        return ["", ""]
+    return [str(found.executions), format_bytes(found.bytes)]
 
 
 def detail_report(store: Store, row: Any, *, relabel: Callable[[str], str] | None = None) -> Report:

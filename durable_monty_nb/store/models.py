@@ -65,7 +65,6 @@ class Call(Base):
 
     execution_id: Mapped[str] = mapped_column(ID, ForeignKey("dm_executions.id"), primary_key=True)
     call_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    exec_key: Mapped[str] = mapped_column(String(255))
     function: Mapped[str] = mapped_column(String(255))
     kind: Mapped[str] = mapped_column(String(8))  # call | sleep
     fingerprint: Mapped[str] = mapped_column(String(64))
@@ -77,7 +76,7 @@ class Call(Base):
     error: Mapped[str | None] = mapped_column(LongText)
     error_type: Mapped[str | None] = mapped_column(String(255))
     error_message: Mapped[str | None] = mapped_column(LongText)
-    result_sig: Mapped[str | None] = mapped_column(String(64))
+    result_sig: Mapped[str | None] = mapped_column(String(64))  # 32 hex digits (64 in rows before 0004)
     due_at: Mapped[float | None] = mapped_column(Double)
     reused_from: Mapped[str | None] = mapped_column(ID)
     created_at: Mapped[float] = mapped_column(Double)
@@ -85,7 +84,9 @@ class Call(Base):
     finished_at: Mapped[float | None] = mapped_column(Double)
     worker: Mapped[str | None] = mapped_column(String(255))  # where the last attempt ran (remote executors)
 
-    __table_args__ = (Index("ix_dm_calls_reuse", "exec_key", "call_key"),)
+    # Reuse looks calls up by call key, within the executions of one key (the row does not repeat
+    # the key: in a notebook it is as long as the rest of the row's identifiers together).
+    __table_args__ = (Index("ix_dm_calls_call_key", "call_key"),)
 
 
 class Attempt(Base):

@@ -70,6 +70,9 @@ def secret_argument(secret: bytes | str | None, key: bytes | str | None, where: 
     return key
 
 
+SHORT_TAG = 32  # hex digits of a truncated HMAC-SHA256 tag (128 bits)
+
+
 class Signer:
     """Signs and verifies stored content with the signing secret (see the module docstring)."""
 
@@ -85,14 +88,22 @@ class Signer:
     def sign_text(self, context: str, text: str | None) -> str:
         return self.sign(context, (text or "").encode())
 
-    def verify(self, context: str, data: bytes, signature: str | None, what: str) -> None:
-        """Raise TamperedDataError unless ``signature`` matches; ``what`` names the row."""
-        if not signature or not hmac.compare_digest(self.sign(context, data), signature):
+    def verify(self, context: str, data: bytes, signature: str | None, what: str, *, short: bool = False) -> None:
+        """Raise TamperedDataError unless ``signature`` matches; ``what`` names the row.
+
+        With ``short``, the first 32 hex digits of the HMAC (a 128-bit tag) are accepted too.
+        """
+        expected = self.sign(context, data)
+        if short and signature is not None and len(signature) == SHORT_TAG:
+            expected = expected[:SHORT_TAG]
+        if not signature or not hmac.compare_digest(expected, signature):
             raise TamperedDataError(
                 f"{what} failed its integrity check and was not loaded: the row was modified in the "
                 f"database, or it was written with another signing key (set {KEY_ENV} or "
                 f"{KEY_FILE_ENV} to the key of the process that wrote it)."
             )
 
-    def verify_text(self, context: str, text: str | None, signature: str | None, what: str) -> None:
-        self.verify(context, (text or "").encode(), signature, what)
+    def verify_text(
+        self, context: str, text: str | None, signature: str | None, what: str, *, short: bool = False
+    ) -> None:
+        self.verify(context, (text or "").encode(), signature, what, short=short)

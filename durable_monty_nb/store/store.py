@@ -104,8 +104,10 @@ ATTEMPT_FIELDS = (
     "signature",
 )
 COMPRESS_ABOVE = 16 * 1024
+CALL_TAG = 32  # hex digits of a call row's HMAC (128 bits): rows stored by the ten thousand
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
+DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)
 
 
 def default_db_path(folder: str | os.PathLike[str] | None = None) -> Path:
@@ -289,7 +291,11 @@ class Store:
         if row is not None:
             return row
         with self._reader.connect() as conn:
-            rows = conn.execute(select(EXECUTIONS).where(EXECUTIONS.c.id.like(f"{name_or_id}%")).limit(2)).all()
+            rows = conn.execute(
+                select(EXECUTIONS)
+                .where(EXECUTIONS.c.id.like(f"{name_or_id}%"), EXECUTIONS.c.status != DELETING)
+                .limit(2)
+            ).all()
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
@@ -298,7 +304,7 @@ class Store:
 
     @_retried
     def list_executions(self, *, latest_only: bool = True, key: str | None = None) -> list[Row]:
-        query = select(EXECUTIONS).order_by(EXECUTIONS.c.created_at.desc())
+        query = select(EXECUTIONS).where(EXECUTIONS.c.status != DELETING).order_by(EXECUTIONS.c.created_at.desc())
         if key is not None:
             query = query.where(EXECUTIONS.c.key == key)
         elif latest_only:
@@ -312,7 +318,7 @@ class Store:
         return [r for r in self.list_executions() if r.status in UNFINISHED and not lease_held(r)]
 
     def rename_key(self, old: str, new: str) -> bool:
-        """Move the executions of key ``old``, and the calls later executions reuse, to key ``new``.
+        """Move the executions of key ``old`` (and so the calls later executions reuse) to key ``new``.
 
         How a notebook takes over a workflow of a store written before keys were scoped by
         notebook. Returns False, changing nothing, when ``new`` exists already or ``old`` does not.
@@ -328,7 +334,6 @@ class Store:
                     conn.rollback()
                     return False
                 conn.execute(update(EXECUTIONS).where(EXECUTIONS.c.key == old).values(key=new))
-                conn.execute(update(CALLS).where(CALLS.c.exec_key == old).values(exec_key=new))
         except IntegrityError:  # another process took ``new`` at the same moment
             return False
         return True
@@ -554,7 +559,7 @@ class Store:
             row.get("error_type"),
             row.get("error_message"),
         )
-        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))
+        return self.signer.sign_text(f"call:{execution_id}:{row['call_id']}", _signed_text(fields))[:CALL_TAG]
 
     def verify_call(self, execution_id: str, row: Any) -> None:
         fields = (row.status, row.result, row.error, row.error_type, row.error_message)
@@ -568,6 +573,7 @@ class Store:
             _signed_text(fields),
             signature,
             f"the stored result of call {call_id} ({function}) of execution {execution_id}",
+            short=True,
         )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
@@ -589,6 +595,8 @@ class Store:
 
     def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
         existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
+        if existing:
+            existing = _reuse_existing(conn, FUNCTIONS, existing, now, self.backend)
         rows = [
             {
                 "key": key,
@@ -672,6 +680,8 @@ class Store:
         existing: set[str] = set()
         for chunk in _chunks(keys, IN_CHUNK):
             existing.update(conn.execute(_EXISTING_BLOBS, {"keys": list(chunk)}).scalars())
+        if existing:
+            existing = _reuse_existing(conn, BLOBS, existing, now, self.backend)
         rows = [
             {
                 "key": k,
@@ -686,6 +696,33 @@ class Store:
         ]
         if rows:
             _run(conn, _insert_statement("dm_blobs", tuple(sorted(rows[0]))), rows)
+
+    # -- retention (see retention.py) ---------------------------------------------------------
+
+    def forget(self, name_or_id: str, *, force: bool = False, vacuum: bool = False) -> Any:
+        """Remove a workflow (all executions of a key) or one execution, with everything only they use."""
+        from .retention import forget
+
+        return forget(self, name_or_id, force=force, vacuum=vacuum)
+
+    def prune(
+        self,
+        *,
+        older_than: float | str | None = None,
+        keep_latest: int = 1,
+        dry_run: bool = False,
+        vacuum: bool = False,
+    ) -> Any:
+        """Remove completed executions beyond the latest ``keep_latest`` of each key (see retention.prune)."""
+        from .retention import prune
+
+        return prune(self, older_than=older_than, keep_latest=keep_latest, dry_run=dry_run, vacuum=vacuum)
+
+    def sizes(self) -> Any:
+        """The store's size and, per workflow, its executions and the bytes they take."""
+        from .retention import sizes
+
+        return sizes(self)
 
     # -- reading back -------------------------------------------------------------------
 
@@ -725,6 +762,13 @@ class Store:
         found: dict[str, Row] = {}
         wanted = list(dict.fromkeys(call_keys))
         with self._reader.connect() as conn:
+            # The executions of the key (those a prune or forget is removing excepted), then the
+            # calls by call key (its index): a call of another key with the same call key is skipped.
+            executions = set(
+                conn.execute(
+                    select(EXECUTIONS.c.id).where(EXECUTIONS.c.key == key, EXECUTIONS.c.status != DELETING)
+                ).scalars()
+            )
             for chunk in _chunks(wanted, IN_CHUNK):
                 rows = conn.execute(
                     select(
@@ -738,10 +782,10 @@ class Store:
                         CALLS.c.error_message,
                         CALLS.c.result_sig,
                         CALLS.c.function,
-                    ).where(CALLS.c.exec_key == key, CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
+                    ).where(CALLS.c.call_key.in_(chunk), CALLS.c.status == "done")
                 ).all()
                 for row in rows:
-                    if row.call_key not in found:
+                    if row.call_key not in found and row.execution_id in executions:
                         try:
                             self.verify_call(row.execution_id, row)
                         except TamperedDataError:
@@ -781,6 +825,23 @@ class Store:
 TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS)}
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
+
+
+def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: str) -> set[str]:
+    """Of content-addressed rows found existing, those still there once refreshed.
+
+    Refreshing ``created_at`` tells a concurrent prune (which only collects rows older than its
+    start) that a writer counts on the row; the locking re-read then sees a row such a prune
+    deleted meanwhile as gone, so the writer inserts it again.
+    """
+    found: set[str] = set()
+    for chunk in _chunks(sorted(keys), IN_CHUNK):
+        conn.execute(update(table).where(table.c.key.in_(chunk)).values(created_at=now))
+        query = select(table.c.key).where(table.c.key.in_(chunk))
+        if backend != "sqlite":
+            query = query.with_for_update(read=True)
+        found.update(conn.execute(query).scalars())
+    return found
 
 
 @functools.cache

@@ -31,7 +31,6 @@ class Ledger:
         row = {
             "execution_id": self.execution_id,
             "call_id": state.call_id,
-            "exec_key": self.key,
             "function": state.function[:255],
             "kind": state.kind,
             "fingerprint": state.fingerprint,
