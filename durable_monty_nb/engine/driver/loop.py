@@ -264,6 +264,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
                 self._ride_out(exc)  # keep results in memory, dispatch nothing, try again
                 continue
             self._outage.recovered()
+            if self._stopping:
+                self._withdraw_queued()  # no new call starts (scheduling.py)
             with self._state_lock:
                 # Attempts on a durable executor go on without us and report to the store.
                 if self._stopping and (self._in_flight == 0 or self.executor.durable):
