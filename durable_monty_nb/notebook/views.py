@@ -38,14 +38,39 @@ def widgets_available() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def expected_total(run: Run) -> int | None:
+    """The total a view may show (None: the code makes an unknown number of calls)."""
+    p = run.progress
+    return p.total if run.done else p.expected
+
+
+def run_state(run: Run) -> str:
+    """``completed``, ``result from the store``, ``waiting for 'approve'`` (a parked run), ``running``..."""
+    if run.cached:
+        return "result from the store"
+    if run.parked:
+        waits = run.waits()
+        if waits:
+            names = [repr(w.name) if w.kind == "signal" else f"the completion of {w.name}()" for w in waits]
+            return "waiting for " + ", ".join(dict.fromkeys(names))
+    return run.status
+
+
+def done_text(run: Run, bold: bool = False) -> str:
+    """``12/40 calls done``, or ``12 calls done`` when the total is not known ahead."""
+    p = run.progress
+    done = f"<b>{p.done}</b>" if bold else str(p.done)
+    expected = expected_total(run)
+    return f"{done}/{expected} calls done" if expected is not None else f"{done} calls done"
+
+
 def summary(run: Run) -> str:
     """One line: what the run did, for terminals and status messages."""
     p = run.progress
-    parts = [f"{p.done}/{p.total} calls done"] + [f"{count} {label}" for label, count in p.details() if count]
+    parts = [done_text(run)] + [f"{count} {label}" for label, count in p.details() if count]
     if p.note:
         parts.append(p.note)
-    state = "result from the store" if run.cached else run.status
-    return f"{display_name(run.key)}: {state} · " + " · ".join(parts)
+    return f"{display_name(run.key)}: {run_state(run)} · " + " · ".join(parts)
 
 
 class _Updater:
@@ -109,7 +134,7 @@ class TextView:
                 if self.show_error and self.run.status == "failed" and error is not None:
                     stream.write(relabel(str(error), _shell()) + "\n")
             else:
-                pace = self._pace.describe(progress, running=True)
+                pace = self._pace.describe(progress, running=not self.run.parked, expected=expected_total(self.run))
                 stream.write(" · ".join([line, *pace]) + "\n")
             stream.flush()
             self._last, self._last_time = line, now
@@ -226,19 +251,22 @@ def make_widget(
         def refresh(self) -> None:
             p = run.progress
             self._signals.refresh()
-            status = "result from the store" if run.cached else run.status
+            status = run_state(run)
+            expected = expected_total(run)
             elapsed = _elapsed(run)
             timing = f" · {format_duration(elapsed)}" if elapsed is not None and not run.cached else ""
             self._header.value = (
                 f"<b>{html.escape(name)}</b> · <span class='durable-status'>{html.escape(status)}</span>{timing}"
             )
-            self._bar.max = max(p.total, 1)
-            self._bar.value = min(p.done + p.failed, self._bar.max) if p.total else (1 if run.done else 0)
+            # No bar for a total the code does not tell (loops): it would fill up and lie.
+            self._bar.layout.display = "none" if expected is None else ""
+            self._bar.max = max(expected or 0, 1)
+            self._bar.value = min(p.done + p.failed, self._bar.max) if expected else (1 if run.done else 0)
             self._bar.bar_style = STYLES.get(run.status, "")
-            counts = [f"<b>{p.done}</b>/{p.total} done"]
+            counts = [done_text(run, bold=True).removesuffix(" calls done") + " done"]
             counts += [f"{n} {label}" for label, n in p.details() if n or label in ("running", "failed")]
             self._pace.sample(p)
-            counts += self._pace.describe(p, running=not run.done)
+            counts += self._pace.describe(p, running=not run.done and not run.parked, expected=expected)
             if p.note:
                 counts.append(f"<span class='durable-note' style='color:#b45309'>⚠ {html.escape(p.note)}</span>")
             self._counts.value = " · ".join(counts)

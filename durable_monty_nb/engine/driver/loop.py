@@ -136,6 +136,9 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
         for name, (key, fingerprint, data) in (shipped or {}).items():
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
+        # Call sites not reached yet, for the expected total (unknown after a restore: the
+        # sites the checkpoint passed are not known).
+        self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
         self._init_limits()
         self._journaled: set[str] = set()  # attempt ids already in a step
@@ -185,8 +188,14 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
                     waiting += 1
         in_flight = max(self._in_flight, 0)
         running = min(running, in_flight)
+        expected = None
+        if self._finished:
+            expected = c.total
+        elif not self.info.open_total:
+            expected = c.total + len(self._sites_left)
         return Progress(
             total=c.total,
+            expected=expected,
             done=c.done,
             failed=c.failed,
             running=running,
@@ -207,9 +216,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Limiting, Waits, Finishing):
     def function_stats(self) -> list[FunctionStats]:
         """Per-function counts and durations, for live views: one pass, no argument formatting."""
         return function_stats(
-            (s.function, s.view_status, s.started_at, s.finished_at)
-            for s in list(self.calls.values())
-            if s.kind == "call"
+            (s.function, s.view_status, s.started_at, s.finished_at) for s in list(self.calls.values())
         )
 
     # -- the loop ------------------------------------------------------------------------

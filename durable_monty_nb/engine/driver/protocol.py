@@ -38,6 +38,8 @@ class MontyProtocol:
         while True:
             kind = type(snap)
             if kind is FunctionSnapshot:
+                if self._sites_left and snap.call_id not in self.calls:
+                    self._reach_site(snap)
                 if snap.is_os_function:
                     next_snap = self._os_call(snap)
                     if next_snap is not None:
@@ -72,6 +74,12 @@ class MontyProtocol:
             # Blocked. Calls an earlier execution of the key completed need not wait.
             if not self._reuse_pending():
                 return snap
+
+    def _reach_site(self: Driver, snap: FunctionSnapshot) -> None:
+        """A call site that runs at most once was reached (for the expected total of views)."""
+        position = snap.position
+        if position.filename.endswith("-1>"):
+            self._sites_left.discard(position.start)
 
     def _ready(self: Driver, snap: FutureSnapshot) -> dict[int, dict[str, Any]]:
         """Up to RESUME_BATCH answers for calls the snapshot waits on (never others:
