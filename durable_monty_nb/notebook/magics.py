@@ -41,7 +41,15 @@ from ..errors import DurableError, ExecutionInterrupted
 from ..executors import EXECUTOR_NAMES, Backend, Threads
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
-from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
+from .scope import (
+    current_source,
+    display_name,
+    headless_cell_id,
+    notebook_file,
+    notebook_label,
+    scoped_key,
+    split_key,
+)
 from .signal_magics import SignalMagics
 from .status import status_report, unfinished_summary
 from .tracebacks import relabel, relabel_error
@@ -312,6 +320,8 @@ class DurableMagics(Magics):
             cell_id = kernel.get_parent()["metadata"].get("cellId") if kernel is not None else None
         except Exception:
             cell_id = None
+        if not cell_id and kernel is not None and notebook_file(self.shell) is not None:
+            cell_id = headless_cell_id(self.shell, current_source(self.shell))  # as JupyterLab tells it
         return f"cell-{cell_id[:12]}" if cell_id else None
 
     def _follow(
