@@ -516,6 +516,7 @@ class DurableMagics(Magics):
             rows = self.own_unfinished(self.engine().store) if known else []
         except Exception:
             return
+        rows = [row for row in rows if worth_resuming(row)]
         if not rows:
             return
         if widgets_available():
@@ -564,6 +565,13 @@ class DurableMagics(Magics):
 
 
 NAME_LIMIT = 200
+
+
+def worth_resuming(row: Any) -> bool:
+    """Whether %load_ext offers an unfinished execution for Resume: not a run its own code failed
+    (a typo, a method of a handle: it fails again the same way until the cell is edited, which
+    starts a new execution); a failed call, once its function is fixed, is worth it."""
+    return row.status != "failed" or (row.calls_failed or 0) > 0
 
 
 def check_options(args: Any) -> None:

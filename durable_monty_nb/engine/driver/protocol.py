@@ -98,6 +98,8 @@ class MontyProtocol:
         name = snap.function_name
         if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
             return self._announce_signal(snap)
+        if snap.object_id is not None:  # a method of a handle: the object lives on the host
+            return PHANTOM, {"exc_type": "AttributeError", "message": handle_method_message(name)}
         fn = self._function(name)
         if fn is None:
             return PHANTOM, {
@@ -145,8 +147,9 @@ class MontyProtocol:
 
     def _lookup(self: Driver, snap: NameLookupSnapshot) -> Any:
         name = snap.variable_name
-        if snap.object_id is not None:
-            return snap.resume()  # attributes of a handle: AttributeError in the sandbox
+        if snap.object_id is not None:  # an attribute of a handle: AttributeError in the sandbox
+            self._refused_attribute = name  # named in the failure's hint (finishing.py)
+            return snap.resume()
         if name in self.inputs:
             return snap.resume(value=self.inputs[name])
         if name not in self.namespace:
@@ -179,3 +182,14 @@ class MontyProtocol:
 def is_function_like(value: Any) -> bool:
     """Functions, classes and partials are called as external functions; anything else is data."""
     return inspect.isroutine(value) or inspect.isclass(value) or isinstance(value, functools.partial)
+
+
+def handle_method_message(name: str, method: bool = True) -> str:
+    """What workflow code is told when it reaches into an object held by reference (a DataFrame)."""
+    what, use = (f"{name}() is a method", f"obj.{name}()") if method else (f".{name} is an attribute", f"obj.{name}")
+    return (
+        f"{what} of an object held by reference: the workflow holds a DataFrame, an array or any "
+        f"object that is not plain data as a handle, and the object itself lives in the notebook. Use "
+        f"it in a notebook function (def {name}_of(obj): return {use}) called from the workflow, or "
+        f"after the cell, where the name holds the real object."
+    )
