@@ -40,6 +40,11 @@ def calls(log: Path) -> list[int]:
     return sorted(int(line) for line in log.read_text().split()) if log.exists() else []
 
 
+def texts(cell: nbformat.NotebookNode) -> list[str]:
+    """The plain-text outputs of a cell (the widget's text form, the result)."""
+    return [o["data"]["text/plain"] for o in cell.outputs if "data" in o]
+
+
 def keys(db: Path) -> set[str]:
     return {row.key for row in Store(db).list_executions(latest_only=False)}
 
@@ -66,6 +71,8 @@ def test_nbconvert_nbclient_and_a_lab_kernel_share_the_notebooks_keys(
             "notebook",
             "--execute",
             str(notebook),
+            "--output",
+            "converted",
             "--output-dir",
             str(tmp_path),
         ],
@@ -75,6 +82,8 @@ def test_nbconvert_nbclient_and_a_lab_kernel_share_the_notebooks_keys(
         capture_output=True,
     )
     assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    converted = nbformat.read(str(tmp_path / "converted.ipynb"), 4)
+    assert texts(converted.cells[2]) == ["encode_all: completed · 5/5 calls done", "5"]  # the final status line
     cell_id = nb.cells[3].id
     assert keys(db) == {
         "project/analysis.ipynb::encode_all",
@@ -86,7 +95,7 @@ def test_nbconvert_nbclient_and_a_lab_kernel_share_the_notebooks_keys(
     monkeypatch.setenv("SIDE_LOG", str(log))
     ran = NotebookClient(nbformat.read(notebook, 4), resources={"metadata": {"path": str(folder)}}).execute()
     assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]  # nothing ran again
-    assert ran.cells[2].outputs[-1]["data"]["text/plain"] == "5"
+    assert texts(ran.cells[2]) == ["encode_all: completed · 5 restored from the store", "5"]
     assert len(keys(db)) == 2
 
     # 3. JupyterLab's way: JPY_SESSION_NAME and each cell's id.

@@ -25,7 +25,7 @@ def test_widget_shows_a_finished_run(sqlite_engine: Engine) -> None:
     widget = make_widget(run)
     widget.start()
     widget.join(5)
-    assert repr(widget) == "DurableRun('shown')"  # the stable text/plain fallback
+    assert repr(widget) == "shown: completed · 5/5 calls done"  # the text/plain form: stable, no timings
     assert "completed" in widget._header.value and "shown" in widget._header.value
     assert (widget._bar.value, widget._bar.max, widget._bar.bar_style) == (5, 5, "success")
     assert "<b>5</b>/5 done" in widget._counts.value
@@ -55,6 +55,7 @@ def test_widget_shows_failures_and_restored_counts(sqlite_engine: Engine) -> Non
     widget.refresh()
     assert "result from the store" in widget._header.value
     assert "3 restored" in widget._counts.value
+    assert repr(widget) == "again: completed · 3 restored from the store"  # what headless outputs keep
     widget._calls.selected_index = 0
     assert widget._calls_html.value.count("<tr>") == 4  # calls of a stored run come from the store
 

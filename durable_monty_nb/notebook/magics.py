@@ -17,6 +17,7 @@ RQ reads ``rq_url`` and ``rq_queue``, Dask ``dask_address`` (none: a local clust
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -47,6 +48,7 @@ from .scope import (
     headless_cell_id,
     notebook_file,
     notebook_label,
+    notebook_told,
     scoped_key,
     split_key,
 )
@@ -338,7 +340,11 @@ class DurableMagics(Magics):
         In the foreground the cell raises a failure itself, so the view shows it in one line
         (the traceback appears once, as the cell's error); in the background the view shows it.
         """
-        view = self._show(run, quiet, background=background, on_retry=on_retry)
+        # A headless client (nbconvert, papermill, nbval) keeps what a display first said and
+        # nbval ignores display updates: there the widget is displayed when the cell ends, with
+        # its final status line. A frontend that renders it (JupyterLab, VS Code) gets it at once.
+        deferred = not background and widgets_available() and not notebook_told(self.shell)
+        view = self._show(run, quiet, background=background, on_retry=on_retry, defer=deferred)
         if printer is not None:
             printer.release()
         run.begin()
@@ -346,18 +352,25 @@ class DurableMagics(Magics):
             self._export_later(run)
             return None
         name = display_name(run.key)
-        _wait_all(
-            [run],
-            f"stopped waiting for {name!r}. Calls already running finish in the background and their "
-            f"results are kept; nothing is lost. Continue with: %durable_resume {name}",
-        )
+        try:
+            _wait_all(
+                [run],
+                f"stopped waiting for {name!r}. Calls already running finish in the background and their "
+                f"results are kept; nothing is lost. Continue with: %durable_resume {name}",
+            )
+        finally:
+            if deferred and view is not None:
+                if run.done:
+                    view.join(5)
+                self._display(view)
         if not run.done:  # parked on a signal: it goes on in the background, names are set when it completes
             if view is not None:
                 view.refresh()  # shows what it waits for (and how to deliver) before the cell returns
             self._export_later(run)
             return None
-        if view is not None:
+        if view is not None and not deferred:
             view.join(5)
+            finish_display(view)
         try:
             result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
         except DurableError as exc:
@@ -373,12 +386,13 @@ class DurableMagics(Magics):
         background: bool = True,
         on_retry: Any = None,
         show_error: bool | None = None,
+        defer: bool = False,
     ) -> Any:
         """Remember the run and display its live view (from the main thread); returns the view.
 
         ``background``: the cell does not wait for the run, so the view shows its traceback
         (unless ``show_error`` says otherwise) and a Cancel button (a click reaches the kernel
-        only when no cell is running).
+        only when no cell is running). ``defer``: the caller displays it (``_display``).
         """
         self.runs[run.key] = run
         view = make_view(
@@ -390,9 +404,16 @@ class DurableMagics(Magics):
         )
         if view is not None:
             self.views[run.key] = view
-            display(view)
+            if not defer:
+                self._display(view)
             view.start()
         return view
+
+    def _display(self, view: Any) -> None:
+        if widgets_available():  # updated with the final status line when the run ends (finish_display)
+            view.display_handle = display(view, display_id=True)
+        else:
+            display(view)
 
     def _retrier(
         self, engine: Engine, executor: Backend, retry: RetryPolicy | None, limits: dict[str, Any] | None = None
@@ -418,6 +439,10 @@ class DurableMagics(Magics):
             run.wait()
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
+            view = self.views.get(run.key)
+            if view is not None and view.run is run:
+                view.join(5)
+                finish_display(view)
 
         threading.Thread(target=export, daemon=True).start()
 
@@ -476,6 +501,9 @@ class DurableMagics(Magics):
             return None
         _wait_all(runs, "stopped waiting; the executions can be resumed again")
         for run in runs:
+            if run.done and (view := self.views.get(run.key)) is not None:
+                view.join(5)
+                finish_display(view)
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
             elif not run.done:  # parked on a signal
@@ -592,6 +620,14 @@ def check_options(args: Any) -> None:
             problems.append(f"--{option.replace('_', '-')} must be a number of seconds, 0 or more, not {value}")
     if problems:
         raise DurableError("; ".join(problems) + ". Nothing ran.")
+
+
+def finish_display(view: Any) -> None:
+    """Give a widget's output its final plain-text form (its status line, for headless outputs)."""
+    handle = getattr(view, "display_handle", None)
+    if handle is not None:
+        with contextlib.suppress(Exception):  # the frontend is gone: nothing to update
+            handle.update(view)
 
 
 def _wait_all(runs: list[Run], interrupted: str) -> None:

@@ -27,12 +27,8 @@ KEY_LIMIT = 255  # the width of the key columns
 SESSION_ENV = "JPY_SESSION_NAME"
 
 
-def notebook_file(shell: Any = None) -> Path | None:
-    """The absolute path of the kernel's notebook, or None (a terminal, an unknown frontend).
-
-    Told by the frontend (JupyterLab, Notebook, VS Code), else found for headless runs
-    (:func:`headless_notebook`).
-    """
+def notebook_told(shell: Any = None) -> Path | None:
+    """The notebook the frontend told the kernel (JupyterLab, Notebook, VS Code), or None."""
     namespace = getattr(shell, "user_ns", None) or {}
     for candidate in (
         namespace.get("__vsc_ipynb_file__"),
@@ -41,6 +37,18 @@ def notebook_file(shell: Any = None) -> Path | None:
     ):
         if isinstance(candidate, str) and candidate.strip():
             return Path(candidate).expanduser().absolute()
+    return None
+
+
+def notebook_file(shell: Any = None) -> Path | None:
+    """The absolute path of the kernel's notebook, or None (a terminal, an unknown frontend).
+
+    Told by the frontend (JupyterLab, Notebook, VS Code), else found for headless runs
+    (:func:`headless_notebook`).
+    """
+    told = notebook_told(shell)
+    if told is not None:
+        return told
     if getattr(shell, "kernel", None) is None:
         return None  # a terminal: no notebook
     return headless_notebook(shell)
@@ -83,10 +91,10 @@ def headless_cell_id(shell: Any, source: str) -> str | None:
 
 
 def current_source(shell: Any) -> str:
-    """The raw source of the cell being executed (IPython records it before running it)."""
+    """The source of the cell being executed, as the client sent it (its execute request)."""
     try:
-        return str(shell.history_manager.input_hist_raw[-1]).strip()
-    except (AttributeError, IndexError):
+        return str(shell.kernel.get_parent()["content"]["code"]).strip()
+    except (AttributeError, KeyError, TypeError):
         return ""
 
 

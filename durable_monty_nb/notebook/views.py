@@ -64,6 +64,16 @@ def done_text(run: Run, bold: bool = False) -> str:
     return f"{done}/{expected} calls done" if expected is not None else f"{done} calls done"
 
 
+def text_form(run: Run) -> str:
+    """The widget's plain-text form (what nbconvert and papermill outputs keep): its status line,
+    stable for nbval (no timings, no ids). Replaced by the final line when the run ends."""
+    if not run.done:
+        return f"{display_name(run.key)}: {run_state(run)}"
+    if run.cached:
+        return f"{display_name(run.key)}: completed · {run.progress.done} restored from the store"
+    return summary(run)
+
+
 def summary(run: Run) -> str:
     """One line: what the run did, for terminals and status messages."""
     p = run.progress
@@ -223,7 +233,7 @@ def make_widget(
             self._updater = _Updater(run, self.refresh)
 
         def __repr__(self) -> str:  # the text/plain fallback: stable, so nbval can compare it
-            return f"DurableRun({name!r})"
+            return text_form(run)
 
         def _cancel_clicked(self, _: Any) -> None:
             run.cancel()
