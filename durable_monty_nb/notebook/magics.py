@@ -150,6 +150,7 @@ class DurableMagics(Magics):
         self.runs: dict[str, Run] = {}
         self.views: dict[str, Any] = {}  # the latest view of each run, by key
         self.resume_panel: Any = None  # the panel of unfinished executions shown by %load_ext
+        self._banner_items: dict[str, Any] = {}  # its rows, by key: gone once a run of the key completes
 
     # -- stores -----------------------------------------------------------------------------
 
@@ -376,6 +377,7 @@ class DurableMagics(Magics):
         except DurableError as exc:
             raise relabel_error(exc, self.shell) from None
         self.shell.user_ns.update(run.outputs)
+        self._completed(run)
         return result
 
     def _show(
@@ -395,6 +397,11 @@ class DurableMagics(Magics):
         only when no cell is running). ``defer``: the caller displays it (``_display``).
         """
         self.runs[run.key] = run
+        earlier = self.views.get(run.key)
+        left = earlier is not None and earlier.run is not run and earlier.run.done
+        if left and hasattr(earlier, "rebind") and earlier.run.status != "completed":
+            # the widget a failed or interrupted run left follows the run that continues it
+            earlier.rebind(run, f"continued by a new run of {display_name(run.key)}, shown below")
         view = make_view(
             run,
             quiet=quiet,
@@ -426,11 +433,21 @@ class DurableMagics(Magics):
             again = engine.resume(
                 run.execution_id, self.shell.user_ns, executor=executor, retry=retry, **(limits or {})
             )
-            self._show(again, on_retry=retry_failed)
+            self.runs[again.key] = again  # the widget that asked follows it (RunWidget.rebind)
             self._export_later(again)
             return again
 
         return retry_failed
+
+    def _completed(self, run: Run) -> None:
+        """A run completed: its row leaves the %load_ext panel (the panel goes when it is empty)."""
+        item = self._banner_items.pop(run.key, None)
+        panel = self.resume_panel
+        if item is None or panel is None:
+            return
+        panel.children = tuple(child for child in panel.children if child is not item)
+        if not self._banner_items:
+            panel.layout.display = "none"
 
     def _export_later(self, run: Run) -> None:
         """Set the run's names in the notebook when it completes (for runs nobody waits for)."""
@@ -439,6 +456,7 @@ class DurableMagics(Magics):
             run.wait()
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
+                self._completed(run)
             view = self.views.get(run.key)
             if view is not None and view.run is run:
                 view.join(5)
@@ -506,6 +524,7 @@ class DurableMagics(Magics):
                 finish_display(view)
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
+                self._completed(run)
             elif not run.done:  # parked on a signal
                 self._export_later(run)
         failed = [run for run in runs if run.done and run.status != "completed"]
@@ -583,7 +602,9 @@ class DurableMagics(Magics):
                     self._export_later(run)
 
             button.on_click(resume)
-            items.append(widgets.VBox([widgets.HBox([button, widgets.Label(text)]), out]))
+            item = widgets.VBox([widgets.HBox([button, widgets.Label(text)]), out])
+            self._banner_items[row.key] = item
+            items.append(item)
 
         class ResumePanel(widgets.VBox):
             def __repr__(self) -> str:  # a stable text/plain fallback

@@ -186,10 +186,18 @@ def make_widget(
     name = display_name(run.key)
 
     class RunWidget(widgets.VBox):
-        """Name and status, a progress bar, counts, the calls, and the error of a failed run."""
+        """Name and status, a progress bar, counts, the calls, and the error of a failed run.
+
+        It follows its execution: :meth:`rebind` points it at the run that continues it (Retry
+        failed, the cell run again after a fix), so the widget a failed run left says what
+        became of it.
+        """
 
         def __init__(self) -> None:
             self.run = run
+            self._cancellable = cancellable
+            self._on_retry = on_retry
+            self._note = widgets.HTML()
             self._header = widgets.HTML()
             self._bar = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="100%"))
             self._counts = widgets.HTML()
@@ -218,6 +226,7 @@ def make_widget(
             super().__init__(
                 [
                     self._header,
+                    self._note,
                     self._bar,
                     self._counts,
                     self._functions,
@@ -228,29 +237,50 @@ def make_widget(
                 ]
             )
             self._signals = make_signal_panel(run)  # waiting for a signal: Approve / Reject / Send
-            self.children = (*self.children[:3], self._signals, *self.children[3:])
+            self.children = (*self.children[:4], self._signals, *self.children[4:])
             self.add_class("durable-run")
             self._updater = _Updater(run, self.refresh)
 
         def __repr__(self) -> str:  # the text/plain fallback: stable, so nbval can compare it
-            return text_form(run)
+            return text_form(self.run)
+
+        def rebind(self, again: Run, note: str) -> None:
+            """Follow ``again``, the run that continues this one (in the background: its error
+            shows here, it can be cancelled); ``note`` says so under the header."""
+            if again is self.run:
+                return
+            self.run = again
+            self.show_error, self._cancellable = True, True
+            self._pace, self._stats = Pace(), None
+            self._note.value = f"<span class='durable-note'>{html.escape(note)}</span>"
+            self._error.value = ""
+            self._retry.disabled = False
+            self._cancel.disabled, self._cancel.description = False, "Cancel"
+            panel = make_signal_panel(again)
+            self.children = tuple(panel if child is self._signals else child for child in self.children)
+            self._signals = panel
+            self._updater = _Updater(again, self.refresh)
+            self._updater.start()
 
         def _cancel_clicked(self, _: Any) -> None:
-            run.cancel()
+            self.run.cancel()
             self._cancel.disabled = True
             self._cancel.description = "Cancelling…"
 
         def _retry_clicked(self, _: Any) -> None:
-            if on_retry is None:
+            if self._on_retry is None:
                 return
             self._retry.disabled = True
             self._out.clear_output()
             with self._out:
                 try:
-                    on_retry(run)
+                    again = self._on_retry(self.run)
                 except Exception as exc:  # shown, never raised into the comm handler
                     print(f"{type(exc).__name__}: {exc}")
                     self._retry.disabled = False
+                    return
+            if isinstance(again, Run):  # this widget follows the retry (no second widget)
+                self.rebind(again, "retrying the failed calls (the traceback below is of the earlier attempt)")
 
         def start(self) -> None:
             self._updater.start()
@@ -259,6 +289,7 @@ def make_widget(
             self._updater.join(timeout)
 
         def refresh(self) -> None:
+            run = self.run
             p = run.progress
             self._signals.refresh()
             status = run_state(run)
@@ -283,8 +314,8 @@ def make_widget(
             self._functions.value = breakdown_html(self._function_stats())
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
-            self._cancel.layout.display = "" if cancellable and not run.done else "none"
-            failed = run.status == "failed" and on_retry is not None and p.failed > 0
+            self._cancel.layout.display = "" if self._cancellable and not run.done else "none"
+            failed = run.status == "failed" and self._on_retry is not None and p.failed > 0
             self._retry.layout.display = "" if failed else "none"
             error = run.error
             if run.status == "failed" and error is not None:
@@ -300,8 +331,8 @@ def make_widget(
         def _function_stats(self) -> list[FunctionStats]:
             if self._stats is not None:
                 return self._stats
-            stats = run.function_stats()
-            if run.done:
+            stats = self.run.function_stats()
+            if self.run.done:
                 self._stats = stats
             return stats
 
