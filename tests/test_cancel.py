@@ -129,3 +129,35 @@ def test_cancel_withdraws_queued_jobs_on_rq_workers(redis_url: str, sqlite_url: 
         engine.close()
     finally:
         workers.stop()
+
+
+@pytest.mark.kernel
+def test_ctrl_c_on_a_foreground_gather_withdraws_its_queued_calls(tmp_path: Path) -> None:
+    from kernels import Kernel
+
+    from durable_monty_nb.store.store import Store
+
+    log, gate, db = tmp_path / "started.log", tmp_path / "gate", f"sqlite:///{tmp_path / 'kernel.db'}"
+    kernel = Kernel(tmp_path, {"DURABLE_MONTY_DB": db})
+    try:
+        kernel.ok("%load_ext durable_monty_nb")
+        kernel.ok(
+            "import os, time\n\ndef gated(i):\n"
+            f"    with open({str(log)!r}, 'a') as handle:\n        handle.write(f'{{i}}\\n')\n"
+            f"    while not os.path.exists({str(gate)!r}):\n        time.sleep(0.01)\n    return i * 10\n"
+            "n = 40"
+        )
+        msg_id = kernel.submit(
+            f"%%durable fan --workers 2 --quiet\n{GATHER.replace('gated(log, gate, i)', 'gated(i)')}"
+        )
+        wait_until(lambda: len(started(log)) == 2, what="2 calls running")
+        kernel.manager.interrupt_kernel()
+        assert kernel.collect(msg_id).error == "ExecutionInterrupted"
+        gate.touch()
+        store = Store(db)
+        wait_until(lambda: store.latest_execution("fan").status == "interrupted", what="the run to end interrupted")
+        assert len(started(log)) == 2  # the 38 queued calls never started
+        assert kernel.ok("%durable_resume fan --quiet").result == str(sum(i * 10 for i in range(40)))
+        assert sorted(started(log)) == list(range(40))
+    finally:
+        kernel.close()
