@@ -38,8 +38,6 @@ class MontyProtocol:
         while True:
             kind = type(snap)
             if kind is FunctionSnapshot:
-                if self._sites_left and snap.call_id not in self.calls:
-                    self._reach_site(snap)
                 if snap.is_os_function:
                     next_snap = self._os_call(snap)
                     if next_snap is not None:
@@ -75,10 +73,9 @@ class MontyProtocol:
             if not self._reuse_pending():
                 return snap
 
-    def _reach_site(self: Driver, snap: FunctionSnapshot) -> None:
+    def _reach_site(self: Driver, position: Any) -> None:
         """A call site that runs at most once was reached (for the expected total of views)."""
-        position = snap.position
-        if position.filename.endswith("-1>"):
+        if self._sites_left and position.filename.endswith("-1>"):
             self._sites_left.discard(position.start)
 
     def _ready(self: Driver, snap: FutureSnapshot) -> dict[int, dict[str, Any]]:
@@ -107,6 +104,7 @@ class MontyProtocol:
                 "message": f"name {name!r} is not defined (not a function of the namespace)",
             }
         position = snap.position
+        self._reach_site(position)
         awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
         if awaited is None:
             awaited = snap.allow_eager_await
@@ -133,6 +131,8 @@ class MontyProtocol:
             return snap.resume_not_handled()
         state = self.calls.get(snap.call_id)
         if state is None:
+            if self._sites_left:
+                self._reach_site(snap.position)
             seconds = float(snap.args[0]) if snap.args else 0.0
             due = time.time() + max(seconds, 0.0)
             state = CallState(
