@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store at schema version {run_upgrade(normalize_url(args.db))}")
         return 0
 
+    from .errors import DurableError
     from .notebook.status import status_report
     from .store.store import Store
 
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    print(status_report(Store(args.db), args.name, show_all=args.all).text)
+    try:
+        print(status_report(Store(args.db), args.name, show_all=args.all).text)
+    except DurableError as exc:  # an unknown name, a store of another release: one clear line
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -35,14 +35,22 @@ class UnknownNamesError(WorkflowCodeError):
     """The workflow code uses names that the namespace does not define."""
 
     def __init__(
-        self, names: dict[str, int], resumable: str | None = None, unavailable: dict[str, str | None] | None = None
+        self,
+        names: dict[str, int],
+        resumable: str | None = None,
+        unavailable: dict[str, str | None] | None = None,
+        suggestions: dict[str, str] | None = None,
     ) -> None:
         self.names = names
+        self.suggestions = suggestions or {}  # a defined name close to each unknown one
         unavailable = unavailable or {}
         parts = []
         undefined = {n: line for n, line in names.items() if n not in unavailable}
         if undefined:
-            listed = ", ".join(f"{n!r} (line {line})" for n, line in sorted(undefined.items(), key=lambda i: i[1]))
+            listed = ", ".join(
+                f"{n!r} (line {line}{f', did you mean {self.suggestions[n]!r}?' if n in self.suggestions else ''})"
+                for n, line in sorted(undefined.items(), key=lambda i: i[1])
+            )
             parts.append(
                 f"not defined in the namespace: {listed}. Define them (run the cells that do), then run again."
             )

@@ -90,6 +90,17 @@ def type_name_of(value: Any) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+def _unwritable(value: Any, what: str, exc: ValueError) -> str:
+    if type(value) is int:
+        kind = f"an int of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    else:
+        kind = f"a {type_name_of(value)} holding a value"
+    return (
+        f"{what} is {kind} that the store cannot write as text ({exc}). Return it in another form "
+        f"(a str or bytes of it, or a smaller value), then run again."
+    )
+
+
 def _numpy_scalar(value: Any) -> Any:
     """``np.int64(3)`` -> ``3``; anything else -> a sentinel."""
     if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
@@ -127,17 +138,19 @@ class ValueCodec:
     def encode(self, value: Any, what: str = "value") -> tuple[str, Any]:
         """Return (stored JSON text, sandbox value) for a host value."""
         cls = type(value)
-        if cls is int:
-            return str(value), value
-        if cls in SCALARS:
-            return _dumps(value), value
-        if cls is list and all(type(item) in SCALARS for item in value):
-            return _dumps(value), value  # e.g. call arguments: no handles, no tags
         try:
+            if cls is int:
+                return str(value), value
+            if cls in SCALARS:
+                return _dumps(value), value
+            if cls is list and all(type(item) in SCALARS for item in value):
+                return _dumps(value), value  # e.g. call arguments: no handles, no tags
             tree, sandbox = self._encode(value, what)
             return _dumps(tree), sandbox
         except RecursionError:  # checked only when it happens: no cost for ordinary values
             raise ValueCrossingError(_too_deep(value, what)) from None
+        except ValueError as exc:  # the text form refuses it: an int past Python's 4,300-digit limit
+            raise ValueCrossingError(_unwritable(value, what, exc)) from None
 
     def encode_text(self, value: Any, what: str = "value") -> str:
         return self.encode(value, what)[0]

@@ -112,7 +112,7 @@ def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[
         cell = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL)
         widget = cell.locator(".durable-run")
         expect(widget).to_have_count(1, timeout=WIDGET_MS)
-        expect(widget.locator(".durable-status")).to_have_text("running", timeout=WIDGET_MS)
+        expect(widget.locator(".durable-status")).to_have_text("waiting for 'approval'", timeout=WIDGET_MS)  # no ETA
         expect(widget.locator(".durable-waiting")).to_have_text("waiting for signal 'approval'", timeout=WIDGET_MS)
         approve = widget.locator(".durable-approve")
         expect(approve).to_be_visible(timeout=WIDGET_MS)

@@ -41,7 +41,7 @@ def test_errors_render_without_internal_frames(shell: InteractiveShell, capsys: 
     assert not result.success
     err = capsys.readouterr()
     text = err.out + err.err
-    assert "UnknownNamesError: not defined in the namespace: 'doubel' (line 1)" in text
+    assert "UnknownNamesError: not defined in the namespace: 'doubel' (line 1, did you mean 'double'?)" in text
     assert "magics.py" not in text
 
 

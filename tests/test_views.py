@@ -26,7 +26,7 @@ def test_widget_shows_a_finished_run(sqlite_engine: Engine) -> None:
     widget = make_widget(run)
     widget.start()
     widget.join(5)
-    assert repr(widget) == "DurableRun('shown')"  # the stable text/plain fallback
+    assert repr(widget) == "shown: completed · 5/5 calls done"  # the text/plain form: stable, no timings
     assert "completed" in widget._header.value and "shown" in widget._header.value
     assert (widget._bar.value, widget._bar.max, widget._bar.bar_style) == (5, 5, "success")
     assert "<b>5</b>/5 done" in widget._counts.value
@@ -56,6 +56,7 @@ def test_widget_shows_failures_and_restored_counts(sqlite_engine: Engine) -> Non
     widget.refresh()
     assert "result from the store" in widget._header.value
     assert "3 restored" in widget._counts.value
+    assert repr(widget) == "again: completed · 3 restored from the store"  # what headless outputs keep
     widget._calls.selected_index = 0
     assert widget._calls_html.value.count("<tr>") == 4  # calls of a stored run come from the store
 
@@ -141,8 +142,9 @@ def test_pace_measures_recent_throughput_and_eta() -> None:
     assert pace.rate is None and pace.describe(Progress(total=100), running=True) == []
     pace.sample(Progress(total=100, done=25, restored=5), now=2.0)
     assert pace.rate == 10.0
-    assert pace.eta(Progress(total=100, done=25, restored=5)) == 7.5
-    assert pace.describe(Progress(total=100, done=25), running=True) == ["10.0 calls/s", "ETA 7.5 s"]
+    assert pace.eta(Progress(total=100, done=25, restored=5), expected=100) == 7.5
+    assert pace.describe(Progress(total=100, done=25), running=True, expected=100) == ["10.0 calls/s", "ETA 7.5 s"]
+    assert pace.describe(Progress(total=100, done=25), running=True) == ["10.0 calls/s"]  # no total known: no ETA
     assert pace.describe(Progress(total=100, done=25), running=False) == []  # a finished run has no pace
     for second in range(3, 30):  # only the last 10 s count: 1 call/s lately
         pace.sample(Progress(total=100, done=25 + second - 2, restored=5), now=float(second))
@@ -277,3 +279,66 @@ def test_calls_frame(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     with pytest.raises(ImportError, match="calls_frame\\(\\) needs pandas"):
         run.calls_frame()
+
+
+def test_a_loop_shows_calls_done_and_the_rate_without_a_total_bar_or_eta(sqlite_engine: Engine) -> None:
+    from durable_monty_nb.engine.handle import Progress
+
+    gate = threading.Event()
+
+    def step(i: int) -> int:
+        if i == 12:
+            gate.wait(30)
+        return i
+
+    code = "total = 0\nfor i in range(40):\n    total = total + await step(i)\ntotal"
+    run = sqlite_engine.start(code, {"step": step}, key="loop")
+    try:
+        wait_until(lambda: run.progress.done == 12 and run.progress.running == 1, what="12 steps done")
+        p = run.progress
+        assert p.total == 13 and p.expected is None  # 13 announced, the code does not say how many more
+        widget = make_widget(run)
+        widget._pace.sample(Progress(), now=time.monotonic() - 6)  # a pace to show: 12 calls in 6 s
+        widget.refresh()
+        assert "<b>12</b> done" in widget._counts.value and "/13" not in widget._counts.value
+        assert "calls/s" in widget._counts.value and "ETA" not in widget._counts.value
+        assert widget._bar.layout.display == "none"
+        assert "loop: running · 12 calls done" in views.summary(run)
+    finally:
+        gate.set()
+    assert run.result(30) == sum(range(40))
+    assert views.summary(run).startswith("loop: completed · 40/40 calls done")
+
+
+def test_straight_code_counts_the_calls_it_has_not_reached_yet(sqlite_engine: Engine) -> None:
+    gate = threading.Event()
+
+    def slow(i: int) -> int:
+        gate.wait(30)
+        return i
+
+    code = "rs = await gather(*[slow(i) for i in range(5)])\nlast = await double(sum(rs))\nlast"
+    run = sqlite_engine.start(code, {"slow": slow, "double": double}, key="straight")
+    try:
+        wait_until(lambda: run.progress.running == 5, what="the gather running")
+        assert (run.progress.total, run.progress.expected) == (5, 6)  # the gather and the call after it
+        assert "0/6 calls done" in views.summary(run)
+    finally:
+        gate.set()
+    assert run.result(30) == 20
+
+
+def test_a_parked_run_says_what_it_waits_for_with_no_eta_and_signal_in_the_table(sqlite_engine: Engine) -> None:
+    code = 'plan = await double(1)\ndecision = await signal("approve")\ndecision'
+    run = sqlite_engine.start(code, {"double": double}, key="parked")
+    try:
+        wait_until(lambda: run.parked, what="the run parked on its signal")
+        assert "parked: waiting for 'approve' · 1/2 calls done" in views.summary(run)
+        widget = make_widget(run)
+        widget.refresh()
+        assert "waiting for &#x27;approve&#x27;" in widget._header.value and "ETA" not in widget._counts.value
+        table = widget._functions.value
+        assert ">signal</td>" in table and ">double</td>" in table  # every function, signal included
+    finally:
+        run.signal("approve", True)
+    assert run.result(30) is True

@@ -118,6 +118,11 @@ class CodeInfo:
     awaited_starts: set[int] = field(default_factory=set)
     free_names: dict[str, int] = field(default_factory=dict)
     exports: list[str] = field(default_factory=list)
+    # How many calls the code makes, as far as the code says (see _count_sites): the start
+    # offsets of call sites that run at most once, and whether any call runs an unknown number
+    # of times (in a loop, a helper, or a comprehension that is not gathered).
+    single_sites: frozenset[int] = frozenset()
+    open_total: bool = False
 
     def is_awaited(self, start: int, end: int) -> bool | None:
         """True/False for a known call span, None when the span is unknown."""
@@ -149,6 +154,7 @@ def analyze(code: str) -> CodeInfo:
     offsets = _line_offsets(code)
     _classify_calls(tree, info, offsets)
     _find_names(tree, info)
+    _count_sites(tree, info, offsets)
     return info
 
 
@@ -274,6 +280,43 @@ def _classify_calls(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> Non
         start, end = _span(call, offsets)
         info.awaited_spans.add((start, end))
         info.awaited_starts.add(start)
+
+
+_LOOPS = (ast.For, ast.While, ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_SLEEPS = ("sleep",)
+
+
+def _count_sites(tree: ast.Module, info: CodeInfo, offsets: list[int]) -> None:
+    """Which calls of the notebook's functions (and of ``signal``, ``asyncio.sleep``) the code
+    makes, for progress views: a site outside loops, helpers and comprehensions runs at most
+    once (``single_sites``); a gathered comprehension announces all its calls at once; any
+    other site (in a loop, a helper, a comprehension run call by call) makes ``open_total``."""
+    singles: set[int] = set()
+    open_total = False
+
+    def external(call: ast.Call) -> bool:
+        fn = call.func
+        if isinstance(fn, ast.Name):
+            return fn.id == "signal" or fn.id in info.free_names
+        return isinstance(fn, ast.Attribute) and fn.attr in _SLEEPS
+
+    def visit(node: ast.AST, looped: bool, comprehension: bool) -> None:
+        nonlocal open_total
+        if isinstance(node, ast.Call) and not _is_gather(node) and external(node):
+            start = _span(node, offsets)[0]
+            if looped or (comprehension and start not in info.awaited_starts):
+                open_total = True
+            elif not comprehension:
+                singles.add(start)
+        inner_loop = looped or isinstance(node, _LOOPS)
+        inner_comp = comprehension or isinstance(node, _COMPREHENSIONS)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner_loop, inner_comp)
+
+    visit(tree, False, False)
+    info.single_sites = frozenset(singles)
+    info.open_total = open_total
 
 
 def _names_in_target(target: ast.expr) -> set[str]:

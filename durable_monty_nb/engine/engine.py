@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
@@ -56,7 +57,7 @@ from ..store.signing import secret_argument
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
 from . import sandbox
-from .analysis import MONTY_MISSING_BUILTINS, CodeInfo, analyze, sandbox_substitute
+from .analysis import MONTY_MISSING_BUILTINS, SANDBOX_NAMES, CodeInfo, analyze, sandbox_substitute
 from .controls import CallControls, Rate
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
@@ -705,7 +706,25 @@ def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -
     missing = {name: line for name, line in info.free_names.items() if name not in namespace}
     if missing:
         unavailable = {name: sandbox_substitute(name) for name in missing if name in MONTY_MISSING_BUILTINS}
-        raise UnknownNamesError(missing, resumable=_describe_unfinished(unfinished), unavailable=unavailable)
+        raise UnknownNamesError(
+            missing,
+            resumable=_describe_unfinished(unfinished),
+            unavailable=unavailable,
+            suggestions=close_names(missing, namespace),
+        )
+
+
+def close_names(unknown: Iterable[str], namespace: Mapping[str, Any]) -> dict[str, str]:
+    """For each unknown name, the closest name the notebook or the sandbox defines (``lod`` ->
+    ``load``), when one is close enough."""
+    defined = [n for n in namespace if isinstance(n, str) and not n.startswith("_")]
+    defined += sorted(SANDBOX_NAMES)
+    found = {}
+    for name in unknown:
+        match = difflib.get_close_matches(name, defined, n=1, cutoff=0.7)
+        if match:
+            found[name] = match[0]
+    return found
 
 
 def prepare_inputs(

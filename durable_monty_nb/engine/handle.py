@@ -35,6 +35,10 @@ class Progress:
     signals: int = 0  # signal waits (``await signal(...)``) not yet answered
     external: int = 0  # calls of external functions waiting for their completion
     limited: int = 0  # calls waiting for a concurrency slot or a rate token of their function
+    # The total the run will reach as far as its code says (the calls announced plus the call
+    # sites not reached yet); None when the code makes an unknown number of calls (loops,
+    # helpers): views then show no bar and no ETA. Equal to ``total`` once the run finished.
+    expected: int | None = None
 
     def details(self) -> list[tuple[str, int]]:
         """(label, count) of every category besides ``done``, in display order."""

@@ -190,6 +190,17 @@ class DaskExecutor(WatchedExecutor):
         self._watch()
         return lost
 
+    def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
+        """Release the tasks no worker processes yet (the scheduler's processing list, read
+        now): they never run. Those a worker has go on and write their outcome to the store."""
+        try:
+            self._count_running(self._connected().processing())
+        except Exception:
+            return []  # the scheduler is away: nothing is withdrawn
+        waiting = [task for task in tasks if not task.started_at]
+        self.cancel(waiting)
+        return waiting
+
     def cancel(self, tasks: Sequence[Task]) -> None:
         """Release the tasks on the scheduler: queued ones never run; a running one runs out
         on its worker (Dask cannot interrupt a thread) and its result is dropped."""

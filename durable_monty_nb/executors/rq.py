@@ -143,6 +143,35 @@ class RQExecutor(WatchedExecutor):
         self._watch()
         return lost
 
+    def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
+        """Cancel the jobs still queued (and drop the unsent ones): none of them will start.
+        A job a worker took runs out and writes its outcome to the store. Returns the attempts
+        withdrawn."""
+        from redis.exceptions import RedisError
+        from rq.exceptions import InvalidJobOperation
+        from rq.job import Job
+
+        with self._lock:
+            unsent = {task.id for task in self._unsent}
+            self._unsent = [task for task in self._unsent if task.id not in {t.id for t in tasks}]
+        taken = [task for task in tasks if task.id in unsent]
+        sent = [task for task in tasks if task.id not in unsent]
+        try:
+            jobs = Job.fetch_many([task.id for task in sent], connection=self.redis) if sent else []
+            for task, job in zip(sent, jobs, strict=True):
+                if job is not None and job.get_status(refresh=False) in ("queued", "deferred", "scheduled"):
+                    try:
+                        job.cancel()
+                    except InvalidJobOperation:
+                        continue
+                    taken.append(task)
+        except RedisError:
+            pass  # Redis is away: the jobs not withdrawn yet are followed as before
+        with self._lock:
+            for task in taken:
+                self._tasks.pop(task.id, None)
+        return taken
+
     def cancel(self, tasks: Sequence[Task]) -> None:
         """Queued jobs are cancelled; a running one is stopped (its work horse is killed)."""
         from redis.exceptions import RedisError

@@ -50,7 +50,7 @@ class ThreadExecutor:
         self._finished_n = 0
         self._submitted = 0
         self._shutdown = False
-        self._skip: set[str] = set()  # cancelled before they started
+        self._unclaimed: dict[int, Task] = {}  # queued for a thread, by id(task); popped once, by one side
         self._abandoned: set[str] = set()  # cancelled while running in a thread (not killable)
         self._coroutines: dict[str, Any] = {}  # running asyncio tasks, by attempt id
 
@@ -76,6 +76,7 @@ class ThreadExecutor:
             if is_coroutine:
                 _event_loop().submit(task, done, self)
             else:
+                self._unclaimed[id(task)] = task
                 put((task, done))
                 queued += 1
         # Each queued task is taken by an idle thread or gets a new one, until the pool is full.
@@ -86,17 +87,28 @@ class ThreadExecutor:
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         return list(tasks)  # threads of a dead process: every attempt is lost
 
+    def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
+        """Take back the tasks no thread has taken yet: they will never start. Returns those
+        taken back (a task a thread took meanwhile runs, and reports as usual). Coroutines start
+        at once: they are not taken back."""
+        taken = []
+        unclaimed = self._unclaimed
+        for task in tasks:
+            if unclaimed.pop(id(task), None) is not None:  # atomic: a thread pops it, or we do
+                taken.append(task)
+        self._submitted -= len(taken)
+        return taken
+
     def cancel(self, tasks: Sequence[Task]) -> None:
-        """Coroutines are cancelled. A thread cannot be killed: a running call is abandoned to
-        finish on its own, and a new thread takes its place so the pool keeps its size."""
+        """Coroutines are cancelled, queued tasks withdrawn. A thread cannot be killed: a running
+        call is abandoned to finish on its own, and a new thread takes its place so the pool
+        keeps its size."""
         loop = _LOOP
         for task in tasks:
             coroutine = self._coroutines.pop(task.id, None)
             if coroutine is not None and loop is not None:
                 loop.loop.call_soon_threadsafe(coroutine.cancel)
-            elif not task.started_at:
-                self._skip.add(task.id)
-            else:
+            elif not self.withdraw([task]):
                 with self._lock:
                     self._abandoned.add(task.id)
                 self._spawn()
@@ -118,8 +130,7 @@ class ThreadExecutor:
             if item is _STOP:
                 return
             task, done = item
-            if task.id in self._skip:
-                self._skip.discard(task.id)
+            if self._unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
                 self._idle.release()
                 continue
             outcome = self.run_task(task)

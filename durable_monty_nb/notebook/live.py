@@ -43,21 +43,25 @@ class Pace:
             return None
         return max(n1 - n0, 0) / (t1 - t0)
 
-    def eta(self, progress: Progress) -> float | None:
-        """Seconds until the known calls are finished at the recent pace (None: no pace yet)."""
-        left = progress.total - progress.done - progress.failed
+    def eta(self, progress: Progress, expected: int | None) -> float | None:
+        """Seconds until the ``expected`` calls are finished at the recent pace (None: no pace
+        yet, or no total known ahead)."""
+        if expected is None:
+            return None
+        left = expected - progress.done - progress.failed
         rate = self.rate
         if left <= 0 or not rate:
             return None
         return left / rate
 
-    def describe(self, progress: Progress, running: bool) -> list[str]:
-        """``12.5 calls/s`` and ``ETA 40.0 s`` while the run goes on; nothing before there is a pace."""
+    def describe(self, progress: Progress, running: bool, expected: int | None = None) -> list[str]:
+        """``12.5 calls/s`` and ``ETA 40.0 s`` while the run goes on; nothing before there is a
+        pace, and no ETA when the code does not tell its total (``expected`` None: loops)."""
         rate = self.rate
         if not running or rate is None:
             return []
         parts = [f"{format_rate(rate)} calls/s"]
-        eta = self.eta(progress)
+        eta = self.eta(progress, expected)
         if eta is not None:
             parts.append(f"ETA {format_duration(eta)}")
         return parts

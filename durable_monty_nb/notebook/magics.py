@@ -21,6 +21,7 @@ else from the option ``NAME_SETTING`` when there is one: RQ reads ``rq_url`` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -48,7 +49,16 @@ from ..store.retention import parse_age
 from ..store.schema import read_revision
 from ..store.store import Store, default_db_path, lease_held, normalize_url
 from .retention_magics import RetentionMagics
-from .scope import display_name, notebook_file, notebook_label, scoped_key, split_key
+from .scope import (
+    current_source,
+    display_name,
+    headless_cell_id,
+    notebook_file,
+    notebook_label,
+    notebook_told,
+    scoped_key,
+    split_key,
+)
 from .signal_magics import SignalMagics
 from .status import outage_report, status_report, unfinished_summary
 from .tracebacks import relabel, relabel_error
@@ -181,6 +191,7 @@ class DurableMagics(Magics):
         self.runs: dict[str, Run] = {}
         self.views: dict[str, Any] = {}  # the latest view of each run, by key
         self.resume_panel: Any = None  # the panel of unfinished executions shown by %load_ext
+        self._banner_items: dict[str, Any] = {}  # its rows, by key: gone once a run of the key completes
 
     # -- stores -----------------------------------------------------------------------------
 
@@ -354,6 +365,8 @@ class DurableMagics(Magics):
             cell_id = kernel.get_parent()["metadata"].get("cellId") if kernel is not None else None
         except Exception:
             cell_id = None
+        if not cell_id and kernel is not None and notebook_file(self.shell) is not None:
+            cell_id = headless_cell_id(self.shell, current_source(self.shell))  # as JupyterLab tells it
         return f"cell-{cell_id[:12]}" if cell_id else None
 
     def _follow(
@@ -370,7 +383,11 @@ class DurableMagics(Magics):
         In the foreground the cell raises a failure itself, so the view shows it in one line
         (the traceback appears once, as the cell's error); in the background the view shows it.
         """
-        view = self._show(run, quiet, background=background, on_retry=on_retry)
+        # A headless client (nbconvert, papermill, nbval) keeps what a display first said and
+        # nbval ignores display updates: there the widget is displayed when the cell ends, with
+        # its final status line. A frontend that renders it (JupyterLab, VS Code) gets it at once.
+        deferred = not background and widgets_available() and not notebook_told(self.shell)
+        view = self._show(run, quiet, background=background, on_retry=on_retry, defer=deferred)
         if printer is not None:
             printer.release()
         run.begin()
@@ -378,23 +395,31 @@ class DurableMagics(Magics):
             self._export_later(run)
             return None
         name = display_name(run.key)
-        _wait_all(
-            [run],
-            f"stopped waiting for {name!r}. Calls already running finish in the background and their "
-            f"results are kept; nothing is lost. Continue with: %durable_resume {name}",
-        )
+        try:
+            _wait_all(
+                [run],
+                f"stopped waiting for {name!r}. Calls already running finish in the background and their "
+                f"results are kept; nothing is lost. Continue with: %durable_resume {name}",
+            )
+        finally:
+            if deferred and view is not None:
+                if run.done:
+                    view.join(5)
+                self._display(view)
         if not run.done:  # parked on a signal: it goes on in the background, names are set when it completes
             if view is not None:
                 view.refresh()  # shows what it waits for (and how to deliver) before the cell returns
             self._export_later(run)
             return None
-        if view is not None:
+        if view is not None and not deferred:
             view.join(5)
+            finish_display(view)
         try:
             result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
         except DurableError as exc:
             raise relabel_error(exc, self.shell) from None
         self.shell.user_ns.update(run.outputs)
+        self._completed(run)
         return result
 
     def _show(
@@ -405,14 +430,20 @@ class DurableMagics(Magics):
         background: bool = True,
         on_retry: Any = None,
         show_error: bool | None = None,
+        defer: bool = False,
     ) -> Any:
         """Remember the run and display its live view (from the main thread); returns the view.
 
         ``background``: the cell does not wait for the run, so the view shows its traceback
         (unless ``show_error`` says otherwise) and a Cancel button (a click reaches the kernel
-        only when no cell is running).
+        only when no cell is running). ``defer``: the caller displays it (``_display``).
         """
         self.runs[run.key] = run
+        earlier = self.views.get(run.key)
+        left = earlier is not None and earlier.run is not run and earlier.run.done
+        if left and hasattr(earlier, "rebind") and earlier.run.status != "completed":
+            # the widget a failed or interrupted run left follows the run that continues it
+            earlier.rebind(run, f"continued by a new run of {display_name(run.key)}, shown below")
         view = make_view(
             run,
             quiet=quiet,
@@ -422,9 +453,16 @@ class DurableMagics(Magics):
         )
         if view is not None:
             self.views[run.key] = view
-            display(view)
+            if not defer:
+                self._display(view)
             view.start()
         return view
+
+    def _display(self, view: Any) -> None:
+        if widgets_available():  # updated with the final status line when the run ends (finish_display)
+            view.display_handle = display(view, display_id=True)
+        else:
+            display(view)
 
     def _retrier(self, engine: Engine, options: RunOptions) -> Any:
         """What a view's Retry failed button does: resume the failed execution, as running the cell
@@ -433,11 +471,21 @@ class DurableMagics(Magics):
 
         def retry_failed(run: Run) -> Run:
             again = engine.resume(run.execution_id, self.shell.user_ns, options=options)
-            self._show(again, on_retry=retry_failed)
+            self.runs[again.key] = again  # the widget that asked follows it (RunWidget.rebind)
             self._export_later(again)
             return again
 
         return retry_failed
+
+    def _completed(self, run: Run) -> None:
+        """A run completed: its row leaves the %load_ext panel (the panel goes when it is empty)."""
+        item = self._banner_items.pop(run.key, None)
+        panel = self.resume_panel
+        if item is None or panel is None:
+            return
+        panel.children = tuple(child for child in panel.children if child is not item)
+        if not self._banner_items:
+            panel.layout.display = "none"
 
     def _export_later(self, run: Run) -> None:
         """Set the run's names in the notebook when it completes (for runs nobody waits for)."""
@@ -446,6 +494,11 @@ class DurableMagics(Magics):
             run.wait()
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
+                self._completed(run)
+            view = self.views.get(run.key)
+            if view is not None and view.run is run:
+                view.join(5)
+                finish_display(view)
 
         threading.Thread(target=export, daemon=True).start()
 
@@ -510,8 +563,12 @@ class DurableMagics(Magics):
             return None
         _wait_all(runs, "stopped waiting; the executions can be resumed again")
         for run in runs:
+            if run.done and (view := self.views.get(run.key)) is not None:
+                view.join(5)
+                finish_display(view)
             if run.status == "completed":
                 self.shell.user_ns.update(run.outputs)
+                self._completed(run)
             elif not run.done:  # parked on a signal
                 self._export_later(run)
         failed = [run for run in runs if run.done and run.status != "completed"]
@@ -551,6 +608,7 @@ class DurableMagics(Magics):
             rows = self.own_unfinished(self.engine().store) if known else []
         except Exception:
             return
+        rows = [row for row in rows if worth_resuming(row)]
         if not rows:
             return
         if widgets_available():
@@ -589,7 +647,9 @@ class DurableMagics(Magics):
                     self._export_later(run)
 
             button.on_click(resume)
-            items.append(widgets.VBox([widgets.HBox([button, widgets.Label(text)]), out]))
+            item = widgets.VBox([widgets.HBox([button, widgets.Label(text)]), out])
+            self._banner_items[row.key] = item
+            items.append(item)
 
         class ResumePanel(widgets.VBox):
             def __repr__(self) -> str:  # a stable text/plain fallback
@@ -599,6 +659,13 @@ class DurableMagics(Magics):
 
 
 NAME_LIMIT = 200
+
+
+def worth_resuming(row: Any) -> bool:
+    """Whether %load_ext offers an unfinished execution for Resume: not a run its own code failed
+    (a typo, a method of a handle: it fails again the same way until the cell is edited, which
+    starts a new execution); a failed call, once its function is fixed, is worth it."""
+    return row.status != "failed" or (row.calls_failed or 0) > 0
 
 
 def check_options(args: Any) -> None:
@@ -619,6 +686,14 @@ def check_options(args: Any) -> None:
             problems.append(f"--{option.replace('_', '-')} must be a number of seconds, 0 or more, not {value}")
     if problems:
         raise DurableError("; ".join(problems) + ". Nothing ran.")
+
+
+def finish_display(view: Any) -> None:
+    """Give a widget's output its final plain-text form (its status line, for headless outputs)."""
+    handle = getattr(view, "display_handle", None)
+    if handle is not None:
+        with contextlib.suppress(Exception):  # the frontend is gone: nothing to update
+            handle.update(view)
 
 
 def _wait_all(runs: list[Run], interrupted: str) -> None:

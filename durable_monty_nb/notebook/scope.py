@@ -26,8 +26,8 @@ __all__ = ["KEY_LIMIT", "SEPARATOR", "display_name", "notebook_file", "notebook_
 SESSION_ENV = "JPY_SESSION_NAME"
 
 
-def notebook_file(shell: Any = None) -> Path | None:
-    """The absolute path of the kernel's notebook, or None (a terminal, an unknown frontend)."""
+def notebook_told(shell: Any = None) -> Path | None:
+    """The notebook the frontend told the kernel (JupyterLab, Notebook, VS Code), or None."""
     namespace = getattr(shell, "user_ns", None) or {}
     for candidate in (
         namespace.get("__vsc_ipynb_file__"),
@@ -37,6 +37,105 @@ def notebook_file(shell: Any = None) -> Path | None:
         if isinstance(candidate, str) and candidate.strip():
             return Path(candidate).expanduser().absolute()
     return None
+
+
+def notebook_file(shell: Any = None) -> Path | None:
+    """The absolute path of the kernel's notebook, or None (a terminal, an unknown frontend).
+
+    Told by the frontend (JupyterLab, Notebook, VS Code), else found for headless runs
+    (:func:`headless_notebook`).
+    """
+    told = notebook_told(shell)
+    if told is not None:
+        return told
+    if getattr(shell, "kernel", None) is None:
+        return None  # a terminal: no notebook
+    return headless_notebook(shell)
+
+
+_FOUND: dict[int, tuple[Path, dict[str, str]]] = {}  # by shell: the notebook, its cells' ids by source
+
+
+def headless_notebook(shell: Any) -> Path | None:
+    """The notebook a headless client runs (nbconvert, nbclient, ``jupyter execute``, papermill),
+    which tells the kernel only its working directory.
+
+    The notebook is the one that holds the cell being executed: among the ``.ipynb`` arguments
+    of the process that started the kernel (``jupyter nbconvert --execute NB``, ``papermill NB
+    OUT``), else among the notebooks of the kernel's working directory (nbclient and nbconvert
+    start it in the notebook's folder: ``resources['metadata']['path']``) when exactly one holds
+    it. Found once per kernel.
+    """
+    found = _FOUND.get(id(shell))
+    if found is not None:
+        return found[0]
+    source = current_source(shell)
+    if not source:
+        return None
+    # The first of the starter's arguments that holds the cell (papermill's input, before its
+    # output); in the working directory, the only notebook that holds it.
+    parents = [(path, cells) for path in _parent_notebooks() if source in (cells := _cells(path))]
+    local = [(path, cells) for path in sorted(Path.cwd().glob("*.ipynb")) if source in (cells := _cells(path))]
+    found = parents[0] if parents else local[0] if len(local) == 1 else None
+    if found is None:
+        return None
+    _FOUND[id(shell)] = found
+    return found[0]
+
+
+def headless_cell_id(shell: Any, source: str) -> str | None:
+    """The id of the notebook cell with ``source`` in the notebook found by :func:`headless_notebook`."""
+    found = _FOUND.get(id(shell))
+    return found[1].get(source.strip()) if found is not None else None
+
+
+def current_source(shell: Any) -> str:
+    """The source of the cell being executed, as the client sent it (its execute request)."""
+    try:
+        return str(shell.kernel.get_parent()["content"]["code"]).strip()
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
+def _cells(path: Path) -> dict[str, str]:
+    """{source: id} of a notebook's code cells (empty when it cannot be read)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        cells = data.get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    found = {}
+    for cell in cells if isinstance(cells, list) else []:
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
+            text = cell.get("source", "")
+            text = "".join(text) if isinstance(text, list) else str(text)
+            found.setdefault(text.strip(), str(cell.get("id", "")))
+    return found
+
+
+def _parent_notebooks() -> list[Path]:
+    """The ``.ipynb`` arguments of the process that started this kernel (Linux: ``/proc``)."""
+    parent = Path(f"/proc/{os.getppid()}")
+    try:
+        args = (parent / "cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(parent / "cwd"))
+    except OSError:
+        return []
+    # Relative to the starter's directory, or to the shell's (papermill --cwd moves the
+    # starter itself; the PWD it inherited still names the shell's).
+    bases = [cwd] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else [])
+    found = []
+    for raw in args:
+        arg = raw.decode(errors="replace")
+        if arg.endswith(".ipynb"):
+            for base in bases:
+                path = (base / arg).expanduser()
+                if path.is_file():
+                    found.append(path.absolute())
+                    break
+    return found
 
 
 def notebook_label(notebook: Path, store_url: str) -> str:

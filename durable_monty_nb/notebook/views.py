@@ -38,14 +38,49 @@ def widgets_available() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def expected_total(run: Run) -> int | None:
+    """The total a view may show (None: the code makes an unknown number of calls)."""
+    p = run.progress
+    return p.total if run.done else p.expected
+
+
+def run_state(run: Run) -> str:
+    """``completed``, ``result from the store``, ``waiting for 'approve'`` (a parked run), ``running``..."""
+    if run.cached:
+        return "result from the store"
+    if run.parked:
+        waits = run.waits()
+        if waits:
+            names = [repr(w.name) if w.kind == "signal" else f"the completion of {w.name}()" for w in waits]
+            return "waiting for " + ", ".join(dict.fromkeys(names))
+    return run.status
+
+
+def done_text(run: Run, bold: bool = False) -> str:
+    """``12/40 calls done``, or ``12 calls done`` when the total is not known ahead."""
+    p = run.progress
+    done = f"<b>{p.done}</b>" if bold else str(p.done)
+    expected = expected_total(run)
+    return f"{done}/{expected} calls done" if expected is not None else f"{done} calls done"
+
+
+def text_form(run: Run) -> str:
+    """The widget's plain-text form (what nbconvert and papermill outputs keep): its status line,
+    stable for nbval (no timings, no ids). Replaced by the final line when the run ends."""
+    if not run.done:
+        return f"{display_name(run.key)}: {run_state(run)}"
+    if run.cached:
+        return f"{display_name(run.key)}: completed · {run.progress.done} restored from the store"
+    return summary(run)
+
+
 def summary(run: Run) -> str:
     """One line: what the run did, for terminals and status messages."""
     p = run.progress
-    parts = [f"{p.done}/{p.total} calls done"] + [f"{count} {label}" for label, count in p.details() if count]
+    parts = [done_text(run)] + [f"{count} {label}" for label, count in p.details() if count]
     if p.note:
         parts.append(p.note)
-    state = "result from the store" if run.cached else run.status
-    return f"{display_name(run.key)}: {state} · " + " · ".join(parts)
+    return f"{display_name(run.key)}: {run_state(run)} · " + " · ".join(parts)
 
 
 class _Updater:
@@ -109,7 +144,7 @@ class TextView:
                 if self.show_error and self.run.status == "failed" and error is not None:
                     stream.write(relabel(str(error), _shell()) + "\n")
             else:
-                pace = self._pace.describe(progress, running=True)
+                pace = self._pace.describe(progress, running=not self.run.parked, expected=expected_total(self.run))
                 stream.write(" · ".join([line, *pace]) + "\n")
             stream.flush()
             self._last, self._last_time = line, now
@@ -151,10 +186,18 @@ def make_widget(
     name = display_name(run.key)
 
     class RunWidget(widgets.VBox):
-        """Name and status, a progress bar, counts, the calls, and the error of a failed run."""
+        """Name and status, a progress bar, counts, the calls, and the error of a failed run.
+
+        It follows its execution: :meth:`rebind` points it at the run that continues it (Retry
+        failed, the cell run again after a fix), so the widget a failed run left says what
+        became of it.
+        """
 
         def __init__(self) -> None:
             self.run = run
+            self._cancellable = cancellable
+            self._on_retry = on_retry
+            self._note = widgets.HTML()
             self._header = widgets.HTML()
             self._bar = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="100%"))
             self._counts = widgets.HTML()
@@ -183,6 +226,7 @@ def make_widget(
             super().__init__(
                 [
                     self._header,
+                    self._note,
                     self._bar,
                     self._counts,
                     self._functions,
@@ -193,29 +237,50 @@ def make_widget(
                 ]
             )
             self._signals = make_signal_panel(run)  # waiting for a signal: Approve / Reject / Send
-            self.children = (*self.children[:3], self._signals, *self.children[3:])
+            self.children = (*self.children[:4], self._signals, *self.children[4:])
             self.add_class("durable-run")
             self._updater = _Updater(run, self.refresh)
 
         def __repr__(self) -> str:  # the text/plain fallback: stable, so nbval can compare it
-            return f"DurableRun({name!r})"
+            return text_form(self.run)
+
+        def rebind(self, again: Run, note: str) -> None:
+            """Follow ``again``, the run that continues this one (in the background: its error
+            shows here, it can be cancelled); ``note`` says so under the header."""
+            if again is self.run:
+                return
+            self.run = again
+            self.show_error, self._cancellable = True, True
+            self._pace, self._stats = Pace(), None
+            self._note.value = f"<span class='durable-note'>{html.escape(note)}</span>"
+            self._error.value = ""
+            self._retry.disabled = False
+            self._cancel.disabled, self._cancel.description = False, "Cancel"
+            panel = make_signal_panel(again)
+            self.children = tuple(panel if child is self._signals else child for child in self.children)
+            self._signals = panel
+            self._updater = _Updater(again, self.refresh)
+            self._updater.start()
 
         def _cancel_clicked(self, _: Any) -> None:
-            run.cancel()
+            self.run.cancel()
             self._cancel.disabled = True
             self._cancel.description = "Cancelling…"
 
         def _retry_clicked(self, _: Any) -> None:
-            if on_retry is None:
+            if self._on_retry is None:
                 return
             self._retry.disabled = True
             self._out.clear_output()
             with self._out:
                 try:
-                    on_retry(run)
+                    again = self._on_retry(self.run)
                 except Exception as exc:  # shown, never raised into the comm handler
                     print(f"{type(exc).__name__}: {exc}")
                     self._retry.disabled = False
+                    return
+            if isinstance(again, Run):  # this widget follows the retry (no second widget)
+                self.rebind(again, "retrying the failed calls (the traceback below is of the earlier attempt)")
 
         def start(self) -> None:
             self._updater.start()
@@ -224,29 +289,33 @@ def make_widget(
             self._updater.join(timeout)
 
         def refresh(self) -> None:
+            run = self.run
             p = run.progress
             self._signals.refresh()
-            status = "result from the store" if run.cached else run.status
+            status = run_state(run)
+            expected = expected_total(run)
             elapsed = _elapsed(run)
             timing = f" · {format_duration(elapsed)}" if elapsed is not None and not run.cached else ""
             self._header.value = (
                 f"<b>{html.escape(name)}</b> · <span class='durable-status'>{html.escape(status)}</span>{timing}"
             )
-            self._bar.max = max(p.total, 1)
-            self._bar.value = min(p.done + p.failed, self._bar.max) if p.total else (1 if run.done else 0)
+            # No bar for a total the code does not tell (loops): it would fill up and lie.
+            self._bar.layout.display = "none" if expected is None else ""
+            self._bar.max = max(expected or 0, 1)
+            self._bar.value = min(p.done + p.failed, self._bar.max) if expected else (1 if run.done else 0)
             self._bar.bar_style = STYLES.get(run.status, "")
-            counts = [f"<b>{p.done}</b>/{p.total} done"]
+            counts = [done_text(run, bold=True).removesuffix(" calls done") + " done"]
             counts += [f"{n} {label}" for label, n in p.details() if n or label in ("running", "failed")]
             self._pace.sample(p)
-            counts += self._pace.describe(p, running=not run.done)
+            counts += self._pace.describe(p, running=not run.done and not run.parked, expected=expected)
             if p.note:
                 counts.append(f"<span class='durable-note' style='color:#b45309'>⚠ {html.escape(p.note)}</span>")
             self._counts.value = " · ".join(counts)
             self._functions.value = breakdown_html(self._function_stats())
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
-            self._cancel.layout.display = "" if cancellable and not run.done else "none"
-            failed = run.status == "failed" and on_retry is not None and p.failed > 0
+            self._cancel.layout.display = "" if self._cancellable and not run.done else "none"
+            failed = run.status == "failed" and self._on_retry is not None and p.failed > 0
             self._retry.layout.display = "" if failed else "none"
             error = run.error
             if run.status == "failed" and error is not None:
@@ -262,8 +331,8 @@ def make_widget(
         def _function_stats(self) -> list[FunctionStats]:
             if self._stats is not None:
                 return self._stats
-            stats = run.function_stats()
-            if run.done:
+            stats = self.run.function_stats()
+            if self.run.done:
                 self._stats = stats
             return stats
 

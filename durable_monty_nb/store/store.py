@@ -300,6 +300,19 @@ class Store:
             return rows[0]
         if len(rows) > 1:
             raise ExecutionNotFound(f"{name_or_id!r} matches several execution ids; give more of the id")
+        # A plain name of a notebook's workflow (its key is NOTEBOOK::NAME), when one notebook has it.
+        with self._reader.connect() as conn:
+            pattern = "%::" + name_or_id.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            keys = sorted(k for (k,) in conn.execute(select(KEYS.c.key).where(KEYS.c.key.like(pattern, escape="!"))))
+        keys = [k for k in keys if k.rpartition("::")[2] == name_or_id]
+        if len(keys) == 1:
+            found = self.latest_execution(keys[0])
+            if found is not None:
+                return found
+        if len(keys) > 1:
+            raise ExecutionNotFound(
+                f"{name_or_id!r} is a workflow of {len(keys)} notebooks: {', '.join(keys)}; give the whole key"
+            )
         raise ExecutionNotFound(f"no execution named or with id {name_or_id!r} in {self.display_url}")
 
     @_retried

@@ -12,6 +12,7 @@ from ...errors import ValueCrossingError, WorkflowFailed
 from ...executors.base import exception_message
 from ..events import ExecutionFinished
 from .exceptions import format_monty_error
+from .protocol import handle_method_message
 
 if TYPE_CHECKING:
     from .loop import Driver
@@ -79,6 +80,9 @@ class Finishing:
         cause = self.book.failed_by_error.get((error_type, exception_message(inner)))
         from_call = cause is not None and bool(cause.error_text)
         text = format_monty_error(exc, self.key, sandbox_hint=not from_call)
+        refused = getattr(self, "_refused_attribute", None)
+        if isinstance(inner, AttributeError) and refused is not None and not from_call:
+            text += "\n" + handle_method_message(refused, method=False)
         if from_call:
             assert cause is not None
             text += (

@@ -146,6 +146,9 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         for name, (key, fingerprint, data) in (shipped or {}).items():
             self._shipped[name] = key
             self.step.functions[key] = (name, fingerprint, data)
+        # Call sites not reached yet, for the expected total (unknown after a restore: the
+        # sites the checkpoint passed are not known).
+        self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
         self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
         self._journaled: set[str] = set()  # attempt ids already in a step
@@ -188,8 +191,14 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         queued, running = self.executor.counts()
         in_flight = max(self._in_flight, 0)
         running = min(running, in_flight)
+        expected = None
+        if self._finished:
+            expected = c.total
+        elif not self.info.open_total:
+            expected = c.total + len(self._sites_left)
         return Progress(
             total=c.total,
+            expected=expected,
             done=c.done,
             failed=c.failed,
             running=running,
@@ -210,9 +219,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
     def function_stats(self) -> list[FunctionStats]:
         """Per-function counts and durations, for live views: one pass, no argument formatting."""
         return function_stats(
-            (s.function, s.view_status, s.started_at, s.finished_at)
-            for s in list(self.calls.values())
-            if s.kind == "call"
+            (s.function, s.view_status, s.started_at, s.finished_at) for s in list(self.calls.values())
         )
 
     # -- what components may ask of the loop (components.Loop) -----------------------------------
@@ -285,6 +292,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
                 self._ride_out(exc)  # keep results in memory, dispatch nothing, try again
                 continue
             self._outage.recovered()
+            if self._stopping:
+                self._withdraw_queued()  # no new call starts (scheduling.py)
             with self._state_lock:
                 # Attempts on a durable executor go on without us and report to the store.
                 if self._stopping and (self._in_flight == 0 or self.executor.durable):

@@ -74,6 +74,11 @@ class MontyProtocol:
             if not self._reuse_pending():
                 return snap
 
+    def _reach_site(self: Driver, position: Any) -> None:
+        """A call site that runs at most once was reached (for the expected total of views)."""
+        if self._sites_left and position.filename.endswith("-1>"):
+            self._sites_left.discard(position.start)
+
     def _ready(self: Driver, snap: FutureSnapshot) -> dict[int, dict[str, Any]]:
         """Up to RESUME_BATCH answers for calls the snapshot waits on (never others:
         resuming a call id that is not pending would consume the snapshot)."""
@@ -91,6 +96,8 @@ class MontyProtocol:
         name = snap.function_name
         if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
             return self._announce_signal(snap)
+        if snap.object_id is not None:  # a method of a handle: the object lives on the host
+            return PHANTOM, {"exc_type": "AttributeError", "message": handle_method_message(name)}
         fn = self._function(name)
         if fn is None:
             return PHANTOM, {
@@ -98,6 +105,7 @@ class MontyProtocol:
                 "message": f"name {name!r} is not defined (not a function of the namespace)",
             }
         position = snap.position
+        self._reach_site(position)
         awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
         if awaited is None:
             awaited = snap.allow_eager_await
@@ -125,6 +133,8 @@ class MontyProtocol:
             return snap.resume_not_handled()
         state = self.calls.get(snap.call_id)
         if state is None:
+            if self._sites_left:
+                self._reach_site(snap.position)
             seconds = float(snap.args[0]) if snap.args else 0.0
             due = time.time() + max(seconds, 0.0)
             state = CallState(
@@ -139,8 +149,9 @@ class MontyProtocol:
 
     def _lookup(self: Driver, snap: NameLookupSnapshot) -> Any:
         name = snap.variable_name
-        if snap.object_id is not None:
-            return snap.resume()  # attributes of a handle: AttributeError in the sandbox
+        if snap.object_id is not None:  # an attribute of a handle: AttributeError in the sandbox
+            self._refused_attribute = name  # named in the failure's hint (finishing.py)
+            return snap.resume()
         if name in self.inputs:
             return snap.resume(value=self.inputs[name])
         if name not in self.namespace:
@@ -220,3 +231,14 @@ def _handles(tree: Any) -> list[tuple[str, str]]:
 def is_function_like(value: Any) -> bool:
     """Functions, classes and partials are called as external functions; anything else is data."""
     return inspect.isroutine(value) or inspect.isclass(value) or isinstance(value, functools.partial)
+
+
+def handle_method_message(name: str, method: bool = True) -> str:
+    """What workflow code is told when it reaches into an object held by reference (a DataFrame)."""
+    what, use = (f"{name}() is a method", f"obj.{name}()") if method else (f".{name} is an attribute", f"obj.{name}")
+    return (
+        f"{what} of an object held by reference: the workflow holds a DataFrame, an array or any "
+        f"object that is not plain data as a handle, and the object itself lives in the notebook. Use "
+        f"it in a notebook function (def {name}_of(obj): return {use}) called from the workflow, or "
+        f"after the cell, where the name holds the real object."
+    )

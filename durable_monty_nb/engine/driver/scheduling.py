@@ -110,6 +110,26 @@ class Scheduling:
             self._in_flight += len(tasks)
             self.executor.submit(tasks, self._outcomes.put)
 
+    def _withdraw_queued(self: Driver) -> None:
+        """On a stop: take back from the executor the attempts it has not started, so no new
+        call starts; running ones finish and are kept. Taken-back calls stay pending (a resume
+        runs them; so does this driver if the stop is undone)."""
+        withdraw = getattr(self.executor, "withdraw", None)
+        if withdraw is None:
+            return
+        queued = [s.task for s in list(self.calls.values()) if s.task is not None and not s.task.started_at]
+        if not queued:
+            return
+        for task in withdraw(queued):
+            if self.executor.durable:  # journaled as dispatched: a resume must not wait for it
+                self.step.lost_attempts.append(task.id)
+            state = self.calls[task.call_id]
+            state.task = None
+            for ended in self.hooks.ended:  # slots given back, deadlines dropped (limiting.py)
+                ended(state)
+            self._in_flight -= 1
+            self._to_dispatch.append(state)
+
     def _task(self: Driver, state: CallState) -> Task:
         """The task of the call's next attempt (described by data)."""
         return Task(
@@ -158,6 +178,11 @@ class Scheduling:
         for task_id, (state, task) in tasks.items():
             record = records.get(task_id)
             if record is None:  # never dispatched (journaled by an executor without attempts)
+                self._to_dispatch.append(state)
+                continue
+            if record.status == "lost":  # withdrawn by a cancel before it started: a new attempt
+                state.attempts, state.lost = task.attempt, state.lost + 1
+                self._journal(state)
                 self._to_dispatch.append(state)
                 continue
             state.task = task

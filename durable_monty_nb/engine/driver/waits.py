@@ -134,6 +134,7 @@ class Waits:
         except (TypeError, SignalError) as exc:
             return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
         position = snap.position
+        self._reach_site(position)
         awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
         if awaited is None:
             awaited = snap.allow_eager_await
