@@ -182,7 +182,7 @@ class Scheduling:
                 continue
             if record.status == "lost":  # withdrawn by a cancel before it started: a new attempt
                 state.attempts, state.lost = task.attempt, state.lost + 1
-                self._journal(state)
+                self.book.journal(state)
                 self._to_dispatch.append(state)
                 continue
             state.task = task
