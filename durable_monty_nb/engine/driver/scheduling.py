@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ...defaults import INLINE_LIMIT
 from ...errors import ValueCrossingError
 from ...executors.base import ErrorInfo, LocalCall, Outcome, Task, attempt_id
+from ...executors.current import enter_call
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..frames import FrameIndex
@@ -99,6 +100,7 @@ class Scheduling:
                 task.local = self._local_call(state)
                 if task.local is None:
                     continue
+                task.local.context.run(enter_call, self.store, task)  # for units inside the call (agents)
             state.status = "pending"
             state.task = task
             tasks.append(task)
