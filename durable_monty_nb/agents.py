@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from .errors import DurableError
-from .executors.current import CurrentCall, current_call
+from .executors.current import CurrentCall, add_call_scope, current_call
 
 try:
     from pydantic_ai import Agent
@@ -357,10 +357,15 @@ class NotebookDurability(BaseDurabilityCapability[AgentDepsT]):
         journal = _RunJournal(call, run_id, {k: row for k, row in recorded.items() if row.run_id == run_id[:255]})
         token = _JOURNAL.set(journal)
         try:
-            with replay_scope():  # replayed units are not re-emitted to traces and metrics
-                return await super().wrap_run(ctx, handler=handler)
+            return await super().wrap_run(ctx, handler=handler)
         finally:
             _JOURNAL.reset(token)
+
+
+# Every attempt of a durable call is one replay scope: spans (the run's own, opened by an outer
+# Instrumentation capability, included) that covered only replayed units are not exported, and a
+# replayed model request's metrics are not recorded again.
+add_call_scope(replay_scope)
 
 
 # -- approvals through signals ----------------------------------------------------------------------------

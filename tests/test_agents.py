@@ -145,6 +145,46 @@ def test_an_async_notebook_function_and_an_event_handler_replayed_without_handli
     assert len(units(sqlite_engine.store, "event")) > 0
 
 
+def test_replayed_units_are_not_emitted_to_traces_again(sqlite_engine: Engine, trip: Any, tmp_path: Path) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from pydantic_ai import Agent
+    from pydantic_ai.capabilities.instrumentation import Instrumentation
+    from pydantic_ai.models.instrumented import InstrumentationSettings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    agent = Agent(
+        trip.agent.model,
+        name="traced",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[
+            Instrumentation(settings=InstrumentationSettings(tracer_provider=provider)),
+            NotebookDurability(),
+        ],
+    )
+    first: list[str] = []
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def plan(question):
+        result = agent.run_sync(question, deps=trip.Deps("Ana"))
+        if not first:
+            first.extend(span.name for span in exporter.get_finished_spans())
+            raise RuntimeError("the call fails after its agent run")
+        return result.output
+
+    assert sqlite_engine.run(CELL, {"plan": plan}, key="traced").city == "Porto"
+    assert sum("chat" in name for name in first) == 4  # the first attempt's model requests
+    # The second attempt replayed every unit: not one more span, not even its run's.
+    assert [span.name for span in exporter.get_finished_spans()] == first
+
+
 def test_a_transient_model_error_is_retried_and_only_that_request_is_made_again(
     sqlite_engine: Engine, trip: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,6 +250,18 @@ def test_tool_retries_default_to_two(sqlite_engine: Engine, trip: Any) -> None:
 
     assert sqlite_engine.run("await run('go')", {"run": run}, key="fragile") == "worked"
     assert len(tries) == 3
+
+    # Per tool, in the tool's metadata: no retry.
+    tries.clear()
+    once = Agent(FunctionModel(model), capabilities=[NotebookDurability(retry_delay=0.01)])
+    once.tool_plain(fragile, metadata={"durable_monty_nb": {"retries": 0}})
+
+    def run_once(q):
+        return once.run_sync(q).output
+
+    with pytest.raises(WorkflowFailed, match="connection reset"):
+        sqlite_engine.run("await run('go')", {"run": run_once}, key="fragile-once")
+    assert len(tries) == 1
 
 
 def test_a_usage_limit_stops_the_run(sqlite_engine: Engine, trip: Any) -> None:

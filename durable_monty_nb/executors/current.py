@@ -10,8 +10,9 @@ same call, in this process or another, replays them instead of doing them again.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +38,52 @@ class CurrentCall:
 _CURRENT: ContextVar[CurrentCall | None] = ContextVar("durable_monty_nb.current_call", default=None)
 
 
+_SCOPES: list[Callable[[], contextlib.AbstractContextManager[Any]]] = []
+
+
+def add_call_scope(factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    """Enter ``factory()`` around every attempt from now on (layers above register theirs: the
+    agents module keeps replayed units out of traces with pydantic-ai's ``replay_scope``)."""
+    if factory not in _SCOPES:
+        _SCOPES.append(factory)
+
+
 def current_call() -> CurrentCall | None:
     """The call whose attempt runs in this context, or None outside any durable call."""
     return _CURRENT.get()
 
 
 def enter_call(store: Any, task: Any) -> None:
-    """Mark the current context as running ``task``'s attempt (run it inside the task's own context)."""
-    _CURRENT.set(CurrentCall(store, task.execution_id, task.call_id, task.attempt, task.function))
+    """Mark the context of an in-process task (``task.local``) as running the task's attempt.
+
+    The context ends with the attempt. Scopes registered with :func:`add_call_scope` need an exit,
+    so when there are any the task's function is wrapped to enter and leave them around its call.
+    """
+    local = task.local
+    current = CurrentCall(store, task.execution_id, task.call_id, task.attempt, task.function)
+    local.context.run(_CURRENT.set, current)
+    if _SCOPES:
+        local.fn = _scoped(local.fn)
+
+
+def _scoped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        async def run_async(*args: Any, **kwargs: Any) -> Any:
+            with contextlib.ExitStack() as scopes:
+                for factory in _SCOPES:
+                    scopes.enter_context(factory())
+                return await fn(*args, **kwargs)
+
+        return run_async
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.ExitStack() as scopes:
+            for factory in _SCOPES:
+                scopes.enter_context(factory())
+            return fn(*args, **kwargs)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -53,6 +92,9 @@ def running_call(store: Any, execution_id: str, call_id: int, attempt: int, func
     current = CurrentCall(store, execution_id, call_id, attempt, function)
     token = _CURRENT.set(current)
     try:
-        yield current
+        with contextlib.ExitStack() as scopes:
+            for factory in _SCOPES:
+                scopes.enter_context(factory())
+            yield current
     finally:
         _CURRENT.reset(token)

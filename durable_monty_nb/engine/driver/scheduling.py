@@ -100,7 +100,7 @@ class Scheduling:
                 task.local = self._local_call(state)
                 if task.local is None:
                     continue
-                task.local.context.run(enter_call, self.store, task)  # for units inside the call (agents)
+                enter_call(self.store, task)  # code inside the call knows it (durable units of agents)
             state.status = "pending"
             state.task = task
             tasks.append(task)
