@@ -448,6 +448,27 @@ def test_a_tampered_unit_is_refused(sqlite_engine: Engine, trip: Any) -> None:
         store.load_agent_units(execution, 0)
 
 
+def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_does_not_cover_it() -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    from durable_monty_nb.engine.fingerprint import function_fingerprint
+    from durable_monty_nb.errors import ValueCrossingError
+    from durable_monty_nb.values import ship_function
+
+    namespace: dict[str, Any] = {"Agent": Agent, "TestModel": TestModel, "NotebookDurability": NotebookDurability}
+    exec(
+        "agent = Agent(TestModel(), capabilities=[NotebookDurability()])\n"
+        "def plan(q):\n    return agent.run_sync(q).output",
+        namespace,
+    )
+    with pytest.raises(ValueCrossingError, match=r"cannot be shipped to workers.*ContextVar"):
+        ship_function(namespace["plan"], "plan")
+    before = function_fingerprint(namespace["plan"])
+    namespace["agent"] = Agent(TestModel(custom_output_text="another"), capabilities=[NotebookDurability()])
+    assert function_fingerprint(namespace["plan"]) == before  # as the README warns
+
+
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
 
 RUNNER = """
