@@ -297,6 +297,11 @@ class NotebookDurability(BaseDurabilityCapability[AgentDepsT]):
     # -- binding ------------------------------------------------------------------------------------
 
     def _bind_for_agent(self, agent: AbstractAgent[AgentDepsT, Any]) -> Any:
+        # From the first durable agent of the process on, every attempt of a durable call is one
+        # replay scope: spans (the run's own, opened by an outer Instrumentation capability, included)
+        # that covered only replayed units are not exported, and a replayed model request's metrics
+        # are not recorded again. (About 12 us per call; processes without such an agent pay nothing.)
+        add_call_scope(replay_scope)
         named = self
         if not (self.name or agent.name):
             named = copy.copy(self)
@@ -360,12 +365,6 @@ class NotebookDurability(BaseDurabilityCapability[AgentDepsT]):
             return await super().wrap_run(ctx, handler=handler)
         finally:
             _JOURNAL.reset(token)
-
-
-# Every attempt of a durable call is one replay scope: spans (the run's own, opened by an outer
-# Instrumentation capability, included) that covered only replayed units are not exported, and a
-# replayed model request's metrics are not recorded again.
-add_call_scope(replay_scope)
 
 
 # -- approvals through signals ----------------------------------------------------------------------------

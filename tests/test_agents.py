@@ -435,6 +435,14 @@ def test_an_agent_without_a_name_is_named_agent(sqlite_engine: Engine) -> None:
         "agent__function_toolset__<agent>.call_tool:weather",
     }
 
+    named = Agent(TestModel(), capabilities=[NotebookDurability(name="custom")])
+
+    def run_named(q):
+        return named.run_sync(q).output
+
+    sqlite_engine.run("await run('hello')", {"run": run_named}, key="named")
+    assert "custom__model.request" in {r.name for r in units(sqlite_engine.store)}
+
 
 def test_a_tampered_unit_is_refused(sqlite_engine: Engine, trip: Any) -> None:
     from durable_monty_nb.errors import TamperedDataError
