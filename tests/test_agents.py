@@ -321,6 +321,54 @@ def test_a_tool_that_needs_approval_waits_for_its_signal(sqlite_engine: Engine, 
         assert entries(log) == ["booker 1", "booker 3"]  # book never ran
 
 
+def test_a_dynamic_toolset_has_its_tool_list_discovery_journaled_and_replayed(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import FunctionModel
+    from pydantic_ai.toolsets import DynamicToolset, FunctionToolset
+
+    discovered: list[str] = []
+    first: list[int] = []
+    marker = tmp_path / "failed-once"
+
+    def tools_for(ctx: Any) -> FunctionToolset:
+        discovered.append("list")
+        toolset = FunctionToolset()
+
+        @toolset.tool_plain
+        def greet(name: str) -> str:
+            """Greet someone."""
+            return f"hello {name}"
+
+        return toolset
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("greet", {"name": "Ana"}, tool_call_id="g")])
+        return ModelResponse(parts=[TextPart(str(messages[-1].parts[0].content))])
+
+    agent = Agent(
+        FunctionModel(model), toolsets=[DynamicToolset(tools_for, id="people")], capabilities=[NotebookDurability()]
+    )
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def run(q):
+        answer = agent.run_sync(q).output
+        if not marker.exists():
+            first.append(len(discovered))
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    assert sqlite_engine.run("await run('hi')", {"run": run}, key="dynamic") == "hello Ana"
+    rows = units(sqlite_engine.store)
+    assert {r.name for r in rows if r.kind == "discovery"} == {"agent__dynamic_toolset__people.get_tools"}
+    assert {r.name for r in rows if r.kind == "tool"} == {"agent__dynamic_toolset__people.call_tool:greet"}
+    assert first[0] > 0 and len(discovered) == first[0]  # the second attempt discovered nothing again
+
+
 def test_outside_a_durable_call_the_capability_is_transparent(trip: Any, sqlite_url: str) -> None:
     assert trip.plan("Fly me somewhere").city == "Porto"
     assert entries(os.environ["SIDE_LOG"]) == expected(2)
