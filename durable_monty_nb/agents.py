@@ -8,7 +8,8 @@ under the call that runs it. When that call runs again (a retry, a kernel killed
 the cell run again, a resume on an RQ or Dask worker), the agent's loop replays: a unit that
 completed returns its recorded result, so no model request or tool call that completed is made
 again; only the one in flight at the kill runs again. The journal is in the store, not the
-process, so threads, RQ and Dask alike resume from it.
+process, so a remote worker resumes from it too (tested on RQ; the agent must be importable there:
+pydantic-ai agents hold context variables and cannot be pickled by value).
 
 ::
 
