@@ -1,100 +1,393 @@
-"""A durable pydantic-ai agent: every model request and tool call is a durable call.
+"""Durable pydantic-ai agents: :class:`NotebookDurability`, a capability on pydantic-ai's own
+``durable_exec`` surface.
 
-Workflow code runs in the Monty sandbox, which can only call notebook functions with JSON-like
-values; a pydantic-ai ``Agent`` cannot run there. So the agent's loop is a few lines of
-workflow code, and each of its steps is one durable call of a function this module builds:
-
-- ``model_step(messages) -> step``: one request to the model. ``messages`` is the conversation
-  so far as JSON (pydantic-ai's ``ModelMessagesTypeAdapter`` form); ``step`` is
-  ``{"response": ..., "tool_calls": [...], "done": bool, "output": str | None}``.
-- ``run_tool(call, decision=None) -> part``: one tool call, answered with the JSON of a
-  ``ToolReturnPart`` (with ``outcome="retried"`` for bad arguments, an unknown tool and ``ModelRetry``,
-  as pydantic-ai answers them, so the model tries again). A tool
-  that needs approval runs only when ``decision`` approves it (``True`` or
-  ``{"approved": true}``); otherwise the model is told the call was denied.
-
-The loop (:data:`AGENT_LOOP`, or :func:`agent_loop`) waits for ``signal("approve-<tool>")``
-before each call of a tool that needs approval. A kernel killed anywhere resumes at its last
-checkpoint: every model request and tool call whose result was stored is answered from the
-store, never made again (a request in flight at the kill is made again, as any call is).
-Re-running the cell, or a changed cell with the same conversation, reuses them the same way.
+A notebook function that runs an agent is a durable call like any other. With the capability on
+the agent, every model request, tool call, tool-list discovery and handled event of the agent's
+run is a *durable unit* journaled in the store (table ``dm_agent_units``, signed like every row)
+under the call that runs it. When that call runs again (a retry, a kernel killed mid-agent and
+the cell run again, a resume on an RQ or Dask worker), the agent's loop replays: a unit that
+completed returns its recorded result, so no model request or tool call that completed is made
+again; only the one in flight at the kill runs again. The journal is in the store, not the
+process, so a remote worker resumes from it too (tested on RQ; the agent must be importable there:
+pydantic-ai agents hold context variables and cannot be pickled by value).
 
 ::
 
-    from pydantic_ai import Tool
-    from durable_monty_nb.agents import DurableAgent
+    from pydantic_ai import Agent
+    from durable_monty_nb.agents import NotebookDurability
 
-    agent = DurableAgent("openai:gpt-5", tools=[search, Tool(book, requires_approval=True)],
-                         instructions="Plan trips.")
-    model_step, run_tool = agent.model_step, agent.run_tool
+    agent = Agent("openai:gpt-5", output_type=CityInfo, deps_type=Deps, tools=[search],
+                  capabilities=[NotebookDurability()])
 
-then the loop in a ``%%durable`` cell (see :data:`AGENT_LOOP`). Supported: text output, plain
-tool functions (no ``RunContext``); not supported: structured output types, streaming, toolsets
-other than function tools, ``deps``.
+    def plan(question):
+        return agent.run_sync(question, deps=deps).output   # a CityInfo, on replay too
+
+Everything else is pydantic-ai's: ``output_type``, ``deps`` and ``RunContext`` tools, toolsets and
+MCP servers, usage limits, message history, ``event_stream_handler``. Model requests are retried
+3 times and tool calls 2 times by default (``NotebookDurability(model_retries=..., tool_retries=...)``,
+or per tool with ``metadata={"durable_monty_nb": {"retries": N}}``).
+
+Tools that need approval (``requires_approval=True``) end the run with ``DeferredToolRequests``;
+:func:`agent_turn` turns a run into a JSON-like *turn* for workflow code, which waits for a signal
+per approval (the widget's Approve / Reject buttons answer it) and runs the next turn with the
+decisions: see :data:`APPROVAL_LOOP`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import copy
+import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
-from .engine.fingerprint import function_fingerprint, sha256
+from .engine.fingerprint import Fingerprinter, Unhashable, register_fingerprint
+from .errors import DurableError
+from .executors.current import CurrentCall, add_call_scope, current_call
 
 try:
-    from pydantic import ValidationError
-    from pydantic_ai import Agent, ModelRetry, Tool
-    from pydantic_ai.direct import model_request_sync
-    from pydantic_ai.messages import (
-        ModelMessagesTypeAdapter,
-        ModelRequest,
-        ModelResponse,
-        RetryInfo,
-        TextPart,
-        ToolCallPart,
-        ToolReturnPart,
+    from pydantic_ai import Agent
+    from pydantic_ai.agent import EventStreamHandler
+    from pydantic_ai.agent.abstract import AbstractAgent
+    from pydantic_ai.capabilities.abstract import WrapRunHandler
+    from pydantic_ai.durable_exec import (
+        JSON_CODEC,
+        BaseDurabilityCapability,
+        DurabilityEngineSpec,
+        DurableOperationBackend,
+        DurableOperationId,
+        EventStreamHandlerId,
+        JournalCallableOperationBackend,
+        ModelCancelSuspendedResponseId,
+        ModelCompactMessagesId,
+        ModelRequestId,
+        RoleBasedOperationConfig,
+        ToolsetCallToolId,
+        ToolsetGetInstructionsId,
+        ToolsetGetToolsId,
+        ToolsetKind,
+        ToolsetValidateToolArgumentsId,
+        conversation_id_from_run_id,
+        record_durable_unit,
+        replay_scope,
     )
-    from pydantic_ai.models import Model, ModelRequestParameters, infer_model
+    from pydantic_ai.exceptions import UserError
+    from pydantic_ai.messages import ModelMessagesTypeAdapter
+    from pydantic_ai.models import Model
+    from pydantic_ai.run import AgentRunResult
+    from pydantic_ai.tools import AgentDepsT, DeferredToolRequests, DeferredToolResults, RunContext, ToolDenied
+    from pydantic_ai.toolsets import ToolsetTool
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"durable_monty_nb.agents needs pydantic-ai: pip install 'durable-monty-nb[agents]' ({exc})"
     ) from None
 
-__all__ = ["AGENT_LOOP", "DENIED", "DurableAgent", "agent_loop", "approval_signal"]
+__all__ = [
+    "APPROVAL_LOOP",
+    "DEFAULT_MODEL_RETRIES",
+    "DEFAULT_TOOL_RETRIES",
+    "AgentUnitError",
+    "NotebookDurability",
+    "agent_turn",
+    "approval_signal",
+    "approved",
+    "decisions_to_results",
+]
 
-DENIED = "The user denied this tool call."
+DEFAULT_MODEL_RETRIES = 3
+"""Retries of a model request that raised (4 attempts in all), before the run fails."""
+DEFAULT_TOOL_RETRIES = 2
+"""Retries of a tool call that raised an error other than pydantic-ai's control flow (``ModelRetry``, ...)."""
+DEFAULT_RETRY_DELAY = 0.5
+"""Seconds before the first retry of a unit; each next retry waits twice as long."""
+CONFIG_KEY = "durable_monty_nb"
+"""The tool metadata key of per-tool unit config: ``{"retries": 0}``, or ``False`` for no durable unit."""
+DEFAULT_AGENT_NAME = "agent"
 APPROVAL_PREFIX = "approve-"
+DENIED = "The user denied this tool call."
 
-AGENT_LOOP = """\
-messages = [{"kind": "request", "parts": [{"part_kind": "user-prompt", "content": prompt}]}]
-for turn in range(max_turns):
-    step = await model_step(messages)
-    messages.append(step["response"])
-    if step["done"]:
-        break
-    parts = []
-    for call in step["tool_calls"]:
-        decision = None
-        if call["needs_approval"]:
-            decision = await signal("approve-" + call["tool_name"])
-        parts.append(await run_tool(call, decision))
-    messages.append({"kind": "request", "parts": parts})
-answer = step["output"]
+
+class AgentUnitError(DurableError):
+    """A durable unit of an agent run that can never be journaled (its result is not JSON-able)."""
+
+
+UnitConfig = dict[str, Any]
+"""A unit's config: ``{"retries": int, "retry_delay": float}``."""
+
+
+def _unit_kind(operation_id: DurableOperationId) -> str:
+    match operation_id:
+        case ModelRequestId() | ModelCompactMessagesId() | ModelCancelSuspendedResponseId():
+            return "model"
+        case ToolsetCallToolId() | ToolsetValidateToolArgumentsId():
+            return "tool"
+        case ToolsetGetToolsId() | ToolsetGetInstructionsId():
+            return "discovery"
+        case EventStreamHandlerId():
+            return "event"
+        case _:  # capability operations, and ids pydantic-ai adds in minor releases
+            return "capability"
+
+
+def _discriminator(operation_id: DurableOperationId, cache_key: tuple[object, ...]) -> str:
+    """What tells apart units of one name that may start in any order: a tool call's id (parallel
+    tool calls), an event's tool call; "" for units that run one after another (model requests)."""
+    if isinstance(operation_id, ToolsetCallToolId | ToolsetValidateToolArgumentsId):
+        for item in cache_key:
+            if isinstance(item, RunContext) and item.tool_call_id:
+                return item.tool_call_id
+    if isinstance(operation_id, EventStreamHandlerId) and cache_key:
+        event = cache_key[0]
+        part = getattr(event, "part", None) or getattr(event, "result", None)
+        call_id = getattr(event, "tool_call_id", None) or getattr(part, "tool_call_id", None)
+        return f"{type(event).__name__}:{call_id or ''}"
+    return ""
+
+
+@dataclass
+class _RunJournal:
+    """The units of one agent run in one call: what the store has, and the places handed out."""
+
+    call: CurrentCall
+    run_id: str
+    recorded: dict[str, Any]
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def place(self, name: str, discriminator: str) -> str:
+        """The unit key of the next unit named ``name`` (with this discriminator) of the run."""
+        n = self.counters.get((name, discriminator), 0)
+        self.counters[(name, discriminator)] = n + 1
+        text = json.dumps([self.run_id, name, discriminator, n])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+_JOURNAL: ContextVar[_RunJournal | None] = ContextVar("durable_monty_nb.agent_run_journal", default=None)
+
+
+class NotebookOperationBackend(JournalCallableOperationBackend[UnitConfig]):
+    """Runs each durable unit of an agent run once per call: journaled in the store, replayed after.
+
+    Names follow pydantic-ai's ``JournalOperationNamer`` (``<agent>__model.request``,
+    ``<agent>__function_toolset__<id>.call_tool:<tool>``, ...): they are part of each stored unit's
+    key, so they are compatibility data (pinned by the tests).
+    """
+
+    async def execute(
+        self,
+        *,
+        operation_id: DurableOperationId,
+        name: str,
+        body: Callable[[], Awaitable[object]],
+        cache_key: tuple[object, ...],
+        config: UnitConfig,
+    ) -> object:
+        journal = _JOURNAL.get()
+        if journal is None:  # a unit outside a run this capability wraps: nothing to replay it from
+            return await _with_retries(body, config, name)
+        key = journal.place(name, _discriminator(operation_id, cache_key))
+        stored = journal.recorded.get(key)
+        if stored is not None:
+            record_durable_unit(executed=False)
+            return json.loads(stored.result)
+        payload = await _with_retries(body, config, name)
+        try:
+            text = json.dumps(payload, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise AgentUnitError(f"the result of the agent unit {name!r} cannot be journaled: {exc}") from exc
+        call = journal.call
+        stored_text = await asyncio.to_thread(
+            call.store.record_agent_unit,
+            call.execution_id,
+            call.call_id,
+            call.attempt,
+            key,
+            run_id=journal.run_id,
+            name=name,
+            kind=_unit_kind(operation_id),
+            result=text,
+        )
+        record_durable_unit(executed=True)
+        return json.loads(stored_text) if stored_text != text else payload
+
+
+NOT_RETRIED: tuple[type[BaseException], ...] = (UserError, AgentUnitError)
+
+
+async def _with_retries(body: Callable[[], Awaitable[object]], config: UnitConfig, name: str) -> object:
+    retries = int(config.get("retries", 0) or 0)
+    delay = float(config.get("retry_delay", DEFAULT_RETRY_DELAY))
+    attempt = 0
+    while True:
+        try:
+            return await body()
+        except NOT_RETRIED:
+            raise
+        except Exception:
+            if attempt >= retries:
+                raise
+        await asyncio.sleep(delay * (2**attempt))
+        attempt += 1
+
+
+def _not_journaled(exc: Exception) -> BaseException:
+    return AgentUnitError(f"an agent unit's result cannot be journaled as JSON: {exc}")
+
+
+class NotebookDurability(BaseDurabilityCapability[AgentDepsT]):
+    """Makes an agent's runs durable inside durable-monty-nb calls (see the module docstring).
+
+    Outside a durable call (a plain cell, a script) it is transparent: the run is a normal run.
+
+    Args:
+        models: other models a run may switch to (``agent.run(model=...)``), by id, as for
+            pydantic-ai's other engines; model-name strings need no registering.
+        event_stream_handler: handles the run's events; each handled event is a durable unit, so a
+            replayed run does not handle it twice.
+        name: names the agent's units (default: the agent's ``name``, else ``"agent"``). Units are
+            journaled per call, so two agents need distinct names only when one call runs both.
+        model_retries, tool_retries, event_retries: retries of a unit of each role that raised
+            (per tool: ``metadata={"durable_monty_nb": {"retries": N}}``).
+        retry_delay: seconds before a unit's first retry, doubled for each next one.
+    """
+
+    engine_spec = DurabilityEngineSpec(
+        engine_name="durable-monty-nb",
+        durable_unit_noun="agent unit",
+        durable_unit_plural="agent units",
+        durable_container_noun="durable call",
+        # Units are journaled as JSON in the store, and read back by other processes (RQ, Dask).
+        codec=JSON_CODEC,
+        serialization_failure=_not_journaled,
+        # A toolset passed to one run (`agent.run(toolsets=...)`) is not bound to the agent: its
+        # calls would bypass the journal and run again on replay. Refused inside a durable call.
+        unsupported_runtime_toolset_kinds=frozenset({"function", "mcp", "dynamic"}),
+        wrapped_toolset_kinds=frozenset({"function", "mcp", "dynamic"}),
+        # Units run in the call's own process, so an MCP server is entered by its first unit and
+        # kept for the run (one session), as the spec allows for in-process engines.
+        toolset_lifecycles={"function": "enter-always", "mcp": "enter-in-durable-unit", "dynamic": "enter-never"},
+        tool_call_result_upgrade_lenient=False,  # a new engine: no recordings of an older format
+        journal_discovery=True,
+        # Units are keyed by name, place and tool call id, so parallel tool calls replay in any order.
+        sequential_tools_in_durable_context=False,
+        tool_config_key=CONFIG_KEY,
+        accepts_cancellation_token=False,
+    )
+
+    def __init__(
+        self,
+        *,
+        models: Mapping[str, Model] | None = None,
+        event_stream_handler: EventStreamHandler[AgentDepsT] | None = None,
+        name: str | None = None,
+        model_retries: int = DEFAULT_MODEL_RETRIES,
+        tool_retries: int = DEFAULT_TOOL_RETRIES,
+        event_retries: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+    ) -> None:
+        super().__init__(models=models, event_stream_handler=event_stream_handler, name=name)
+        for what, value in (("model_retries", model_retries), ("tool_retries", tool_retries)):
+            if value < 0:
+                raise ValueError(f"{what} must be >= 0, not {value}")
+        self._model_config: UnitConfig = {"retries": model_retries, "retry_delay": retry_delay}
+        self._tool_config: UnitConfig = {"retries": tool_retries, "retry_delay": retry_delay}
+        self._event_config: UnitConfig = {"retries": event_retries, "retry_delay": retry_delay}
+        self._backend: NotebookOperationBackend | None = None
+
+    # -- binding ------------------------------------------------------------------------------------
+
+    def _bind_for_agent(self, agent: AbstractAgent[AgentDepsT, Any]) -> Any:
+        # From the first durable agent of the process on, every attempt of a durable call is one
+        # replay scope: spans (the run's own, opened by an outer Instrumentation capability, included)
+        # that covered only replayed units are not exported, and a replayed model request's metrics
+        # are not recorded again. (About 12 us per call; processes without such an agent pay nothing.)
+        add_call_scope(replay_scope)
+        named = self
+        if not (self.name or agent.name):
+            named = copy.copy(self)
+            named.name = DEFAULT_AGENT_NAME
+        return BaseDurabilityCapability._bind_for_agent(named, agent)
+
+    def _bind_to_agent(self, agent: AbstractAgent[AgentDepsT, Any]) -> None:
+        self._backend = None
+        super()._bind_to_agent(agent)
+
+    def get_durable_operation_backend(self) -> DurableOperationBackend[UnitConfig]:
+        if self._backend is None:
+
+            def tool_config(
+                operation_id: DurableOperationId, tool: object | None, tool_name: str
+            ) -> UnitConfig | Literal[False]:
+                resolve = self._build_resolve_tool_config(self._tool_config)
+                return cast(UnitConfig | Literal[False], resolve(cast(ToolsetTool[Any] | None, tool), tool_name))
+
+            self._backend = NotebookOperationBackend(
+                agent_name=self.name,
+                default_model_id=self.default_model_id,
+                config=RoleBasedOperationConfig(
+                    model=self._model_config,
+                    event=self._event_config,
+                    capability=self._tool_config,
+                    tool=self._tool_config,
+                    resolve_tool=tool_config,
+                ),
+            )
+        return self._backend
+
+    def _toolset_base_config(self, kind: ToolsetKind) -> Any:
+        return self._tool_config
+
+    # -- the durable container: a durable call --------------------------------------------------------
+
+    @property
+    def in_durable_context(self) -> bool:
+        return current_call() is not None
+
+    def get_default_run_id(self) -> str | None:
+        call = current_call()
+        if call is None:
+            return None
+        # Deterministic: a later attempt of the call numbers its runs the same way, so it finds their units.
+        return f"{call.execution_id}:{call.call_id}:{call.next_run()}"
+
+    def get_default_conversation_id(self, run_id: str) -> str | None:
+        return conversation_id_from_run_id(run_id) if self.in_durable_context else None
+
+    async def wrap_run(self, ctx: RunContext[AgentDepsT], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        call = current_call()
+        if call is None:
+            return await handler()
+        run_id = ctx.run_id or f"{call.execution_id}:{call.call_id}:{call.next_run()}"
+        recorded = await asyncio.to_thread(call.store.load_agent_units, call.execution_id, call.call_id)
+        journal = _RunJournal(call, run_id, {k: row for k, row in recorded.items() if row.run_id == run_id[:255]})
+        token = _JOURNAL.set(journal)
+        try:
+            return await super().wrap_run(ctx, handler=handler)
+        finally:
+            _JOURNAL.reset(token)
+
+
+# -- approvals through signals ----------------------------------------------------------------------------
+
+APPROVAL_LOOP = """\
+turn = await ask(prompt)
+while turn["approvals"]:
+    decisions = {}
+    for call in turn["approvals"]:
+        decisions[call["tool_call_id"]] = await signal("approve-" + call["tool_name"])
+    turn = await ask(prompt, decisions, turn["messages"])
+answer = turn["output"]
 answer
 """
-"""The agent loop, as workflow code: needs ``prompt``, ``max_turns``, ``model_step`` and ``run_tool``."""
-
-
-def agent_loop(prompt: str = "prompt", max_turns: int | str = "max_turns") -> str:
-    """:data:`AGENT_LOOP` with another prompt expression or turn limit, e.g. ``agent_loop("question", 5)``."""
-    code = AGENT_LOOP.replace('content": prompt}', f'content": {prompt}}}')
-    return code.replace("range(max_turns)", f"range({max_turns})")
+"""Workflow code that runs an agent to its end, waiting for ``signal("approve-<tool>")`` before each
+tool call that needs approval. ``ask(prompt, decisions=None, messages=None)`` is a notebook function
+returning :func:`agent_turn` (e.g. ``def ask(*a): return agent_turn(agent, *a, deps=deps)``)."""
 
 
 def approval_signal(tool_name: str) -> str:
-    """The name of the signal the loop waits for before a call of ``tool_name``."""
+    """The name of the signal :data:`APPROVAL_LOOP` waits for before a call of ``tool_name``."""
     return APPROVAL_PREFIX + tool_name
 
 
@@ -105,180 +398,140 @@ def approved(decision: Any) -> bool:
     return decision is True
 
 
-class DurableAgent:
-    """The durable steps of a pydantic-ai agent: :attr:`model_step` and :attr:`run_tool`.
-
-    ``model`` is a pydantic-ai ``Model`` or a model name (``"openai:gpt-5"``); ``tools`` are plain
-    functions or ``pydantic_ai.Tool`` objects (their names, docstrings and type hints make the
-    schema the model sees; their arguments are validated as pydantic-ai validates them);
-    ``approval`` names tools that need a human approval, in addition to tools made with
-    ``Tool(fn, requires_approval=True)``. ``instructions`` are sent with every request.
-
-    Both are closures over what identifies them (``model_step``: the model's name, the tools'
-    schemas, the instructions; ``run_tool``: the tools' code and which need approval), so another
-    agent has other fingerprints and does not reuse this one's stored steps. The loop ends when
-    the model answers without tool calls; after ``max_turns`` requests without one, ``answer`` is None.
-    """
-
-    def __init__(
-        self,
-        model: Model | str,
-        *,
-        tools: Sequence[Tool[Any] | Callable[..., Any]] = (),
-        instructions: str | None = None,
-        approval: Iterable[str] = (),
-        model_settings: Any = None,
-    ) -> None:
-        self.model = infer_model(model) if isinstance(model, str) else model
-        self.instructions = instructions
-        self.model_settings = model_settings
-        self.tools: dict[str, Tool[Any]] = {}
-        for item in tools:
-            tool = item if isinstance(item, Tool) else Tool(item, takes_ctx=False)
-            if tool.takes_ctx:
-                raise TypeError(f"tool {tool.name!r} takes a RunContext: durable tools are plain functions")
-            if tool.name in self.tools:
-                raise ValueError(f"two tools are named {tool.name!r}")
-            self.tools[tool.name] = tool
-        wanted = set(approval)
-        unknown = wanted - set(self.tools)
-        if unknown:
-            raise ValueError(f"approval names unknown tools: {sorted(unknown)}")
-        self.needs_approval = frozenset(name for name, tool in self.tools.items() if tool.requires_approval) | wanted
-        # The model sees every tool as a plain function tool: approval is the workflow's business.
-        self.tool_defs = [dataclasses.replace(tool.tool_def, kind="function") for tool in self.tools.values()]
-        self.model_step = self._make_model_step()
-        self.run_tool = self._make_run_tool()
-
-    @classmethod
-    def from_agent(cls, agent: Agent[Any, Any], *, approval: Iterable[str] = (), **options: Any) -> DurableAgent:
-        """The model and function tools of an ``Agent`` (its ``tools=[...]``, ``@agent.tool_plain``).
-
-        Instructions are not read from the agent (they may be dynamic): pass ``instructions=``.
-        """
-        from pydantic_ai.toolsets import FunctionToolset
-
-        if agent.model is None:
-            raise ValueError("the agent has no model: DurableAgent(model, tools=...) instead")
-        tools: list[Tool[Any]] = []
-        for toolset in agent.toolsets:
-            if isinstance(toolset, FunctionToolset):
-                tools.extend(toolset.tools.values())
-        return cls(agent.model, tools=tools, approval=approval, **options)
-
-    def functions(self) -> dict[str, Callable[..., Any]]:
-        """``{"model_step": ..., "run_tool": ...}``, for a workflow's namespace."""
-        return {"model_step": self.model_step, "run_tool": self.run_tool}
-
-    def start(self, engine: Any, prompt: str, *, key: str, max_turns: int = 10, **options: Any) -> Any:
-        """Run :data:`AGENT_LOOP` for ``prompt`` on ``engine`` (an ``Engine``): returns the ``Run``."""
-        namespace = {**self.functions(), "prompt": prompt, "max_turns": max_turns}
-        return engine.start(AGENT_LOOP, namespace, key=key, **options)
-
-    # -- the durable steps ------------------------------------------------------------------------
-
-    def _make_model_step(self) -> Callable[[list[Any]], dict[str, Any]]:
-        # The step function declares its fingerprint (the agent object itself is not plain data):
-        # what identifies the step, so another model, other tool schemas or other instructions make
-        # another step function, whose stored calls are not reused.
-        agent = self
-        identity = json.dumps(
-            [
-                f"{self.model.system}:{self.model.model_name}",
-                [dataclasses.asdict(d) for d in self.tool_defs],
-                self.instructions,
-            ],
-            sort_keys=True,
-            default=str,
-        )
-
-        def model_step(messages: list[Any]) -> dict[str, Any]:
-            """One model request: the conversation so far (JSON) -> the response and its tool calls."""
-            _ = identity
-            return agent._request(messages)
-
-        model_step.__durable_fingerprint__ = sha256(identity)  # type: ignore[attr-defined]
-        return model_step
-
-    def _request(self, messages: list[Any]) -> dict[str, Any]:
-        history = ModelMessagesTypeAdapter.validate_python(messages)
-        if self.instructions is not None and history and isinstance(history[-1], ModelRequest):
-            history[-1] = dataclasses.replace(history[-1], instructions=self.instructions)
-        parameters = ModelRequestParameters(function_tools=list(self.tool_defs), allow_text_output=True)
-        response = model_request_sync(
-            self.model, history, model_settings=self.model_settings, model_request_parameters=parameters
-        )
-        return self._step(response)
-
-    def _step(self, response: ModelResponse) -> dict[str, Any]:
-        calls = [part for part in response.parts if isinstance(part, ToolCallPart)]
-        text = "".join(part.content for part in response.parts if isinstance(part, TextPart))
-        return {
-            "response": ModelMessagesTypeAdapter.dump_python([response], mode="json")[0],
-            "tool_calls": [
-                {
-                    "tool_name": call.tool_name,
-                    "args": call.args,
-                    "tool_call_id": call.tool_call_id,
-                    "needs_approval": call.tool_name in self.needs_approval,
-                }
-                for call in calls
-            ],
-            "done": not calls,
-            "output": None if calls else text,
-        }
-
-    def _make_run_tool(self) -> Callable[..., dict[str, Any]]:
-        agent = self
-        identity = json.dumps(  # the tools' code and which need approval: see _make_model_step
-            [
-                (name, function_fingerprint(tool.function), name in self.needs_approval)
-                for name, tool in sorted(self.tools.items())
-            ]
-        )
-
-        def run_tool(call: dict[str, Any], decision: Any = None) -> dict[str, Any]:
-            """Run one tool call of a model response (if approved, when it needs approval)."""
-            _ = identity
-            return agent._tool_part(call, decision)
-
-        run_tool.__durable_fingerprint__ = sha256(identity)  # type: ignore[attr-defined]
-        return run_tool
-
-    def _tool_part(self, call: dict[str, Any], decision: Any) -> dict[str, Any]:
-        return _part_json(self._run(call, decision))
-
-    def _run(self, call: dict[str, Any], decision: Any) -> ToolReturnPart[Any]:
-        name, call_id, args = call["tool_name"], call["tool_call_id"], call.get("args")
-        tool = self.tools.get(name)
-        if tool is None:
-            known = ", ".join(sorted(self.tools)) or "none"
-            return _retried(name, call_id, f"Unknown tool name: {name!r}. Available tools: {known}", "unknown_tool")
-        if name in self.needs_approval and not approved(decision):
+def decisions_to_results(decisions: Mapping[str, Any] | None) -> DeferredToolResults | None:
+    """Signal values by tool call id -> pydantic-ai's ``DeferredToolResults`` (a denial tells the model
+    why, with the decision's ``"reason"`` when it has one)."""
+    if not decisions:
+        return None
+    approvals: dict[str, Any] = {}
+    for call_id, decision in decisions.items():
+        if approved(decision):
+            approvals[call_id] = True
+        else:
             reason = decision.get("reason") if isinstance(decision, dict) else None
-            content = f"{DENIED} {reason}" if isinstance(reason, str) and reason else DENIED
-            return ToolReturnPart(name, content, tool_call_id=call_id, outcome="denied")
-        schema = tool.function_schema
+            approvals[call_id] = ToolDenied(f"{DENIED} {reason}" if isinstance(reason, str) and reason else DENIED)
+    return DeferredToolResults(approvals=approvals)
+
+
+def agent_turn(
+    agent: Agent[Any, Any],
+    prompt: str | None = None,
+    decisions: Mapping[str, Any] | None = None,
+    messages: list[Any] | None = None,
+    **run_options: Any,
+) -> dict[str, Any]:
+    """Run ``agent`` (synchronously) for one turn; returns what workflow code needs, JSON-like:
+
+    ``{"output": ..., "approvals": [{"tool_name", "tool_call_id", "args"}], "messages": [...]}``.
+    ``output`` is the run's output (a model instance crosses into the sandbox as a handle) or None
+    while tool calls wait for approval; ``messages`` is the conversation (pydantic-ai's JSON form) to
+    pass back with the ``decisions`` (signal values by tool call id) of the next turn. The agent's
+    ``output_type`` needs ``DeferredToolRequests`` among its types for approvals (added here when
+    the agent has tools that need approval and the run gives no ``output_type``).
+    """
+    history = ModelMessagesTypeAdapter.validate_python(messages) if messages else None
+    results = decisions_to_results(decisions)
+    if "output_type" not in run_options and _needs_deferred_output(agent):
+        run_options["output_type"] = [agent.output_type, DeferredToolRequests]
+    result = agent.run_sync(
+        None if results is not None else prompt,
+        message_history=history,
+        deferred_tool_results=results,
+        **run_options,
+    )
+    output = result.output
+    approvals: list[dict[str, Any]] = []
+    if isinstance(output, DeferredToolRequests):
+        if output.calls:
+            names = ", ".join(sorted({c.tool_name for c in output.calls}))
+            raise AgentUnitError(f"tools deferred for external execution ({names}) are not supported by agent_turn")
+        approvals = [
+            {"tool_name": c.tool_name, "tool_call_id": c.tool_call_id, "args": c.args_as_dict()}
+            for c in output.approvals
+        ]
+        output = None
+    return {
+        "output": output,
+        "approvals": approvals,
+        "messages": ModelMessagesTypeAdapter.dump_python(result.all_messages(), mode="json"),
+    }
+
+
+def _needs_deferred_output(agent: Agent[Any, Any]) -> bool:
+    output_type = agent.output_type
+    types = output_type if isinstance(output_type, list | tuple) else [output_type]
+    if DeferredToolRequests in types:
+        return False
+    found: list[bool] = []
+
+    def visit(toolset: Any) -> None:
+        for tool in getattr(toolset, "tools", {}).values():
+            if getattr(tool, "requires_approval", False):
+                found.append(True)
+
+    for toolset in agent.toolsets:
+        toolset.apply(visit)
+    return bool(found)
+
+
+# -- what defines an agent, for the fingerprints of the notebook functions that run it ----------
+
+
+def _agent_definition(agent: Agent[Any, Any], fingerprints: Fingerprinter) -> str:
+    """An agent by what it does, not by the objects it holds (context variables, clients and locks
+    that pickling cannot read): its name, model, settings, output and deps types, instructions and
+    system prompts, and its tools (their functions' fingerprints). A notebook function that runs the
+    agent then reuses its calls only while all of these are the same; an edited prompt or tool runs
+    them again."""
+
+    def part(value: Any) -> str:
+        if value is None or isinstance(value, str | int | float | bool):
+            return repr(value)
+        if callable(value) and not isinstance(value, type):
+            return fingerprints.function(value).digest
         try:
-            if isinstance(args, str):
-                valid = schema.validator.validate_json(args or "{}")
-            else:
-                valid = schema.validator.validate_python(args or {})
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_context=False)
-            return _retried(name, call_id, errors, "validation_error")
-        try:
-            result = asyncio.run(schema.call(valid, None))  # type: ignore[arg-type] # plain tools: no RunContext
-        except ModelRetry as exc:
-            return _retried(name, call_id, exc.message, "model_retry")
-        return ToolReturnPart(name, result, tool_call_id=call_id)
+            return fingerprints.value(value)
+        except Unhashable:
+            return type(value).__qualname__
+
+    model = agent.model
+    model_part = (
+        repr(model)
+        if isinstance(model, str) or model is None
+        else ":".join(
+            [type(model).__qualname__, str(getattr(model, "model_name", "")), str(getattr(model, "system", ""))]
+            + [part(f) for f in (getattr(model, "function", None), getattr(model, "stream_function", None)) if f]
+        )
+    )
+    tools: list[str] = []
+
+    def visit(toolset: Any) -> None:
+        found = getattr(toolset, "tools", None)
+        if not isinstance(found, dict):
+            tools.append(f"toolset:{type(toolset).__qualname__}:{getattr(toolset, 'id', None)}")
+            return
+        for name, tool in sorted(found.items()):
+            fn = getattr(tool, "function", None)
+            tools.append(f"{name}:{getattr(tool, 'requires_approval', False)}:{part(fn) if fn else '-'}")
+
+    for toolset in agent.toolsets:
+        toolset.apply(visit)
+    prompts = [part(p) for p in getattr(agent, "_system_prompts", ())]
+    prompts += [part(getattr(r, "function", r)) for r in getattr(agent, "_system_prompt_functions", ())]
+    instructions = getattr(agent, "_instructions", None)
+    instructions = instructions if isinstance(instructions, list | tuple) else [instructions]
+    return "\n".join(
+        [
+            f"name={agent.name!r}",
+            f"model={model_part}",
+            f"settings={part(agent.model_settings)}",
+            f"output={part(agent.output_type)}",
+            f"deps={part(getattr(agent, '_deps_type', None))}",
+            "instructions=" + ",".join(part(getattr(i, "function", i)) for i in instructions),
+            "prompts=" + ",".join(prompts),
+            "tools=" + ",".join(tools),
+        ]
+    )
 
 
-def _retried(name: str, call_id: str, content: Any, cause: Any) -> ToolReturnPart[Any]:
-    """The model has to make the call again (pydantic-ai's form of a retry that answers a tool call)."""
-    return ToolReturnPart(name, content, tool_call_id=call_id, outcome="retried", retry=RetryInfo(cause=cause))
-
-
-def _part_json(part: Any) -> dict[str, Any]:
-    """The JSON of one request part, as it appears in ``ModelMessagesTypeAdapter`` dumps."""
-    return ModelMessagesTypeAdapter.dump_python([ModelRequest(parts=[part])], mode="json")[0]["parts"][0]
+register_fingerprint(Agent, _agent_definition)

@@ -1,287 +1,550 @@
-"""The durable pydantic-ai agent (durable_monty_nb.agents): model requests and tool calls are
-durable calls; a run killed with SIGKILL (a process, a kernel) in the middle of a multi-step run
-resumes without making a stored model request again; approval through a signal.
-
-The model is pydantic-ai's FunctionModel, scripted: offline and deterministic. Every model
-request and tool call writes ``<pid> <entry>`` to $SIDE_LOG, the side-effect log.
+"""Durable pydantic-ai agents (durable_monty_nb.agents.NotebookDurability): every model request and
+tool call of an agent run inside a durable call is a unit journaled in the store; a call run again
+(a retry, a process or kernel SIGKILLed mid-agent then resumed, a killed RQ worker) replays them and
+makes no completed request again. The agents are in tests/agent_trip.py (offline FunctionModels
+that log each request and tool call to $SIDE_LOG).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from ci import require_module
-from procs import fuzz_random, kill, log_entries, wait_until
+from procs import kill, log_entries, wait_until
 
-from durable_monty_nb import Engine
-from durable_monty_nb.agents import AGENT_LOOP, DENIED, DurableAgent, agent_loop, approval_signal
+from durable_monty_nb import Engine, WorkflowFailed, retry
+from durable_monty_nb.agents import (
+    APPROVAL_LOOP,
+    DEFAULT_MODEL_RETRIES,
+    DEFAULT_TOOL_RETRIES,
+    DENIED,
+    NotebookDurability,
+    approval_signal,
+)
 from durable_monty_nb.store.store import Store
 
 require_module("pydantic_ai", extra="agents")  # in CI a missing extra fails, never skips
 
-# The agent, as source: run in this process, in runner subprocesses and in kernels alike.
-# It looks up LOOKUPS cities one request at a time, then books a flight (approval needed), then answers.
-AGENT_SETUP = '''
-import os, time
-from pydantic_ai import ModelRetry, Tool
-from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart, ToolReturnPart
-from pydantic_ai.models.function import FunctionModel
-from durable_monty_nb.agents import DurableAgent
-
-LOOKUPS = int(os.environ.get("AGENT_LOOKUPS", "2"))
-CITIES = ["Lisbon", "Porto", "Faro", "Braga", "Evora", "Coimbra", "Aveiro", "Sintra"]
+TESTS = Path(__file__).resolve().parent
+CELL = "trip = await plan('Fly me somewhere')\ntrip"
 
 
-def side(entry):
-    with open(os.environ["SIDE_LOG"], "a") as handle:
-        handle.write(f"{os.getpid()} {entry}\\n")
-    gate = os.environ.get("HOLD_GATE", "")
-    while gate and entry == os.environ.get("HOLD_AT") and os.path.exists(gate):  # in flight while the test holds it
-        time.sleep(0.01)
+@pytest.fixture
+def trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The agents of tests/agent_trip.py, logging to a fresh side-effect log."""
+    import agent_trip
+
+    monkeypatch.setenv("SIDE_LOG", str(tmp_path / "side.log"))
+    monkeypatch.setenv("AGENT_LOOKUPS", "2")
+    return agent_trip
 
 
-def scripted(messages, info):
-    side(f"model {len(messages)}")
-    time.sleep(float(os.environ.get("MODEL_DELAY", "0")))
-    parts = messages[-1].parts
-    returns = [p for p in parts if isinstance(p, ToolReturnPart)]
-    done = sum(1 for m in messages for p in m.parts if isinstance(p, ToolReturnPart) and p.tool_name == "lookup")
-    if returns and returns[0].tool_name == "book":
-        return ModelResponse(parts=[TextPart(f"{returns[0].content} after {done} lookups")])
-    if done < LOOKUPS:
-        return ModelResponse(parts=[ToolCallPart("lookup", {"city": CITIES[done]}, tool_call_id=f"look-{done}")])
-    return ModelResponse(parts=[ToolCallPart("book", {"city": returns[0].content["city"]}, tool_call_id="book")])
+def entries(log: Path | str) -> list[str]:
+    return [entry for _, entry in log_entries(Path(log))]
 
 
-def lookup(city: str) -> dict:
-    """Flights to a city."""
-    side(f"lookup {city}")
-    return {"city": city, "flights": len(city)}
+def expected(lookups: int) -> list[str]:
+    from agent_trip import CITIES
+
+    made = []
+    for i in range(lookups):
+        made += [f"model {1 + 2 * i}", f"lookup {CITIES[i]}"]
+    return [*made, f"model {1 + 2 * lookups}", f"weather {CITIES[lookups - 1]}", f"model {3 + 2 * lookups}"]
 
 
-def book(city: str) -> str:
-    """Book a flight (pays)."""
-    side(f"book {city}")
-    return f"booked {city}"
+def units(store: Store, kind: str | None = None) -> list[Any]:
+    query = "SELECT execution_id, call_id, attempt, name, kind, result FROM dm_agent_units"
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text(query + (" WHERE kind = :k" if kind else "")), {"k": kind}).all()
+    return list(rows)
 
 
-agent = DurableAgent(
-    FunctionModel(scripted), tools=[lookup, Tool(book, requires_approval=True)], instructions="Be quick."
-)
-model_step, run_tool = agent.model_step, agent.run_tool
-prompt, max_turns = "Fly me somewhere", 20
-'''
-
-RUNNER = """
-import json, sys
-from durable_monty_nb import Engine
-exec(compile(open(sys.argv[3]).read(), "agent_setup", "exec"))
-engine = Engine(sys.argv[1], lease_ttl=1.5)
-run = agent.start(engine, prompt, key=sys.argv[2], max_turns=max_turns)
-print("STARTED", run.execution_id, flush=True)
-print("RESULT", json.dumps(run.result(120)), flush=True)
-"""
+# -- in one process (threads) ----------------------------------------------------------------------
 
 
-def load_agent(log: Path, monkeypatch: pytest.MonkeyPatch, lookups: int = 2) -> dict[str, Any]:
-    monkeypatch.setenv("SIDE_LOG", str(log))
-    monkeypatch.setenv("AGENT_LOOKUPS", str(lookups))
-    namespace: dict[str, Any] = {}
-    exec(compile(AGENT_SETUP, "agent_setup", "exec"), namespace)
-    return namespace
-
-
-def entries(log: Path) -> list[str]:
-    return [entry for _, entry in log_entries(log)]
-
-
-def until_parked(run: Any) -> None:
-    wait_until(lambda: run.parked, what="the run to wait for its approval")
-
-
-# -- in one process ------------------------------------------------------------------------------------
-
-
-def test_approved_run_then_every_step_is_reused(sqlite_engine: Engine, tmp_path: Path, monkeypatch: Any) -> None:
-    log = tmp_path / "side.log"
-    ns = load_agent(log, monkeypatch)
-    run = ns["agent"].start(sqlite_engine, "Fly me somewhere", key="trip")
-    until_parked(run)
-    assert [w.name for w in run.waits()] == [approval_signal("book")] == ["approve-book"]
-    assert entries(log) == ["model 1", "lookup Lisbon", "model 3", "lookup Porto", "model 5"]
-    sqlite_engine.signal("trip", "approve-book", {"approved": True})
-    assert run.result(30) == "booked Porto after 2 lookups"
-    made = entries(log)
-    assert made == ["model 1", "lookup Lisbon", "model 3", "lookup Porto", "model 5", "book Porto", "model 7"]
+def test_structured_output_deps_and_a_toolset_every_unit_journaled(sqlite_engine: Engine, trip: Any) -> None:
+    result = sqlite_engine.run(CELL, {"plan": trip.plan}, key="trip")
+    assert isinstance(result, trip.Trip)  # a real model instance back
+    assert result == trip.Trip(city="Porto", lookups=2, traveller="Ana", weather="sunny in Porto")
+    log = os.environ["SIDE_LOG"]
+    assert entries(log) == expected(2)
+    rows = units(sqlite_engine.store)
+    assert Counter(r.kind for r in rows) == {"model": 4, "tool": 3}
+    assert {(r.call_id, r.attempt) for r in rows} == {(0, 1)}  # under the call's attempt
     # The same cell again: the stored result, nothing runs.
-    again = ns["agent"].start(sqlite_engine, "Fly me somewhere", key="trip")
-    assert again.result(30) == "booked Porto after 2 lookups" and again.cached
-    assert entries(log) == made
+    assert sqlite_engine.run(CELL, {"plan": trip.plan}, key="trip") == result
+    assert entries(log) == expected(2)
 
 
-def test_a_changed_loop_reuses_the_stored_steps_and_asks_for_its_own_approval(
-    sqlite_engine: Engine, tmp_path: Path, monkeypatch: Any
+def test_a_retried_call_replays_its_agent_run_with_no_request_made_again(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path
 ) -> None:
-    log = tmp_path / "side.log"
-    ns = load_agent(log, monkeypatch)
-    functions = {**ns["agent"].functions(), "prompt": "Fly me somewhere"}
-    first = sqlite_engine.start(agent_loop("prompt", 8), functions, key="trip")
-    until_parked(first)
-    sqlite_engine.signal("trip", "approve-book", True)
-    assert first.result(30) == "booked Porto after 2 lookups"
-    made = entries(log)
-    assert sqlite_engine.run(agent_loop("prompt", 8), functions, key="trip") == "booked Porto after 2 lookups"
-    changed = sqlite_engine.start(agent_loop("prompt", 9), functions, key="trip")  # edited code: a new execution
-    until_parked(changed)  # every step up to the approval came from the store
-    assert entries(log) == made
-    sqlite_engine.signal("trip", "approve-book", True)
-    assert changed.result(30) == "booked Porto after 2 lookups"
-    assert entries(log) == made  # the booking and the last request too
-    assert changed.progress.reused >= 5
+    marker = tmp_path / "failed-once"
 
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def plan_then_fail_once(question):
+        answer = trip.plan(question)
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
 
-def test_rejected_tool_is_not_run_and_the_model_hears_why(
-    sqlite_engine: Engine, tmp_path: Path, monkeypatch: Any
-) -> None:
-    log = tmp_path / "side.log"
-    ns = load_agent(log, monkeypatch, lookups=1)
-    seen: list[Any] = []
-
-    def model(messages: list[Any], info: Any) -> Any:
-        from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
-
-        seen.append(messages[-1].parts[0])
-        if len(messages) == 1:
-            return ModelResponse(parts=[ToolCallPart("book", {"city": "Faro"}, tool_call_id="b")])
-        return ModelResponse(parts=[TextPart(f"gave up: {messages[-1].parts[0].content}")])
-
-    from pydantic_ai.models.function import FunctionModel
-
-    agent = DurableAgent(FunctionModel(model), tools=[ns["book"]], approval=["book"])
-    run = agent.start(sqlite_engine, "book Faro", key="no")
-    until_parked(run)
-    sqlite_engine.signal("no", "approve-book", {"approved": False, "reason": "Too expensive."})
-    assert run.result(30) == f"gave up: {DENIED} Too expensive."
-    assert entries(log) == []  # book never ran
-    assert seen[-1].tool_call_id == "b" and seen[-1].tool_name == "book"
-
-
-def test_bad_arguments_unknown_tools_and_model_retry_go_back_to_the_model(tmp_path: Path, monkeypatch: Any) -> None:
-    from pydantic_ai import ModelRetry
-    from pydantic_ai.messages import ModelResponse, TextPart
-    from pydantic_ai.models.function import FunctionModel
-
-    def picky(city: str) -> str:
-        """A tool that asks for another try."""
-        raise ModelRetry(f"no flights to {city}, try another city")
-
-    agent = DurableAgent(
-        FunctionModel(lambda m, i: ModelResponse(parts=[TextPart("ok")])), tools=[picky], instructions="x"
+    result = sqlite_engine.run(
+        "trip = await plan('Fly me somewhere')\ntrip", {"plan": plan_then_fail_once}, key="retried"
     )
-    bad = agent.run_tool({"tool_name": "picky", "args": {"town": 1}, "tool_call_id": "a"})
-    assert (bad["part_kind"], bad["outcome"], bad["tool_call_id"]) == ("tool-return", "retried", "a")
-    assert bad["retry"]["cause"] == "validation_error" and "city" in json.dumps(bad["content"])
-    unknown = agent.run_tool({"tool_name": "nope", "args": "{}", "tool_call_id": "b"})
-    assert unknown["outcome"] == "retried" and "Unknown tool name" in unknown["content"]
-    retry = agent.run_tool({"tool_name": "picky", "args": '{"city": "Faro"}', "tool_call_id": "c"})
-    assert retry["outcome"] == "retried" and retry["content"] == "no flights to Faro, try another city"
-    assert retry["retry"]["cause"] == "model_retry"
-    step = agent.model_step([{"kind": "request", "parts": [{"part_kind": "user-prompt", "content": "hi"}]}])
-    assert step["done"] and step["output"] == "ok" and step["tool_calls"] == []
-    assert step["response"]["kind"] == "response"
-    json.dumps(step)  # JSON all the way: it crosses into the sandbox as it is
+    assert result == trip.Trip(city="Porto", lookups=2, traveller="Ana", weather="sunny in Porto")
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)  # the second attempt made no request
+    assert {r.attempt for r in units(sqlite_engine.store)} == {1}
 
 
-def test_the_fingerprint_follows_the_model_tools_and_instructions() -> None:
+def test_an_async_notebook_function_and_an_event_handler_replayed_without_handling_twice(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path
+) -> None:
+    from pydantic_ai import Agent
+
+    handled: list[str] = []
+
+    async def handler(ctx: Any, events: Any) -> None:
+        async for event in events:
+            handled.append(type(event).__name__)
+
     from pydantic_ai.models.function import FunctionModel
-    from pydantic_ai.models.test import TestModel
 
-    from durable_monty_nb.engine.fingerprint import function_fingerprint
+    agent = Agent(
+        FunctionModel(trip.planner, stream_function=trip.planner_stream),
+        name="evented",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability(event_stream_handler=handler)],
+    )
+    marker = tmp_path / "failed-once"
 
-    def a(x: int) -> int:
-        """A tool."""
-        return x
+    @retry(retries=1, backoff="constant", delay=0.05)
+    async def plan(question):
+        result = await agent.run(question, deps=trip.Deps("Ana"))
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return result.output
 
-    def b(y: str) -> str:
-        """Another tool."""
-        return y
-
-    def fp(**options: Any) -> str:
-        options.setdefault("tools", [a])
-        return function_fingerprint(DurableAgent(options.pop("model", TestModel()), **options).model_step)
-
-    base = fp()
-    assert fp() == base  # stable
-    assert fp(tools=[a, b]) != base
-    assert fp(instructions="be brief") != base
-    assert fp(model=FunctionModel(lambda m, i: None)) != base
-
-    def a2(x: int) -> int:  # the same schema as a, other code
-        """A tool."""
-        return x + 1
-
-    a2.__name__ = "a"
-    tools = function_fingerprint(DurableAgent(TestModel(), tools=[a]).run_tool)
-    assert function_fingerprint(DurableAgent(TestModel(), tools=[a]).run_tool) == tools
-    assert function_fingerprint(DurableAgent(TestModel(), tools=[a2]).run_tool) != tools
-    assert function_fingerprint(DurableAgent(TestModel(), tools=[a], approval=["a"]).run_tool) != tools
+    assert sqlite_engine.run(CELL, {"plan": plan}, key="async").city == "Porto"
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)
+    # Each event handled once although the run ran twice: the second time from the journal.
+    assert Counter(handled)["FunctionToolCallEvent"] == Counter(handled)["FunctionToolResultEvent"] == 3
+    assert {r.name for r in units(sqlite_engine.store, "model")} == {"evented__model.request_stream"}
+    assert len(units(sqlite_engine.store, "event")) > 0
 
 
-def test_from_agent_takes_the_model_and_function_tools() -> None:
+def test_replayed_units_are_not_emitted_to_traces_again(sqlite_engine: Engine, trip: Any, tmp_path: Path) -> None:
+    require_module("opentelemetry.sdk", extra="test")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from pydantic_ai import Agent
+    from pydantic_ai.capabilities.instrumentation import Instrumentation
+    from pydantic_ai.models.instrumented import InstrumentationSettings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    agent = Agent(
+        trip.agent.model,
+        name="traced",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[
+            Instrumentation(settings=InstrumentationSettings(tracer_provider=provider)),
+            NotebookDurability(),
+        ],
+    )
+    first: list[str] = []
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def plan(question):
+        result = agent.run_sync(question, deps=trip.Deps("Ana"))
+        if not first:
+            first.extend(span.name for span in exporter.get_finished_spans())
+            raise RuntimeError("the call fails after its agent run")
+        return result.output
+
+    assert sqlite_engine.run(CELL, {"plan": plan}, key="traced").city == "Porto"
+    assert sum("chat" in name for name in first) == 4  # the first attempt's model requests
+    # The second attempt replayed every unit: not one more span, not even its run's.
+    assert [span.name for span in exporter.get_finished_spans()] == first
+
+
+def test_a_transient_model_error_is_retried_and_only_that_request_is_made_again(
+    sqlite_engine: Engine, trip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLAKY_REQUEST", "3")
+    result = sqlite_engine.run(CELL, {"plan": trip.plan}, key="flaky")
+    assert result.city == "Porto"
+    made = entries(os.environ["SIDE_LOG"])
+    assert Counter(made) == Counter([*expected(2), "model 3"])
+
+
+def test_model_retries_are_configurable_and_the_error_reaches_the_workflow(
+    sqlite_engine: Engine, trip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic_ai import Agent
+
+    assert (DEFAULT_MODEL_RETRIES, DEFAULT_TOOL_RETRIES) == (3, 2)
+    monkeypatch.setenv("FLAKY_REQUEST", "1")
+    strict = Agent(
+        trip.agent.model,
+        name="strict",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability(model_retries=0)],
+    )
+
+    def plan(question):
+        return strict.run_sync(question, deps=trip.Deps("Ana")).output
+
+    code = "try:\n    r = await plan('go')\nexcept OSError as e:\n    r = 'failed: ' + str(e)\nr"
+    assert sqlite_engine.run(code, {"plan": plan}, key="strict") == (
+        "failed: the model service is unavailable (transient)"
+    )
+    assert entries(os.environ["SIDE_LOG"]) == ["model 1"]
+
+
+def test_tool_retries_default_to_two(sqlite_engine: Engine, trip: Any) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
+
+    tries: list[str] = []
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("fragile", {"n": 1}, tool_call_id="f")])
+        return ModelResponse(parts=[TextPart(str(messages[-1].parts[0].content))])
+
+    from pydantic_ai.models.function import FunctionModel
+
+    agent = Agent(FunctionModel(model), capabilities=[NotebookDurability(retry_delay=0.01)])
+
+    @agent.tool_plain
+    def fragile(n: int) -> str:
+        """Fails twice, then works."""
+        tries.append("try")
+        if len(tries) < 3:
+            raise OSError("connection reset")
+        return "worked"
+
+    def run(q):
+        return agent.run_sync(q).output
+
+    assert sqlite_engine.run("await run('go')", {"run": run}, key="fragile") == "worked"
+    assert len(tries) == 3
+
+    # Per tool, in the tool's metadata: no retry.
+    tries.clear()
+    once = Agent(FunctionModel(model), capabilities=[NotebookDurability(retry_delay=0.01)])
+    once.tool_plain(fragile, metadata={"durable_monty_nb": {"retries": 0}})
+
+    def run_once(q):
+        return once.run_sync(q).output
+
+    with pytest.raises(WorkflowFailed, match="connection reset"):
+        sqlite_engine.run("await run('go')", {"run": run_once}, key="fragile-once")
+    assert len(tries) == 1
+
+
+def test_a_usage_limit_stops_the_run(sqlite_engine: Engine, trip: Any) -> None:
+    from pydantic_ai.usage import UsageLimits
+
+    def plan(question):
+        return trip.agent.run_sync(question, deps=trip.Deps("Ana"), usage_limits=UsageLimits(request_limit=2)).output
+
+    with pytest.raises(WorkflowFailed, match="request_limit"):
+        sqlite_engine.run(CELL, {"plan": plan}, key="limited")
+    # checked before each request: the third is never made
+    assert entries(os.environ["SIDE_LOG"]) == ["model 1", "lookup Lisbon", "model 3", "lookup Porto"]
+
+
+def test_message_history_continues_a_conversation(sqlite_engine: Engine, trip: Any) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelResponse, TextPart
+    from pydantic_ai.models.function import FunctionModel
+
+    seen: list[int] = []
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        seen.append(len(messages))
+        return ModelResponse(parts=[TextPart(f"answer {len(messages)}")])
+
+    agent = Agent(FunctionModel(model), capabilities=[NotebookDurability()])
+
+    def chat(prompt, history=None):
+        messages = ModelMessagesTypeAdapter.validate_python(history) if history else None
+        result = agent.run_sync(prompt, message_history=messages)
+        return {
+            "text": result.output,
+            "history": ModelMessagesTypeAdapter.dump_python(result.all_messages(), mode="json"),
+        }
+
+    code = "a = await chat('hi')\nb = await chat('more', a['history'])\n[a['text'], b['text']]"
+    assert sqlite_engine.run(code, {"chat": chat}, key="chat") == ["answer 1", "answer 3"]
+    assert seen == [1, 3]
+
+
+@pytest.mark.parametrize("decision", [{"approved": True}, {"approved": False, "reason": "Too expensive."}])
+def test_a_tool_that_needs_approval_waits_for_its_signal(sqlite_engine: Engine, trip: Any, decision: Any) -> None:
+    namespace = {"ask": trip.ask, "prompt": "Book me Faro"}
+    run = sqlite_engine.start(APPROVAL_LOOP, namespace, key="booking")
+    wait_until(lambda: run.parked, what="the run to wait for its approval")
+    assert [w.name for w in run.waits()] == [approval_signal("book")] == ["approve-book"]
+    log = os.environ["SIDE_LOG"]
+    assert entries(log) == ["booker 1"]
+    sqlite_engine.signal("booking", "approve-book", decision)
+    booking = run.result(30)
+    assert isinstance(booking, trip.Booking)
+    if decision["approved"]:
+        assert booking == trip.Booking(city="Faro", booked=True, answer="booked Faro")
+        assert entries(log) == ["booker 1", "book Faro", "booker 3"]
+    else:
+        assert booking == trip.Booking(city="Faro", booked=False, answer=f"{DENIED} Too expensive.")
+        assert entries(log) == ["booker 1", "booker 3"]  # book never ran
+
+
+def test_a_dynamic_toolset_has_its_tool_list_discovery_journaled_and_replayed(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import FunctionModel
+    from pydantic_ai.toolsets import DynamicToolset, FunctionToolset
+
+    discovered: list[str] = []
+    first: list[int] = []
+    marker = tmp_path / "failed-once"
+
+    def tools_for(ctx: Any) -> FunctionToolset:
+        discovered.append("list")
+        toolset = FunctionToolset()
+
+        @toolset.tool_plain
+        def greet(name: str) -> str:
+            """Greet someone."""
+            return f"hello {name}"
+
+        return toolset
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("greet", {"name": "Ana"}, tool_call_id="g")])
+        return ModelResponse(parts=[TextPart(str(messages[-1].parts[0].content))])
+
+    agent = Agent(
+        FunctionModel(model), toolsets=[DynamicToolset(tools_for, id="people")], capabilities=[NotebookDurability()]
+    )
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def run(q):
+        answer = agent.run_sync(q).output
+        if not marker.exists():
+            first.append(len(discovered))
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    assert sqlite_engine.run("await run('hi')", {"run": run}, key="dynamic") == "hello Ana"
+    rows = units(sqlite_engine.store)
+    assert {r.name for r in rows if r.kind == "discovery"} == {"agent__dynamic_toolset__people.get_tools"}
+    assert {r.name for r in rows if r.kind == "tool"} == {"agent__dynamic_toolset__people.call_tool:greet"}
+    assert first[0] > 0 and len(discovered) == first[0]  # the second attempt discovered nothing again
+
+
+def test_outside_a_durable_call_the_capability_is_transparent(trip: Any, sqlite_url: str) -> None:
+    assert trip.plan("Fly me somewhere").city == "Porto"
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)
+    assert units(Store(sqlite_url)) == []
+
+
+def test_a_toolset_given_to_one_run_is_refused_inside_a_durable_call(sqlite_engine: Engine, trip: Any) -> None:
+    from pydantic_ai.toolsets import FunctionToolset
+
+    extra = FunctionToolset(id="extra")
+
+    def plan(question):
+        return trip.agent.run_sync(question, deps=trip.Deps("Ana"), toolsets=[extra]).output
+
+    with pytest.raises(WorkflowFailed, match="cannot be added at runtime with durable-monty-nb"):
+        sqlite_engine.run(CELL, {"plan": plan}, key="runtime-toolset")
+    assert entries(os.environ["SIDE_LOG"]) == []
+
+
+def test_the_engine_spec_and_the_operation_names_are_pinned(sqlite_engine: Engine, trip: Any) -> None:
+    """The names are part of every stored unit's key: compatibility data for journals already in
+    stores. Changing one strands the runs recorded under it; never update these pins for a rename."""
+    from pydantic_ai.durable_exec import (
+        EventStreamHandlerId,
+        ModelCancelSuspendedResponseId,
+        ModelCompactMessagesId,
+        ModelRequestId,
+        ToolsetCallToolId,
+        ToolsetGetInstructionsId,
+        ToolsetGetToolsId,
+        ToolsetValidateToolArgumentsId,
+    )
+
+    spec = NotebookDurability.engine_spec
+    assert (spec.engine_name, spec.durable_unit_noun, spec.durable_container_noun) == (
+        "durable-monty-nb",
+        "agent unit",
+        "durable call",
+    )
+    assert spec.wrapped_toolset_kinds == {"function", "mcp", "dynamic"}
+    assert dict(spec.toolset_lifecycles) == {
+        "function": "enter-always",
+        "mcp": "enter-in-durable-unit",
+        "dynamic": "enter-never",
+    }
+    assert spec.unsupported_runtime_toolset_kinds == {"function", "mcp", "dynamic"}
+    assert (spec.journal_discovery, spec.sequential_tools_in_durable_context) == (True, False)
+    assert (spec.tool_call_result_upgrade_lenient, spec.tool_config_key, spec.accepts_cancellation_token) == (
+        False,
+        "durable_monty_nb",
+        False,
+    )
+    # The names a real run journals.
+    sqlite_engine.run(CELL, {"plan": trip.plan}, key="names")
+    assert sorted({r.name for r in units(sqlite_engine.store)}) == [
+        "planner__function_toolset__<agent>.call_tool:lookup",
+        "planner__function_toolset__weather.call_tool:weather",
+        "planner__model.request",
+    ]
+    # Every operation id pydantic-ai 2.68 has, through the namer the backend uses.
+    bound = NotebookDurability.from_agent(trip.agent)
+    assert bound is not None
+    namer = bound.get_durable_operation_backend()._namer
+    names = {
+        "request": ModelRequestId(None, model_name="function"),
+        "request_other": ModelRequestId("openai:gpt-5", model_name="gpt-5"),
+        "stream": ModelRequestId(None, model_name="function", streaming=True),
+        "compact": ModelCompactMessagesId(None, model_name="function"),
+        "cancel": ModelCancelSuspendedResponseId(None, model_name="function"),
+        "event": EventStreamHandlerId(),
+        "get_tools": ToolsetGetToolsId("mcp", toolset_id="files"),
+        "dynamic_tools": ToolsetGetToolsId("dynamic", toolset_id="dyn"),
+        "instructions": ToolsetGetInstructionsId(toolset_id="files"),
+        "validate": ToolsetValidateToolArgumentsId("function", toolset_id="weather"),
+        "mcp_call": ToolsetCallToolId("mcp", toolset_id="files"),
+        "call": ToolsetCallToolId("function", toolset_id="weather"),
+    }
+    assert {k: namer.operation_name(v) for k, v in names.items()} == {
+        "request": "planner__model.request",
+        "request_other": "planner__model.request.openai:gpt-5",
+        "stream": "planner__model.request_stream",
+        "compact": "planner__model.compact_messages",
+        "cancel": "planner__model.cancel_suspended_response",
+        "event": "planner__event_stream_handler",
+        "get_tools": "planner__mcp_server__files.get_tools",
+        "dynamic_tools": "planner__dynamic_toolset__dyn.get_tools",
+        "instructions": "planner__mcp_server__files.get_instructions",
+        "validate": "planner__function_toolset__weather.validate_args",
+        "mcp_call": "planner__mcp_server__files.call_tool",
+        "call": "planner__function_toolset__weather.call_tool",
+    }
+
+
+def test_an_agent_without_a_name_is_named_agent(sqlite_engine: Engine) -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
-    def weather(city: str) -> str:
-        """The weather of a city."""
-        return f"sunny in {city}"
-
-    agent = Agent(TestModel(), tools=[weather])
+    agent = Agent(TestModel(), capabilities=[NotebookDurability()])
 
     @agent.tool_plain
-    def book(city: str) -> str:
-        """Book a trip."""
-        return f"booked {city}"
-
-    durable = DurableAgent.from_agent(agent, approval=["book"])
-    assert sorted(durable.tools) == ["book", "weather"] and durable.needs_approval == {"book"}
-    with pytest.raises(ValueError, match="unknown tools"):
-        DurableAgent.from_agent(agent, approval=["nope"])
-
-
-def test_test_model_runs_the_loop_end_to_end(sqlite_engine: Engine) -> None:
-    """pydantic-ai's TestModel calls every tool once, then answers with their results as JSON."""
-    from pydantic_ai.models.test import TestModel
-
-    calls: list[str] = []
-
     def weather(city: str) -> str:
         """The weather of a city."""
-        calls.append(city)
         return f"sunny in {city}"
 
-    agent = DurableAgent(TestModel(), tools=[weather])
-    answer = agent.start(sqlite_engine, "weather?", key="tm").result(30)
-    assert calls == ["a"] and "sunny in a" in answer
+    def run(q):
+        return agent.run_sync(q).output
+
+    answer = sqlite_engine.run("await run('weather?')", {"run": run}, key="tm")
+    assert "sunny in a" in answer
+    assert {r.name for r in units(sqlite_engine.store)} == {
+        "agent__model.request",
+        "agent__function_toolset__<agent>.call_tool:weather",
+    }
+
+    named = Agent(TestModel(), capabilities=[NotebookDurability(name="custom")])
+
+    def run_named(q):
+        return named.run_sync(q).output
+
+    sqlite_engine.run("await run('hello')", {"run": run_named}, key="named")
+    assert "custom__model.request" in {r.name for r in units(sqlite_engine.store)}
 
 
-# -- processes and kernels killed with SIGKILL -------------------------------------------------------------
+def test_a_tampered_unit_is_refused(sqlite_engine: Engine, trip: Any) -> None:
+    from durable_monty_nb.errors import TamperedDataError
+
+    sqlite_engine.run(CELL, {"plan": trip.plan}, key="tamper")
+    store = sqlite_engine.store
+    execution = store.latest_execution("tamper").id
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE dm_agent_units SET result = replace(result, 'Porto', 'Paris')"))
+    with pytest.raises(TamperedDataError, match="agent unit"):
+        store.load_agent_units(execution, 0)
 
 
-def spawn(db: str, key: str, log: Path, tmp_path: Path, **env: str) -> subprocess.Popen[str]:
-    setup, runner = tmp_path / "agent_setup.py", tmp_path / "agent_runner.py"
-    setup.write_text(AGENT_SETUP)
+def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_does_not_cover_it() -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    from durable_monty_nb.engine.fingerprint import function_fingerprint
+    from durable_monty_nb.errors import ValueCrossingError
+    from durable_monty_nb.values import ship_function
+
+    namespace: dict[str, Any] = {"Agent": Agent, "TestModel": TestModel, "NotebookDurability": NotebookDurability}
+    exec(
+        "agent = Agent(TestModel(), capabilities=[NotebookDurability()])\n"
+        "def plan(q):\n    return agent.run_sync(q).output",
+        namespace,
+    )
+    with pytest.raises(ValueCrossingError, match=r"cannot be shipped to workers.*ContextVar"):
+        ship_function(namespace["plan"], "plan")
+    before = function_fingerprint(namespace["plan"])
+    namespace["agent"] = Agent(TestModel(custom_output_text="another"), capabilities=[NotebookDurability()])
+    assert function_fingerprint(namespace["plan"]) == before  # as the README warns
+
+
+# -- processes and kernels killed with SIGKILL ---------------------------------------------------------
+
+RUNNER = """
+import sys
+from durable_monty_nb import Engine
+from agent_trip import plan
+engine = Engine(sys.argv[1], lease_ttl=1.5)
+run = engine.start(sys.argv[3], {"plan": plan}, key=sys.argv[2])
+print("STARTED", run.execution_id, flush=True)
+print("RESULT", repr(run.result(120)), flush=True)
+"""
+
+
+def spawn(db: str, key: str, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    runner = tmp_path / "agent_runner.py"
     runner.write_text(RUNNER)
-    full_env = {**os.environ, "SIDE_LOG": str(log), **env}
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
-        [sys.executable, str(runner), db, key, str(setup)],
+        [sys.executable, str(runner), db, key, CELL],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -289,135 +552,133 @@ def spawn(db: str, key: str, log: Path, tmp_path: Path, **env: str) -> subproces
     )
 
 
-def waiting_for_approval(store: Store, key: str) -> bool:
-    row = store.latest_execution(key)
-    return row is not None and any(
-        c.kind == "signal" and c.status == "pending" and "approve-book" in c.args for c in store.load_calls(row.id)
-    )
+def assert_resumed_without_repeats(killed: list[str], made: list[str], lookups: int) -> None:
+    """Everything ran, and a model request or tool call made twice can only be the one in flight at
+    the kill (the last the killed process began): every journaled one came from the store."""
+    assert sorted(set(made)) == sorted(expected(lookups))
+    twice = [entry for entry, n in Counter(made).items() if n > 1]
+    assert len(twice) <= 1 and (not twice or twice == [killed[-1]]), (killed, made)
 
 
-def test_process_killed_while_waiting_for_the_approval(sqlite_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill_after", [1, 3, 5])
+def test_process_killed_after_the_nth_model_request_is_journaled(
+    sqlite_url: str, tmp_path: Path, kill_after: int
+) -> None:
     store, log = Store(sqlite_url), tmp_path / "side.log"
-    first = spawn(sqlite_url, "trip", log, tmp_path, AGENT_LOOKUPS="3")
-    wait_until(lambda: waiting_for_approval(store, "trip"), what="the approval wait", procs=(first,))
+    env = {"SIDE_LOG": str(log), "AGENT_LOOKUPS": "4", "MODEL_DELAY": "0.1"}
+    first = spawn(sqlite_url, "trip", tmp_path, env)
+    wait_until(lambda: len(units(store, "model")) >= kill_after, what=f"{kill_after} model units", procs=(first,))
     kill(first)
-    before = entries(log)
-    assert before == ["model 1", "lookup Lisbon", "model 3", "lookup Porto", "model 5", "lookup Faro", "model 7"]
-    Engine(sqlite_url).signal("trip", "approve-book", {"approved": True})  # while nobody drives it: kept
-    second = spawn(sqlite_url, "trip", log, tmp_path, AGENT_LOOKUPS="3")
+    killed = entries(log)
+    assert len(units(store, "model")) == kill_after  # killed mid-run, at the moment chosen
+    second = spawn(sqlite_url, "trip", tmp_path, env)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
-    assert 'RESULT "booked Faro after 3 lookups"' in out
-    assert entries(log) == [*before, "book Faro", "model 9"]  # no model request made twice
-    assert len({pid for pid, _ in log_entries(log)}) == 2
-    third = spawn(sqlite_url, "trip", log, tmp_path, AGENT_LOOKUPS="3")  # once more: the stored result
-    out, err = third.communicate(timeout=120)
-    assert third.returncode == 0, err
-    assert 'RESULT "booked Faro after 3 lookups"' in out
-    assert entries(log) == [*before, "book Faro", "model 9"]
-    assert len(store.list_executions(latest_only=False)) == 1
-
-
-def in_flight(store: Store, key: str, function: str) -> list[Any]:
-    row = store.latest_execution(key)
-    return [c for c in store.load_calls(row.id) if c.function == function and c.status == "pending"] if row else []
-
-
-@pytest.mark.parametrize(
-    ("held", "function"),
-    [("model 5", "model_step"), ("lookup Faro", "run_tool")],
-    ids=["mid-model-request", "mid-tool-call"],
-)
-def test_process_killed_in_the_middle_of_a_step(sqlite_url: str, tmp_path: Path, held: str, function: str) -> None:
-    """The kill lands where the test chooses: a model request (or a tool call) running, every
-    earlier step stored. Only that step is made again; every stored one comes from the store."""
-    store, log, gate = Store(sqlite_url), tmp_path / "side.log", tmp_path / "hold"
-    gate.touch()
-    env = {"AGENT_LOOKUPS": "5"}
-    first = spawn(sqlite_url, "trip", log, tmp_path, **env, HOLD_AT=held, HOLD_GATE=str(gate))
-    assert first.stdout.readline().startswith("STARTED")
-    Engine(sqlite_url).signal("trip", "approve-book", {"approved": True})  # before the wait: kept in the mailbox
-    wait_until(lambda: entries(log)[-1:] == [held], what=f"{held} to start", procs=(first,))
-    wait_until(lambda: len(in_flight(store, "trip", function)) == 1, what=f"the {function} call in flight")
-    stored = [c for c in store.load_calls(store.latest_execution("trip").id) if c.status == "done"]
-    assert len(stored) == len(entries(log)) - 1  # the moment chosen: every step before it is stored
-    kill(first)
-    before = entries(log)
-    second = spawn(sqlite_url, "trip", log, tmp_path, **env)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err
-    assert 'RESULT "booked Evora after 5 lookups"' in out
+    assert "RESULT Trip(city='Braga', lookups=4, traveller='Ana', weather='sunny in Braga')" in out
     made = entries(log)
-    assert made[: len(before)] == before and made[len(before)] == held  # the step in flight, made again
-    twice = [entry for entry, n in Counter(made).items() if n > 1]
-    assert twice == [held]  # and no other
-    assert len(made) == len(set(made)) + 1
-
-
-@pytest.mark.parametrize("run", range(3))
-def test_process_killed_at_a_random_moment_of_a_multi_step_run(sqlite_url: str, tmp_path: Path, run: int) -> None:
-    """Beside the chosen moments above: wherever a random kill lands, a model request or tool
-    call made twice can only be the one in flight at the kill (the last the killed process
-    began): every stored one is answered from the store. The seed is printed (shown on failure)."""
-    rng = fuzz_random(run)
-    store, log = Store(sqlite_url), tmp_path / "side.log"
-    env = {"AGENT_LOOKUPS": "5", "MODEL_DELAY": "0.05"}
-    first = spawn(sqlite_url, "trip", log, tmp_path, **env)
-    assert first.stdout.readline().startswith("STARTED")
-    Engine(sqlite_url).signal("trip", "approve-book", {"approved": True})  # before the wait: kept in the mailbox
-    threading.Event().wait(rng.uniform(0.05, 0.6))
-    kill(first)
-    killed = log_entries(log)
-    second = spawn(sqlite_url, "trip", log, tmp_path, **env)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err
-    assert 'RESULT "booked Evora after 5 lookups"' in out
-    made = [entry for _, entry in log_entries(log)]
-    expected = [f"model {1 + 2 * i}" for i in range(7)] + [f"lookup {c}" for c in CITIES[:5]] + ["book Evora"]
-    assert sorted(set(made)) == sorted(expected)
-    twice = [entry for entry, n in Counter(made).items() if n > 1]
-    assert len(twice) <= 1 and (not twice or twice == [killed[-1][1]]), (killed, made)
-    assert waiting_for_approval(store, "trip") is False
-
-
-CITIES = ["Lisbon", "Porto", "Faro", "Braga", "Evora"]
+    assert_resumed_without_repeats(killed, made, 4)
+    assert len(made) - len(expected(4)) <= 1
+    assert len({pid for pid, _ in log_entries(log)}) == 2
 
 
 @pytest.mark.kernel
-def test_kernel_killed_while_waiting_for_the_approval_then_rerun(tmp_path: Path) -> None:
+def test_kernel_killed_mid_agent_then_the_cell_run_again(tmp_path: Path) -> None:
     from kernels import Kernel
 
     db = f"sqlite:///{tmp_path / 'notebook.db'}"
     log = tmp_path / "side.log"
-    env = {"SIDE_LOG": str(log), "DURABLE_MONTY_DB": db, "AGENT_LOOKUPS": "2"}
-    cell = "%%durable trip\n" + AGENT_LOOP
+    env = {
+        "SIDE_LOG": str(log),
+        "DURABLE_MONTY_DB": db,
+        "AGENT_LOOKUPS": "3",
+        "MODEL_DELAY": "0.1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    cell = "%%durable trip\n" + CELL
+    store = Store(db)
 
     def start() -> Kernel:
         kernel = Kernel(tmp_path, env)
         kernel.ok("%load_ext durable_monty_nb")
-        kernel.ok(AGENT_SETUP)
+        kernel.ok("from agent_trip import plan")
         return kernel
 
     kernel = start()
-    reply = kernel.ok(cell)  # parked on the approval: the cell returns
-    assert reply.result is None
-    assert any("waiting for signal 'approve-book'" in text for text in reply.widget_text)
-    kernel.kill()
-    store = Store(db)
-    assert waiting_for_approval(store, "trip")
-    before = entries(log)
-    assert before == ["model 1", "lookup Lisbon", "model 3", "lookup Porto", "model 5"]
-    done = subprocess.run(
-        [sys.executable, "-m", "durable_monty_nb", "signal", "--db", db, "trip", "approve-book", '{"approved": true}'],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    kernel = start()
     try:
-        assert kernel.ok(cell).result == "'booked Porto after 2 lookups'"
-        assert kernel.ok("len(messages)").result == "8"
+        kernel.submit(cell)
+        wait_until(lambda: len(units(store, "model")) >= 3, what="3 model units journaled")
+        kernel.kill()
     finally:
         kernel.close()
-    assert entries(log) == [*before, "book Porto", "model 7"]  # no model request made twice
+    killed = entries(log)
+    assert len(units(store, "model")) == 3
+    assert store.latest_execution("trip").status != "completed"
+    kernel = start()
+    try:
+        assert kernel.ok(cell).result == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
+        assert kernel.ok("type(trip).__name__").result == "'Trip'"
+    finally:
+        kernel.close()
+    assert_resumed_without_repeats(killed, entries(log), 3)
     assert store.latest_execution("trip").status == "completed"
+
+
+# -- on RQ, with real workers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rq_workers(redis_url: str, tmp_path: Path) -> Any:
+    from test_rq import Workers
+
+    pool = Workers(
+        redis_url,
+        f"q-{tmp_path.name[-20:]}",
+        {"PYTHONPATH": str(TESTS), "SIDE_LOG": str(tmp_path / "side.log"), "AGENT_LOOKUPS": "3", "MODEL_DELAY": "0.1"},
+    )
+    yield pool
+    pool.stop()
+
+
+def test_on_rq_a_worker_killed_mid_agent_and_the_run_resumed_on_another(
+    rq_workers: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    from agent_trip import plan
+
+    from durable_monty_nb.executors.rq import RQ
+
+    log = tmp_path / "side.log"
+    rq_workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(rq_workers.url, rq_workers.queue))
+    run = engine.start(CELL, {"plan": plan}, key="rq-trip")
+    store = engine.store
+    wait_until(lambda: len(units(store, "model")) >= 2, what="2 model units journaled on the worker")
+    horse = log_entries(log)[0][0]  # the job's process (RQ's work horse, in a process group of its own)
+    rq_workers.kill(rq_workers.procs[0])  # the worker dies mid-agent, and its horse with it
+    os.kill(horse, signal.SIGKILL)
+    killed = entries(log)
+    rq_workers.start(1)
+    trip = run.result(120)
+    assert repr(trip) == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
+    assert_resumed_without_repeats(killed, entries(log), 3)
+    assert len({pid for pid, _ in log_entries(log)}) == 2  # two workers did the work
+    assert {r.attempt for r in units(store)} == {1, 2}
+    engine.close()
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_on_rq_an_approval_through_a_signal(rq_workers: Any, sqlite_url: str, tmp_path: Path, approve: bool) -> None:
+    from agent_trip import ask
+
+    from durable_monty_nb.executors.rq import RQ
+
+    rq_workers.start(1)
+    engine = Engine(sqlite_url, executor=RQ(rq_workers.url, rq_workers.queue))
+    run = engine.start(APPROVAL_LOOP, {"ask": ask, "prompt": "Book me Faro"}, key="rq-booking")
+    wait_until(lambda: run.parked, what="the approval wait")
+    engine.signal("rq-booking", "approve-book", {"approved": approve})
+    booking = run.result(120)
+    assert (booking.booked, booking.answer) == ((True, "booked Faro") if approve else (False, DENIED))
+    made = entries(tmp_path / "side.log")
+    assert made == (["booker 1", "book Faro", "booker 3"] if approve else ["booker 1", "booker 3"])
+    json.dumps([r.result for r in units(engine.store)])
+    engine.close()

@@ -79,3 +79,30 @@ def test_what_a_function_assigns_or_fills_is_not_an_input() -> None:
     before = function_fingerprint(namespace["g"])
     namespace["READ"].append(2)  # changed from outside: an input
     assert function_fingerprint(namespace["g"]) != before
+
+
+def define_model(field_type: type) -> type:
+    import abc
+
+    import pydantic
+
+    class Report(pydantic.BaseModel):  # a notebook class whose metaclass derives schemas from its body
+        score: field_type = 1  # type: ignore[valid-type]
+
+        def summary(self) -> str:
+            return f"score {self.score}"
+
+    class Base(abc.ABC):  # ABC keeps a registry object of its own per class
+        @abc.abstractmethod
+        def run(self) -> int: ...
+
+    return Report, Base
+
+
+def test_classes_with_derived_metaclass_state_fingerprint_by_their_definition() -> None:
+    # pydantic models and ABCs carry objects their metaclass builds anew for each class: a class
+    # defined again, unchanged, must reuse its calls; a changed field type must not.
+    first, again, changed = define_model(int), define_model(int), define_model(float)
+    token = [Fingerprinter().class_token(cls) for cls in (*first, *again, *changed)]
+    assert token[0] == token[2] and token[1] == token[3]  # the same definitions
+    assert token[0] != token[4]  # the field's type changed

@@ -37,6 +37,7 @@ import sysconfig
 import threading
 import types
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ _SKIPPED_CLASS_ATTRS = frozenset(
         "__static_attributes__",
     )
 )
+# What a metaclass derives from the class body (ABC's registry, pydantic's schemas and fields, built
+# from the annotations and defaults that are hashed): new objects each time a class is made.
+_DERIVED_CLASS_PREFIXES = ("_abc_", "__pydantic_", "__abstractmethods__", "__signature__")
 # Synchronization objects coordinate calls; they hold no data a result is computed from, so they
 # count by their type (a lock shared by a function's calls does not make them run again).
 _SYNC_TYPES = (
@@ -95,6 +99,24 @@ def not_inputs(*names: str) -> Any:
         return fn
 
     return mark
+
+
+_DESCRIBERS: dict[type, Callable[[Any, Fingerprinter], str]] = {}
+
+
+def register_fingerprint(cls: type, describe: Callable[[Any, Fingerprinter], str]) -> None:
+    """Fingerprint instances of ``cls`` (and its subclasses) by ``describe(value, fingerprinter)``: a
+    string of what defines such a value, for objects pickling cannot read (an agent holding context
+    variables and clients). ``fingerprinter.value()`` and ``.function()`` hash what it holds."""
+    _DESCRIBERS[cls] = describe
+
+
+def _describer(cls: type) -> Callable[[Any, Fingerprinter], str] | None:
+    for base in cls.__mro__:
+        found = _DESCRIBERS.get(base)
+        if found is not None:
+            return found
+    return None
 
 
 def sha256(text: str | bytes) -> str:
@@ -203,6 +225,9 @@ class _HashPickler(pickle.Pickler):
             raise Unhashable(_type_name(obj), "a generator or coroutine has state that cannot be read")
         if cls.__module__ == "numpy" and cls.__name__ == "ndarray" and obj.nbytes > _BIG:
             return ("array", owner.value(obj))
+        describe = _describer(cls) if _DESCRIBERS else None
+        if describe is not None:
+            return ("described", _type_name(obj), describe(obj, owner))
         return None
 
 
@@ -235,6 +260,9 @@ class Fingerprinter:
         return digest
 
     def _pickle_digest(self, value: Any) -> str:
+        describe = _describer(type(value)) if _DESCRIBERS else None
+        if describe is not None:
+            return _digest(f"described:{_type_name(value)}:{describe(value, self)}".encode())
         if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
             return self.function(value).digest
         if isinstance(value, type):
@@ -281,9 +309,13 @@ class Fingerprinter:
         try:
             parts = [name, ",".join(self.class_token(base) for base in cls.__bases__)]
             for attr, member in sorted(vars(cls).items()):
-                if attr in _SKIPPED_CLASS_ATTRS:
+                if attr in _SKIPPED_CLASS_ATTRS or attr.startswith(_DERIVED_CLASS_PREFIXES):
                     continue
                 parts.append(f"{attr}={self._member(member)}")
+            fields = getattr(cls, "__pydantic_fields__", None)  # a pydantic model's fields, by their types and defaults
+            if isinstance(fields, dict):
+                for field_name, info in sorted(fields.items()):
+                    parts.append(f"field:{field_name}={info.annotation!s}={info.default!r}")
         finally:
             self._stack.pop()
         token = f"{name}:{_digest(chr(0).join(parts).encode())}"

@@ -32,6 +32,7 @@ from .. import defaults
 from ..errors import StoreError, TamperedDataError
 from ..store.signing import KEY_ENV, KEY_FILE_ENV, Signer
 from .base import ErrorInfo, Task
+from .current import running_call
 from .record import AttemptRecord
 
 PAYLOAD_VERSION = 1
@@ -97,9 +98,10 @@ def run_attempt(payload: dict[str, Any], worker: str | None = None, *, write_beh
         fn = _function(store, payload["function_key"], payload["function"])
         args_text = payload["args"] or store.load_blob(payload["args_blob"]).decode()
         args, kwargs = codec.decode_host(args_text)
-        value = fn(*args, **kwargs)
-        if inspect.iscoroutine(value):
-            value = asyncio.run(_awaited(value))
+        with running_call(store, payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]):
+            value = fn(*args, **kwargs)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(_awaited(value))
         record.result = codec.encode_text(value, what=f"the result of {payload['function']}()")
     except Exception as exc:
         info = ErrorInfo.of(exc)

@@ -184,3 +184,26 @@ class Signal(Base):
         Index("ix_dm_signals_waiting", "execution_id", "consumed_by", "name"),
         Index("ux_dm_signals_idempotency", "execution_id", "idempotency_key", unique=True),
     )
+
+
+class AgentUnit(Base):
+    """One completed durable unit of a pydantic-ai agent run inside a call (``durable_monty_nb.agents``):
+    a model request, a tool call, a tool-list discovery or an event handled.
+
+    Keyed by the call and ``unit_key`` (a hash of the run id, the operation name and the unit's place
+    among the run's units of that name); ``attempt`` is the attempt of the call that ran it. When the
+    call runs again (a retry, a resume), its agent run replays from these rows. Signed like call results.
+    """
+
+    __tablename__ = "dm_agent_units"
+
+    execution_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    call_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    unit_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))  # the persisted operation name (NotebookDurability's namer)
+    kind: Mapped[str] = mapped_column(String(16))  # model | tool | discovery | event | capability
+    result: Mapped[str] = mapped_column(LongText)  # JSON of the unit's encoded result
+    signature: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)

@@ -39,7 +39,7 @@ from ..defaults import INLINE_LIMIT
 from ..errors import ExecutionNotFound, ForgetRefused
 from ..values import blob_key
 from .mailbox import SIGNALS
-from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
+from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .store import DELETING
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ CHECKPOINTS = Checkpoint.__table__
 BLOBS = Blob.__table__
 KEYS = Key.__table__
 ATTEMPTS = Attempt.__table__
+AGENT_UNITS = AgentUnit.__table__
 FUNCTIONS = Function.__table__
 
 MARK_BATCH = 20  # executions marked per transaction
@@ -383,7 +384,7 @@ def vacuum_store(store: Store) -> bool:
 # -- marking, purging, collecting --------------------------------------------------------------------
 
 
-_ALL_TABLES = (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS, SIGNALS)
+_ALL_TABLES = (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS, SIGNALS, AGENT_UNITS)
 
 
 def _executions_of_key(store: Store, key: str) -> list[Any]:
@@ -468,19 +469,27 @@ def _purge_deleting(store: Store) -> None:
         _purge_rows(store, CALLS, CALLS.c.call_id, execution_id)
         _purge_rows(store, ATTEMPTS, ATTEMPTS.c.attempt_id, execution_id)
         _purge_rows(store, SIGNALS, SIGNALS.c.seq, execution_id)
+        _purge_rows(store, AGENT_UNITS, AGENT_UNITS.c.call_id, execution_id)
         with store.engine.begin() as conn:
             conn.execute(delete(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id))
             conn.execute(delete(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == DELETING))
 
 
 def _purge_orphans(store: Store) -> None:
-    """Attempts and signals of executions that no longer exist (a worker finishing an attempt of a
+    """Attempts, signals and agent units of executions that no longer exist (a worker finishing an attempt of a
     forgotten execution keeps its outcome rather than lose it)."""
     with store._reader.connect() as conn:  # the rows first: an execution created since has none of them
-        seen = {t.name: set(conn.execute(select(t.c.execution_id).distinct()).scalars()) for t in (ATTEMPTS, SIGNALS)}
+        seen = {
+            t.name: set(conn.execute(select(t.c.execution_id).distinct()).scalars())
+            for t in (ATTEMPTS, SIGNALS, AGENT_UNITS)
+        }
         existing = set(conn.execute(select(EXECUTIONS.c.id)).scalars())
     orphans = {name: ids - existing for name, ids in seen.items()}
-    for table, order in ((ATTEMPTS, ATTEMPTS.c.attempt_id), (SIGNALS, SIGNALS.c.seq)):
+    for table, order in (
+        (ATTEMPTS, ATTEMPTS.c.attempt_id),
+        (SIGNALS, SIGNALS.c.seq),
+        (AGENT_UNITS, AGENT_UNITS.c.call_id),
+    ):
         for execution_id in sorted(orphans[table.name]):
             _purge_rows(store, table, order, execution_id)
 
@@ -577,6 +586,7 @@ def _references(conn: Any, gone: set[str], *, by_execution: bool = False) -> Any
     )
     scan(select(ATTEMPTS.c.execution_id, ATTEMPTS.c.result).where(ATTEMPTS.c.result.like(pattern)))
     scan(select(SIGNALS.c.execution_id, SIGNALS.c.value).where(SIGNALS.c.value.like(pattern)))
+    scan(select(AGENT_UNITS.c.execution_id, AGENT_UNITS.c.result).where(AGENT_UNITS.c.result.like(pattern)))
     # Large arguments of unfinished calls travel to workers as blobs of their text.
     unfinished = conn.execute(
         select(CALLS.c.execution_id, CALLS.c.args).where(
@@ -647,6 +657,7 @@ def _bytes_by_execution(conn: Any, ids: Sequence[str] | None = None) -> dict[str
         (CHECKPOINTS, CHECKPOINTS.c.execution_id),
         (ATTEMPTS, ATTEMPTS.c.execution_id),
         (SIGNALS, SIGNALS.c.execution_id),
+        (AGENT_UNITS, AGENT_UNITS.c.execution_id),
     ):
         chunks: Iterable[Sequence[str] | None] = _chunks(list(ids), 500) if ids is not None else [None]
         for chunk in chunks:

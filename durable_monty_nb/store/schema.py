@@ -15,7 +15,7 @@ from ..errors import StoreVersionError
 from .models import Base
 
 VERSION_TABLE = "dm_alembic_version"
-HEAD_REVISION = "0004_lighter_calls"
+HEAD_REVISION = "0005_agent_units"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

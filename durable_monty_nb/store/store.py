@@ -31,7 +31,7 @@ from ..values import blob_key
 from . import mailbox
 from .attempts import AttemptRecord
 from .keys import scoped_key
-from .models import Attempt, Blob, Call, Checkpoint, Execution, Function, Key
+from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .owners import (  # noqa: F401  (where they were before owners.py)
     _proc_stat,
     _process_start,
@@ -65,6 +65,7 @@ BLOBS = Blob.__table__
 KEYS = Key.__table__
 ATTEMPTS = Attempt.__table__
 FUNCTIONS = Function.__table__
+AGENT_UNITS = AgentUnit.__table__
 
 DEFAULT_DB_FILE = "durable_monty.db"
 DEFAULT_DB_DIR = ".durable"  # the default store's hidden folder, in the notebook's folder
@@ -737,6 +738,69 @@ class Store:
 
         return sizes(self)
 
+    # -- agent units (durable_monty_nb.agents) ------------------------------------------
+
+    @_retried
+    def record_agent_unit(
+        self,
+        execution_id: str,
+        call_id: int,
+        attempt: int,
+        unit_key: str,
+        *,
+        run_id: str,
+        name: str,
+        kind: str,
+        result: str,
+    ) -> str:
+        """Journal one completed unit of an agent run in a call, signed; returns the stored result.
+
+        The first record of a unit wins: when another attempt recorded it already (an abandoned
+        attempt that finished after all), its result is returned, so both go on alike.
+        """
+        row = {
+            "execution_id": execution_id,
+            "call_id": call_id,
+            "unit_key": unit_key,
+            "attempt": attempt,
+            "run_id": run_id[:255],
+            "name": name[:255],
+            "kind": kind,
+            "result": result,
+            "signature": self._sign_agent_unit(execution_id, call_id, unit_key, name[:255], result),
+            "created_at": time.time(),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(AGENT_UNITS).values(row))
+        except IntegrityError:
+            found = self.load_agent_units(execution_id, call_id).get(unit_key)
+            if found is None:
+                raise
+            return found.result
+        return result
+
+    @_retried
+    def load_agent_units(self, execution_id: str, call_id: int) -> dict[str, Row]:
+        """The completed agent units of a call, by unit key, verified (TamperedDataError otherwise)."""
+        with self._reader.connect() as conn:
+            rows = conn.execute(
+                select(AGENT_UNITS)
+                .where(AGENT_UNITS.c.execution_id == execution_id, AGENT_UNITS.c.call_id == call_id)
+                .order_by(AGENT_UNITS.c.created_at)
+            ).all()
+        for row in rows:
+            self.signer.verify_text(
+                f"agent-unit:{execution_id}:{call_id}:{row.unit_key}",
+                f"{row.name}\0{row.result}",
+                row.signature,
+                f"the stored agent unit {row.name!r} of call {call_id} of execution {execution_id}",
+            )
+        return {row.unit_key: row for row in rows}
+
+    def _sign_agent_unit(self, execution_id: str, call_id: int, unit_key: str, name: str, result: str) -> str:
+        return self.signer.sign_text(f"agent-unit:{execution_id}:{call_id}:{unit_key}", f"{name}\0{result}")
+
     # -- reading back -------------------------------------------------------------------
 
     @_retried
@@ -835,7 +899,9 @@ class Store:
         return self.signer.sign_text(f"result:{execution_id}", f"{result or ''}\0{outputs or ''}")
 
 
-TABLES = {table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS)}
+TABLES = {
+    table.name: table for table in (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS, AGENT_UNITS)
+}
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
 

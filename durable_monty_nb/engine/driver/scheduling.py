@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ...defaults import INLINE_LIMIT
 from ...errors import ValueCrossingError
 from ...executors.base import ErrorInfo, LocalCall, Outcome, Task, attempt_id
+from ...executors.current import enter_call
 from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
@@ -102,6 +103,7 @@ class Scheduling:
                 task.local = self._local_call(state)
                 if task.local is None:
                     continue
+                enter_call(self.store, task)  # code inside the call knows it (durable units of agents)
             state.task = task
             tasks.append(task)
             for started in self.hooks.started:  # the attempt's deadline (limiting.py)
