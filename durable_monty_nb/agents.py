@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -495,14 +496,16 @@ def _agent_definition(agent: Agent[Any, Any], fingerprints: Fingerprinter) -> st
             return type(value).__qualname__
 
     model = agent.model
-    model_part = (
-        repr(model)
-        if isinstance(model, str) or model is None
-        else ":".join(
-            [type(model).__qualname__, str(getattr(model, "model_name", "")), str(getattr(model, "system", ""))]
-            + [part(f) for f in (getattr(model, "function", None), getattr(model, "stream_function", None)) if f]
-        )
-    )
+    if isinstance(model, str) or model is None:
+        model_part = repr(model)
+    else:  # what the model was made with (TestModel's settings, FunctionModel's functions; a client by
+        # its type), not what it caches once used (cached properties such as its profile)
+        made_with = {
+            name: value
+            for name, value in sorted(vars(model).items())
+            if not isinstance(getattr(type(model), name, None), functools.cached_property)
+        }
+        model_part = type(model).__qualname__ + ":" + ",".join(f"{k}={part(v)}" for k, v in made_with.items())
     tools: list[str] = []
 
     def visit(toolset: Any) -> None:

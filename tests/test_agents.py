@@ -505,7 +505,7 @@ def test_a_tampered_unit_is_refused(sqlite_engine: Engine, trip: Any) -> None:
         store.load_agent_units(execution, 0)
 
 
-def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_does_not_cover_it() -> None:
+def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_covers_it() -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
@@ -523,7 +523,10 @@ def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_does_not_c
         ship_function(namespace["plan"], "plan")
     before = function_fingerprint(namespace["plan"])
     namespace["agent"] = Agent(TestModel(custom_output_text="another"), capabilities=[NotebookDurability()])
-    assert function_fingerprint(namespace["plan"]) == before  # as the README warns
+    assert function_fingerprint(namespace["plan"]) != before  # another model: the calls run again
+    namespace["agent"] = Agent(TestModel(custom_output_text="another"), capabilities=[NotebookDurability()])
+    again = function_fingerprint(namespace["plan"])
+    assert function_fingerprint(namespace["plan"]) == again  # the same definition: reused
 
 
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
@@ -682,3 +685,25 @@ def test_on_rq_an_approval_through_a_signal(rq_workers: Any, sqlite_url: str, tm
     assert made == (["booker 1", "book Faro", "booker 3"] if approve else ["booker 1", "booker 3"])
     json.dumps([r.result for r in units(engine.store)])
     engine.close()
+
+
+def test_an_agent_counts_in_fingerprints_by_its_definition() -> None:
+    # An Agent holds context variables and clients that pickling cannot read: the notebook function
+    # that runs it must still reuse its calls while the agent is the same, and not when it changed.
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    from durable_monty_nb.engine.fingerprint import Fingerprinter
+
+    def make(instructions: str) -> Any:
+        agent = Agent(TestModel(), instructions=instructions, capabilities=[NotebookDurability()])
+
+        @agent.tool_plain
+        def lookup(city: str) -> str:
+            return city.upper()
+
+        return agent
+
+    same = [Fingerprinter().value(make("Be brief.")) for _ in range(2)]
+    assert same[0] == same[1]
+    assert Fingerprinter().value(make("Be thorough.")) != same[0]
