@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -177,3 +178,17 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerDatabase]:
     database.reset()
     yield database
     database.engine.dispose()  # a test may have killed its pooled connections
+
+
+@pytest.fixture
+def own_dask_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A `dask scheduler` and workers of this test alone (real processes), closed after it."""
+    from test_dask import Cluster
+
+    from durable_monty_nb.executors.dask import close_clients
+
+    (tmp_path / "dask").mkdir()
+    cluster = Cluster(tmp_path / "dask")
+    yield cluster
+    close_clients()
+    cluster.close()

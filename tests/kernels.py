@@ -89,3 +89,16 @@ class Kernel:
 
 def _widget_strings(state: dict[str, Any], into: list[str]) -> None:
     into.extend(value for value in state.values() if isinstance(value, str))
+
+
+def dask_config(address: str) -> str:
+    """The cell that points a kernel's %%durable at a Dask scheduler."""
+    return f"%config DurableMagics.executor = 'dask'\n%config DurableMagics.dask_address = {address!r}"
+
+
+def rq_config(url: str, queue: str) -> str:
+    """The cell that points a kernel's %%durable at RQ workers on ``queue``."""
+    return (
+        f"%config DurableMagics.executor = 'rq'\n%config DurableMagics.rq_url = {url!r}\n"
+        f"%config DurableMagics.rq_queue = {queue!r}"
+    )

@@ -7,16 +7,13 @@ what finished meanwhile, waits for what still runs, and no call runs twice.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernels import Kernel
+from kernels import Kernel, dask_config, rq_config
 from procs import wait_until
 from test_dask import Cluster
 from test_rq import TESTS, Workers
-
-from durable_monty_nb.executors.dask import close_clients
 
 pytestmark = pytest.mark.kernel
 
@@ -95,24 +92,11 @@ def test_rq_calls_survive_a_killed_kernel(redis_url: str, tmp_path: Path) -> Non
     workers = Workers(redis_url, f"kernel-{tmp_path.name[-12:]}", {"PYTHONPATH": str(TESTS)})
     workers.start(2)
     try:
-        configure = (
-            f"%config DurableMagics.executor = 'rq'\n%config DurableMagics.rq_url = {redis_url!r}\n"
-            f"%config DurableMagics.rq_queue = {workers.queue!r}"
-        )
-        kill_mid_run_then_rerun(tmp_path, configure)
+        kill_mid_run_then_rerun(tmp_path, rq_config(redis_url, workers.queue))
     finally:
         workers.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "dask").mkdir()
-    cluster = Cluster(tmp_path / "dask")
-    yield cluster
-    close_clients()
-    cluster.close()
-
-
-def test_dask_calls_survive_a_killed_kernel(cluster: Cluster, tmp_path: Path) -> None:
-    configure = f"%config DurableMagics.executor = 'dask'\n%config DurableMagics.dask_address = {cluster.address!r}"
+def test_dask_calls_survive_a_killed_kernel(own_dask_cluster: Cluster, tmp_path: Path) -> None:
+    configure = dask_config(own_dask_cluster.address)
     kill_mid_run_then_rerun(tmp_path, configure)

@@ -19,16 +19,13 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernels import Kernel
+from kernels import Kernel, dask_config, rq_config
 from procs import SESSION_SEED, fuzz_random, wait_until
 from test_dask import Cluster
 from test_rq import Workers
-
-from durable_monty_nb.executors.dask import close_clients
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(600)]
 
@@ -149,25 +146,13 @@ def test_rq_kernel_and_worker_kills_rerun_only_what_a_killed_worker_took(redis_u
     workers = Workers(redis_url, f"fuzz-{tmp_path.name[-12:]}", {})
     workers.start(1, plain=True)  # a plain `rq worker` (each job opens the store) ...
     workers.start(1)  # ... and `durable-monty-nb worker` (jobs fork from a prepared process)
-    configure = (
-        f"%config DurableMagics.executor = 'rq'\n%config DurableMagics.rq_url = {redis_url!r}\n"
-        f"%config DurableMagics.rq_queue = {workers.queue!r}"
-    )
+    configure = rq_config(redis_url, workers.queue)
     try:
         trials(tmp_path, configure, workers)
     finally:
         workers.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "dask").mkdir()
-    cluster = Cluster(tmp_path / "dask")
-    yield cluster
-    close_clients()
-    cluster.close()
-
-
-def test_dask_kernel_kills_rerun_nothing(cluster: Cluster, tmp_path: Path) -> None:
-    configure = f"%config DurableMagics.executor = 'dask'\n%config DurableMagics.dask_address = {cluster.address!r}"
+def test_dask_kernel_kills_rerun_nothing(own_dask_cluster: Cluster, tmp_path: Path) -> None:
+    configure = dask_config(own_dask_cluster.address)
     trials(tmp_path, configure)

@@ -9,15 +9,12 @@ source line, and a module's frame its file and line.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernels import Kernel
+from kernels import Kernel, dask_config, rq_config
 from test_dask import Cluster
 from test_rq import Workers
-
-from durable_monty_nb.executors.dask import close_clients
 
 pytestmark = pytest.mark.kernel
 
@@ -74,10 +71,7 @@ def test_rq_worker_failures_show_cell_and_module_frames(redis_url: str, tmp_path
     folder = make_folder(tmp_path)
     workers = Workers(redis_url, f"tb-{tmp_path.name[-12:]}", {})
     workers.start(1, plain=True)
-    configure = (
-        f"%config DurableMagics.executor = 'rq'\n%config DurableMagics.rq_url = {redis_url!r}\n"
-        f"%config DurableMagics.rq_queue = {workers.queue!r}"
-    )
+    configure = rq_config(redis_url, workers.queue)
     kernel = Kernel(folder, {"DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'nb.db'}"})
     try:
         cell, module = failing_cells(kernel, configure)
@@ -87,18 +81,9 @@ def test_rq_worker_failures_show_cell_and_module_frames(redis_url: str, tmp_path
     assert_local_frames(cell, module, folder)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "dask").mkdir()
-    cluster = Cluster(tmp_path / "dask")
-    yield cluster
-    close_clients()
-    cluster.close()
-
-
-def test_dask_worker_failures_show_cell_and_module_frames(cluster: Cluster, tmp_path: Path) -> None:
+def test_dask_worker_failures_show_cell_and_module_frames(own_dask_cluster: Cluster, tmp_path: Path) -> None:
     folder = make_folder(tmp_path)
-    configure = f"%config DurableMagics.executor = 'dask'\n%config DurableMagics.dask_address = {cluster.address!r}"
+    configure = dask_config(own_dask_cluster.address)
     kernel = Kernel(folder, {"DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'nb.db'}"})
     try:
         cell, module = failing_cells(kernel, configure)

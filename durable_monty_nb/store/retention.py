@@ -39,20 +39,10 @@ from ..defaults import INLINE_LIMIT
 from ..errors import ExecutionNotFound, ForgetRefused
 from ..values import blob_key
 from .mailbox import SIGNALS
-from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Key
-from .store import DELETING
+from .store import AGENT_UNITS, ATTEMPTS, BLOBS, CALLS, CHECKPOINTS, DELETING, EXECUTIONS, FUNCTIONS, KEYS
 
 if TYPE_CHECKING:
     from .store import Store
-
-EXECUTIONS = Execution.__table__
-CALLS = Call.__table__
-CHECKPOINTS = Checkpoint.__table__
-BLOBS = Blob.__table__
-KEYS = Key.__table__
-ATTEMPTS = Attempt.__table__
-AGENT_UNITS = AgentUnit.__table__
-FUNCTIONS = Function.__table__
 
 MARK_BATCH = 20  # executions marked per transaction
 ROW_BATCH = 2000  # calls, attempts or signals deleted per transaction
