@@ -39,7 +39,7 @@ from ..defaults import INLINE_LIMIT
 from ..errors import ExecutionNotFound, ForgetRefused
 from ..values import blob_key
 from .mailbox import SIGNALS
-from .store import AGENT_UNITS, ATTEMPTS, BLOBS, CALLS, CHECKPOINTS, DELETING, EXECUTIONS, FUNCTIONS, KEYS
+from .tables import AGENT_UNITS, ATTEMPTS, BLOBS, CALLS, CHECKPOINTS, DELETING, EXECUTIONS, FUNCTIONS, KEYS
 
 if TYPE_CHECKING:
     from .store import Store
@@ -146,7 +146,7 @@ def forget(store: Store, target: str, *, force: bool = False, vacuum: bool = Fal
     execution, another execution of its workflow) is held by a live process, unless ``force``:
     the process driving it then loses its lease and stops at its next step.
     """
-    from .store import lease_held
+    from .owners import lease_held
 
     _purge_deleting(store)
     rows = _executions_of_key(store, target)
@@ -183,7 +183,7 @@ def forget(store: Store, target: str, *, force: bool = False, vacuum: bool = Fal
 
 
 def _refusal(row: Any, key: str, *, own: bool) -> str:
-    from .store import describe_owner
+    from .owners import describe_owner
 
     what = "it is" if own else f"another execution of {key!r}, {row.id[:12]}, which may be reusing its calls, is"
     return (
@@ -211,7 +211,7 @@ def prune(
     report what would go and the bytes it frees. ``vacuum``: give the space back to the disk
     (SQLite ``VACUUM``, PostgreSQL ``VACUUM``, MariaDB ``OPTIMIZE TABLE``).
     """
-    from .store import lease_held
+    from .owners import lease_held
 
     age = parse_age(older_than)
     if isinstance(keep_latest, bool) or not isinstance(keep_latest, int) or keep_latest < 0:

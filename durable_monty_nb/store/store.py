@@ -31,7 +31,6 @@ from ..values import blob_key
 from . import mailbox
 from .attempts import AttemptRecord
 from .keys import scoped_key
-from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Key
 from .owners import (  # noqa: F401  (where they were before owners.py)
     _proc_stat,
     _process_start,
@@ -45,6 +44,7 @@ from .owners import (  # noqa: F401  (where they were before owners.py)
 )
 from .schema import ensure_schema
 from .signing import Signer, secret_argument
+from .tables import AGENT_UNITS, ATTEMPTS, BLOBS, CALLS, CHECKPOINTS, DELETING, EXECUTIONS, FUNCTIONS, KEYS
 from .transient import cause, retrying
 
 
@@ -57,15 +57,6 @@ def _retried(method: Any) -> Any:
 
     return wrapper
 
-
-EXECUTIONS = Execution.__table__
-CALLS = Call.__table__
-CHECKPOINTS = Checkpoint.__table__
-BLOBS = Blob.__table__
-KEYS = Key.__table__
-ATTEMPTS = Attempt.__table__
-FUNCTIONS = Function.__table__
-AGENT_UNITS = AgentUnit.__table__
 
 DEFAULT_DB_FILE = "durable_monty.db"
 DEFAULT_DB_DIR = ".durable"  # the default store's hidden folder, in the notebook's folder
@@ -108,7 +99,6 @@ COMPRESS_ABOVE = 16 * 1024
 CALL_TAG = 32  # hex digits of a call row's HMAC (128 bits): rows stored by the ten thousand
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
-DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)
 
 
 def default_db_path(folder: str | os.PathLike[str] | None = None) -> Path:
