@@ -13,7 +13,10 @@ no result that depends on RQ's ``result_ttl``.
 While a job runs, its worker keeps a Redis key alive (refreshed every few seconds). On
 resume, an attempt whose job is queued or started is waited for (a started job whose key is
 not set yet gets ``ALIVE_SECONDS`` to set it: its work horse may still be starting); one whose
-job is gone or failed, or whose key stays unset (its worker was killed), is lost. The driver
+job is gone or failed, or whose key stays unset (its worker was killed), is lost. So is a job a
+worker took off the queue and died with before its work horse said it started (RQ keeps it
+``queued`` in its intermediate list for minutes): out of the queue, with no alive key, for
+``ALIVE_SECONDS``. The driver
 then looks for the attempt's outcome in the store (a worker that wrote it and died before it
 said so) and runs the call again only when there is none.
 """
@@ -110,6 +113,9 @@ class RQExecutor(WatchedExecutor):
         # Attempts a worker had taken when this process attached, whose job had not yet set its
         # alive key (a work horse starting up): given ALIVE_SECONDS to show it, by id.
         self._unconfirmed: dict[str, float] = {}
+        # Waiting attempts whose job was seen out of the queue with no alive key: a worker took
+        # it and may have died before starting it. By id: when that was first seen.
+        self._taken_unseen: dict[str, float] = {}
 
     # -- the Executor protocol -----------------------------------------------------------------
 
@@ -197,6 +203,7 @@ class RQExecutor(WatchedExecutor):
 
     def _forget(self, task_id: str) -> None:
         self._unconfirmed.pop(task_id, None)
+        self._taken_unseen.pop(task_id, None)
 
     # -- enqueueing ------------------------------------------------------------------------------
 
@@ -294,20 +301,35 @@ class RQExecutor(WatchedExecutor):
         self._health.workers(waiting=waiting > 0, present=not waiting or bool(Worker.all(queue=self.queue)))
 
     def _find_vanished(self) -> None:
-        """Queued attempts whose job is gone from Redis: they will never run, so they are lost."""
+        """Waiting attempts that will never run, so are lost: their job is gone from Redis, or a
+        worker took it off the queue and has shown no sign of running it for ``ALIVE_SECONDS``
+        (killed between RQ's dequeue and its work horse starting the job)."""
         from rq.job import Job
 
         with self._lock:
             unsent = {task.id for task in self._unsent}  # waiting for Redis to come back, not lost
             queued = [task for task in self._tasks.values() if not task.started_at and task.id not in unsent]
         with self.redis.pipeline() as pipe:
+            pipe.lrange(self.queue.key, 0, -1)
             for task in queued:
                 pipe.exists(Job.key_for(task.id))
-            present = pipe.execute()
-        gone = [task for task, there in zip(queued, present, strict=True) if not there]
-        if gone and not self.redis.exists(self._notify):  # no outcome on its way either
+                pipe.exists(alive_key(task.id))
+            in_queue, *replies = pipe.execute()
+        in_queue = {raw.decode() if isinstance(raw, bytes) else raw for raw in in_queue}
+        now = time.monotonic()
+        gone, taken = [], []
+        for task, there, beating in zip(queued, replies[::2], replies[1::2], strict=True):
+            if not there:
+                gone.append(task)
+            elif task.id in in_queue or beating:
+                self._taken_unseen.pop(task.id, None)
+            elif now - self._taken_unseen.setdefault(task.id, now) >= ALIVE_SECONDS:
+                taken.append(task)
+        if (gone or taken) and not self.redis.exists(self._notify):  # no outcome on its way either
             for task in gone:
                 self._report(task.id, Outcome.lost_attempt(task, "its job vanished from Redis before it ran"))
+            for task in taken:
+                self._report(task.id, Outcome.lost_attempt(task, "the worker that took its job stopped before it ran"))
 
 
 def run_job(payload: dict[str, Any]) -> str:
