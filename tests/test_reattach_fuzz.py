@@ -149,7 +149,7 @@ def test_rq_kernel_and_worker_kills_rerun_only_what_a_killed_worker_took(redis_u
     configure = rq_config(redis_url, workers.queue)
     # Worker kills beside kernel kills (DURABLE_FUZZ_WORKER_KILLS=0 leaves them out). Seed 123053324
     # once left the final run waiting forever: a killed worker had taken a job off the queue and
-    # not started it (test_rq.py::test_a_job_whose_worker_died_before_running_it_runs_again).
+    # not started it (test_rq.py::test_jobs_whose_worker_died_before_running_them_run_again).
     killing = None if os.environ.get("DURABLE_FUZZ_WORKER_KILLS") == "0" else workers
     try:
         trials(tmp_path, configure, killing)

@@ -313,33 +313,32 @@ def test_queued_jobs_lost_with_a_flushed_redis_run_again(workers: Workers, sqlit
     engine.close()
 
 
-@pytest.mark.parametrize("died", ["after taking the job", "after marking it started"])
-def test_a_job_whose_worker_died_before_running_it_runs_again(
-    died: str, workers: Workers, sqlite_url: str, tmp_path: Path
+def test_jobs_whose_worker_died_before_running_them_run_again(
+    workers: Workers, sqlite_url: str, tmp_path: Path
 ) -> None:
     """A worker killed between RQ's dequeue and its work horse running the job leaves the job
-    ``queued`` in RQ's intermediate list (or ``started`` with no work horse): the call runs again
-    on another worker, once, instead of the run waiting forever."""
+    ``queued`` in RQ's intermediate list, or ``started`` with no work horse: each such call runs
+    again on another worker, once, instead of the run waiting forever."""
     from redis import Redis
     from rq import Queue, Worker
 
     log = tmp_path / "side.log"
     record = recorder(log)
     engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
-    run = engine.start("sum(await gather(*[record(i) for i in range(3)]))", {"record": record}, key="orphan")
+    run = engine.start("sum(await gather(*[record(i) for i in range(4)]))", {"record": record}, key="orphan")
     redis = Redis.from_url(workers.url)
     queue = Queue(workers.queue, connection=redis)
-    wait_until(lambda: redis.llen(queue.key) == 3, what="3 jobs queued, no worker yet")
-    # What a real worker does first, with RQ's own code, and then nothing more: it "dies".
-    job, _ = Queue.dequeue_any([queue], None, connection=redis)
-    if died == "after marking it started":
-        Worker([queue], connection=redis).prepare_job_execution(job)
-    assert redis.llen(queue.key) == 2
+    wait_until(lambda: redis.llen(queue.key) == 4, what="4 jobs queued, no worker yet")
+    # What a real worker does first, with RQ's own code, and then nothing more: it "dies" after
+    # taking one job, and after marking another one started.
+    Queue.dequeue_any([queue], None, connection=redis)
+    started, _ = Queue.dequeue_any([queue], None, connection=redis)
+    Worker([queue], connection=redis).prepare_job_execution(started)
+    assert started.get_status() == "started" and redis.llen(queue.key) == 2
     workers.start(1)
-    assert run.result(120) == 3
-    assert sorted(int(entry) for _, entry in log_lines(log)) == [0, 1, 2]  # each call once
-    attempts = {call.call_id: call.attempts for call in run.calls()}
-    assert sorted(attempts.values()) == [1, 1, 2]  # the orphaned job's call ran again, the others once
+    assert run.result(120) == 6
+    assert sorted(int(entry) for _, entry in log_lines(log)) == [0, 1, 2, 3]  # each call once
+    assert sorted(call.attempts for call in run.calls()) == [1, 1, 2, 2]  # the orphaned jobs' calls ran again
     engine.close()
 
 
