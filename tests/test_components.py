@@ -13,6 +13,7 @@ from durable_monty_nb import limits
 from durable_monty_nb.engine.controls import NO_LIMITS, RetryAfter, gate
 from durable_monty_nb.engine.driver.book import PENDING, RETRYING, CallBook
 from durable_monty_nb.engine.driver.calls import CallState
+from durable_monty_nb.engine.driver.clock import ManualClock
 from durable_monty_nb.engine.driver.components import Component, Hooks
 from durable_monty_nb.engine.driver.limiting import Admission, Controls, RetryAfters, Timeouts, call_controls
 from durable_monty_nb.executors.base import ErrorInfo, Outcome, Task
@@ -29,10 +30,11 @@ class Executor:
 
 
 class RecordingLoop:
-    def __init__(self, functions: dict[str, Any]) -> None:
+    def __init__(self, functions: dict[str, Any], clock: ManualClock | None = None) -> None:
         self.functions = functions
         self.book = CallBook()
         self.executor = Executor()
+        self.clock = clock or ManualClock(0.0)
         self.timers: list[tuple[float, int]] = []
         self.settled: list[Outcome] = []
         self.wakes = 0
@@ -134,7 +136,8 @@ def test_a_retry_after_moves_the_call_to_retrying_without_a_failure() -> None:
     retry_afters = RetryAfters(loop)  # type: ignore[arg-type]
     (state,) = calls(loop, f"api_{uuid.uuid4().hex[:8]}", 1)
     error = ErrorInfo.of(RetryAfter(3, "busy"))
-    assert retry_afters.failed(state, Outcome(0, 1, False, error=error, finished_at=50.0))
+    loop.clock.set(50.0)  # the delay counts from when the driver learns of it, by its clock
+    assert retry_afters.failed(state, Outcome(0, 1, False, error=error, finished_at=10.0))
     assert state.status is RETRYING and state.due_at == 53.0 and state.deferred == 1
     assert loop.timers == [(53.0, 0)] and loop.retrying == [(0, 3.0)]
     assert loop.book.snapshot().failed == 0

@@ -186,7 +186,8 @@ class RetryAfters(Component):
         if error is None or RETRY_AFTER_TYPE not in error.types:
             return False
         delay = retry_after_seconds(error.message)
-        due = outcome.finished_at + delay
+        # From when the driver learns of it, by its own clock (a worker's may differ).
+        due = self._loop.clock.now() + delay
         gate(state.function).hold_until(due)  # the other calls of the function wait too
         state.deferred += 1
         self._loop.book.transition_pending_retrying(state, due)

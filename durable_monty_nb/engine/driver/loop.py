@@ -47,6 +47,7 @@ from ..retry import RetryPolicy
 from . import switching
 from .book import CallBook
 from .calls import CallState
+from .clock import SYSTEM_CLOCK, Clock
 from .components import Hooks
 from .finishing import Finishing
 from .ledger import Ledger
@@ -115,6 +116,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         self.fingerprinter = fingerprinter or Fingerprinter()
         self.rerun_functions = rerun_functions
 
+        self.clock: Clock = SYSTEM_CLOCK  # what components read the time from (components.Loop)
         self.book = CallBook()  # the calls, their answers, counters and journal (the only writer of a status)
         self.calls: dict[int, CallState] = self.book.calls  # read-only views of the book's own
         self.answers: dict[int, dict[str, Any]] = self.book.answers
