@@ -1,4 +1,4 @@
-"""The call controls over time, on a settable clock: timeouts, rates and RetryAfter delays
+"""The call controls and retries over time, on a settable clock: timeouts, rates, RetryAfter and backoff delays
 stepped through second by second without waiting for them.
 
 A small loop stands in for the driver's turn order (fire due timers, then admit and start
@@ -13,13 +13,15 @@ import itertools
 import uuid
 from typing import Any
 
-from durable_monty_nb import limits
+from durable_monty_nb import limits, retry
 from durable_monty_nb.engine.controls import NO_LIMITS, RetryAfter
 from durable_monty_nb.engine.driver.book import PENDING, RETRYING, CallBook
 from durable_monty_nb.engine.driver.calls import CallState
 from durable_monty_nb.engine.driver.clock import ManualClock
 from durable_monty_nb.engine.driver.components import Hooks
 from durable_monty_nb.engine.driver.limiting import call_controls
+from durable_monty_nb.engine.driver.retries import Retries
+from durable_monty_nb.engine.retry import RetryPolicy
 from durable_monty_nb.executors.base import ErrorInfo, Outcome, Task
 
 
@@ -52,7 +54,7 @@ class ClockedLoop:
         self.clock = ManualClock(1_000.0)
         self.book = CallBook()
         self.executor = Executor(self.clock)
-        self.hooks = Hooks(call_controls(self, NO_LIMITS))  # type: ignore[arg-type]
+        self.hooks = Hooks([*call_controls(self, NO_LIMITS), Retries(self, RetryPolicy())])  # type: ignore[arg-type]
         self.timers: list[tuple[float, int, int]] = []
         self.seq = itertools.count()
         self.to_dispatch: list[CallState] = []
@@ -221,3 +223,31 @@ def test_a_retry_after_holds_the_call_and_the_other_calls_of_its_function() -> N
     assert sorted(c for t, c in loop.started if t == 3.0) == [0, 2]
     assert first.status is PENDING and first.attempts == 2 and first.deferred == 1
     assert loop.book.snapshot().failed == 0  # not counted as a failure
+
+
+def test_a_failed_attempt_runs_again_after_its_backoff_until_the_policy_says_no_more() -> None:
+    name = unique("flaky")
+
+    @retry(retries=2, backoff="linear", delay=2, retry_on=ConnectionError)
+    def flaky() -> None: ...
+
+    loop = ClockedLoop({name: flaky})
+    (state,) = loop.add(name, 1)
+    loop.at(0.0)
+    loop.finish(state, ConnectionError("down"))  # retry 1 after 2 s, retry 2 after 4 s more
+    assert state.status is RETRYING and loop.next_check() == 2.0
+    loop.at(1.9)
+    assert len(loop.started) == 1
+    loop.at(2.0)
+    loop.finish(state, ConnectionError("down"))
+    loop.at(5.9)
+    assert [t for t, _ in loop.started] == [0.0, 2.0]
+    loop.at(6.0)
+    assert [t for t, _ in loop.started] == [0.0, 2.0, 6.0] and not loop.failed
+    loop.finish(state, ConnectionError("still down"))  # the third failure is the call's
+    assert loop.failed == [(0, "still down")] and state.status is PENDING
+
+    (other,) = loop.add(name, 1)
+    loop.at(7.0)
+    loop.finish(other, ValueError("not a connection error"))  # not in retry_on: no retry
+    assert loop.failed[-1] == (other.call_id, "not a connection error")

@@ -53,6 +53,7 @@ from .finishing import Finishing
 from .ledger import Ledger
 from .limiting import call_controls
 from .protocol import MontyProtocol
+from .retries import Retries
 from .scheduling import WAKE, Scheduling
 from .waits import Waits
 
@@ -152,7 +153,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         # sites the checkpoint passed are not known).
         self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
-        self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
+        self.hooks = Hooks([*call_controls(self, settings.controls), Retries(self, settings.retry)])  # components
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
         if restored_calls is not None:
