@@ -146,3 +146,16 @@ def test_a_retry_after_moves_the_call_to_retrying_without_a_failure() -> None:
     loop.book.add(plain)
     assert not retry_afters.failed(plain, Outcome(9, 1, False, error=other, finished_at=1.0))
     assert plain.status is PENDING
+
+
+def test_a_retry_afters_delay_is_read_as_a_number_never_from_its_message() -> None:
+    class Polite(RetryAfter):
+        def __str__(self) -> str:
+            return "please come back later"  # no delay in the message
+
+    loop = RecordingLoop({}, ManualClock(10.0))
+    (state,) = calls(loop, f"api_{uuid.uuid4().hex[:8]}", 1)
+    error = ErrorInfo.of(Polite(7))
+    assert error.retry_after == 7.0 and "7" not in error.message
+    assert RetryAfters(loop).failed(state, Outcome(0, 1, False, error=error))  # type: ignore[arg-type]
+    assert state.due_at == 17.0 and loop.retrying == [(0, 7.0)]

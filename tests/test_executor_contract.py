@@ -7,7 +7,8 @@ store and the arguments in its codec for remote ones). The scenarios then hold e
 executor to the same promises:
 
 - each submitted task reports one outcome, with its value;
-- a failure carries the exception's names, message and the traceback of where it was raised;
+- a failure carries the exception's names, message and the traceback of where it was raised,
+  and a ``RetryAfter``'s delay as a number;
 - ``withdraw`` (when an executor has it) takes back queued tasks, which never run, and only those;
 - ``durable`` is honest: a durable executor's attempts outlive the executor object that
   dispatched them and another one attaches to them by id (an attempt it cannot follow is
@@ -38,6 +39,7 @@ import pytest
 from ci import require_module
 from procs import wait_until
 
+from durable_monty_nb import RetryAfter
 from durable_monty_nb.executors import (
     RunContext,
     create_backend,
@@ -280,10 +282,14 @@ def broken(item: str) -> None:
     raise KeyError(f"no such item {item}")
 
 
+def asks_to_wait(seconds: float) -> None:
+    raise RetryAfter(seconds, "slow down")
+
+
 def _functions() -> dict[str, Callable[..., Any]]:
     """The scenario's functions, made by value (workers cannot import this module)."""
-    namespace: dict[str, Any] = {"os": os, "time": time, "Path": Path, "Any": Any}
-    for fn in (gated, pid_of, broken):
+    namespace: dict[str, Any] = {"os": os, "time": time, "Path": Path, "Any": Any, "RetryAfter": RetryAfter}
+    for fn in (gated, pid_of, broken, asks_to_wait):
         # A copy whose module is __main__, as a notebook cell's function: cloudpickle ships it whole.
         copy = type(fn)(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__module__ = "__main__"
@@ -335,6 +341,11 @@ class Services:
         workers = Workers(REDIS_URL, f"contract-{uuid.uuid4().hex[:8]}", {})
         workers.start(1)
         self._stop.append(workers.stop)
+        from rq import Queue, Worker
+
+        queue = Queue(workers.queue, connection=Redis.from_url(REDIS_URL))
+        # listening before the first task (else the executor rightly says nobody listens)
+        wait_until(lambda: Worker.all(queue=queue), what="the rq worker listening")
         return {"settings": {"url": REDIS_URL, "queue": workers.queue}, "slots": 1}
 
     def _start_dask(self) -> dict[str, Any]:
@@ -415,6 +426,15 @@ def test_a_failure_carries_its_names_message_and_traceback(harness: Harness) -> 
     if not harness.backend.remote:
         assert f'File "{__file__}", line {line}' in error.traceback
         assert 'raise KeyError(f"no such item {item}")' in error.traceback
+    executor.shutdown()
+
+
+def test_a_retry_afters_delay_arrives_as_a_number(harness: Harness) -> None:
+    executor, done = harness.open(), Outcomes()
+    executor.submit([harness.task(FUNCTIONS["asks_to_wait"], 2.5)], done)
+    (outcome,) = done.wait(1)
+    assert outcome.error is not None and outcome.error.retry_after == 2.5
+    assert outcome.error.types[0] == "durable_monty_nb.engine.controls.RetryAfter"
     executor.shutdown()
 
 
