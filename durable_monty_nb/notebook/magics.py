@@ -40,8 +40,8 @@ from ..engine.controls import CallControls
 from ..engine.driver import default_printer, stored_call_views
 from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
-from ..engine.handle import Run, calls_frame
 from ..engine.options import RunOptions, add_arguments, check_workers, options_from_arguments
+from ..engine.run import Run, calls_frame
 from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
 from ..executors import Backend, executor_entry
 from ..store.retention import parse_age

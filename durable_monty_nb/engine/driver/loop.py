@@ -42,8 +42,8 @@ from ..analysis import CodeInfo
 from ..controls import NO_LIMITS, CallControls
 from ..events import Printed
 from ..fingerprint import Fingerprinter
-from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
+from ..run import CallView, FunctionStats, Progress, Run, function_stats
 from . import switching
 from .book import CallBook
 from .calls import CallState
