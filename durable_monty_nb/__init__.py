@@ -22,9 +22,9 @@ from .engine.events import (
     Printed,
 )
 from .engine.fingerprint import not_inputs
-from .engine.handle import CallView, Progress, Run
 from .engine.options import RunOptions
 from .engine.retry import RetryPolicy, retry
+from .engine.run import CallView, Progress, Run
 from .errors import (
     DurableError,
     ExecutionBusy,

@@ -13,6 +13,7 @@ from durable_monty_nb import limits
 from durable_monty_nb.engine.controls import NO_LIMITS, RetryAfter, gate
 from durable_monty_nb.engine.driver.book import PENDING, RETRYING, CallBook
 from durable_monty_nb.engine.driver.calls import CallState
+from durable_monty_nb.engine.driver.clock import ManualClock
 from durable_monty_nb.engine.driver.components import Component, Hooks
 from durable_monty_nb.engine.driver.limiting import Admission, Controls, RetryAfters, Timeouts, call_controls
 from durable_monty_nb.executors.base import ErrorInfo, Outcome, Task
@@ -29,10 +30,11 @@ class Executor:
 
 
 class RecordingLoop:
-    def __init__(self, functions: dict[str, Any]) -> None:
+    def __init__(self, functions: dict[str, Any], clock: ManualClock | None = None) -> None:
         self.functions = functions
         self.book = CallBook()
         self.executor = Executor()
+        self.clock = clock or ManualClock(0.0)
         self.timers: list[tuple[float, int]] = []
         self.settled: list[Outcome] = []
         self.wakes = 0
@@ -134,7 +136,8 @@ def test_a_retry_after_moves_the_call_to_retrying_without_a_failure() -> None:
     retry_afters = RetryAfters(loop)  # type: ignore[arg-type]
     (state,) = calls(loop, f"api_{uuid.uuid4().hex[:8]}", 1)
     error = ErrorInfo.of(RetryAfter(3, "busy"))
-    assert retry_afters.failed(state, Outcome(0, 1, False, error=error, finished_at=50.0))
+    loop.clock.set(50.0)  # the delay counts from when the driver learns of it, by its clock
+    assert retry_afters.failed(state, Outcome(0, 1, False, error=error, finished_at=10.0))
     assert state.status is RETRYING and state.due_at == 53.0 and state.deferred == 1
     assert loop.timers == [(53.0, 0)] and loop.retrying == [(0, 3.0)]
     assert loop.book.snapshot().failed == 0
@@ -143,3 +146,16 @@ def test_a_retry_after_moves_the_call_to_retrying_without_a_failure() -> None:
     loop.book.add(plain)
     assert not retry_afters.failed(plain, Outcome(9, 1, False, error=other, finished_at=1.0))
     assert plain.status is PENDING
+
+
+def test_a_retry_afters_delay_is_read_as_a_number_never_from_its_message() -> None:
+    class Polite(RetryAfter):
+        def __str__(self) -> str:
+            return "please come back later"  # no delay in the message
+
+    loop = RecordingLoop({}, ManualClock(10.0))
+    (state,) = calls(loop, f"api_{uuid.uuid4().hex[:8]}", 1)
+    error = ErrorInfo.of(Polite(7))
+    assert error.retry_after == 7.0 and "7" not in error.message
+    assert RetryAfters(loop).failed(state, Outcome(0, 1, False, error=error))  # type: ignore[arg-type]
+    assert state.due_at == 17.0 and loop.retrying == [(0, 7.0)]

@@ -145,3 +145,40 @@ def test_run_options_are_checked_once_and_taken_by_start_and_resume(sqlite_engin
         assert run.result(30) == 2
     finally:
         release.set()
+
+
+def test_run_options_declare_their_command_line_and_are_read_back_through_one_check() -> None:
+    import argparse
+    import math
+
+    from durable_monty_nb import RunOptions
+    from durable_monty_nb.engine.options import ARGUMENTS, add_arguments, options_from_arguments
+    from durable_monty_nb.engine.retry import RetryPolicy
+    from durable_monty_nb.notebook.magics import DurableMagics
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser.add_argument)  # any argparse parser: a command line gets the same options
+    args = parser.parse_args(
+        ["--workers", "3", "--retries", "2", "--delay", "0.5", "--rate", "10/s", "--executor", "rq"]
+    )
+    options = options_from_arguments(args, {"timeout": 30.0, "rate": "1/s"})  # fallback: %config
+    assert options == RunOptions(
+        workers=3, retry=RetryPolicy(retries=2, delay=0.5), timeout=30.0, rate="10/s", executor="rq"
+    )
+    assert options_from_arguments(parser.parse_args([])) == RunOptions()  # nothing given: the engine's
+    for line, message in (
+        ("--workers 0", "workers must be a whole number of at least 1, not 0"),
+        ("--retries 1 --max-delay nan", "max_delay must be a number of seconds, 0 or more, not nan"),
+        ("--concurrency 0", "concurrency must be a whole number of at least 1, not 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            options_from_arguments(parser.parse_args(line.split()))
+    with pytest.raises(ValueError, match="delay must be a number of seconds"):
+        RetryPolicy(delay=math.nan)  # Engine(retry=...) too: the policy checks itself
+
+    # The magics' parsers are generated from the same declarations: same flags, same help.
+    durable = {a.dest: a for a in DurableMagics.durable.parser._actions}
+    resume = {a.dest: a for a in DurableMagics.durable_resume.parser._actions}
+    for name, argument in ARGUMENTS.items():
+        assert durable[name].option_strings == [argument.flag] and durable[name].help == argument.help
+    assert {"executor", "workers"} <= set(resume) and "retries" not in resume

@@ -85,10 +85,10 @@ def test_load_ext_lists_unfinished_executions(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ("bad --workers 0", "--workers must be at least 1, not 0"),
-        ("bad --retries -1", "--retries must be 0 or more, not -1"),
-        ("bad --retries 2 --delay -1", "--delay must be a number of seconds, 0 or more, not -1.0"),
-        ("bad --retries 2 --max-delay nan", "--max-delay must be a number of seconds, 0 or more, not nan"),
+        ("bad --workers 0", "workers must be a whole number of at least 1, not 0"),
+        ("bad --retries -1", "retries must be 0 or more, not -1"),
+        ("bad --retries 2 --delay -1", "delay must be a number of seconds, 0 or more, not -1.0"),
+        ("bad --retries 2 --max-delay nan", "max_delay must be a number of seconds, 0 or more, not nan"),
         ("a::b", "a workflow name has at most 200 characters and no '::'"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 from procs import wait_until
 
 from durable_monty_nb import Engine
-from durable_monty_nb.engine.handle import CallView
+from durable_monty_nb.engine.run import CallView
 from durable_monty_nb.notebook import views
 from durable_monty_nb.notebook.status import select_calls
 from durable_monty_nb.notebook.views import TextView, calls_html, make_widget
@@ -134,7 +134,7 @@ def test_without_ipywidgets_a_kernel_gets_the_text_view(sqlite_engine: Engine, m
 
 
 def test_pace_measures_recent_throughput_and_eta() -> None:
-    from durable_monty_nb.engine.handle import Progress
+    from durable_monty_nb.engine.run import Progress
     from durable_monty_nb.notebook.live import Pace
 
     pace = Pace(window=10.0)
@@ -282,7 +282,7 @@ def test_calls_frame(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_loop_shows_calls_done_and_the_rate_without_a_total_bar_or_eta(sqlite_engine: Engine) -> None:
-    from durable_monty_nb.engine.handle import Progress
+    from durable_monty_nb.engine.run import Progress
 
     gate = threading.Event()
 

@@ -45,18 +45,16 @@ class RetryAfter(Exception):
         self.seconds = max(float(seconds), 0.0)
         self.reason = reason
 
+    @property
+    def retry_after(self) -> float:
+        """The delay, as executors read it (``ErrorInfo.retry_after``, across processes too)."""
+        return self.seconds
+
     def __str__(self) -> str:
         return f"retry after {self.seconds:g} s" + (f": {self.reason}" if self.reason else "")
 
 
 RETRY_AFTER_TYPE = f"{RetryAfter.__module__}.RetryAfter"
-_RETRY_AFTER_MESSAGE = re.compile(r"retry after ([0-9.e+-]+) s")
-
-
-def retry_after_seconds(message: str) -> float:
-    """The delay a :class:`RetryAfter` message asks for (it crossed processes as text)."""
-    found = _RETRY_AFTER_MESSAGE.search(message)
-    return float(found.group(1)) if found else 1.0
 
 
 @dataclass(frozen=True)

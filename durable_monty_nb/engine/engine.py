@@ -62,9 +62,9 @@ from .controls import CallControls, Rate
 from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
 from .events import ExecutionStarted, Printed
 from .fingerprint import Fingerprinter, Unhashable, sha256
-from .handle import CallView, Progress, Run
 from .options import RunOptions, check_workers
 from .retry import RetryPolicy
+from .run import CallView, Progress, Run
 from .why import explain
 
 PrintCallback = Callable[[str, str], None]
@@ -206,8 +206,8 @@ class Engine:
 
         Ctrl-C stops waiting and interrupts the execution (it can be resumed).
         """
-        handle = self.start(code, namespace, key=key, **options)
-        return wait_for(handle)
+        run = self.start(code, namespace, key=key, **options)
+        return wait_for(run)
 
     def start(
         self,
@@ -222,7 +222,7 @@ class Engine:
         rerun_functions: tuple[str, ...] | list[str] = (),
         **option_fields: Any,
     ) -> Run:
-        """Start (or resume, or answer from the store) and return a handle at once.
+        """Start (or resume, or answer from the store) and return a run at once.
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
@@ -440,7 +440,7 @@ class Engine:
         return chosen.open(RunContext(execution_id, key, self.store.url, self.store.signer))
 
     def _attach(self, row: Any, info: CodeInfo) -> Run | None:
-        """The handle of an execution this process already drives (re-activated if stopping)."""
+        """The run of an execution this process already drives (re-activated if stopping)."""
         with self._lock:
             driver = self._active.get(row.id)
         if driver is None or driver.run.done:
@@ -458,10 +458,10 @@ class Engine:
     def _stored_run(self, row: Any) -> Run:
         self.store.verify_execution_result(row)
         codec = ValueCodec(self.store.load_blob)
-        handle = Run(row.id, row.key, source=StoredCalls(self.store, row.id))
-        handle.cached = True
-        handle._explain = functools.partial(explain, self.store, row.id, cached=True)
-        handle.started_at = row.created_at
+        run = Run(row.id, row.key, source=StoredCalls(self.store, row.id))
+        run.cached = True
+        run._explain = functools.partial(explain, self.store, row.id, cached=True)
+        run.started_at = row.created_at
         progress = Progress(
             total=row.calls_total,
             done=row.calls_done,
@@ -469,26 +469,26 @@ class Engine:
             restored=row.calls_done,
             reused=row.calls_reused,
         )
-        handle._finish(
+        run._finish(
             "completed",
             result=codec.decode_host(row.result),
             outputs=codec.decode_host(row.outputs),
             progress=progress,
             finished_at=row.finished_at,
         )
-        return handle
+        return run
 
-    def _subscribe_printer(self, handle: Run, print_callback: PrintCallback | None) -> Callable[[str, str], None]:
+    def _subscribe_printer(self, run: Run, print_callback: PrintCallback | None) -> Callable[[str, str], None]:
         printer = print_callback or default_printer
 
         def on_event(event: Any) -> None:
             if isinstance(event, Printed):
                 printer(event.stream, event.text)
 
-        handle.subscribe(on_event)
+        run.subscribe(on_event)
 
         def emit(stream: str, text: str) -> None:
-            handle.events.emit(Printed(handle.execution_id, stream, text))
+            run.events.emit(Printed(run.execution_id, stream, text))
 
         return emit
 
@@ -512,8 +512,8 @@ class Engine:
     ) -> Run:
         shipped = ship_functions(info, ns, fingerprints) if chosen.remote else {}
         execution_id = uuid.uuid4().hex
-        handle = Run(execution_id, key)
-        emit = self._subscribe_printer(handle, print_callback)
+        run = Run(execution_id, key)
+        emit = self._subscribe_printer(run, print_callback)
         session = sandbox.open_session()
         try:
             session.feed_start(sandbox.PRELUDE)
@@ -552,12 +552,12 @@ class Engine:
                 f"another process started {key!r} at the same moment (execution "
                 f"{now_latest.id[:12] if now_latest else '?'}); run again to join its result"
             )
-        handle.started_at = time.time()
+        run.started_at = time.time()
         driver = Driver(
             store=self.store,
             codec=codec,
             info=info,
-            run=handle,
+            run=run,
             owner=owner,
             namespace=ns,
             inputs=inputs,
@@ -603,8 +603,8 @@ class Engine:
         busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
         if busy is not None:
             raise ExecutionBusy(self._busy_message(row.id, row.key, busy))
-        handle = Run(row.id, row.key)
-        emit = self._subscribe_printer(handle, print_callback)
+        run = Run(row.id, row.key)
+        emit = self._subscribe_printer(run, print_callback)
         session = None
         try:
             self.store.signer.verify_text(f"code:{row.id}", row.code, row.code_sig, f"the code of execution {row.id}")
@@ -615,12 +615,12 @@ class Engine:
                 snapshot = session.feed_start(row.code, print_callback=emit)
             else:
                 snapshot = session.load_snapshot(data, print_callback=emit)
-            handle.started_at = time.time()
+            run.started_at = time.time()
             driver = Driver(
                 store=self.store,
                 codec=codec,
                 info=info,
-                run=handle,
+                run=run,
                 owner=owner,
                 namespace=ns,
                 inputs=inputs,
@@ -642,12 +642,12 @@ class Engine:
     def _launch(self, driver: Driver, *, resumed: bool, paused: bool) -> Run:
         with self._lock:
             self._active[driver.execution_id] = driver
-        handle = driver.run
-        handle._explain = functools.partial(explain, self.store, driver.execution_id)
+        run = driver.run
+        run._explain = functools.partial(explain, self.store, driver.execution_id)
         c = driver.counters
-        handle.events.emit(ExecutionStarted(driver.execution_id, driver.key, resumed, c.restored, c.reused))
+        run.events.emit(ExecutionStarted(driver.execution_id, driver.key, resumed, c.restored, c.reused))
         driver.start(paused=paused)
-        return handle
+        return run
 
     def _forget(self, driver: Driver) -> None:
         with self._lock:
@@ -690,15 +690,15 @@ def ship_functions(info: CodeInfo, namespace: Mapping[str, Any], fingerprints: d
     return shipped
 
 
-def wait_for(handle: Run) -> Any:
+def wait_for(run: Run) -> Any:
     """Wait for a run's result; Ctrl-C interrupts the execution (resumable) and re-raises."""
     try:
-        while not handle.wait(0.25):
+        while not run.wait(0.25):
             pass
     except KeyboardInterrupt:
-        handle.cancel()
+        run.cancel()
         raise
-    return handle.result()
+    return run.result()
 
 
 def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -> None:

@@ -13,6 +13,7 @@ a restarted execution continues the schedule instead of starting it again.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from ..executors.base import ErrorInfo
 
 Backoff = Literal["exponential", "linear", "constant"]
+BACKOFFS: tuple[Backoff, ...] = ("exponential", "linear", "constant")
 F = TypeVar("F", bound=Callable[..., Any])
 POLICY_ATTRIBUTE = "__durable_retry__"
 
@@ -43,12 +45,19 @@ class RetryPolicy:
     retry_on: tuple[type[BaseException], ...] = field(default=(Exception,))
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError("retries must be >= 0")
-        if self.backoff not in ("exponential", "linear", "constant"):
-            raise ValueError(f"backoff must be 'exponential', 'linear' or 'constant', not {self.backoff!r}")
-        if self.delay < 0 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
-            raise ValueError("delay and max_delay must be >= 0, jitter between 0 and 1")
+        problems = []
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            problems.append(f"retries must be 0 or more, not {self.retries!r}")
+        if self.backoff not in BACKOFFS:
+            problems.append(f"backoff must be 'exponential', 'linear' or 'constant', not {self.backoff!r}")
+        for name in ("delay", "max_delay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a number of seconds, 0 or more, not {value!r}")
+        if not (isinstance(self.jitter, (int, float)) and 0 <= self.jitter <= 1):
+            problems.append(f"jitter must be between 0 and 1, not {self.jitter!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def max_attempts(self) -> int:

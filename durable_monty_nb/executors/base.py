@@ -16,6 +16,7 @@ rely on (as joblib's parallel backends do).
 from __future__ import annotations
 
 import contextvars
+import math
 import threading
 import time
 import traceback
@@ -67,11 +68,14 @@ class Task:
 
 @dataclass(slots=True, frozen=True)
 class ErrorInfo:
-    """An exception by name: fully qualified class names of its MRO, message, traceback text."""
+    """An exception by name: fully qualified class names of its MRO, message, traceback text,
+    and ``retry_after``: the seconds it asks to wait before its call runs again (a
+    ``RetryAfter``'s), carried as a number wherever the attempt ran."""
 
     types: tuple[str, ...]
     message: str
     traceback: str
+    retry_after: float | None = None
 
     @classmethod
     def of(cls, exc: BaseException, traceback_text: str | None = None) -> ErrorInfo:
@@ -79,6 +83,7 @@ class ErrorInfo:
             exception_types(type(exc)),
             exception_message(exc),
             format_user_traceback(exc) if traceback_text is None else traceback_text,
+            retry_after_of(exc),
         )
 
     @property
@@ -279,6 +284,14 @@ class Health:
         self._idle_since = None
         if self.down_since is None:
             self.problem = None
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The delay an exception asks for (its ``retry_after`` attribute: seconds, 0 or more), or None."""
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
 
 
 def exception_types(cls: type[BaseException]) -> tuple[str, ...]:

@@ -191,15 +191,20 @@ class DaskExecutor(WatchedExecutor):
         return lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Release the tasks no worker processes yet (the scheduler's processing list, read
-        now): they never run. Those a worker has go on and write their outcome to the store."""
+        """Take back the tasks no worker has yet: checked and released on the scheduler in one
+        step of its event loop, so they never run. Those a worker has go on and write their
+        outcome to the store; so do those the scheduler has not heard of yet (a batch it is
+        still reading: a cancel then would be ignored and the task run anyway)."""
         try:
-            self._count_running(self._connected().processing())
+            released = set(self._connected().run_on_scheduler(_release_unstarted, keys=[task.id for task in tasks]))
         except Exception:
             return []  # the scheduler is away: nothing is withdrawn
-        waiting = [task for task in tasks if not task.started_at]
-        self.cancel(waiting)
-        return waiting
+        taken = [task for task in tasks if task.id in released]
+        with self._lock:
+            for task in taken:
+                self._tasks.pop(task.id, None)
+                self._futures.pop(task.id, None)
+        return taken
 
     def cancel(self, tasks: Sequence[Task]) -> None:
         """Release the tasks on the scheduler: queued ones never run; a running one runs out
@@ -462,3 +467,25 @@ def _scheduler_function() -> Any:
 
 
 _desire_known_keys = _scheduler_function()
+
+
+def _release_function() -> Any:
+    """The function :meth:`DaskExecutor.withdraw` runs on the scheduler (by value, as above)."""
+
+    def release_unstarted(dask_scheduler: Any, keys: list[str]) -> list[str]:
+        # Keys no worker has: every client that wants them lets go, so the scheduler forgets
+        # them. Unknown keys (their graph not read yet) and those on a worker are left alone.
+        released = []
+        for key in keys:
+            ts = dask_scheduler.tasks.get(key)
+            if ts is None or ts.state not in ("released", "waiting", "queued", "no-worker"):
+                continue
+            for client in [cs.client_key for cs in ts.who_wants or ()]:
+                dask_scheduler.client_releases_keys(keys=[key], client=client)
+            released.append(key)
+        return released
+
+    return release_unstarted
+
+
+_release_unstarted = _release_function()

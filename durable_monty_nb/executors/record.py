@@ -14,7 +14,25 @@ from ..store.attempts import FINISHED, AttemptRecord
 from ..store.signing import Signer
 from .base import ErrorInfo, Outcome
 
-__all__ = ["FINISHED", "AttemptRecord", "outcome_from_wire", "outcome_of"]
+__all__ = ["FINISHED", "AttemptRecord", "error_of", "error_types_text", "outcome_from_wire", "outcome_of"]
+
+
+def error_types_text(error: ErrorInfo) -> str:
+    """What a record keeps of an error besides its message and traceback (``error_types``): the
+    JSON list of its class names, or, with a delay, ``{"types": [...], "retry_after": seconds}``."""
+    if error.retry_after is None:
+        return json.dumps(error.types)
+    return json.dumps({"types": error.types, "retry_after": error.retry_after})
+
+
+def error_of(record: AttemptRecord) -> ErrorInfo:
+    """The error of a failed record (see :func:`error_types_text`)."""
+    found = json.loads(record.error_types or '["builtins.Exception"]')
+    retry_after = None
+    if isinstance(found, dict):
+        found, retry_after = found.get("types") or ["builtins.Exception"], found.get("retry_after")
+    delay = float(retry_after) if isinstance(retry_after, (int, float)) else None
+    return ErrorInfo(tuple(found), record.error_message or "", record.traceback or "", delay)
 
 
 def outcome_of(record: AttemptRecord) -> Outcome:
@@ -29,8 +47,7 @@ def outcome_of(record: AttemptRecord) -> Outcome:
             finished_at=record.finished_at or 0.0,
             worker=record.worker,
         )
-    types = tuple(json.loads(record.error_types or '["builtins.Exception"]'))
-    error = ErrorInfo(types, record.error_message or "", record.traceback or "")
+    error = error_of(record)
     return Outcome(
         record.call_id,
         record.attempt,

@@ -33,7 +33,7 @@ from ..errors import StoreError, TamperedDataError
 from ..store.signing import KEY_ENV, KEY_FILE_ENV, Signer
 from .base import ErrorInfo, Task
 from .current import running_call
-from .record import AttemptRecord
+from .record import AttemptRecord, error_types_text
 
 PAYLOAD_VERSION = 1
 DB_ENV = "DURABLE_MONTY_DB"
@@ -107,7 +107,7 @@ def run_attempt(payload: dict[str, Any], worker: str | None = None, *, write_beh
         info = ErrorInfo.of(exc)
         record.status, record.result = "failed", None
         record.error_types, record.error_message, record.traceback = (
-            json.dumps(info.types),
+            error_types_text(info),
             info.message,
             info.traceback,
         )

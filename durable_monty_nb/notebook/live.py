@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..engine.handle import FunctionStats, Progress
+from ..engine.run import FunctionStats, Progress
 from .status import format_duration, text_table
 
 WINDOW_SECONDS = 10.0  # throughput is measured over the last WINDOW_SECONDS

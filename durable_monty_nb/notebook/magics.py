@@ -22,12 +22,12 @@ else from the option ``NAME_SETTING`` when there is one: RQ reads ``rq_url`` and
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -40,9 +40,8 @@ from ..engine.controls import CallControls
 from ..engine.driver import default_printer, stored_call_views
 from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
-from ..engine.handle import Run, calls_frame
-from ..engine.options import RunOptions
-from ..engine.retry import RetryPolicy
+from ..engine.options import RunOptions, add_arguments, check_workers, options_from_arguments
+from ..engine.run import Run, calls_frame
 from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
 from ..executors import Backend, executor_entry
 from ..store.retention import parse_age
@@ -64,6 +63,23 @@ from .status import outage_report, status_report, unfinished_summary
 from .tracebacks import relabel, relabel_error
 from .views import make_view, summary, widgets_available
 from .why_magics import WhyMagics
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def run_arguments(*names: str) -> Callable[[F], F]:
+    """The magic's arguments of the run options ``names``, as declared once in
+    :data:`~..engine.options.ARGUMENTS` (in this order)."""
+    decorators: list[Any] = []
+    add_arguments(lambda flag, **kwargs: decorators.append(argument(flag, **kwargs)), names)
+
+    def decorate(fn: F) -> F:
+        for decorator in reversed(decorators):  # IPython lists a magic's arguments bottom-up
+            fn = decorator(fn)
+        return fn
+
+    return decorate
+
 
 DB_ENV = "DURABLE_MONTY_DB"
 
@@ -256,8 +272,7 @@ class DurableMagics(Magics):
     @magic_arguments()
     @argument("name", nargs="?", help="Name of the workflow (its key in the store). Default: from the cell.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
-    @argument("--workers", type=int, help="Threads for the notebook functions of this cell (default 32).")
+    @run_arguments("executor", "workers")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
     @argument(
@@ -267,18 +282,7 @@ class DurableMagics(Magics):
         metavar="NAME",
         help="Run the calls of this function again (repeat for several); the others are reused as usual.",
     )
-    @argument("--retries", type=int, help="Retries for functions without their own @retry policy.")
-    @argument(
-        "--backoff",
-        choices=("exponential", "linear", "constant"),
-        default="exponential",
-        help="Backoff between retries (with --retries).",
-    )
-    @argument("--delay", type=float, default=1.0, help="Seconds before the first retry (with --retries).")
-    @argument("--max-delay", type=float, default=60.0, help="Longest wait between retries (with --retries).")
-    @argument("--timeout", type=float, help="Seconds a call may run before TimeoutError (functions without @limits).")
-    @argument("--concurrency", type=int, help="Most calls of one function running at once (across the kernel's runs).")
-    @argument("--rate", help="Most call starts of one function per second or minute, e.g. 10/s or 100/min.")
+    @run_arguments("retries", "backoff", "delay", "max_delay", "timeout", "concurrency", "rate")
     @argument(
         "--durability",
         choices=defaults.DURABILITY_LEVELS,
@@ -297,13 +301,8 @@ class DurableMagics(Magics):
         if not cell.strip():
             raise DurableError("the %%durable cell is empty: write the workflow code below the magic line")
         check_options(args)
-        limits = self.call_limits(args)
-        executor = self.backend(args.executor, args.workers)
+        options = self.run_options(args)
         engine = self.engine(args.db, args.durability)
-        retry = None
-        if args.retries is not None:
-            retry = RetryPolicy(retries=args.retries, backoff=args.backoff, delay=args.delay, max_delay=args.max_delay)
-        options = RunOptions(executor=executor, retry=retry, **limits)
         name = args.name or self._cell_key(cell) or f"code-{code_hash(cell)[:12]}"
         key = self.workflow_key(engine.store, name, cell)
         printer = HeldPrinter()  # prints made while the run starts appear below its view, in order
@@ -329,22 +328,23 @@ class DurableMagics(Magics):
             on_retry=self._retrier(engine, options),
         )
 
-    def call_limits(self, args: Any) -> dict[str, Any]:
-        """Timeout, concurrency and rate of a cell: its options, else ``%config`` (checked here)."""
-        chosen = {
-            "timeout": args.timeout if args.timeout is not None else self.timeout,
-            "concurrency": args.concurrency if args.concurrency is not None else self.concurrency,
-            "rate": args.rate if args.rate is not None else self.rate,
-        }
+    def run_options(self, args: Any, *, limits: bool = True) -> RunOptions:
+        """The run options of a cell: its own, else ``%config`` (with ``limits``: timeout,
+        concurrency, rate), checked by RunOptions before anything runs."""
+        fallback = {name: getattr(self, name) for name in ("timeout", "concurrency", "rate")} if limits else {}
         try:
-            CallControls.of(**chosen)
-        except ValueError as exc:
+            options = options_from_arguments(args, fallback)
+        except (ValueError, TypeError) as exc:
             raise DurableError(f"{exc}. Nothing ran.") from None
-        return chosen
+        return replace(options, executor=self.backend(options.executor, options.workers), workers=None)
 
     def backend(self, name: str | None, workers: int | None = None) -> Backend:
         """The executor backend of a cell: ``--executor``, else ``%config DurableMagics.executor``."""
-        check_options(SimpleNamespace(workers=workers))
+        if workers is not None:
+            try:
+                check_workers(workers)
+            except ValueError as exc:
+                raise DurableError(f"{exc}. Nothing ran.") from None
         name = name or self.executor
         try:
             entry = executor_entry(name)
@@ -533,8 +533,7 @@ class DurableMagics(Magics):
     @argument("name", nargs="?", help="A workflow name or execution id.")
     @argument("--all", action="store_true", help="Resume every unfinished execution of the store.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
-    @argument("--executor", help="Where the notebook functions run: threads (default), rq, dask or a registered one.")
-    @argument("--workers", type=int, help="Threads for the notebook functions.")
+    @run_arguments("executor", "workers")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
     @argument("--quiet", action="store_true", help="No progress view.")
     @line_magic
@@ -543,7 +542,7 @@ class DurableMagics(Magics):
         args = parse_argstring(self.durable_resume, line)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
-        options = RunOptions(executor=self.backend(args.executor, args.workers))
+        options = self.run_options(args, limits=False)
         engine = self.engine(args.db)
         retrier = self._retrier(engine, options)
         if args.name:
@@ -669,21 +668,12 @@ def worth_resuming(row: Any) -> bool:
 
 
 def check_options(args: Any) -> None:
-    """Refuse option values out of range with one clear error, before anything runs."""
+    """Refuse a workflow name out of range with one clear error, before anything runs (the run
+    options are checked by RunOptions, see :meth:`DurableMagics.run_options`)."""
     problems = []
     name = getattr(args, "name", None)
     if name is not None and ("::" in name or len(name) > NAME_LIMIT):
         problems.append(f"a workflow name has at most {NAME_LIMIT} characters and no '::', not {name[:60]!r}")
-    workers = getattr(args, "workers", None)
-    if workers is not None and workers < 1:
-        problems.append(f"--workers must be at least 1, not {workers}")
-    retries = getattr(args, "retries", None)
-    if retries is not None and retries < 0:
-        problems.append(f"--retries must be 0 or more, not {retries}")
-    for option in ("delay", "max_delay"):
-        value = getattr(args, option, None)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            problems.append(f"--{option.replace('_', '-')} must be a number of seconds, 0 or more, not {value}")
     if problems:
         raise DurableError("; ".join(problems) + ". Nothing ran.")
 

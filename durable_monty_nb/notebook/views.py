@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..engine.handle import CallView, FunctionStats, Run
+from ..engine.run import CallView, FunctionStats, Run
 from ..errors import last_line
 from .live import Pace, breakdown_html, breakdown_text
 from .scope import display_name

@@ -9,7 +9,7 @@ from typing import Any
 from ...errors import last_line
 from ...executors.base import Task
 from ...values import ValueCodec, format_arguments
-from ..handle import CallView
+from ..run import CallView
 from .exceptions import error_answer
 
 

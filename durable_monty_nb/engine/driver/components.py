@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ...executors.base import Executor, Outcome
     from .book import CallBook
     from .calls import CallState
+    from .clock import Clock
 
 
 class Loop(Protocol):
@@ -34,6 +35,7 @@ class Loop(Protocol):
 
     book: CallBook
     executor: Executor
+    clock: Clock  # the time, for a component whose hook is not given it
 
     def function(self, name: str) -> Callable[..., Any] | None:
         """The live notebook function of that name (None when the namespace has none)."""

@@ -18,7 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ...executors.base import ErrorInfo, Outcome, Task
-from ..controls import GATES, NO_LIMITS, RETRY_AFTER_TYPE, CallControls, controls_for, gate, retry_after_seconds
+from ..controls import GATES, NO_LIMITS, RETRY_AFTER_TYPE, CallControls, controls_for, gate
 from .components import Component, Loop
 
 if TYPE_CHECKING:
@@ -185,8 +185,9 @@ class RetryAfters(Component):
         error = outcome.error
         if error is None or RETRY_AFTER_TYPE not in error.types:
             return False
-        delay = retry_after_seconds(error.message)
-        due = outcome.finished_at + delay
+        delay = error.retry_after if error.retry_after is not None else 1.0  # 1.0: a record of an older release
+        # From when the driver learns of it, by its own clock (a worker's may differ).
+        due = self._loop.clock.now() + delay
         gate(state.function).hold_until(due)  # the other calls of the function wait too
         state.deferred += 1
         self._loop.book.transition_pending_retrying(state, due)

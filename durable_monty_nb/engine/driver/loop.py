@@ -42,16 +42,18 @@ from ..analysis import CodeInfo
 from ..controls import NO_LIMITS, CallControls
 from ..events import Printed
 from ..fingerprint import Fingerprinter
-from ..handle import CallView, FunctionStats, Progress, Run, function_stats
 from ..retry import RetryPolicy
+from ..run import CallView, FunctionStats, Progress, Run, function_stats
 from . import switching
 from .book import CallBook
 from .calls import CallState
+from .clock import SYSTEM_CLOCK, Clock
 from .components import Hooks
 from .finishing import Finishing
 from .ledger import Ledger
 from .limiting import call_controls
 from .protocol import MontyProtocol
+from .retries import Retries
 from .scheduling import WAKE, Scheduling
 from .waits import Waits
 
@@ -115,6 +117,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         self.fingerprinter = fingerprinter or Fingerprinter()
         self.rerun_functions = rerun_functions
 
+        self.clock: Clock = SYSTEM_CLOCK  # what components read the time from (components.Loop)
         self.book = CallBook()  # the calls, their answers, counters and journal (the only writer of a status)
         self.calls: dict[int, CallState] = self.book.calls  # read-only views of the book's own
         self.answers: dict[int, dict[str, Any]] = self.book.answers
@@ -150,7 +153,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         # sites the checkpoint passed are not known).
         self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
-        self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
+        self.hooks = Hooks([*call_controls(self, settings.controls), Retries(self, settings.retry)])  # components
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
         if restored_calls is not None:

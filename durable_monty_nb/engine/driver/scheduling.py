@@ -21,7 +21,6 @@ from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..frames import FrameIndex
-from ..retry import policy_for
 from .calls import PENDING, RETRYING, CallState
 from .exceptions import error_answer, last_message, sandbox_exception_type
 
@@ -269,9 +268,6 @@ class Scheduling:
         assert error is not None
         if self.executor.remote and error.traceback:  # frames of code shipped by value: give them back their source
             error = outcome.error = self._local_frames(state.function, error)
-        for failed in self.hooks.failed:  # a RetryAfter (limiting.py)
-            if failed(state, outcome):
-                return
         if outcome.lost:
             self.step.lost_attempts.append(attempt_id(self.execution_id, state.call_id, outcome.attempt))
             state.lost += 1
@@ -282,15 +278,10 @@ class Scheduling:
                 return
             self._settle_failure(state, error, outcome.finished_at)
             return
-        policy = policy_for(self._function(state.function), self.settings.retry)
-        if not policy.should_retry(state.policy_attempts, error):
-            self._settle_failure(state, error, outcome.finished_at)
-            return
-        wait = policy.wait_before(state.policy_attempts)
-        due = outcome.finished_at + wait
-        self.book.transition_pending_retrying(state, due, error_text=error.traceback, error_type=error.type_name)
-        self._push_timer(due, state)
-        self._emit_retrying(state, wait, last_message(error.traceback))
+        for failed in self.hooks.failed:  # a RetryAfter (limiting.py), the retry policy (retries.py)
+            if failed(state, outcome):
+                return
+        self._settle_failure(state, error, outcome.finished_at)
 
     def _local_frames(self: Driver, function: str, error: ErrorInfo) -> ErrorInfo:
         """A worker's traceback with the frames of ``function`` (and what it reaches) mapped back to

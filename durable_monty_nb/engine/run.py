@@ -1,4 +1,4 @@
-"""The handle of a running (or finished) execution: progress, wait, result, cancel.
+"""A run: one execution, running or finished, as callers hold it: progress, wait, result, cancel.
 
 A :class:`Run` reads what it shows from a :class:`RunSource`: the driver while this process
 drives the execution, the store's rows once it finished (or when it came from the store).
@@ -162,7 +162,7 @@ class RunSource(Protocol):
 
 
 class Run:
-    """A handle on one execution.
+    """One execution, as the code that started (or found) it holds it.
 
     ``status`` is ``running``, ``completed``, ``failed`` or ``interrupted``. ``cached`` is True
     when the result came straight from the store (nothing ran).
