@@ -30,6 +30,7 @@ from durable_monty_nb.agents import (
     NotebookDurability,
     approval_signal,
 )
+from durable_monty_nb.store.keys import scoped_key
 from durable_monty_nb.store.store import Store
 
 require_module("pydantic_ai", extra="agents")  # in CI a missing extra fails, never skips
@@ -529,6 +530,77 @@ def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_covers_it(
     assert function_fingerprint(namespace["plan"]) == again  # the same definition: reused
 
 
+# -- the tools of a real MCP server ------------------------------------------------------------------------
+
+MCP_RUN = [
+    "mcp server/discover",  # the run's one MCP session: entered by its first unit (enter-in-durable-unit)
+    "mcp tools/list",
+    "router 1",
+    "mcp reserve Lisbon",
+    "router 3",
+    "mcp reserve Porto",
+    "router 5",
+    "mcp map Porto",
+    "router 7",
+]
+ROUTE_CELL = "route_ = await route('Two seats, and the map')\nroute_"
+
+
+@pytest.fixture
+def mcp_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real MCP server (tests/mcp_server.py, streamable HTTP) in a process of its own, logging
+    its tool calls and requests to tmp_path/side.log; its URL is also $MCP_URL."""
+    require_module("mcp", extra="test")
+    server = subprocess.Popen(
+        [sys.executable, str(TESTS / "mcp_server.py"), str(tmp_path / "side.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        assert line.startswith("PORT "), f"the MCP server did not start: {line!r}"
+        url = f"http://127.0.0.1:{line.split()[1]}/mcp"
+        monkeypatch.setenv("MCP_URL", url)
+        yield url
+    finally:
+        kill(server)
+
+
+def expected_route() -> Any:
+    from agent_trip import Route
+    from mcp_server import PIXEL
+
+    return Route(seats=["seat for Lisbon", "seat for Porto"], map_type="image/png", map_bytes=len(PIXEL))
+
+
+def test_mcp_tool_calls_are_units_a_retried_call_does_not_make_again(
+    sqlite_engine: Engine, trip: Any, mcp_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "failed-once"
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def route(question):
+        answer = trip.route(question)
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    result = sqlite_engine.run(ROUTE_CELL, {"route": route}, key="mcp")
+    # A structured output; the model saw the image the MCP tool returned (non-text output).
+    assert result == expected_route()
+    # The second attempt replayed every unit: no tool call, no tool listing, not even a session.
+    assert entries(tmp_path / "side.log") == MCP_RUN
+    rows = units(sqlite_engine.store)
+    assert Counter((r.name, r.kind) for r in rows) == {
+        ("router__mcp_server__stations.get_tools", "discovery"): 1,  # cache_tools: listed once a run
+        ("router__mcp_server__stations.call_tool", "tool"): 3,
+        ("router__model.request", "model"): 4,
+    }
+    (image,) = [json.loads(r.result) for r in rows if "binary" in r.result]
+    assert image["result"]["media_type"] == "image/png"  # journaled as data, not as its text form
+
+
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
 
 RUNNER = """
@@ -584,46 +656,83 @@ def test_process_killed_after_the_nth_model_request_is_journaled(
     assert len({pid for pid, _ in log_entries(log)}) == 2
 
 
-@pytest.mark.kernel
-def test_kernel_killed_mid_agent_then_the_cell_run_again(tmp_path: Path) -> None:
+NOTEBOOK = "agent.ipynb"
+
+
+def notebook_kernel(tmp_path: Path, imports: str, **env: str) -> Any:
+    """A real kernel with the extension loaded and ``imports`` run, its store tmp_path/notebook.db.
+
+    The kernel is told its notebook, as JupyterLab tells it (JPY_SESSION_NAME), so its keys are
+    ``agent.ipynb::NAME`` however pytest was started (no headless guess from pytest's arguments)."""
     from kernels import Kernel
 
-    db = f"sqlite:///{tmp_path / 'notebook.db'}"
-    log = tmp_path / "side.log"
-    env = {
-        "SIDE_LOG": str(log),
-        "DURABLE_MONTY_DB": db,
-        "AGENT_LOOKUPS": "3",
-        "MODEL_DELAY": "0.1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    cell = "%%durable trip\n" + CELL
-    store = Store(db)
+    kernel = Kernel(
+        tmp_path,
+        {
+            "DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'notebook.db'}",
+            "JPY_SESSION_NAME": str(tmp_path / NOTEBOOK),
+            "SIDE_LOG": str(tmp_path / "side.log"),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            **env,
+        },
+    )
+    kernel.ok("%load_ext durable_monty_nb")
+    kernel.ok(imports)
+    return kernel
 
-    def start() -> Kernel:
-        kernel = Kernel(tmp_path, env)
-        kernel.ok("%load_ext durable_monty_nb")
-        kernel.ok("from agent_trip import plan")
-        return kernel
 
-    kernel = start()
+def kill_held(kernel: Any, hold: Path, cell: str) -> None:
+    """Run ``cell`` in ``kernel`` and SIGKILL the kernel once the run holds (see agent_trip.side)."""
     try:
         kernel.submit(cell)
-        wait_until(lambda: len(units(store, "model")) >= 3, what="3 model units journaled")
+        wait_until(hold.exists, what="the run to reach its held model request")
         kernel.kill()
     finally:
         kernel.close()
+
+
+@pytest.mark.kernel
+def test_kernel_killed_mid_agent_then_the_cell_run_again(tmp_path: Path) -> None:
+    store, log, hold = Store(f"sqlite:///{tmp_path / 'notebook.db'}"), tmp_path / "side.log", tmp_path / "held"
+    env = {"AGENT_LOOKUPS": "3", "HOLD_AT": "model 7", "HOLD_FILE": str(hold)}  # the 4th model request
+    cell = "%%durable trip\n" + CELL
+    kill_held(notebook_kernel(tmp_path, "from agent_trip import plan", **env), hold, cell)
     killed = entries(log)
+    assert killed == expected(3)[:7]  # killed in the 4th model request, the 3 before it journaled
     assert len(units(store, "model")) == 3
-    assert store.latest_execution("trip").status != "completed"
-    kernel = start()
+    key = scoped_key(NOTEBOOK, "trip")
+    assert store.latest_execution(key).status != "completed"
+    kernel = notebook_kernel(tmp_path, "from agent_trip import plan", **env)
     try:
         assert kernel.ok(cell).result == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
         assert kernel.ok("type(trip).__name__").result == "'Trip'"
     finally:
         kernel.close()
-    assert_resumed_without_repeats(killed, entries(log), 3)
-    assert store.latest_execution("trip").status == "completed"
+    # Only the request in flight at the kill was made again, then the rest of the run.
+    assert entries(log) == [*killed, *expected(3)[6:]]
+    assert store.latest_execution(key).status == "completed"
+
+
+@pytest.mark.kernel
+def test_kernel_killed_mid_agent_makes_no_completed_mcp_tool_call_again(tmp_path: Path, mcp_url: str) -> None:
+    store, log, hold = Store(f"sqlite:///{tmp_path / 'notebook.db'}"), tmp_path / "side.log", tmp_path / "held"
+    env = {"MCP_URL": mcp_url, "HOLD_AT": "router 7", "HOLD_FILE": str(hold)}  # the request after the map
+    cell = "%%durable seats\n" + ROUTE_CELL
+    kill_held(notebook_kernel(tmp_path, "from agent_trip import route", **env), hold, cell)
+    assert entries(log) == MCP_RUN  # every MCP tool call done, the last model request in flight
+    assert Counter(r.kind for r in units(store)) == {"discovery": 1, "tool": 3, "model": 3}
+    kernel = notebook_kernel(tmp_path, "from agent_trip import route", **env)
+    try:
+        reply = kernel.ok(cell)
+        assert kernel.ok("type(route_).__name__").result == "'Route'"
+    finally:
+        kernel.close()
+    assert reply.result == repr(expected_route())
+    # The resumed run replayed the 3 MCP tool calls and the listing without connecting to the server,
+    # and made the one model request in flight at the kill again: it saw the journaled image.
+    assert entries(log) == [*MCP_RUN, "router 7"]
+    assert len({pid for pid, entry in log_entries(log) if entry == "router 7"}) == 2
+    assert store.latest_execution(scoped_key(NOTEBOOK, "seats")).status == "completed"
 
 
 # -- on RQ, with real workers ---------------------------------------------------------------------------
