@@ -23,7 +23,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_ai import Agent, RunContext, Tool
-from pydantic_ai.mcp import MCPToolset
 from pydantic_ai.messages import BinaryContent, ModelResponse, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import DeltaToolCall, FunctionModel
 from pydantic_ai.toolsets import FunctionToolset
@@ -204,6 +203,8 @@ def router_model(messages: list, info) -> ModelResponse:
 @functools.cache
 def router(url: str) -> Agent[None, Route]:
     """The agent whose tools are the MCP server's at ``url`` (its toolset's id names its units)."""
+    from pydantic_ai.mcp import MCPToolset  # the agents-mcp extra: the other agents need not have it
+
     return Agent(
         FunctionModel(router_model),
         name="router",

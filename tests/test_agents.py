@@ -550,7 +550,8 @@ ROUTE_CELL = "route_ = await route('Two seats, and the map')\nroute_"
 def mcp_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A real MCP server (tests/mcp_server.py, streamable HTTP) in a process of its own, logging
     its tool calls and requests to tmp_path/side.log; its URL is also $MCP_URL."""
-    require_module("mcp", extra="test")
+    require_module("pydantic_ai.mcp", extra="agents-mcp")  # the client: pydantic-ai's MCPToolset
+    require_module("mcp.server.mcpserver", extra="test")  # the server
     server = subprocess.Popen(
         [sys.executable, str(TESTS / "mcp_server.py"), str(tmp_path / "side.log")],
         stdout=subprocess.PIPE,
@@ -794,6 +795,64 @@ def test_on_rq_an_approval_through_a_signal(rq_workers: Any, sqlite_url: str, tm
     assert made == (["booker 1", "book Faro", "booker 3"] if approve else ["booker 1", "booker 3"])
     json.dumps([r.result for r in units(engine.store)])
     engine.close()
+
+
+# -- on Dask, with real workers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_cluster(tmp_path: Path) -> Any:
+    """A `dask scheduler` and two workers of this test alone, which import the agents (tests/ on their
+    path) and hold at the 4th model request of a run (see agent_trip.side)."""
+    require_module("distributed", extra="dask")
+    from test_dask import Cluster
+
+    from durable_monty_nb.executors.dask import close_clients
+
+    (tmp_path / "dask").mkdir()
+    env = {
+        "PYTHONPATH": str(TESTS),
+        "SIDE_LOG": str(tmp_path / "side.log"),
+        "AGENT_LOOKUPS": "3",
+        "HOLD_AT": "model 7",
+        "HOLD_FILE": str(tmp_path / "held"),
+    }
+    cluster = Cluster(tmp_path / "dask", env=env)
+    yield cluster
+    close_clients()
+    cluster.close()
+
+
+def test_on_dask_tool_calls_run_on_a_worker_and_a_worker_killed_mid_agent_resumes_exactly(
+    agent_cluster: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    from agent_trip import plan
+
+    from durable_monty_nb.executors.dask import Dask
+
+    log, hold = tmp_path / "side.log", tmp_path / "held"
+    workers = {w.pid for w in agent_cluster.workers}
+    engine = Engine(sqlite_url, executor=Dask(agent_cluster.address))
+    try:
+        run = engine.start(CELL, {"plan": plan}, key="dask-trip")
+        wait_until(hold.exists, what="the run to hold in its 4th model request, on a worker")
+        victim = int(hold.read_text())
+        killed = log_entries(log)
+        # Every model request and tool call so far ran on that worker, none in this process.
+        assert [entry for _, entry in killed] == expected(3)[:7]
+        assert {pid for pid, _ in killed} == {victim} and victim in workers
+        os.kill(victim, signal.SIGKILL)
+        agent_cluster.worker_of(victim).wait(30)
+        trip = run.result(120)
+    finally:
+        engine.close()
+    assert repr(trip) == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
+    # The other worker replayed the 3 journaled requests and 3 tool calls and made only the one in
+    # flight at the kill again, then the rest of the run.
+    resumed = log_entries(log)[len(killed) :]
+    assert [entry for _, entry in resumed] == expected(3)[6:]
+    assert {pid for pid, _ in resumed} == workers - {victim}
+    assert Counter(r.kind for r in units(Store(sqlite_url))) == {"model": 5, "tool": 4}
 
 
 def test_an_agent_counts_in_fingerprints_by_its_definition() -> None:
