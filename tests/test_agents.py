@@ -7,6 +7,7 @@ that log each request and tool call to $SIDE_LOG).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -145,6 +146,107 @@ def test_an_async_notebook_function_and_an_event_handler_replayed_without_handli
     assert Counter(handled)["FunctionToolCallEvent"] == Counter(handled)["FunctionToolResultEvent"] == 3
     assert {r.name for r in units(sqlite_engine.store, "model")} == {"evented__model.request_stream"}
     assert len(units(sqlite_engine.store, "event")) > 0
+
+
+def streaming_agent(trip: Any) -> Any:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.function import FunctionModel
+
+    return Agent(
+        FunctionModel(trip.planner, stream_function=trip.planner_stream),
+        name="streamed",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability()],
+    )
+
+
+async def run_as(agent: Any, how: str, question: str, deps: Any) -> tuple[Any, list[Any]]:
+    """``agent``'s output got the way ``how`` says, and what that way showed on the way (the
+    nodes of ``iter``, the partial outputs of ``run_stream``, the events of ``run_stream_events``)."""
+    if how == "run_sync":
+        return await asyncio.to_thread(lambda: agent.run_sync(question, deps=deps).output), []
+    if how == "run":
+        return (await agent.run(question, deps=deps)).output, []
+    if how == "iter":
+        async with agent.iter(question, deps=deps) as run:
+            nodes = [type(node).__name__ async for node in run]
+        return run.result.output, nodes
+    if how == "run_stream":
+        async with agent.run_stream(question, deps=deps) as stream:
+            partial = [output async for output in stream.stream_output(debounce_by=None)]
+            return await stream.get_output(), partial
+    async with agent.run_stream_events(question, deps=deps) as stream:
+        events = [event async for event in stream]
+    return events[-1].result.output, [type(event).__name__ for event in events]
+
+
+@pytest.mark.parametrize("how", ["run_sync", "run", "iter", "run_stream", "run_stream_events"])
+def test_every_way_of_running_an_agent_is_replayed_without_a_request_made_again(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path, how: str
+) -> None:
+    agent = streaming_agent(trip)
+    attempts: list[Any] = []
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    async def plan(question):
+        attempts.append(await run_as(agent, how, question, trip.Deps("Ana")))
+        if len(attempts) == 1:
+            raise RuntimeError("the call fails after its agent run")
+        return len(attempts)
+
+    assert sqlite_engine.run(CELL, {"plan": plan}) == 2  # no key: the call names the agent's run
+    # The second attempt got the same output, and was shown the same on the way, from the journal alone.
+    assert attempts[0] == attempts[1]
+    output, shown = attempts[0]
+    assert output == trip.Trip(city="Porto", lookups=2, traveller="Ana", weather="sunny in Porto")
+    if how == "run_stream_events":
+        assert shown.count("FunctionToolResultEvent") == 3 and shown[-1] == "AgentRunResultEvent"
+    elif how != "run" and how != "run_sync":
+        assert shown  # the nodes, or the partial outputs
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)
+    streamed = how in ("run_stream", "run_stream_events")
+    assert {r.name for r in units(sqlite_engine.store, "model")} == {
+        "streamed__model.request_stream" if streamed else "streamed__model.request"
+    }
+
+
+def test_a_tool_image_replayed_from_the_journal_reaches_the_model_intact(
+    sqlite_engine: Engine, trip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool's non-text output: journaled as data, and a request made after a replay sees it."""
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import BinaryImage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import FunctionModel
+
+    pixel = bytes(range(256)) * 4
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        trip.side(f"model {len(messages)}")
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("snapshot", {}, tool_call_id="s")])
+        trip.transient_failure(len(messages))  # the request after the tool fails once: the call fails
+        (image,) = trip.images(messages)
+        return ModelResponse(parts=[TextPart(f"{image.media_type} {image.data == pixel}")])
+
+    agent = Agent(FunctionModel(model), capabilities=[NotebookDurability(model_retries=0)])
+
+    @agent.tool_plain
+    def snapshot() -> Any:
+        """A photo (a side effect: the camera fires)."""
+        trip.side("snapshot")
+        return BinaryImage(data=pixel, media_type="image/png")
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def look(q):
+        return agent.run_sync(q).output
+
+    monkeypatch.setenv("FLAKY_REQUEST", "3")
+    assert sqlite_engine.run("await look('What do you see?')", {"look": look}, key="look") == "image/png True"
+    # The second attempt replayed the first request and the tool; only the failed request was made again.
+    assert entries(os.environ["SIDE_LOG"]) == ["model 1", "snapshot", "model 3", "model 3"]
 
 
 def test_replayed_units_are_not_emitted_to_traces_again(sqlite_engine: Engine, trip: Any, tmp_path: Path) -> None:
