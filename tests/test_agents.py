@@ -703,6 +703,14 @@ def test_mcp_tool_calls_are_units_a_retried_call_does_not_make_again(
     (image,) = [json.loads(r.result) for r in rows if "binary" in r.result]
     assert image["result"]["media_type"] == "image/png"  # journaled as data, not as its text form
 
+    # An MCP toolset without an id has nothing to name its units by: refused when the agent is made.
+    from pydantic_ai import Agent
+    from pydantic_ai.exceptions import UserError
+    from pydantic_ai.mcp import MCPToolset
+
+    with pytest.raises(UserError, match="need to have a unique `id`"):
+        Agent(trip.agent.model, toolsets=[MCPToolset(mcp_url)], capabilities=[NotebookDurability()])
+
 
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
 
