@@ -326,6 +326,44 @@ def test_model_retries_are_configurable_and_the_error_reaches_the_workflow(
     assert entries(os.environ["SIDE_LOG"]) == ["model 1"]
 
 
+@pytest.mark.parametrize("event_retries", [0, 1])
+def test_event_retries_are_their_own_role(sqlite_engine: Engine, trip: Any, event_retries: int) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.function import FunctionModel
+
+    handled: list[str] = []
+    failures: list[str] = []
+
+    async def handler(ctx: Any, events: Any) -> None:
+        async for event in events:
+            name = type(event).__name__
+            if name == "FunctionToolResultEvent" and not failures:
+                failures.append(name)
+                raise OSError("the event sink is unavailable (transient)")
+            handled.append(name)
+
+    agent = Agent(
+        FunctionModel(trip.planner, stream_function=trip.planner_stream),
+        name="evented",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability(event_stream_handler=handler, event_retries=event_retries, retry_delay=0.01)],
+    )
+
+    def plan(question):
+        return agent.run_sync(question, deps=trip.Deps("Ana")).output
+
+    if event_retries == 0:  # the default: an event handler that raises fails the run
+        with pytest.raises(WorkflowFailed, match="event sink is unavailable"):
+            sqlite_engine.run(CELL, {"plan": plan}, key="events-0")
+        return
+    assert sqlite_engine.run(CELL, {"plan": plan}, key="events-1").city == "Porto"
+    assert failures and Counter(handled)["FunctionToolResultEvent"] == 3  # the failed one handled on its retry
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)  # no model request or tool call made again
+
+
 def test_tool_retries_default_to_two(sqlite_engine: Engine, trip: Any) -> None:
     from pydantic_ai import Agent
     from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
