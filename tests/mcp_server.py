@@ -1,6 +1,7 @@
 """A real MCP server for the agent tests (the mcp package's ``MCPServer``, formerly FastMCP), run as
 a process of its own: ``python mcp_server.py SIDE_LOG`` serves streamable HTTP on 127.0.0.1 at a
-port the OS picks, printed as ``PORT <n>`` once the socket listens.
+port the OS picks, printed as ``PORT <n>`` once the socket listens; ``python mcp_server.py SIDE_LOG
+--stdio`` serves its client over stdio (the client starts it).
 
 Every tool call writes ``<pid> <entry>`` to SIDE_LOG (the side-effect log the tests count), as
 the agents' own tools do; the server outlives the kernels and workers that call it.
@@ -64,4 +65,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    if sys.argv[2:] == ["--stdio"]:  # started by its client, over stdio
+        side("mcp started")
+        server.run("stdio")
+    else:
+        anyio.run(main)

@@ -750,6 +750,43 @@ def test_mcp_tool_calls_are_units_a_retried_call_does_not_make_again(
         Agent(trip.agent.model, toolsets=[MCPToolset(mcp_url)], capabilities=[NotebookDurability()])
 
 
+def test_a_stdio_mcp_server_is_started_by_the_run_and_not_again_on_replay(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path
+) -> None:
+    require_module("pydantic_ai.mcp", extra="agents-mcp")
+    require_module("mcp.server.mcpserver", extra="test")
+    from fastmcp.client import Client
+    from fastmcp.client.transports import PythonStdioTransport
+    from pydantic_ai import Agent
+    from pydantic_ai.mcp import MCPToolset
+    from pydantic_ai.models.function import FunctionModel
+
+    log, marker = tmp_path / "side.log", tmp_path / "failed-once"
+    server = PythonStdioTransport(TESTS / "mcp_server.py", args=[str(log), "--stdio"], keep_alive=False)
+    agent = Agent(
+        FunctionModel(trip.router_model),
+        name="router",
+        output_type=trip.Route,
+        toolsets=[MCPToolset(Client(server), id="stations")],
+        capabilities=[NotebookDurability()],
+    )
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def route(question):
+        answer = agent.run_sync(question).output
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    assert sqlite_engine.run(ROUTE_CELL, {"route": route}, key="stdio") == expected_route()
+    made = log_entries(log)
+    # One server process, started by the first unit that needed it; the replay started none.
+    assert [entry for _, entry in made] == ["mcp started", *MCP_RUN]
+    servers = {pid for pid, entry in made if entry.startswith("mcp")}
+    assert len(servers) == 1 and os.getpid() not in servers
+
+
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
 
 RUNNER = """
