@@ -8,8 +8,8 @@ under the call that runs it. When that call runs again (a retry, a kernel killed
 the cell run again, a resume on an RQ or Dask worker), the agent's loop replays: a unit that
 completed returns its recorded result, so no model request or tool call that completed is made
 again; only the one in flight at the kill runs again. The journal is in the store, not the
-process, so a remote worker resumes from it too (tested on RQ; the agent must be importable there:
-pydantic-ai agents hold context variables and cannot be pickled by value).
+process, so a remote worker resumes from it too (tested on RQ and Dask; the agent must be importable
+there: pydantic-ai agents hold context variables and cannot be pickled by value).
 
 ::
 
@@ -23,7 +23,9 @@ pydantic-ai agents hold context variables and cannot be pickled by value).
         return agent.run_sync(question, deps=deps).output   # a CityInfo, on replay too
 
 Everything else is pydantic-ai's: ``output_type``, ``deps`` and ``RunContext`` tools, toolsets and
-MCP servers, usage limits, message history, ``event_stream_handler``. Model requests are retried
+MCP servers (an ``MCPToolset`` with an ``id``, which names its units; one session per run, entered by
+the first unit that needs it), usage limits, message history, ``event_stream_handler``, and
+``run_sync``, ``run``, ``iter``, ``run_stream`` and ``run_stream_events`` alike. Model requests are retried
 3 times and tool calls 2 times by default (``NotebookDurability(model_retries=..., tool_retries=...)``,
 or per tool with ``metadata={"durable_monty_nb": {"retries": N}}``).
 

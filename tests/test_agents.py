@@ -7,6 +7,7 @@ that log each request and tool call to $SIDE_LOG).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from ci import require_module
-from procs import kill, log_entries, wait_until
+from procs import fuzz_random, kill, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed, retry
 from durable_monty_nb.agents import (
@@ -30,6 +31,7 @@ from durable_monty_nb.agents import (
     NotebookDurability,
     approval_signal,
 )
+from durable_monty_nb.store.keys import scoped_key
 from durable_monty_nb.store.store import Store
 
 require_module("pydantic_ai", extra="agents")  # in CI a missing extra fails, never skips
@@ -146,6 +148,107 @@ def test_an_async_notebook_function_and_an_event_handler_replayed_without_handli
     assert len(units(sqlite_engine.store, "event")) > 0
 
 
+def streaming_agent(trip: Any) -> Any:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.function import FunctionModel
+
+    return Agent(
+        FunctionModel(trip.planner, stream_function=trip.planner_stream),
+        name="streamed",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability()],
+    )
+
+
+async def run_as(agent: Any, how: str, question: str, deps: Any) -> tuple[Any, list[Any]]:
+    """``agent``'s output got the way ``how`` says, and what that way showed on the way (the
+    nodes of ``iter``, the partial outputs of ``run_stream``, the events of ``run_stream_events``)."""
+    if how == "run_sync":
+        return await asyncio.to_thread(lambda: agent.run_sync(question, deps=deps).output), []
+    if how == "run":
+        return (await agent.run(question, deps=deps)).output, []
+    if how == "iter":
+        async with agent.iter(question, deps=deps) as run:
+            nodes = [type(node).__name__ async for node in run]
+        return run.result.output, nodes
+    if how == "run_stream":
+        async with agent.run_stream(question, deps=deps) as stream:
+            partial = [output async for output in stream.stream_output(debounce_by=None)]
+            return await stream.get_output(), partial
+    async with agent.run_stream_events(question, deps=deps) as stream:
+        events = [event async for event in stream]
+    return events[-1].result.output, [type(event).__name__ for event in events]
+
+
+@pytest.mark.parametrize("how", ["run_sync", "run", "iter", "run_stream", "run_stream_events"])
+def test_every_way_of_running_an_agent_is_replayed_without_a_request_made_again(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path, how: str
+) -> None:
+    agent = streaming_agent(trip)
+    attempts: list[Any] = []
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    async def plan(question):
+        attempts.append(await run_as(agent, how, question, trip.Deps("Ana")))
+        if len(attempts) == 1:
+            raise RuntimeError("the call fails after its agent run")
+        return len(attempts)
+
+    assert sqlite_engine.run(CELL, {"plan": plan}) == 2  # no key: the call names the agent's run
+    # The second attempt got the same output, and was shown the same on the way, from the journal alone.
+    assert attempts[0] == attempts[1]
+    output, shown = attempts[0]
+    assert output == trip.Trip(city="Porto", lookups=2, traveller="Ana", weather="sunny in Porto")
+    if how == "run_stream_events":
+        assert shown.count("FunctionToolResultEvent") == 3 and shown[-1] == "AgentRunResultEvent"
+    elif how != "run" and how != "run_sync":
+        assert shown  # the nodes, or the partial outputs
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)
+    streamed = how in ("run_stream", "run_stream_events")
+    assert {r.name for r in units(sqlite_engine.store, "model")} == {
+        "streamed__model.request_stream" if streamed else "streamed__model.request"
+    }
+
+
+def test_a_tool_image_replayed_from_the_journal_reaches_the_model_intact(
+    sqlite_engine: Engine, trip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool's non-text output: journaled as data, and a request made after a replay sees it."""
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import BinaryImage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import FunctionModel
+
+    pixel = bytes(range(256)) * 4
+
+    def model(messages: list, info: Any) -> ModelResponse:
+        trip.side(f"model {len(messages)}")
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("snapshot", {}, tool_call_id="s")])
+        trip.transient_failure(len(messages))  # the request after the tool fails once: the call fails
+        (image,) = trip.images(messages)
+        return ModelResponse(parts=[TextPart(f"{image.media_type} {image.data == pixel}")])
+
+    agent = Agent(FunctionModel(model), capabilities=[NotebookDurability(model_retries=0)])
+
+    @agent.tool_plain
+    def snapshot() -> Any:
+        """A photo (a side effect: the camera fires)."""
+        trip.side("snapshot")
+        return BinaryImage(data=pixel, media_type="image/png")
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def look(q):
+        return agent.run_sync(q).output
+
+    monkeypatch.setenv("FLAKY_REQUEST", "3")
+    assert sqlite_engine.run("await look('What do you see?')", {"look": look}, key="look") == "image/png True"
+    # The second attempt replayed the first request and the tool; only the failed request was made again.
+    assert entries(os.environ["SIDE_LOG"]) == ["model 1", "snapshot", "model 3", "model 3"]
+
+
 def test_replayed_units_are_not_emitted_to_traces_again(sqlite_engine: Engine, trip: Any, tmp_path: Path) -> None:
     require_module("opentelemetry.sdk", extra="test")
     from opentelemetry.sdk.trace import TracerProvider
@@ -221,6 +324,44 @@ def test_model_retries_are_configurable_and_the_error_reaches_the_workflow(
         "failed: the model service is unavailable (transient)"
     )
     assert entries(os.environ["SIDE_LOG"]) == ["model 1"]
+
+
+@pytest.mark.parametrize("event_retries", [0, 1])
+def test_event_retries_are_their_own_role(sqlite_engine: Engine, trip: Any, event_retries: int) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.function import FunctionModel
+
+    handled: list[str] = []
+    failures: list[str] = []
+
+    async def handler(ctx: Any, events: Any) -> None:
+        async for event in events:
+            name = type(event).__name__
+            if name == "FunctionToolResultEvent" and not failures:
+                failures.append(name)
+                raise OSError("the event sink is unavailable (transient)")
+            handled.append(name)
+
+    agent = Agent(
+        FunctionModel(trip.planner, stream_function=trip.planner_stream),
+        name="evented",
+        output_type=trip.Trip,
+        deps_type=trip.Deps,
+        toolsets=[trip.forecasts],
+        tools=[trip.lookup],
+        capabilities=[NotebookDurability(event_stream_handler=handler, event_retries=event_retries, retry_delay=0.01)],
+    )
+
+    def plan(question):
+        return agent.run_sync(question, deps=trip.Deps("Ana")).output
+
+    if event_retries == 0:  # the default: an event handler that raises fails the run
+        with pytest.raises(WorkflowFailed, match="event sink is unavailable"):
+            sqlite_engine.run(CELL, {"plan": plan}, key="events-0")
+        return
+    assert sqlite_engine.run(CELL, {"plan": plan}, key="events-1").city == "Porto"
+    assert failures and Counter(handled)["FunctionToolResultEvent"] == 3  # the failed one handled on its retry
+    assert entries(os.environ["SIDE_LOG"]) == expected(2)  # no model request or tool call made again
 
 
 def test_tool_retries_default_to_two(sqlite_engine: Engine, trip: Any) -> None:
@@ -529,6 +670,123 @@ def test_an_agent_does_not_travel_by_value_and_a_function_fingerprint_covers_it(
     assert function_fingerprint(namespace["plan"]) == again  # the same definition: reused
 
 
+# -- the tools of a real MCP server ------------------------------------------------------------------------
+
+MCP_RUN = [
+    "mcp server/discover",  # the run's one MCP session: entered by its first unit (enter-in-durable-unit)
+    "mcp tools/list",
+    "router 1",
+    "mcp reserve Lisbon",
+    "router 3",
+    "mcp reserve Porto",
+    "router 5",
+    "mcp map Porto",
+    "router 7",
+]
+ROUTE_CELL = "route_ = await route('Two seats, and the map')\nroute_"
+
+
+@pytest.fixture
+def mcp_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real MCP server (tests/mcp_server.py, streamable HTTP) in a process of its own, logging
+    its tool calls and requests to tmp_path/side.log; its URL is also $MCP_URL."""
+    require_module("pydantic_ai.mcp", extra="agents-mcp")  # the client: pydantic-ai's MCPToolset
+    require_module("mcp.server.mcpserver", extra="test")  # the server
+    server = subprocess.Popen(
+        [sys.executable, str(TESTS / "mcp_server.py"), str(tmp_path / "side.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        assert line.startswith("PORT "), f"the MCP server did not start: {line!r}"
+        url = f"http://127.0.0.1:{line.split()[1]}/mcp"
+        monkeypatch.setenv("MCP_URL", url)
+        yield url
+    finally:
+        kill(server)
+
+
+def expected_route() -> Any:
+    from agent_trip import Route
+    from mcp_server import PIXEL
+
+    return Route(seats=["seat for Lisbon", "seat for Porto"], map_type="image/png", map_bytes=len(PIXEL))
+
+
+def test_mcp_tool_calls_are_units_a_retried_call_does_not_make_again(
+    sqlite_engine: Engine, trip: Any, mcp_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "failed-once"
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def route(question):
+        answer = trip.route(question)
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    result = sqlite_engine.run(ROUTE_CELL, {"route": route}, key="mcp")
+    # A structured output; the model saw the image the MCP tool returned (non-text output).
+    assert result == expected_route()
+    # The second attempt replayed every unit: no tool call, no tool listing, not even a session.
+    assert entries(tmp_path / "side.log") == MCP_RUN
+    rows = units(sqlite_engine.store)
+    assert Counter((r.name, r.kind) for r in rows) == {
+        ("router__mcp_server__stations.get_tools", "discovery"): 1,  # cache_tools: listed once a run
+        ("router__mcp_server__stations.call_tool", "tool"): 3,
+        ("router__model.request", "model"): 4,
+    }
+    (image,) = [json.loads(r.result) for r in rows if "binary" in r.result]
+    assert image["result"]["media_type"] == "image/png"  # journaled as data, not as its text form
+
+    # An MCP toolset without an id has nothing to name its units by: refused when the agent is made.
+    from pydantic_ai import Agent
+    from pydantic_ai.exceptions import UserError
+    from pydantic_ai.mcp import MCPToolset
+
+    with pytest.raises(UserError, match="need to have a unique `id`"):
+        Agent(trip.agent.model, toolsets=[MCPToolset(mcp_url)], capabilities=[NotebookDurability()])
+
+
+def test_a_stdio_mcp_server_is_started_by_the_run_and_not_again_on_replay(
+    sqlite_engine: Engine, trip: Any, tmp_path: Path
+) -> None:
+    require_module("pydantic_ai.mcp", extra="agents-mcp")
+    require_module("mcp.server.mcpserver", extra="test")
+    from fastmcp.client import Client
+    from fastmcp.client.transports import PythonStdioTransport
+    from pydantic_ai import Agent
+    from pydantic_ai.mcp import MCPToolset
+    from pydantic_ai.models.function import FunctionModel
+
+    log, marker = tmp_path / "side.log", tmp_path / "failed-once"
+    server = PythonStdioTransport(TESTS / "mcp_server.py", args=[str(log), "--stdio"], keep_alive=False)
+    agent = Agent(
+        FunctionModel(trip.router_model),
+        name="router",
+        output_type=trip.Route,
+        toolsets=[MCPToolset(Client(server), id="stations")],
+        capabilities=[NotebookDurability()],
+    )
+
+    @retry(retries=1, backoff="constant", delay=0.05)
+    def route(question):
+        answer = agent.run_sync(question).output
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the call fails after its agent run")
+        return answer
+
+    assert sqlite_engine.run(ROUTE_CELL, {"route": route}, key="stdio") == expected_route()
+    made = log_entries(log)
+    # One server process, started by the first unit that needed it; the replay started none.
+    assert [entry for _, entry in made] == ["mcp started", *MCP_RUN]
+    servers = {pid for pid, entry in made if entry.startswith("mcp")}
+    assert len(servers) == 1 and os.getpid() not in servers
+
+
 # -- processes and kernels killed with SIGKILL ---------------------------------------------------------
 
 RUNNER = """
@@ -567,63 +825,107 @@ def assert_resumed_without_repeats(killed: list[str], made: list[str], lookups: 
 def test_process_killed_after_the_nth_model_request_is_journaled(
     sqlite_url: str, tmp_path: Path, kill_after: int
 ) -> None:
-    store, log = Store(sqlite_url), tmp_path / "side.log"
-    env = {"SIDE_LOG": str(log), "AGENT_LOOKUPS": "4", "MODEL_DELAY": "0.1"}
+    store, log, hold = Store(sqlite_url), tmp_path / "side.log", tmp_path / "held"
+    run = expected(4)
+    at = run.index(f"model {2 * kill_after + 1}")  # the next model request: the process is killed in it
+    env = {"SIDE_LOG": str(log), "AGENT_LOOKUPS": "4", "HOLD_AT": run[at], "HOLD_FILE": str(hold)}
     first = spawn(sqlite_url, "trip", tmp_path, env)
-    wait_until(lambda: len(units(store, "model")) >= kill_after, what=f"{kill_after} model units", procs=(first,))
+    wait_until(hold.exists, what=f"the model request after {kill_after}", procs=(first,))
     kill(first)
     killed = entries(log)
+    assert killed == run[: at + 1]
     assert len(units(store, "model")) == kill_after  # killed mid-run, at the moment chosen
     second = spawn(sqlite_url, "trip", tmp_path, env)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     assert "RESULT Trip(city='Braga', lookups=4, traveller='Ana', weather='sunny in Braga')" in out
     made = entries(log)
+    assert made == [*killed, *run[at:]]  # only the request in flight at the kill made again
     assert_resumed_without_repeats(killed, made, 4)
-    assert len(made) - len(expected(4)) <= 1
     assert len({pid for pid, _ in log_entries(log)}) == 2
+
+
+NOTEBOOK = "agent.ipynb"
+
+
+def notebook_kernel(tmp_path: Path, imports: str, **env: str) -> Any:
+    """A real kernel with the extension loaded and ``imports`` run, its store tmp_path/notebook.db.
+
+    The kernel is told its notebook, as JupyterLab tells it (JPY_SESSION_NAME), so its keys are
+    ``agent.ipynb::NAME`` however pytest was started (no headless guess from pytest's arguments)."""
+    from kernels import Kernel
+
+    kernel = Kernel(
+        tmp_path,
+        {
+            "DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'notebook.db'}",
+            "JPY_SESSION_NAME": str(tmp_path / NOTEBOOK),
+            "SIDE_LOG": str(tmp_path / "side.log"),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            **env,
+        },
+    )
+    kernel.ok("%load_ext durable_monty_nb")
+    kernel.ok(imports)
+    return kernel
+
+
+def kill_held(kernel: Any, hold: Path, cell: str) -> None:
+    """Run ``cell`` in ``kernel`` and SIGKILL the kernel once the run holds (see agent_trip.side)."""
+    try:
+        kernel.submit(cell)
+        wait_until(hold.exists, what="the run to reach its held model request")
+        kernel.kill()
+    finally:
+        kernel.close()
 
 
 @pytest.mark.kernel
 def test_kernel_killed_mid_agent_then_the_cell_run_again(tmp_path: Path) -> None:
-    from kernels import Kernel
-
-    db = f"sqlite:///{tmp_path / 'notebook.db'}"
-    log = tmp_path / "side.log"
-    env = {
-        "SIDE_LOG": str(log),
-        "DURABLE_MONTY_DB": db,
-        "AGENT_LOOKUPS": "3",
-        "MODEL_DELAY": "0.1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
+    """The kernel is killed in a model request or tool call drawn at random (the session's seed)."""
+    store, log, hold = Store(f"sqlite:///{tmp_path / 'notebook.db'}"), tmp_path / "side.log", tmp_path / "held"
+    run = expected(3)
+    at = fuzz_random(0).randrange(len(run))
+    env = {"AGENT_LOOKUPS": "3", "HOLD_AT": run[at], "HOLD_FILE": str(hold)}
     cell = "%%durable trip\n" + CELL
-    store = Store(db)
-
-    def start() -> Kernel:
-        kernel = Kernel(tmp_path, env)
-        kernel.ok("%load_ext durable_monty_nb")
-        kernel.ok("from agent_trip import plan")
-        return kernel
-
-    kernel = start()
-    try:
-        kernel.submit(cell)
-        wait_until(lambda: len(units(store, "model")) >= 3, what="3 model units journaled")
-        kernel.kill()
-    finally:
-        kernel.close()
+    kill_held(notebook_kernel(tmp_path, "from agent_trip import plan", **env), hold, cell)
     killed = entries(log)
-    assert len(units(store, "model")) == 3
-    assert store.latest_execution("trip").status != "completed"
-    kernel = start()
+    assert killed == run[: at + 1], f"killed in {run[at]!r}"
+    done = Counter("model" if entry.startswith("model") else "tool" for entry in run[:at])
+    assert Counter(r.kind for r in units(store)) == done  # the units before the one in flight
+    key = scoped_key(NOTEBOOK, "trip")
+    assert store.latest_execution(key).status != "completed"
+    kernel = notebook_kernel(tmp_path, "from agent_trip import plan", **env)
     try:
         assert kernel.ok(cell).result == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
         assert kernel.ok("type(trip).__name__").result == "'Trip'"
     finally:
         kernel.close()
-    assert_resumed_without_repeats(killed, entries(log), 3)
-    assert store.latest_execution("trip").status == "completed"
+    # Only the request or tool call in flight at the kill was made again, then the rest of the run.
+    assert entries(log) == [*killed, *run[at:]], f"killed in {run[at]!r}"
+    assert store.latest_execution(key).status == "completed"
+
+
+@pytest.mark.kernel
+def test_kernel_killed_mid_agent_makes_no_completed_mcp_tool_call_again(tmp_path: Path, mcp_url: str) -> None:
+    store, log, hold = Store(f"sqlite:///{tmp_path / 'notebook.db'}"), tmp_path / "side.log", tmp_path / "held"
+    env = {"MCP_URL": mcp_url, "HOLD_AT": "router 7", "HOLD_FILE": str(hold)}  # the request after the map
+    cell = "%%durable seats\n" + ROUTE_CELL
+    kill_held(notebook_kernel(tmp_path, "from agent_trip import route", **env), hold, cell)
+    assert entries(log) == MCP_RUN  # every MCP tool call done, the last model request in flight
+    assert Counter(r.kind for r in units(store)) == {"discovery": 1, "tool": 3, "model": 3}
+    kernel = notebook_kernel(tmp_path, "from agent_trip import route", **env)
+    try:
+        reply = kernel.ok(cell)
+        assert kernel.ok("type(route_).__name__").result == "'Route'"
+    finally:
+        kernel.close()
+    assert reply.result == repr(expected_route())
+    # The resumed run replayed the 3 MCP tool calls and the listing without connecting to the server,
+    # and made the one model request in flight at the kill again: it saw the journaled image.
+    assert entries(log) == [*MCP_RUN, "router 7"]
+    assert len({pid for pid, entry in log_entries(log) if entry == "router 7"}) == 2
+    assert store.latest_execution(scoped_key(NOTEBOOK, "seats")).status == "completed"
 
 
 # -- on RQ, with real workers ---------------------------------------------------------------------------
@@ -685,6 +987,66 @@ def test_on_rq_an_approval_through_a_signal(rq_workers: Any, sqlite_url: str, tm
     assert made == (["booker 1", "book Faro", "booker 3"] if approve else ["booker 1", "booker 3"])
     json.dumps([r.result for r in units(engine.store)])
     engine.close()
+
+
+# -- on Dask, with real workers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_cluster(tmp_path: Path) -> Any:
+    """A `dask scheduler` and two workers of this test alone, which import the agents (tests/ on their
+    path), fail the 2nd model request of a run once and hold at its 4th (see agent_trip)."""
+    require_module("distributed", extra="dask")
+    from test_dask import Cluster
+
+    from durable_monty_nb.executors.dask import close_clients
+
+    (tmp_path / "dask").mkdir()
+    env = {
+        "PYTHONPATH": str(TESTS),
+        "SIDE_LOG": str(tmp_path / "side.log"),
+        "AGENT_LOOKUPS": "3",
+        "HOLD_AT": "model 7",
+        "HOLD_FILE": str(tmp_path / "held"),
+        "FLAKY_REQUEST": "3",  # the 2nd model request fails once (transient), on the worker
+    }
+    cluster = Cluster(tmp_path / "dask", env=env)
+    yield cluster
+    close_clients()
+    cluster.close()
+
+
+def test_on_dask_an_agent_runs_on_a_worker_and_one_killed_mid_agent_resumes_exactly(
+    agent_cluster: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    from agent_trip import plan
+
+    from durable_monty_nb.executors.dask import Dask
+
+    log, hold = tmp_path / "side.log", tmp_path / "held"
+    workers = {w.pid for w in agent_cluster.workers}
+    engine = Engine(sqlite_url, executor=Dask(agent_cluster.address))
+    try:
+        run = engine.start(CELL, {"plan": plan}, key="dask-trip")
+        wait_until(hold.exists, what="the run to hold in its 4th model request, on a worker")
+        victim = int(hold.read_text())
+        killed = log_entries(log)
+        # Every model request and tool call so far ran on that worker, none in this process, and the
+        # transient failure of the 2nd request was retried there (the request made twice).
+        assert [entry for _, entry in killed] == [*expected(3)[:3], "model 3", *expected(3)[3:7]]
+        assert {pid for pid, _ in killed} == {victim} and victim in workers
+        os.kill(victim, signal.SIGKILL)
+        agent_cluster.worker_of(victim).wait(30)
+        trip = run.result(120)
+    finally:
+        engine.close()
+    assert repr(trip) == "Trip(city='Faro', lookups=3, traveller='Ana', weather='sunny in Faro')"
+    # The other worker replayed the 3 journaled requests and 3 tool calls and made only the one in
+    # flight at the kill again, then the rest of the run.
+    resumed = log_entries(log)[len(killed) :]
+    assert [entry for _, entry in resumed] == expected(3)[6:]
+    assert {pid for pid, _ in resumed} == workers - {victim}
+    assert Counter(r.kind for r in units(Store(sqlite_url))) == {"model": 5, "tool": 4}
 
 
 def test_an_agent_counts_in_fingerprints_by_its_definition() -> None:

@@ -57,29 +57,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env() -> dict[str, str]:
-    """The environment of workers: this one (the signing key too) without the tests on the path."""
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of workers: this one (the signing key too) without the tests on the path,
+    then ``extra``."""
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != TESTS]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
 
 
-def dask_process(directory: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+def dask_process(directory: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``dask scheduler`` on 127.0.0.1:PORT, or a single-threaded ``dask worker`` (no nanny) of ADDRESS."""
     if args[0] == "scheduler":
         args = (*args[:1], "--host", "127.0.0.1", "--port", *args[1:], "--no-dashboard", "--dashboard-address", ":0")
     else:
         args = (*args, "--nthreads", "1", "--nworkers", "1", "--no-nanny", "--no-dashboard")
     with open(directory / f"{name}.log", "ab") as log:
-        return subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=worker_env(), cwd=directory)
+        return subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT, env=worker_env(env), cwd=directory)
 
 
 class Cluster:
-    """A scheduler and two single-threaded workers, each a process of its own (no nanny)."""
+    """A scheduler and two single-threaded workers, each a process of its own (no nanny); ``env``
+    adds to the workers' environment (e.g. the tests on their PYTHONPATH)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
         from distributed import Client
 
         self.directory = directory
+        self.env = env
         port = free_port()
         self.address = f"tcp://127.0.0.1:{port}"
         self.scheduler = dask_process(directory, "scheduler", "scheduler", str(port))
@@ -96,7 +99,7 @@ class Cluster:
             raise
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        return dask_process(self.directory, f"worker-{len(self.workers)}", "worker", self.address)
+        return dask_process(self.directory, f"worker-{len(self.workers)}", "worker", self.address, env=self.env)
 
     def ready(self) -> None:
         """Two live workers (a killed one is replaced)."""
