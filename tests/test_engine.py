@@ -116,12 +116,34 @@ def test_large_fanout_is_fed_back_in_batches(sqlite_engine: Engine, monkeypatch:
 
     monkeypatch.setattr(driver_module.Driver, "_ready", recording)
     n = 3000  # far beyond Monty's default limit of 1000 suspensions
-    result = sqlite_engine.run(
-        "sum(await gather(*[double(i) for i in range(n)]))", {"double": double, "n": n}, key="fanout"
+    result = sqlite_engine.run(  # a gather of tasks built apart: announced call by call
+        "tasks = [double(i) for i in range(n)]\nsum(await gather(*tasks))", {"double": double, "n": n}, key="fanout"
     )
     assert result == n * (n - 1)
     assert sum(batches) == n
     assert len([b for b in batches if b]) < n / 10  # results go back in batches, not one by one
+
+
+def test_a_gathered_comprehension_is_one_monty_call_and_one_call_row_each(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    announced: list[str] = []
+    original = driver_module.Driver._announce
+
+    def recording(self: Any, snap: Any) -> Any:
+        announced.append(snap.function_name)
+        return original(self, snap)
+
+    monkeypatch.setattr(driver_module.Driver, "_announce", recording)
+    n = 3000
+    code = "r = await gather(*[double(i) for i in range(n) if i % 3])\n(len(r), r[:3])"
+    run = sqlite_engine.start(code, {"double": double, "n": n}, key="batched")
+    assert run.result(timeout=60) == (2000, [2, 4, 8])
+    assert announced == ["__dm_gather__"]  # one round trip to Monty for the whole fan-out
+    calls = run.calls()
+    assert len(calls) == 2000 and {c.status for c in calls} == {"done"}
+    assert [c.args for c in calls[:2]] == ["1", "2"]
+    assert (run.progress.total, run.progress.done) == (2000, 2000)
 
 
 def test_background_progress_cancel_and_resume(sqlite_engine: Engine) -> None:

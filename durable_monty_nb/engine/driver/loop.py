@@ -49,6 +49,7 @@ from .book import CallBook
 from .calls import CallState
 from .components import Hooks
 from .finishing import Finishing
+from .gathers import Gathers
 from .ledger import Ledger
 from .limiting import call_controls
 from .protocol import MontyProtocol
@@ -71,7 +72,7 @@ class Settings:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
+class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -150,6 +151,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         # sites the checkpoint passed are not known).
         self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
+        self._init_gathers()
         self.hooks = Hooks(call_controls(self, settings.controls))  # components (limiting.py)
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
@@ -353,6 +355,8 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
     def _release_memory(self) -> None:
         """After the end only the call list stays (for views); drop values and sandbox state."""
         self.answers.clear()
+        self._gathers.clear()
+        self._member_of.clear()
         self.inputs.clear()
         self.codec.objects.clear()
         self.fingerprinter = Fingerprinter()  # what it hashed by id, kept alive for the run only

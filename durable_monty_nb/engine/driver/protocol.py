@@ -19,6 +19,7 @@ from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 
 from ...errors import ValueCrossingError
 from ...signals import SIGNAL_FUNCTION
+from ..analysis import GATHER_FUNCTION
 from ..fingerprint import is_local, sha256
 from . import switching
 from .calls import PHANTOM, CallState
@@ -61,6 +62,8 @@ class MontyProtocol:
                         snap = snap.resume(answer)
                         continue
             elif kind is FutureSnapshot:
+                if self._member_of and self.answers:
+                    self._route_gathered()  # batched gathers (gathers.py)
                 ready = self._ready(snap) if self.answers else None
                 if ready:
                     snap = snap.resume(ready)
@@ -96,6 +99,8 @@ class MontyProtocol:
         name = snap.function_name
         if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
             return self._announce_signal(snap)
+        if name == GATHER_FUNCTION:  # a gather the analysis batched (gathers.py)
+            return self._announce_gather(snap)
         if snap.object_id is not None:  # a method of a handle: the object lives on the host
             return PHANTOM, {"exc_type": "AttributeError", "message": handle_method_message(name)}
         fn = self._function(name)

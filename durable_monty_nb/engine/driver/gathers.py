@@ -1,0 +1,133 @@
+"""Batched gathers: one Monty call announces a whole comprehension of notebook calls.
+
+The analysis rewrites ``await gather(*[f(a) for x in xs])`` into ``await __dm_gather__('f',
+[((a,), {}) for x in xs])`` (:func:`..analysis.rewrite_gathers`). Monty builds the argument
+tuples itself and the host gets them in one call; each becomes a call of its own (its row, its
+attempts, retries, timeouts, reuse), with an id of the host's (from ``MEMBER_BASE`` up, never
+one Monty gives) and the gather's Monty call id in its row. The gather is answered as asyncio's
+would be: the list of results in order once every call is done, or the first failure as soon
+as it is known (the other calls go on, their results journaled as usual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic_monty import FunctionSnapshot
+
+from ...errors import ValueCrossingError
+from ..fingerprint import sha256
+from .calls import CallState
+
+if TYPE_CHECKING:
+    from .loop import Driver
+
+MEMBER_BASE = 1 << 30
+"""The first id of a call announced by a batched gather (Monty's own ids stay far below)."""
+
+GATHERED = CallState(-2, "", "call", "[]", True)
+"""Stands for the gather itself: answered with a future, like any awaited call."""
+
+
+@dataclass(slots=True, eq=False)
+class Gather:
+    """One batched gather: its Monty call id and its calls, in order."""
+
+    call_id: int
+    members: list[int]
+    results: list[Any]
+    left: int = 0
+    answered: bool = False
+
+
+class Gathers:
+    """Mixin of :class:`Driver`: batched gathers (see the module docstring)."""
+
+    def _init_gathers(self: Driver) -> None:
+        self._gathers: dict[int, Gather] = {}
+        self._member_of: dict[int, tuple[Gather, int]] = {}  # calls whose answer is still to route
+        self._new_gathers: list[int] = []  # announced since the last checkpoint
+        self._next_member = MEMBER_BASE
+
+    def _announce_gather(self: Driver, snap: FunctionSnapshot) -> tuple[CallState, dict[str, Any] | None]:
+        """Register the calls of a batched gather; answer the gather itself with a future."""
+        name, items = snap.args
+        if not items:
+            self.answers[snap.call_id] = {"return_value": []}
+            return GATHERED, None
+        fn = self._function(name)
+        if fn is None:
+            return GATHERED, {
+                "exc_type": "NameError",
+                "message": f"name {name!r} is not defined (not a function of the namespace)",
+            }
+        fingerprint, _ = self._describe_function(name, fn)
+        encode = self.codec.encode_arguments
+        what = f"an argument of {name}()"
+        try:  # all or none: like asyncio, no call starts when one of them cannot be made
+            texts = [encode(args, kwargs, what=what) for args, kwargs in items]
+        except ValueCrossingError as exc:
+            return GATHERED, {"exc_type": "TypeError", "message": str(exc)}
+        first = self._next_member
+        self._next_member += len(texts)
+        gather = Gather(snap.call_id, list(range(first, first + len(texts))), [None] * len(texts))
+        self._gathers[snap.call_id] = gather
+        self._new_gathers.append(snap.call_id)
+        reuse = self.reuse_key is not None and name not in self.rerun_functions
+        queue = self._to_reuse if reuse else self._to_dispatch
+        prefix = f"{name}\0{fingerprint}\0"
+        for index, (call_id, args_text, item) in enumerate(zip(gather.members, texts, items, strict=True)):
+            state = CallState(call_id, name, "call", args_text, True, fingerprint, item)
+            classes = self._classes_of(args_text) if '"$h"' in args_text else ""
+            self._register(state, call_key=sha256(f"{prefix}{args_text}{classes}"), gather_id=snap.call_id)
+            self._member_of[call_id] = (gather, index)
+            queue.append(state)
+        gather.left = len(texts)
+        return GATHERED, None
+
+    def _route_gathered(self: Driver) -> None:
+        """Answers of gathered calls make up their gather's answer (asyncio's: all results, or
+        the first failure)."""
+        member_of, answers = self._member_of, self.answers
+        for call_id in [c for c in answers if c in member_of]:
+            gather, index = member_of.pop(call_id)
+            answer = answers.pop(call_id)
+            if gather.answered:
+                continue
+            if "return_value" in answer:
+                gather.results[index] = answer["return_value"]
+                gather.left -= 1
+                if gather.left == 0:
+                    gather.answered = True
+                    answers[gather.call_id] = {"return_value": gather.results}
+                    gather.results = []
+            else:
+                gather.answered = True
+                answers[gather.call_id] = answer
+                gather.results = []
+
+    def _restore_gather(self: Driver, gather_id: int, call_id: int) -> None:
+        """A gathered call read back from the store (rows come in call id order)."""
+        gather = self._gathers.get(gather_id)
+        if gather is None:
+            gather = self._gathers[gather_id] = Gather(gather_id, [], [])
+        gather.members.append(call_id)
+        self._next_member = max(self._next_member, call_id + 1)
+
+    def _rearm_gathers(self: Driver) -> None:
+        """Every gather waits for its calls' answers again (after a restore or a sandbox crash,
+        when Monty may wait for a gather it was answered before)."""
+        self._member_of = {}
+        for gather in self._gathers.values():
+            gather.results, gather.left, gather.answered = [None] * len(gather.members), len(gather.members), False
+            for index, call_id in enumerate(gather.members):
+                self._member_of[call_id] = (gather, index)
+
+    def _forget_new_gathers(self: Driver) -> None:
+        """Gathers announced after the latest checkpoint (the sandbox crashed): Monty announces them again."""
+        for call_id in self._new_gathers:
+            self._gathers.pop(call_id, None)
+        self._new_gathers = []
+        members = [c for gather in self._gathers.values() for c in gather.members]
+        self._next_member = max(members, default=MEMBER_BASE - 1) + 1
