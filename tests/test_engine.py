@@ -267,3 +267,20 @@ def test_fingerprints_are_the_same_in_another_process() -> None:
         for _ in range(2)
     }
     assert len(prints) == 1 and len(prints.pop().strip()) == 64
+
+
+def test_batched_gathers_number_their_calls_as_the_call_by_call_path_does(sqlite_engine: Engine) -> None:
+    batched = "a = await double(1)\nb = await gather(*[double(i) for i in range(3)])\nc = await double(b[2])\n(a, b, c)"
+    by_call = batched.replace(
+        "b = await gather(*[double(i) for i in range(3)])", "t = [double(i) for i in range(3)]\nb = await gather(*t)"
+    )
+    views = []
+    for key, code in (("batched-ids", batched), ("by-call-ids", by_call)):
+        run = sqlite_engine.start(code, {"double": double}, key=key)
+        assert run.result(timeout=30) == (2, [0, 2, 4], 8)
+        views.append([(c.call_id, c.function, c.args) for c in run.calls()])
+    assert (
+        views[0]
+        == views[1]
+        == [(0, "double", "1"), (1, "double", "0"), (2, "double", "1"), (3, "double", "2"), (4, "double", "4")]
+    )

@@ -3,14 +3,19 @@
 The analysis rewrites ``await gather(*[f(a) for x in xs])`` into ``await __dm_gather__('f',
 [((a,), {}) for x in xs])`` (:func:`..analysis.rewrite_gathers`). Monty builds the argument
 tuples itself and the host gets them in one call; each becomes a call of its own (its row, its
-attempts, retries, timeouts, reuse), with an id of the host's (from ``MEMBER_BASE`` up, never
-one Monty gives) and the gather's Monty call id in its row. The gather is answered as asyncio's
-would be: the list of results in order once every call is done, or the first failure as soon
-as it is known (the other calls go on, their results journaled as usual).
+attempts, retries, timeouts, reuse), with the gather's Monty call id in its row. The gather is
+answered as asyncio's would be: the list of results in order once every call is done, or the
+first failure as soon as it is known (the other calls go on, their results journaled as usual).
+
+Call ids stay the ones the same code run call by call would have: a gather of ``n`` calls that
+Monty numbered ``C`` gets the ids ``h(C)`` to ``h(C) + n - 1`` and every later Monty id moves up
+by ``n - 1`` (:meth:`Gathers._host_id`). The gathers in the store (``gather_id``) give the shifts
+back on a resume. An empty gather keeps its id unused.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +27,6 @@ from .calls import CallState
 
 if TYPE_CHECKING:
     from .loop import Driver
-
-MEMBER_BASE = 1 << 30
-"""The first id of a call announced by a batched gather (Monty's own ids stay far below)."""
 
 GATHERED = CallState(-2, "", "call", "[]", True)
 """Stands for the gather itself: answered with a future, like any awaited call."""
@@ -45,16 +47,34 @@ class Gathers:
     """Mixin of :class:`Driver`: batched gathers (see the module docstring)."""
 
     def _init_gathers(self: Driver) -> None:
-        self._gathers: dict[int, Gather] = {}
+        self._gathers: dict[int, Gather] = {}  # by Monty call id
         self._member_of: dict[int, tuple[Gather, int]] = {}  # calls whose answer is still to route
+        self._gather_answers: dict[int, dict[str, Any]] = {}  # by Monty call id, until Monty takes them
         self._new_gathers: list[int] = []  # announced since the last checkpoint
-        self._next_member = MEMBER_BASE
+        self._shift_at: list[int] = []  # Monty ids of the (non-empty) gathers, ascending
+        self._shift_sum: list[int] = []  # how far the ids after each one move up
+
+    def _host_id(self: Driver, monty_id: int) -> int:
+        """The id of the call Monty numbers ``monty_id`` (the same as Monty's without gathers)."""
+        if not self._shift_at:
+            return monty_id
+        k = bisect.bisect_left(self._shift_at, monty_id)
+        return monty_id + (self._shift_sum[k - 1] if k else 0)
+
+    def _reshift(self: Driver) -> None:
+        self._shift_at, self._shift_sum, total = [], [], 0
+        for call_id in sorted(self._gathers):
+            size = len(self._gathers[call_id].members)
+            if size:
+                total += size - 1
+                self._shift_at.append(call_id)
+                self._shift_sum.append(total)
 
     def _announce_gather(self: Driver, snap: FunctionSnapshot) -> tuple[CallState, dict[str, Any] | None]:
         """Register the calls of a batched gather; answer the gather itself with a future."""
         name, items = snap.args
         if not items:
-            self.answers[snap.call_id] = {"return_value": []}
+            self._gather_answers[snap.call_id] = {"return_value": []}
             return GATHERED, None
         fn = self._function(name)
         if fn is None:
@@ -69,11 +89,12 @@ class Gathers:
             texts = [encode(args, kwargs, what=what) for args, kwargs in items]
         except ValueCrossingError as exc:
             return GATHERED, {"exc_type": "TypeError", "message": str(exc)}
-        first = self._next_member
-        self._next_member += len(texts)
+        first = self._host_id(snap.call_id)
         gather = Gather(snap.call_id, list(range(first, first + len(texts))), [None] * len(texts))
         self._gathers[snap.call_id] = gather
         self._new_gathers.append(snap.call_id)
+        self._shift_at.append(snap.call_id)  # Monty's ids only grow: the list stays sorted
+        self._shift_sum.append((self._shift_sum[-1] if self._shift_sum else 0) + len(texts) - 1)
         reuse = self.reuse_key is not None and name not in self.rerun_functions
         queue = self._to_reuse if reuse else self._to_dispatch
         prefix = f"{name}\0{fingerprint}\0"
@@ -100,11 +121,11 @@ class Gathers:
                 gather.left -= 1
                 if gather.left == 0:
                     gather.answered = True
-                    answers[gather.call_id] = {"return_value": gather.results}
+                    self._gather_answers[gather.call_id] = {"return_value": gather.results}
                     gather.results = []
             else:
                 gather.answered = True
-                answers[gather.call_id] = answer
+                self._gather_answers[gather.call_id] = answer
                 gather.results = []
 
     def _restore_gather(self: Driver, gather_id: int, call_id: int) -> None:
@@ -113,12 +134,12 @@ class Gathers:
         if gather is None:
             gather = self._gathers[gather_id] = Gather(gather_id, [], [])
         gather.members.append(call_id)
-        self._next_member = max(self._next_member, call_id + 1)
 
     def _rearm_gathers(self: Driver) -> None:
         """Every gather waits for its calls' answers again (after a restore or a sandbox crash,
         when Monty may wait for a gather it was answered before)."""
-        self._member_of = {}
+        self._member_of, self._gather_answers = {}, {}
+        self._reshift()
         for gather in self._gathers.values():
             gather.results, gather.left, gather.answered = [None] * len(gather.members), len(gather.members), False
             for index, call_id in enumerate(gather.members):
@@ -129,5 +150,4 @@ class Gathers:
         for call_id in self._new_gathers:
             self._gathers.pop(call_id, None)
         self._new_gathers = []
-        members = [c for gather in self._gathers.values() for c in gather.members]
-        self._next_member = max(members, default=MEMBER_BASE - 1) + 1
+        self._reshift()

@@ -357,6 +357,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
         self.answers.clear()
         self._gathers.clear()
         self._member_of.clear()
+        self._gather_answers.clear()
         self.inputs.clear()
         self.codec.objects.clear()
         self.fingerprinter = Fingerprinter()  # what it hashed by id, kept alive for the run only
