@@ -16,13 +16,13 @@ back on a resume. An empty gather keeps its id unused.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic_monty import FunctionSnapshot
 
 from ...errors import ValueCrossingError
-from ..fingerprint import sha256
 from .calls import CallState
 
 if TYPE_CHECKING:
@@ -96,14 +96,19 @@ class Gathers:
         self._shift_at.append(snap.call_id)  # Monty's ids only grow: the list stays sorted
         self._shift_sum.append((self._shift_sum[-1] if self._shift_sum else 0) + len(texts) - 1)
         reuse = self.reuse_key is not None and name not in self.rerun_functions
-        queue = self._to_reuse if reuse else self._to_dispatch
-        prefix = f"{name}\0{fingerprint}\0"
+        prefix = hashlib.sha256(f"{name}\0{fingerprint}\0".encode())  # the call key: sha256 of name, fingerprint, args
+        states, keys = [], []
+        member_of = self._member_of
         for index, (call_id, args_text, item) in enumerate(zip(gather.members, texts, items, strict=True)):
-            state = CallState(call_id, name, "call", args_text, True, fingerprint, item)
-            classes = self._classes_of(args_text) if '"$h"' in args_text else ""
-            self._register(state, call_key=sha256(f"{prefix}{args_text}{classes}"), gather_id=snap.call_id)
-            self._member_of[call_id] = (gather, index)
-            queue.append(state)
+            states.append(CallState(call_id, name, "call", args_text, True, fingerprint, item))
+            digest = prefix.copy()
+            digest.update(args_text.encode())
+            if '"$h"' in args_text:
+                digest.update(self._classes_of(args_text).encode())
+            keys.append(digest.hexdigest())
+            member_of[call_id] = (gather, index)
+        self._register_gathered(states, keys, snap.call_id)
+        (self._to_reuse if reuse else self._to_dispatch).extend(states)
         gather.left = len(texts)
         return GATHERED, None
 

@@ -49,6 +49,33 @@ class Ledger:
         self.step.new_calls.append(row)
         self._new_rows[state.call_id] = row
 
+    def _register_gathered(self: Driver, states: list[CallState], call_keys: list[str], gather_id: int) -> None:
+        """The calls of a batched gather, registered together (as :meth:`_register` each)."""
+        self.book.add_many(states)
+        self._announced.extend(states)
+        execution_id = self.execution_id
+        rows = [
+            {
+                "execution_id": execution_id,
+                "call_id": state.call_id,
+                "function": state.function[:255],
+                "kind": "call",
+                "fingerprint": state.fingerprint,
+                "args": state.args_text,
+                "call_key": call_key,
+                "status": "pending",
+                "attempts": 0,
+                "due_at": None,
+                "result": None,
+                "reused_from": None,
+                "worker": None,
+                "gather_id": gather_id,
+            }
+            for state, call_key in zip(states, call_keys, strict=True)
+        ]
+        self.step.new_calls.extend(rows)
+        self._new_rows.update(zip([s.call_id for s in states], rows, strict=True))
+
     # -- commits ------------------------------------------------------------------------------
 
     def _commit(self: Driver, blocked_snapshot: Any) -> None:
