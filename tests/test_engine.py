@@ -10,7 +10,7 @@ import pytest
 
 from durable_monty_nb import Engine
 from durable_monty_nb.engine import driver as driver_module
-from durable_monty_nb.errors import ExecutionNotFound
+from durable_monty_nb.errors import ExecutionNotFound, WorkflowFailed
 
 
 def double(x: int) -> int:
@@ -284,3 +284,19 @@ def test_batched_gathers_number_their_calls_as_the_call_by_call_path_does(sqlite
         == views[1]
         == [(0, "double", "1"), (1, "double", "0"), (2, "double", "1"), (3, "double", "2"), (4, "double", "4")]
     )
+
+
+def picky(x: int) -> int:
+    if x == 2:
+        raise ValueError(f"no {x}")
+    return x
+
+
+def test_a_failing_batched_gather_reports_the_users_lines(sqlite_engine: Engine) -> None:
+    code = "a = 1\nr = await gather(*[\n    picky(i)\n    for i in range(4)])\nr"
+    with pytest.raises(WorkflowFailed) as caught:
+        sqlite_engine.run(code, {"picky": picky}, key="batched-traceback")
+    text = caught.value.traceback
+    assert "line 2" in text and "r = await gather(*[" in text and "picky(i)" in text
+    assert "__dm_gather__" not in text
+    assert "The exception came from call 2, picky(2)" in text
