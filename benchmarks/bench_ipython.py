@@ -23,7 +23,8 @@ Workloads:
 - ``gather-10000-view``: the 10,000-call gather with the (text) progress view on.
 
 Beside each figure, the floor this machine allows today (``floor.py``: the same body in bare
-Monty, plus one bare SQLite commit per sequential step) and what we add above it, per call.
+Monty, fed as the driver feeds it, a gathered comprehension as one host call, plus one bare
+SQLite commit per sequential step) and what we add above it, per call.
 Figures, not assertions. Not collected by pytest.
 """
 

@@ -3,10 +3,13 @@
     python benchmarks/floor.py                       # every workload of bench_ipython.py
     python benchmarks/floor.py --only sequential-1000
 
-The sandbox floor runs the cell body in a Monty session the way the driver must: every call
-announced and answered with a future (one round trip to the Monty worker each), a ``dump()``
-wherever the driver checkpoints (each time new calls were announced), results resumed in
-batches of 1,000. No store, no executor, no bookkeeping. The commit floor is one ``INSERT`` and
+The sandbox floor runs the cell body in a Monty session the way the driver must: the code the
+driver feeds (a gathered comprehension of notebook calls rewritten into one host call that gets
+every argument tuple, ``analysis.rewrite_gathers``), every other call announced and answered with
+a future (one round trip to the Monty worker each), a ``dump()`` wherever the driver checkpoints
+(each time new calls were announced), results resumed in batches of 1,000. No store, no
+executor, no bookkeeping. ``--per-call`` also prints the floor of the code as written (every
+call of a gather announced one by one: the floor before batching). The commit floor is one ``INSERT`` and
 ``COMMIT`` per step on a raw ``sqlite3`` connection with the store's PRAGMAs (WAL,
 ``synchronous=FULL``, or ``NORMAL`` for ``--durability process``).
 
@@ -24,21 +27,29 @@ from pathlib import Path
 
 from pydantic_monty import FunctionSnapshot, FutureSnapshot, Monty, NameLookupSnapshot
 
+from durable_monty_nb.engine.analysis import GATHER_FUNCTION, analyze
+
 RESUME_BATCH = 1000
 
 
-def sandbox_seconds(body: str, n: int) -> float:
-    """Seconds bare Monty takes to run ``body`` with ``task(i)`` answered at once by ``i * 2``."""
+def sandbox_seconds(body: str, n: int, *, batched: bool = True) -> float:
+    """Seconds bare Monty takes to run ``body`` with ``task(i)`` answered at once by ``i * 2``
+    (with ``batched``, the code the driver feeds: gathered comprehensions as one host call)."""
+    code = analyze(body).fed if batched else body
     with Monty(min_processes=1) as pool, pool.checkout(limits={"max_suspensions": 2**62}) as session:
         session.feed_start("from asyncio import gather")
         start = time.perf_counter()
-        snap = session.feed_start(body)
+        snap = session.feed_start(code)
         answers: dict[int, int] = {}
         announced = False
         while True:
             kind = type(snap)
             if kind is NameLookupSnapshot:
                 snap = snap.resume(value=n)
+            elif kind is FunctionSnapshot and snap.function_name == GATHER_FUNCTION:
+                answers[snap.call_id] = [args[0] * 2 for args, _ in snap.args[1]]
+                announced = True
+                snap = snap.resume({"future": ...})
             elif kind is FunctionSnapshot:
                 answers[snap.call_id] = snap.args[0] * 2
                 announced = True
@@ -76,16 +87,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", metavar="NAME", help="a workload of bench_ipython.py")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is printed (default 3)")
+    parser.add_argument("--per-call", action="store_true", help="also the floor of calls announced one by one")
     args = parser.parse_args()
     names = args.only or [name for name in WORKLOADS if not name.startswith("resume-")]
-    print(f"{'workload':<20} {'sandbox (s)':>12} {'commits FULL (s)':>17} {'commits NORMAL (s)':>19}")
+    extra = f" {'per call (s)':>13}" if args.per_call else ""
+    print(f"{'workload':<20} {'sandbox (s)':>12} {'commits FULL (s)':>17} {'commits NORMAL (s)':>19}{extra}")
     for name in names:
         body, n, _, _ = WORKLOADS[name]
         steps = n if "sequential" in name else 1
         sandbox = min(sandbox_seconds(body, n) for _ in range(args.repeat))
         full = min(commit_seconds(steps, "FULL") for _ in range(args.repeat))
         normal = min(commit_seconds(steps, "NORMAL") for _ in range(args.repeat))
-        print(f"{name:<20} {sandbox:>12.3f} {full:>17.3f} {normal:>19.3f}", flush=True)
+        per_call = ""
+        if args.per_call:
+            per_call = f" {min(sandbox_seconds(body, n, batched=False) for _ in range(args.repeat)):>13.3f}"
+        print(f"{name:<20} {sandbox:>12.3f} {full:>17.3f} {normal:>19.3f}{per_call}", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ SCENARIOS = {
         "results = await gather(*[work(i) for i in range(n)])\nsum(results)",
         {"n": 20},
     ),
+    "gather_tasks": (  # the same fan-out announced call by call (a list built before the gather)
+        "tasks = [work(i) for i in range(n)]\nresults = await gather(*tasks)\nsum(results)",
+        {"n": 20},
+    ),
+    "two_gathers": (  # the second gather reads the first's results (both batched)
+        "tens = await gather(*[work(i) for i in range(n)])\nresults = await gather(*[step(t) for t in tens])\n"
+        "sum(results)",
+        {"n": 20},
+    ),
     "sequential": (
         "total = 0\nfor i in range(6):\n    total = total + await step(i)\ntotal",
         {},

@@ -12,7 +12,7 @@ from durable_monty_nb.engine.analysis import analyze
 
 def awaited_calls(code: str) -> dict[str, bool]:
     """Source text of each call -> whether the analysis says it is awaited."""
-    info = analyze(code)
+    info = analyze(code, batching=None)  # the spans of the code as written
     raw = code.encode()
     found = {}
     for node in ast.walk(ast.parse(code)):
@@ -86,3 +86,58 @@ def test_syntax_error_reports_the_line() -> None:
     with pytest.raises(WorkflowCodeError) as info:
         analyze("x = 1\nif x\n    y = 2\n")
     assert info.value.line == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "fed"),
+    [
+        (
+            "r = await gather(*[encode(f, quality=q) for f in files if f.ok])",
+            "r = await __dm_gather__('encode', [((f, ), {'quality': q}) for (f) in (files) if (f.ok)])",
+        ),
+        (
+            "r = await gather(*(f(k, v) for k, v in d.items() if len(k) > 1))",
+            "r = await __dm_gather__('f', [((k, v, ), {}) for (k, v) in (d.items()) if (len(k) > 1)])",
+        ),
+        (
+            "import asyncio\nr = await asyncio.gather(*[f(i + 1) for i in range(3)])",
+            "import asyncio\nr = await __dm_gather__('f', [((i + 1, ), {}) for (i) in (range(3))])",
+        ),
+    ],
+)
+def test_gathered_comprehensions_of_notebook_calls_become_one_host_call(code: str, fed: str) -> None:
+    info = analyze(code)
+    assert (info.fed, info.batched) == (fed, 1)
+    assert "f" in info.free_names or "encode" in info.free_names  # names are the user's code's
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "r = await gather(*[f(g(i)) for i in xs])",  # an argument calls a function
+        "r = await gather(*[f(i) for i in load()])",  # so does a clause
+        "f = pick()\nr = await gather(*[f(i) for i in xs])",  # a name the workflow binds
+        "async def h(i):\n    return await f(i)\nr = await gather(*[h(i) for i in xs])",  # a helper
+        "r = await gather(*[f(i) for i in xs], g(1))",  # a mixed gather
+        "r = await gather(*[f(*a) for a in xs])",  # starred arguments
+        "t = gather(*[f(i) for i in xs])\nr = await t",  # not awaited where it is built
+        "r = await gather(*[f(i) if i else g(i) for i in xs])",  # not one function
+    ],
+)
+def test_other_gathers_keep_the_call_by_call_path(code: str) -> None:
+    info = analyze(code)
+    assert (info.fed, info.batched) == (code, 0)
+
+
+def test_a_batched_gather_keeps_every_line_where_it_was() -> None:
+    code = "x = 1\nr = await gather(*[\n    f(i,\n      k=i)\n    for i in xs\n])\ny = fail(r)\n"
+    info = analyze(code)
+    assert info.batched == 1
+    assert len(info.fed.splitlines()) == len(code.splitlines())
+    assert info.fed.splitlines()[6] == "y = fail(r)"
+    assert info.is_awaited(*_span_of(info.fed, "fail(r)")) is False
+
+
+def _span_of(code: str, text: str) -> tuple[int, int]:
+    start = code.encode().index(text.encode())
+    return start, start + len(text.encode())

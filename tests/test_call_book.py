@@ -112,3 +112,12 @@ def test_forgotten_calls_leave_no_count_and_no_answer() -> None:
     book.forget({2, 3})  # announced, never checkpointed: the sandbox crashed
     assert book.snapshot() == Counters(total=1)
     assert set(book.calls) == {1} and book.answers == {}
+
+
+def test_calls_of_a_batched_gather_are_added_together_and_only_as_pending() -> None:
+    book = CallBook()
+    book.add_many([call(i) for i in range(3)])
+    assert sorted(book.calls) == [0, 1, 2] and book.snapshot() == Counters(total=3)
+    with pytest.raises(IllegalTransition):
+        book.add_many([call(3), call(4, status=DONE)])
+    assert sorted(book.calls) == [0, 1, 2]  # none of a refused batch is added

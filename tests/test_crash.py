@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from procs import finish, kill, log_entries, spawn, wait_until
 
 from durable_monty_nb.store.store import Store
@@ -25,33 +26,63 @@ def done_args(store: Store, key: str) -> set[int]:
     return {json.loads(c.args)[0][0] for c in store.load_calls(row.id) if c.status == "done"}
 
 
-def test_kill_mid_gather_then_resume(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scenario", ["gather", "gather_tasks"])  # one host call / call by call
+def test_kill_mid_gather_then_resume(db_url: str, tmp_path: Path, scenario: str) -> None:
     log = tmp_path / "side.log"
     store = Store(db_url)
-    first = spawn(db_url, "gather", log, block="work:10-19")
+    first = spawn(db_url, scenario, log, block="work:10-19")
     wait_until(
         lambda: (
-            (row := execution(store, "gather")) is not None and row.calls_done == 10 and len(log_entries(log)) == 20
+            (row := execution(store, scenario)) is not None and row.calls_done == 10 and len(log_entries(log)) == 20
         ),
         what="10 committed results and 10 calls in flight",
         procs=(first,),
     )
     kill(first)
 
-    committed = done_args(store, "gather")
+    committed = done_args(store, scenario)
     assert committed == set(range(10))
-    assert execution(store, "gather").status == "running"  # as the dead process left it
+    assert execution(store, scenario).status == "running"  # as the dead process left it
+    gathered = {c.gather_id is not None for c in store.load_calls(execution(store, scenario).id)}
+    assert gathered == {scenario == "gather"}
 
-    second = spawn(db_url, "gather", log)  # running the same code again resumes it
+    second = spawn(db_url, scenario, log)  # running the same code again resumes it
     code, out, err = finish(second)
     assert code == 0, err
     assert "RESULT 1900" in out
 
     rerun = [entry for pid, entry in log_entries(log) if pid == second.pid]
     assert sorted(rerun) == sorted(f"work {i}" for i in range(10, 20))  # only the calls in flight
-    row = execution(store, "gather")
+    row = execution(store, scenario)
     assert row.status == "completed" and row.calls_done == 20
     assert row.lease_owner is None
+
+
+def test_kill_in_a_second_batched_gather_reruns_neither_gathers_done_calls(sqlite_url: str, tmp_path: Path) -> None:
+    """The first gather was answered before the kill: the resume rebuilds it from the store
+    (its calls are not run again), and of the second only the calls in flight run again."""
+    log = tmp_path / "side.log"
+    store = Store(sqlite_url)
+    first = spawn(sqlite_url, "two_gathers", log, block="step:0-50")  # steps of 0, 10, ..., 50 block
+    wait_until(
+        lambda: (
+            (row := execution(store, "two_gathers")) is not None
+            and row.calls_done == 34
+            and len(log_entries(log)) == 40
+        ),
+        what="20 + 14 committed results and 6 calls in flight",
+        procs=(first,),
+    )
+    kill(first)
+
+    second = spawn(sqlite_url, "two_gathers", log)
+    code, out, err = finish(second)
+    assert code == 0, err
+    assert f"RESULT {sum(i * 10 + 1 for i in range(20))}" in out
+    rerun = [entry for pid, entry in log_entries(log) if pid == second.pid]
+    assert sorted(rerun) == sorted(f"step {t}" for t in range(0, 60, 10))
+    rows = store.load_calls(execution(store, "two_gathers").id)
+    assert len(rows) == 40 and len({r.gather_id for r in rows}) == 2
 
 
 def test_kill_between_sequential_steps(db_url: str, tmp_path: Path) -> None:

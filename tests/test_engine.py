@@ -10,7 +10,7 @@ import pytest
 
 from durable_monty_nb import Engine
 from durable_monty_nb.engine import driver as driver_module
-from durable_monty_nb.errors import ExecutionNotFound
+from durable_monty_nb.errors import ExecutionNotFound, WorkflowFailed
 
 
 def double(x: int) -> int:
@@ -116,12 +116,34 @@ def test_large_fanout_is_fed_back_in_batches(sqlite_engine: Engine, monkeypatch:
 
     monkeypatch.setattr(driver_module.Driver, "_ready", recording)
     n = 3000  # far beyond Monty's default limit of 1000 suspensions
-    result = sqlite_engine.run(
-        "sum(await gather(*[double(i) for i in range(n)]))", {"double": double, "n": n}, key="fanout"
+    result = sqlite_engine.run(  # a gather of tasks built apart: announced call by call
+        "tasks = [double(i) for i in range(n)]\nsum(await gather(*tasks))", {"double": double, "n": n}, key="fanout"
     )
     assert result == n * (n - 1)
     assert sum(batches) == n
     assert len([b for b in batches if b]) < n / 10  # results go back in batches, not one by one
+
+
+def test_a_gathered_comprehension_is_one_monty_call_and_one_call_row_each(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    announced: list[str] = []
+    original = driver_module.Driver._announce
+
+    def recording(self: Any, snap: Any) -> Any:
+        announced.append(snap.function_name)
+        return original(self, snap)
+
+    monkeypatch.setattr(driver_module.Driver, "_announce", recording)
+    n = 3000
+    code = "r = await gather(*[double(i) for i in range(n) if i % 3])\n(len(r), r[:3])"
+    run = sqlite_engine.start(code, {"double": double, "n": n}, key="batched")
+    assert run.result(timeout=60) == (2000, [2, 4, 8])
+    assert announced == ["__dm_gather__"]  # one round trip to Monty for the whole fan-out
+    calls = run.calls()
+    assert len(calls) == 2000 and {c.status for c in calls} == {"done"}
+    assert [c.args for c in calls[:2]] == ["1", "2"]
+    assert (run.progress.total, run.progress.done) == (2000, 2000)
 
 
 def test_background_progress_cancel_and_resume(sqlite_engine: Engine) -> None:
@@ -245,3 +267,36 @@ def test_fingerprints_are_the_same_in_another_process() -> None:
         for _ in range(2)
     }
     assert len(prints) == 1 and len(prints.pop().strip()) == 64
+
+
+def test_batched_gathers_number_their_calls_as_the_call_by_call_path_does(sqlite_engine: Engine) -> None:
+    batched = "a = await double(1)\nb = await gather(*[double(i) for i in range(3)])\nc = await double(b[2])\n(a, b, c)"
+    by_call = batched.replace(
+        "b = await gather(*[double(i) for i in range(3)])", "t = [double(i) for i in range(3)]\nb = await gather(*t)"
+    )
+    views = []
+    for key, code in (("batched-ids", batched), ("by-call-ids", by_call)):
+        run = sqlite_engine.start(code, {"double": double}, key=key)
+        assert run.result(timeout=30) == (2, [0, 2, 4], 8)
+        views.append([(c.call_id, c.function, c.args) for c in run.calls()])
+    assert (
+        views[0]
+        == views[1]
+        == [(0, "double", "1"), (1, "double", "0"), (2, "double", "1"), (3, "double", "2"), (4, "double", "4")]
+    )
+
+
+def picky(x: int) -> int:
+    if x == 2:
+        raise ValueError(f"no {x}")
+    return x
+
+
+def test_a_failing_batched_gather_reports_the_users_lines(sqlite_engine: Engine) -> None:
+    code = "a = 1\nr = await gather(*[\n    picky(i)\n    for i in range(4)])\nr"
+    with pytest.raises(WorkflowFailed) as caught:
+        sqlite_engine.run(code, {"picky": picky}, key="batched-traceback")
+    text = caught.value.traceback
+    assert "line 2" in text and "r = await gather(*[" in text and "picky(i)" in text
+    assert "__dm_gather__" not in text
+    assert "The exception came from call 2, picky(2)" in text

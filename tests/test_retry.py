@@ -109,3 +109,24 @@ def test_exception_after_last_attempt_reaches_the_workflow(engine: Engine) -> No
     code = "try:\n    r = await flaky(1)\nexcept TimeoutError as e:\n    r = 'handled ' + str(e)\nr"
     assert engine.run(code, {"flaky": flaky}, key="last-attempt") == "handled attempt 3 failed"
     assert len(attempts) == 3
+
+
+def test_a_call_of_a_batched_gather_is_retried_alone(sqlite_engine: Engine) -> None:
+    tries: dict[int, int] = {}
+
+    @retry(retries=3, backoff="constant", delay=0.01)
+    def shaky(x: int) -> int:
+        tries[x] = tries.get(x, 0) + 1
+        if x == 2 and tries[x] < 3:
+            raise TimeoutError(f"try {tries[x]}")
+        return x * 10
+
+    run = sqlite_engine.start("await gather(*[shaky(i) for i in range(4)])", {"shaky": shaky}, key="batched-retry")
+    assert run.result(timeout=30) == [0, 10, 20, 30]
+    assert tries == {0: 1, 1: 1, 2: 3, 3: 1}
+    assert [(c.call_id, c.attempts, c.status) for c in run.calls()] == [
+        (0, 1, "done"),
+        (1, 1, "done"),
+        (2, 3, "done"),
+        (3, 1, "done"),
+    ]

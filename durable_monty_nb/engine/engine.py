@@ -315,7 +315,7 @@ class Engine:
         """
         chosen_options = (options or RunOptions()).with_overrides(**option_fields)
         row = self.store.find_execution(name_or_id)
-        info = analyze(row.code)
+        info = analyze(row.code, batching=row.batching)  # the code its checkpoints run
         attached = self._attach(row, info)
         if attached is not None:
             return attached
@@ -517,13 +517,13 @@ class Engine:
         session = sandbox.open_session()
         try:
             session.feed_start(sandbox.PRELUDE)
-            snapshot = session.feed_start(info.code, print_callback=emit)
+            snapshot = session.feed_start(info.fed, print_callback=emit)
         except MontySyntaxError as exc:
             sandbox.close_session(session)
             raise WorkflowCodeError(_code_error_message(exc, key), line=_error_line(exc)) from None
         except MontyRuntimeError as exc:
             sandbox.close_session(session)
-            text = format_monty_error(exc, key)
+            text = format_monty_error(exc, key, sources=(info.code, info.fed))
             inner = exc.exception()
             if isinstance(inner, NotImplementedError) or _is_parse_error(exc):
                 raise WorkflowCodeError(f"unsupported in workflow code: {text}", line=_error_line(exc)) from None
@@ -540,6 +540,7 @@ class Engine:
             "code_hash": info.code_hash,
             "code_sig": self.store.signer.sign_text(f"code:{execution_id}", info.code),
             "monty_version": sandbox.MONTY_VERSION,
+            "batching": info.batching,
             "fingerprints": json.dumps(fingerprints, sort_keys=True),
             "previous_id": previous.id if previous is not None else None,
         }
@@ -612,7 +613,7 @@ class Engine:
             session = sandbox.open_session()
             if data is None:
                 session.feed_start(sandbox.PRELUDE)
-                snapshot = session.feed_start(row.code, print_callback=emit)
+                snapshot = session.feed_start(info.fed, print_callback=emit)
             else:
                 snapshot = session.load_snapshot(data, print_callback=emit)
             run.started_at = time.time()

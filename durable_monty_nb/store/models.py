@@ -29,6 +29,8 @@ class Execution(Base):
     code_hash: Mapped[str] = mapped_column(String(64))
     code_sig: Mapped[str] = mapped_column(String(64))
     monty_version: Mapped[str] = mapped_column(String(32))
+    # The rewrite of gathers Monty runs the code with (analysis.BATCHING); null: none (older rows)
+    batching: Mapped[int | None] = mapped_column(Integer)
     # JSON {"reads": {name: fingerprint}, "functions": {name: fingerprint}}
     fingerprints: Mapped[str | None] = mapped_column(LongText)
     result: Mapped[str | None] = mapped_column(LongText)
@@ -83,6 +85,7 @@ class Call(Base):
     started_at: Mapped[float | None] = mapped_column(Double)
     finished_at: Mapped[float | None] = mapped_column(Double)
     worker: Mapped[str | None] = mapped_column(String(255))  # where the last attempt ran (remote executors)
+    gather_id: Mapped[int | None] = mapped_column(Integer)  # the batched gather that announced it (Monty's call id)
 
     # Reuse looks calls up by call key, within the executions of one key (the row does not repeat
     # the key: in a notebook it is as long as the rest of the row's identifiers together).

@@ -78,6 +78,7 @@ CALL_FIELDS = (
     "finished_at",
     "reused_from",
     "worker",
+    "gather_id",
 )
 ATTEMPT_FIELDS = (
     "attempt_id",

@@ -83,6 +83,17 @@ class CallBook:
             if state.kind == "sleep":
                 self.counters.waiting += 1
 
+    def add_many(self, states: list[CallState]) -> None:
+        """New calls announced together (a batched gather): one take of the lock."""
+        calls = self.calls
+        for state in states:
+            if state.status is not PENDING:
+                raise IllegalTransition(f"call {state.call_id} is announced {state.status}, not pending")
+        with self._lock:
+            for state in states:
+                calls[state.call_id] = state
+            self.counters.total += len(states)
+
     def restore(self, state: CallState, *, retry_failed: bool, answer: Any = None) -> None:
         """A call rebuilt from its stored row: done and (unless ``retry_failed``) failed calls get
         their journaled answer (``answer``, or the state's own); the others wait again."""

@@ -79,7 +79,7 @@ class Finishing:
         error_type = type(inner).__name__
         cause = self.book.failed_by_error.get((error_type, exception_message(inner)))
         from_call = cause is not None and bool(cause.error_text)
-        text = format_monty_error(exc, self.key, sandbox_hint=not from_call)
+        text = format_monty_error(exc, self.key, sandbox_hint=not from_call, sources=(self.info.code, self.info.fed))
         refused = getattr(self, "_refused_attribute", None)
         if isinstance(inner, AttributeError) and refused is not None and not from_call:
             text += "\n" + handle_method_message(refused, method=False)

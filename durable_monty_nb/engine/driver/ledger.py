@@ -25,7 +25,9 @@ MAX_WORKER_CRASHES = 3
 class Ledger:
     """Mixin of :class:`Driver`: the journal of calls and the store's view of them."""
 
-    def _register(self: Driver, state: CallState, call_key: str, due_at: float | None = None) -> None:
+    def _register(
+        self: Driver, state: CallState, call_key: str, due_at: float | None = None, gather_id: int | None = None
+    ) -> None:
         self.book.add(state)
         self._announced.append(state)
         row = {
@@ -42,9 +44,37 @@ class Ledger:
             "result": None,
             "reused_from": None,
             "worker": None,
+            "gather_id": gather_id,
         }
         self.step.new_calls.append(row)
         self._new_rows[state.call_id] = row
+
+    def _register_gathered(self: Driver, states: list[CallState], call_keys: list[str], gather_id: int) -> None:
+        """The calls of a batched gather, registered together (as :meth:`_register` each)."""
+        self.book.add_many(states)
+        self._announced.extend(states)
+        execution_id = self.execution_id
+        rows = [
+            {
+                "execution_id": execution_id,
+                "call_id": state.call_id,
+                "function": state.function[:255],
+                "kind": "call",
+                "fingerprint": state.fingerprint,
+                "args": state.args_text,
+                "call_key": call_key,
+                "status": "pending",
+                "attempts": 0,
+                "due_at": None,
+                "result": None,
+                "reused_from": None,
+                "worker": None,
+                "gather_id": gather_id,
+            }
+            for state, call_key in zip(states, call_keys, strict=True)
+        ]
+        self.step.new_calls.extend(rows)
+        self._new_rows.update(zip([s.call_id for s in states], rows, strict=True))
 
     # -- commits ------------------------------------------------------------------------------
 
@@ -54,6 +84,7 @@ class Ledger:
         if self._announced and blocked_snapshot is not None:
             step.checkpoint = blocked_snapshot.dump()
             self._announced = []
+            self._new_gathers = []
         if self._to_dispatch and self.executor.durable:
             self._journal_attempts()
         idle = not step and not self.codec.pending_blobs
@@ -146,7 +177,10 @@ class Ledger:
                 finished_at,
                 reused_from,
                 worker,
+                gather_id,
             ) = row
+            if gather_id is not None:
+                self._restore_gather(gather_id, call_id)
             if status in ("done", "failed"):
                 verify(
                     self.execution_id, call_id, function, (status, result, error, error_type, error_message), result_sig
@@ -189,6 +223,8 @@ class Ledger:
                 if state.status is RETRYING:  # its time came while nobody drove it
                     book.transition_retrying_pending(state)
                 unfinished.append(state)
+        if self._gathers:
+            self._rearm_gathers()
 
     def _recover_from_crash(self: Driver, exc: MontyCrashedError) -> Any:
         """The sandbox worker died: reload the latest checkpoint in a new worker."""
@@ -202,6 +238,7 @@ class Ledger:
         self._to_dispatch = [s for s in self._to_dispatch if s.call_id not in announced]
         self._to_reuse = []
         self._announced = []
+        self._forget_new_gathers()
         self._commit(None)
         sandbox.close_session(self.session)
         self.session = sandbox.open_session()
@@ -210,7 +247,8 @@ class Ledger:
             answer = state.journaled_answer(self.codec)
             if answer is not None:
                 self.answers[state.call_id] = answer
+        self._rearm_gathers()
         if data is None:
             self.session.feed_start(sandbox.PRELUDE)
-            return self.session.feed_start(self.info.code, print_callback=self._print)
+            return self.session.feed_start(self.info.fed, print_callback=self._print)
         return self.session.load_snapshot(data, print_callback=self._print)

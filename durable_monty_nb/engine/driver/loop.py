@@ -50,6 +50,7 @@ from .calls import CallState
 from .clock import SYSTEM_CLOCK, Clock
 from .components import Hooks
 from .finishing import Finishing
+from .gathers import Gathers
 from .ledger import Ledger
 from .limiting import call_controls
 from .protocol import MontyProtocol
@@ -73,7 +74,7 @@ class Settings:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
+class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -153,6 +154,7 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
         # sites the checkpoint passed are not known).
         self._sites_left = set(info.single_sites) if restored_calls is None else set()
         self._init_waits()
+        self._init_gathers()
         self.hooks = Hooks([*call_controls(self, settings.controls), Retries(self, settings.retry)])  # components
         self._journaled: set[str] = set()  # attempt ids already in a step
         self._outage = Outage()
@@ -356,6 +358,9 @@ class Driver(MontyProtocol, Ledger, Scheduling, Waits, Finishing):
     def _release_memory(self) -> None:
         """After the end only the call list stays (for views); drop values and sandbox state."""
         self.answers.clear()
+        self._gathers.clear()
+        self._member_of.clear()
+        self._gather_answers.clear()
         self.inputs.clear()
         self.codec.objects.clear()
         self.fingerprinter = Fingerprinter()  # what it hashed by id, kept alive for the run only

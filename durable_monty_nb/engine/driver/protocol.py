@@ -19,6 +19,7 @@ from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 
 from ...errors import ValueCrossingError
 from ...signals import SIGNAL_FUNCTION
+from ..analysis import GATHER_FUNCTION
 from ..fingerprint import is_local, sha256
 from . import switching
 from .calls import PHANTOM, CallState
@@ -45,7 +46,8 @@ class MontyProtocol:
                         snap = next_snap
                         continue
                 else:
-                    if snap.call_id not in self.calls:
+                    call_id = self._host_id(snap.call_id)
+                    if call_id not in self.calls:
                         state, answer = self._announce(snap)
                         if answer is not None:
                             snap = snap.resume(answer)
@@ -56,12 +58,14 @@ class MontyProtocol:
                             if perf_counter() - started > CONTENDED and not switching.lowered:
                                 switching.contention_seen()  # another thread keeps the GIL from us
                             continue
-                    answer = self.answers.pop(snap.call_id, None)
+                    answer = self.answers.pop(call_id, None)
                     if answer is not None:
                         snap = snap.resume(answer)
                         continue
             elif kind is FutureSnapshot:
-                ready = self._ready(snap) if self.answers else None
+                if self._member_of and self.answers:
+                    self._route_gathered()  # batched gathers (gathers.py)
+                ready = self._ready(snap) if self.answers or self._gather_answers else None
                 if ready:
                     snap = snap.resume(ready)
                     continue
@@ -84,6 +88,20 @@ class MontyProtocol:
         resuming a call id that is not pending would consume the snapshot)."""
         pending = snap.pending_call_ids
         answers = self.answers
+        if self._shift_at or self._gather_answers:  # Monty's ids are not the calls' (gathers.py)
+            ready: dict[int, dict[str, Any]] = {}
+            gathered, gathers, host = self._gather_answers, self._gathers, self._host_id
+            for monty_id in pending:
+                if monty_id in gathers or monty_id in gathered:
+                    if monty_id in gathered:
+                        ready[monty_id] = gathered.pop(monty_id)
+                else:
+                    answer = answers.pop(host(monty_id), None)
+                    if answer is not None:
+                        ready[monty_id] = answer
+                if len(ready) >= RESUME_BATCH:
+                    break
+            return ready
         if len(answers) < len(pending):
             pending_set = set(pending)
             ids = [c for c in answers if c in pending_set]
@@ -96,6 +114,8 @@ class MontyProtocol:
         name = snap.function_name
         if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
             return self._announce_signal(snap)
+        if name == GATHER_FUNCTION:  # a gather the analysis batched (gathers.py)
+            return self._announce_gather(snap)
         if snap.object_id is not None:  # a method of a handle: the object lives on the host
             return PHANTOM, {"exc_type": "AttributeError", "message": handle_method_message(name)}
         fn = self._function(name)
@@ -117,7 +137,7 @@ class MontyProtocol:
             args_text = self.codec.encode_arguments(args, kwargs, what=f"an argument of {name}()")
         except ValueCrossingError as exc:
             return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
-        state = CallState(snap.call_id, name, "call", args_text, awaited, fingerprint, (args, kwargs))
+        state = CallState(self._host_id(snap.call_id), name, "call", args_text, awaited, fingerprint, (args, kwargs))
         classes = self._classes_of(args_text) if '"$h"' in args_text else ""
         self._register(state, call_key=sha256(f"{name}\0{fingerprint}\0{args_text}{classes}"))
         if self.reuse_key is not None and name not in self.rerun_functions:
@@ -131,20 +151,21 @@ class MontyProtocol:
         name = snap.function_name
         if name not in SLEEP_FUNCTIONS:
             return snap.resume_not_handled()
-        state = self.calls.get(snap.call_id)
+        call_id = self._host_id(snap.call_id)
+        state = self.calls.get(call_id)
         if state is None:
             if self._sites_left:
                 self._reach_site(snap.position)
             seconds = float(snap.args[0]) if snap.args else 0.0
             due = time.time() + max(seconds, 0.0)
             state = CallState(
-                snap.call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep", "sleep", due_at=due
+                call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep", "sleep", due_at=due
             )
-            self._register(state, call_key=sha256(f"sleep\0{snap.call_id}"), due_at=due)
+            self._register(state, call_key=sha256(f"sleep\0{call_id}"), due_at=due)
             self._push_timer(due, state)
             if state.awaited:
                 return snap.resume({"future": ...})
-        answer = self.answers.pop(snap.call_id, None)
+        answer = self.answers.pop(call_id, None)
         return None if answer is None else snap.resume(answer)
 
     def _lookup(self: Driver, snap: NameLookupSnapshot) -> Any:

@@ -141,9 +141,10 @@ class Waits:
         now = time.time()
         due = now + timeout if timeout is not None else None
         arguments = json.dumps([[name], {"timeout": timeout} if timeout is not None else {}])
-        state = CallState(snap.call_id, SIGNAL_FUNCTION, "signal", arguments, awaited, "signal", None, due_at=due)
-        self._register(state, call_key=sha256(f"signal\0{self.execution_id}\0{snap.call_id}"), due_at=due)
-        self._signal_waits[snap.call_id] = name
+        call_id = self._host_id(snap.call_id)  # gathers.py
+        state = CallState(call_id, SIGNAL_FUNCTION, "signal", arguments, awaited, "signal", None, due_at=due)
+        self._register(state, call_key=sha256(f"signal\0{self.execution_id}\0{call_id}"), due_at=due)
+        self._signal_waits[call_id] = name
         if due is not None:
             self._push_timer(due, state)
         self._mailbox_check = True  # it may have been delivered already
