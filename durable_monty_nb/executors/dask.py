@@ -191,13 +191,21 @@ class DaskExecutor(WatchedExecutor):
         return lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Release the tasks no worker processes yet (the scheduler's processing list, read
-        now): they never run. Those a worker has go on and write their outcome to the store."""
+        """Release the tasks no worker executes yet: they never run. The scheduler counts a task
+        a worker holds in its queue (Dask gives each worker a little more than its threads) as
+        processing, so the workers are asked which they execute; those go on and write their
+        outcome to the store. A worker that does not answer: the scheduler's list is used."""
+        client = self._connected()
+        keys = [task.id for task in tasks]
         try:
-            self._count_running(self._connected().processing())
+            executing = {key for found in client.run(_executing_keys, keys=keys).values() for key in found}
         except Exception:
-            return []  # the scheduler is away: nothing is withdrawn
-        waiting = [task for task in tasks if not task.started_at]
+            try:
+                self._count_running(client.processing())
+            except Exception:
+                return []  # the scheduler is away: nothing is withdrawn
+            executing = {task.id for task in tasks if task.started_at}
+        waiting = [task for task in tasks if task.id not in executing]
         self.cancel(waiting)
         return waiting
 
@@ -409,6 +417,15 @@ class DaskExecutor(WatchedExecutor):
             waiting = len(tasks) - running
         # the scheduler lists every worker, idle or not
         self._health.workers(waiting=waiting > 0, present=bool(processing))
+
+
+def _executing_keys(dask_worker: Any, keys: list[str]) -> list[str]:
+    """On a worker: which of ``keys`` it executes now (not those waiting in its queue)."""
+    wanted = set(keys)
+    return [str(key) for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in EXECUTING]
+
+
+EXECUTING = ("executing", "long-running")
 
 
 class AttemptNotRun(RuntimeError):

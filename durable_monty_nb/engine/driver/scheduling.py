@@ -119,7 +119,9 @@ class Scheduling:
         withdraw = getattr(self.executor, "withdraw", None)
         if withdraw is None:
             return
-        queued = [s.task for s in list(self.calls.values()) if s.task is not None and not s.task.started_at]
+        # Every attempt in flight: the executor knows which started (Dask counts a task a worker
+        # holds in its queue as processing, and so as started here).
+        queued = [s.task for s in list(self.calls.values()) if s.task is not None]
         if not queued:
             return
         for task in withdraw(queued):
