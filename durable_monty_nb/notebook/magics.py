@@ -533,13 +533,14 @@ class DurableMagics(Magics):
         store = engine.store
         if args.df and not args.name:
             raise DurableError("--df needs a workflow name or id: %durable_status NAME --df")
+        live = {run.execution_id: run.progress for run in engine.active_runs()}  # what the code tells of its total
         try:
             if not args.name:
-                return status_report(store, show_all=args.all)
+                return status_report(store, show_all=args.all, live=live)
             row = store.find_execution(args.name, notebook=self.notebook(store))
             if args.df:
                 return calls_frame(stored_call_views(store.load_calls(row.id)))
-            return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
+            return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell), live=live)
         except StoreUnavailable as exc:  # the outage, and what this kernel's runs know without the store
             if args.df:
                 raise
