@@ -205,7 +205,9 @@ class DaskExecutor(WatchedExecutor):
             except Exception:
                 return []  # the scheduler is away: nothing is withdrawn
             executing = {task.id for task in tasks if task.started_at}
-        waiting = [task for task in tasks if task.id not in executing]
+        with self._lock:
+            held = set(self._tasks)  # only the attempts this executor has
+        waiting = [task for task in tasks if task.id in held and task.id not in executing]
         self.cancel(waiting)
         return waiting
 
