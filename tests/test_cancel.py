@@ -161,3 +161,32 @@ def test_ctrl_c_on_a_foreground_gather_withdraws_its_queued_calls(tmp_path: Path
         assert sorted(started(log)) == list(range(40))
     finally:
         kernel.close()
+
+
+def test_cancel_of_a_run_waiting_on_an_external_call_ends_it_and_the_completion_is_taken_on_resume(
+    sqlite_url: str,
+) -> None:
+    """An external call goes on outside the kernel: Cancel does not wait for it (it may take days);
+    its completion, sent after the cancel, is taken when the run resumes."""
+    import queue
+
+    from durable_monty_nb import external
+    from durable_monty_nb.signals import complete_call
+
+    published: queue.Queue = queue.Queue()
+
+    @external(hook=published.put)
+    def render(x: int) -> str:
+        raise AssertionError("an external function never runs in the kernel")
+
+    engine = Engine(sqlite_url)
+    ns = {"render": render}
+    run = engine.start("r = await render(1)\nr + '!'", ns, key="outside")
+    call = published.get(timeout=30)
+    wait_until(lambda: run.parked, what="the run parked on the external call")
+    run.cancel()
+    assert run.wait(10) and run.status == "interrupted"
+    complete_call(engine.store, call, "done")
+    assert engine.resume("outside", ns).result(30) == "done!"
+    assert published.empty()  # not published again
+    engine.close()

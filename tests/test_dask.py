@@ -64,6 +64,12 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:PORT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def dask_process(directory: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``dask scheduler`` on 127.0.0.1:PORT, or a single-threaded ``dask worker`` (no nanny) of ADDRESS."""
     if args[0] == "scheduler":
@@ -313,6 +319,7 @@ def test_scheduler_restart_runs_lost_calls_again(sqlite_url: str, tmp_path: Path
     ]
 
     gated = gated_call(log, gate)
+    wait_until(lambda: listening(port), what="the scheduler to listen", procs=tuple(procs))  # slow on a busy machine
     engine = Engine(sqlite_url, executor=Dask(address))
     try:
         run = engine.start("await gated(3)", {"gated": gated})
@@ -457,3 +464,33 @@ def test_large_arguments_travel_by_the_store_never_through_the_scheduler(
     assert size < 8_000, size  # the key of a blob, not 100 KB of arguments
     (call,) = dask_engine.store.load_calls(run.execution_id)
     assert len(call.args) > 100_000  # the arguments themselves are in the store
+
+
+def test_cancel_withdraws_queued_tasks_on_dask_workers(cluster: Cluster, dask_engine: Engine, tmp_path: Path) -> None:
+    """As on threads and RQ: the queued calls are released on the scheduler (none starts), the two
+    running ones finish and are kept, the run ends interrupted; a resume runs only the rest."""
+    from test_cancel import GATHER, gated_function, started
+
+    from durable_monty_nb.executors.base import attempt_id
+
+    log, gate = tmp_path / "started.log", tmp_path / "gate"
+    ns = {"gated": gated_function(), "log": str(log), "gate": str(gate), "n": 40}
+    run = dask_engine.start(GATHER, ns, key="dask-fanout")
+    prefix = f"dm-{run.execution_id}-"
+    wait_until(lambda: len(started(log)) == 2, what="2 calls running on the 2 workers", timeout=60)
+    assert len(cluster.wanted_by(prefix)) == 40  # every call submitted: 38 wait on the scheduler
+
+    run.cancel()
+    assert run.wait(30) and run.status == "interrupted"
+    wait_until(lambda: len(cluster.wanted_by(prefix)) == 2, what="the 38 queued tasks released")
+    gate.touch()
+    attempts = [attempt_id(run.execution_id, call.call_id, 1) for call in run.calls()]
+    wait_until(
+        lambda: sum(record.finished for record in dask_engine.store.load_attempts(attempts).values()) == 2,
+        what="the two running calls finished, their outcomes in the store",
+    )
+    assert len(started(log)) == 2  # no queued call started
+
+    again = dask_engine.resume("dask-fanout", ns)
+    assert again.result(120) == sum(i * 10 for i in range(40))
+    assert sorted(started(log)) == list(range(40))  # the rest ran once, the first two were kept

@@ -148,3 +148,39 @@ def test_the_cli_finds_a_notebooks_workflow_by_its_plain_name(tmp_path: Path) ->
     unknown = status("nothing")
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert "ExecutionNotFound: no execution named or with id 'nothing'" in unknown.stderr
+
+
+STARTER = """import sys
+import nbformat
+from nbclient import NotebookClient
+
+nb = nbformat.v4.new_notebook()
+nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+nb.cells = [nbformat.v4.new_code_cell(sys.argv[2])]
+NotebookClient(nb, resources={"metadata": {"path": sys.argv[3]}}).execute()
+print(nb.cells[0].outputs[0]["text"].strip())
+"""
+FIND = "from durable_monty_nb.notebook.scope import notebook_file\nprint(notebook_file(get_ipython()))"
+
+
+@pytest.mark.kernel
+def test_a_process_that_names_a_notebook_keys_only_the_kernels_it_started_for_it(tmp_path: Path) -> None:
+    """As ``pytest notebooks/agent.ipynb tests/`` does: the starter names a notebook holding the
+    cell its kernel runs, but that kernel runs elsewhere (a test's kernel): not that notebook's."""
+    folder, elsewhere = tmp_path / "notebooks", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    named = folder / "agent.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(FIND)]
+    nbformat.write(nb, named)
+    starter = tmp_path / "starter.py"
+    starter.write_text(STARTER)
+
+    def found(cwd: Path) -> str:
+        command = [sys.executable, str(starter), str(named), FIND, str(cwd)]
+        ran = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
+        return ran.stdout.strip().splitlines()[-1]
+
+    assert found(elsewhere) == "None"  # a kernel the process started for something else
+    assert found(folder) == str(named)  # the kernel it started for the notebook, in its folder

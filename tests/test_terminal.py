@@ -233,3 +233,45 @@ def test_workers_option_caps_the_calls_running_at_once(shell: InteractiveShell) 
         assert ns["peak"][0] == 3 and sorted(ns["started"]) == list(range(12))
     finally:
         ns["release"].set()
+
+
+def test_durable_status_progress_is_done_over_the_total_the_code_tells(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """While a run goes on, the progress column says done/total only for a total the code tells
+    (a gather, then one more call: 6), and marks the calls announced so far of a loop with ``+``."""
+    import threading
+
+    from procs import wait_until
+
+    from durable_monty_nb.notebook.magics import _MAGICS
+
+    gate = threading.Event()
+
+    def slow(i: int) -> int:
+        if i >= 2:
+            gate.wait(30)
+        return i
+
+    shell.user_ns["slow"] = slow
+    magics = _MAGICS[id(shell)]
+    try:
+        straight = "rs = await gather(*[slow(i) for i in range(5)])\nlast = await double(sum(rs))\nlast"
+        assert shell.run_cell(f"%%durable straight --background --quiet\n{straight}").success
+        loop = "acc = 0\nfor i in range(40):\n    acc = acc + await slow(i)\nacc"
+        assert shell.run_cell(f"%%durable looping --background --quiet\n{loop}").success
+        runs = magics.runs
+        wait_until(lambda: runs["straight"].progress.done == 2, what="2 of the gather done")
+        wait_until(lambda: runs["looping"].progress.done == 2, what="2 loop steps done")
+        capsys.readouterr()
+        shell.run_cell("%durable_status")
+        table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+        assert table["straight"][1:3] == ["running", "2/6"]  # 5 announced, the call after the gather known
+        assert table["looping"][1:3] == ["running", "2/3+"]  # 3 announced; a loop says no more
+        assert "calls: 2/3+ done" in repr(shell.run_line_magic("durable_status", "looping"))
+    finally:
+        gate.set()
+    assert runs["straight"].wait(30) and runs["looping"].wait(30)
+    shell.run_cell("%durable_status")
+    table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert table["straight"][1:3] == ["completed", "6/6"] and table["looping"][1:3] == ["completed", "40/40"]

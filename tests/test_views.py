@@ -9,7 +9,7 @@ import time
 import pytest
 from procs import wait_until
 
-from durable_monty_nb import Engine
+from durable_monty_nb import Engine, RunOptions
 from durable_monty_nb.engine.run import CallView
 from durable_monty_nb.notebook import views
 from durable_monty_nb.notebook.status import select_calls
@@ -342,3 +342,94 @@ def test_a_parked_run_says_what_it_waits_for_with_no_eta_and_signal_in_the_table
     finally:
         run.signal("approve", True)
     assert run.result(30) is True
+
+
+def _held_gather(engine: Engine, key: str) -> tuple[object, threading.Event]:
+    """A gather of 40 calls on 2 threads whose calls past the tenth wait for the gate: 10 done, 2 running."""
+    gate = threading.Event()
+
+    def step(i: int) -> int:
+        if i >= 10:
+            gate.wait(30)
+        return i
+
+    run = engine.start(
+        "await gather(*[step(i) for i in range(40)])", {"step": step}, key=key, options=RunOptions(workers=2)
+    )
+    wait_until(lambda: run.progress.done == 10 and run.progress.running == 2, what="10 calls done, 2 held")
+    return run, gate
+
+
+def test_a_running_gather_shows_its_rate_and_eta_in_the_widget(sqlite_engine: Engine) -> None:
+    from durable_monty_nb.engine.run import Progress
+
+    from durable_monty_nb.notebook.live import breakdown_rows
+
+    run, gate = _held_gather(sqlite_engine, "eta")
+    try:
+        widget = make_widget(run)
+        widget._pace.sample(Progress(), now=time.monotonic() - 6)  # the pace's first sample, 6 s ago: 10 calls in 6 s
+        widget.refresh()
+        counts = widget._counts.value
+        assert "<b>10</b>/40 done" in counts and "2 running" in counts
+        assert "1.7 calls/s" in counts and "ETA 18.0 s" in counts  # 30 calls left at 10/6 a second
+        assert widget._bar.layout.display == "" and (widget._bar.value, widget._bar.max) == (10, 40)
+        table = widget._functions.value
+        rows, _ = breakdown_rows(run.function_stats())
+        assert rows[0][:4] == ["step", "10/40", "2", "0"] and "<td style='text-align:left;padding" in table
+    finally:
+        gate.set()
+    assert run.result(30) == list(range(40))
+    widget.refresh()
+    assert "ETA" not in widget._counts.value and "calls/s" not in widget._counts.value  # a finished run has no pace
+
+
+def test_the_text_view_prints_progress_lines_with_rate_and_eta_then_the_table(sqlite_engine: Engine) -> None:
+    import io
+
+    from durable_monty_nb.engine.run import Progress
+
+    run, gate = _held_gather(sqlite_engine, "text-eta")
+    stream = io.StringIO()
+    view = TextView(run, stream=stream)
+    try:
+        view._pace.sample(Progress(), now=time.monotonic() - 6)
+        view.refresh()
+        (line,) = stream.getvalue().splitlines()
+        assert line.startswith("text-eta: running · 10/40 calls done · 2 running")
+        assert line.endswith("· 1.7 calls/s · ETA 18.0 s")
+    finally:
+        gate.set()
+    run.wait(30)
+    view.refresh()
+    lines = stream.getvalue().splitlines()
+    assert lines[1].split() == ["function", "done", "running", "failed", "mean", "max"]  # the table at the end
+    assert lines[3].split()[:4] == ["step", "40/40", "0", "0"]
+    assert lines[-1].startswith("text-eta: completed · 40/40 calls done")
+
+
+def test_the_per_function_table_counts_sleeps_and_external_calls(sqlite_engine: Engine) -> None:
+    import queue
+
+    from durable_monty_nb import external
+
+    published: queue.Queue[object] = queue.Queue()
+
+    @external(hook=published.put)
+    def render(x: int) -> str:
+        raise AssertionError("an external function never runs in the kernel")
+
+    code = "import asyncio\nimport time\nawait asyncio.sleep(0.01)\ntime.sleep(0.01)\nr = await render(1)\nr"
+    run = sqlite_engine.start(code, {"render": render}, key="kinds")
+    try:
+        published.get(timeout=30)  # the sleeps are over, the external call is out
+        wait_until(lambda: run.parked, what="the run parked on the external call")
+        widget = make_widget(run)
+        widget.refresh()
+        table = widget._functions.value
+        for function in ("asyncio.sleep", "time.sleep", "render"):
+            assert f">{function}</td>" in table, table
+        assert "waiting for the completion of render()" in widget._header.value
+    finally:
+        run.cancel()
+    assert run.wait(30)

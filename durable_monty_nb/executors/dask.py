@@ -191,14 +191,23 @@ class DaskExecutor(WatchedExecutor):
         return lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Take back the tasks no worker has yet: checked and released on the scheduler in one
-        step of its event loop, so they never run. Those a worker has go on and write their
-        outcome to the store; so do those the scheduler has not heard of yet (a batch it is
-        still reading: a cancel then would be ignored and the task run anyway)."""
+        """Take back the tasks no worker executes yet: they never run. The scheduler counts a task
+        a worker holds in its queue (Dask gives each worker a little more than its threads) as
+        processing, so the workers are asked first which they execute; then the rest are checked
+        and released on the scheduler in one step of its event loop. Those a worker executes go on
+        and write their outcome to the store; so do those the scheduler has not heard of yet (a
+        batch it is still reading: a cancel then would be ignored and the task run anyway)."""
+        client = self._connected()
+        with self._lock:
+            held = set(self._tasks)  # only the attempts this executor has
+        keys = [task.id for task in tasks if task.id in held]
+        if not keys:
+            return []
         try:
-            released = set(self._connected().run_on_scheduler(_release_unstarted, keys=[task.id for task in tasks]))
+            executing = sorted({key for found in client.run(_executing_keys, keys=keys).values() for key in found})
+            released = set(client.run_on_scheduler(_release_unstarted, keys=keys, executing=executing))
         except Exception:
-            return []  # the scheduler is away: nothing is withdrawn
+            return []  # the scheduler or a worker is away: nothing is withdrawn
         taken = [task for task in tasks if task.id in released]
         with self._lock:
             for task in taken:
@@ -416,6 +425,15 @@ class DaskExecutor(WatchedExecutor):
         self._health.workers(waiting=waiting > 0, present=bool(processing))
 
 
+def _executing_keys(dask_worker: Any, keys: list[str]) -> list[str]:
+    """On a worker: which of ``keys`` it executes now (not those waiting in its queue)."""
+    wanted = set(keys)
+    return [str(key) for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in EXECUTING]
+
+
+EXECUTING = ("executing", "long-running")
+
+
 class AttemptNotRun(RuntimeError):
     """Raised by :func:`run_task` for an attempt that could not run at all: the future errs
     with this exception, which carries the (unsigned) failure message for the driver."""
@@ -472,13 +490,17 @@ _desire_known_keys = _scheduler_function()
 def _release_function() -> Any:
     """The function :meth:`DaskExecutor.withdraw` runs on the scheduler (by value, as above)."""
 
-    def release_unstarted(dask_scheduler: Any, keys: list[str]) -> list[str]:
-        # Keys no worker has: every client that wants them lets go, so the scheduler forgets
-        # them. Unknown keys (their graph not read yet) and those on a worker are left alone.
+    def release_unstarted(dask_scheduler: Any, keys: list[str], executing: list[str]) -> list[str]:
+        # Keys no worker executes (queued on the scheduler, or "processing" while waiting in a
+        # worker's own queue): every client that wants them lets go, so they are forgotten.
+        # Unknown keys (their graph not read yet) and those a worker executes are left alone.
+        running = set(executing)
         released = []
         for key in keys:
             ts = dask_scheduler.tasks.get(key)
-            if ts is None or ts.state not in ("released", "waiting", "queued", "no-worker"):
+            if ts is None or key in running:
+                continue
+            if ts.state not in ("released", "waiting", "queued", "no-worker", "processing"):
                 continue
             for client in [cs.client_key for cs in ts.who_wants or ()]:
                 dask_scheduler.client_releases_keys(keys=[key], client=client)

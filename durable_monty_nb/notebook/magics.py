@@ -22,6 +22,7 @@ else from the option ``NAME_SETTING`` when there is one: RQ reads ``rq_url`` and
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import threading
 from collections.abc import Callable
@@ -208,6 +209,7 @@ class DurableMagics(Magics):
         self.views: dict[str, Any] = {}  # the latest view of each run, by key
         self.resume_panel: Any = None  # the panel of unfinished executions shown by %load_ext
         self._banner_items: dict[str, Any] = {}  # its rows, by key: gone once a run of the key completes
+        self._banner_resumed: set[str] = set()  # keys resumed with the panel's buttons (their widgets stay)
 
     # -- stores -----------------------------------------------------------------------------
 
@@ -417,6 +419,10 @@ class DurableMagics(Magics):
         try:
             result = run.result()  # raises WorkflowFailed / ExecutionInterrupted, rendered cleanly
         except DurableError as exc:
+            if run.status == "failed" and not deferred and hasattr(view, "capture_error"):
+                msg_id = _request_id(self.shell)
+                if msg_id:  # the traceback goes into the widget, which Retry failed clears
+                    view.capture_error(msg_id)
             raise relabel_error(exc, self.shell) from None
         self.shell.user_ns.update(run.outputs)
         self._completed(run)
@@ -478,14 +484,24 @@ class DurableMagics(Magics):
         return retry_failed
 
     def _completed(self, run: Run) -> None:
-        """A run completed: its row leaves the %load_ext panel (the panel goes when it is empty)."""
+        """A run completed: its row leaves the %load_ext panel (the panel goes when it is empty).
+
+        A row resumed with its own button keeps the run's widget (it says the run completed) and
+        loses its button; the panel's heading then says what it holds."""
         item = self._banner_items.pop(run.key, None)
         panel = self.resume_panel
         if item is None or panel is None:
             return
-        panel.children = tuple(child for child in panel.children if child is not item)
+        resumed = run.key in self._banner_resumed
+        if resumed:
+            item.children[0].layout.display = "none"  # the Resume button and the unfinished line
+        else:
+            panel.children = tuple(child for child in panel.children if child is not item)
         if not self._banner_items:
-            panel.layout.display = "none"
+            if self._banner_resumed:
+                panel.children[0].value = f"<b>Resumed durable executions</b> in {html.escape(self.engine().url)}:"
+            else:
+                panel.layout.display = "none"
 
     def _export_later(self, run: Run) -> None:
         """Set the run's names in the notebook when it completes (for runs nobody waits for)."""
@@ -517,13 +533,14 @@ class DurableMagics(Magics):
         store = engine.store
         if args.df and not args.name:
             raise DurableError("--df needs a workflow name or id: %durable_status NAME --df")
+        live = {run.execution_id: run.progress for run in engine.active_runs()}  # what the code tells of its total
         try:
             if not args.name:
-                return status_report(store, show_all=args.all)
+                return status_report(store, show_all=args.all, live=live)
             row = store.find_execution(args.name, notebook=self.notebook(store))
             if args.df:
                 return calls_frame(stored_call_views(store.load_calls(row.id)))
-            return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell))
+            return status_report(store, row.id, relabel=lambda text: relabel(text, self.shell), live=live)
         except StoreUnavailable as exc:  # the outage, and what this kernel's runs know without the store
             if args.df:
                 raise
@@ -642,6 +659,7 @@ class DurableMagics(Magics):
                         print(f"{type(exc).__name__}: {exc}")
                         return
                     button.disabled = True
+                    self._banner_resumed.add(run.key)
                     self._show(run, on_retry=self._retrier(self.engine(), RunOptions(executor=self.backend(None))))
                     self._export_later(run)
 
@@ -684,6 +702,14 @@ def finish_display(view: Any) -> None:
     if handle is not None:
         with contextlib.suppress(Exception):  # the frontend is gone: nothing to update
             handle.update(view)
+
+
+def _request_id(shell: Any) -> str | None:
+    """The msg_id of the execute request the kernel is handling (None outside a kernel)."""
+    try:
+        return str(shell.kernel.get_parent()["header"]["msg_id"]) or None
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def _wait_all(runs: list[Run], interrupted: str) -> None:

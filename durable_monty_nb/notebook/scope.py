@@ -61,10 +61,16 @@ def headless_notebook(shell: Any) -> Path | None:
     which tells the kernel only its working directory.
 
     The notebook is the one that holds the cell being executed: among the ``.ipynb`` arguments
-    of the process that started the kernel (``jupyter nbconvert --execute NB``, ``papermill NB
-    OUT``), else among the notebooks of the kernel's working directory (nbclient and nbconvert
-    start it in the notebook's folder: ``resources['metadata']['path']``) when exactly one holds
-    it. Found once per kernel.
+    of the process that started the kernel for that notebook (``jupyter nbconvert --execute NB``,
+    ``papermill NB OUT``), else among the notebooks of the kernel's working directory (nbclient
+    and nbconvert start it in the notebook's folder: ``resources['metadata']['path']``) when
+    exactly one holds it. Found once per kernel.
+
+    A starter's argument counts only when the kernel was started for it: the kernel runs in the
+    notebook's folder (nbconvert, nbclient, ``jupyter execute``, nbval), or the starter is
+    papermill, whose kernel runs in papermill's own directory. A process that merely names a
+    notebook (``pytest notebooks/agent.ipynb tests/``, whose test kernels run elsewhere) does not
+    make its other kernels that notebook's.
     """
     found = _FOUND.get(id(shell))
     if found is not None:
@@ -116,13 +122,24 @@ def _cells(path: Path) -> dict[str, str]:
 
 
 def _parent_notebooks() -> list[Path]:
-    """The ``.ipynb`` arguments of the process that started this kernel (Linux: ``/proc``)."""
+    """The ``.ipynb`` arguments of the process that started this kernel for them (Linux: ``/proc``;
+    see :func:`headless_notebook`)."""
     parent = Path(f"/proc/{os.getppid()}")
     try:
         args = (parent / "cmdline").read_bytes().split(b"\0")
         cwd = Path(os.readlink(parent / "cwd"))
+        here = Path.cwd().resolve()
     except OSError:
         return []
+    papermill = any(Path(raw.decode(errors="replace")).name == "papermill" for raw in args)
+    found = [path for path in _notebook_args(args, cwd) if path.parent.resolve() == here]
+    if papermill and cwd.resolve() == here:
+        found += [path for path in _notebook_args(args, cwd) if path not in found]
+    return found
+
+
+def _notebook_args(args: list[bytes], cwd: Path) -> list[Path]:
+    """The ``.ipynb`` files a command line names (relative to its directory, or to the shell's)."""
     # Relative to the starter's directory, or to the shell's (papermill --cwd moves the
     # starter itself; the PWD it inherited still names the shell's).
     bases = [cwd] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else [])

@@ -50,13 +50,33 @@ def format_time(epoch: float | None) -> str:
 
 
 def status_report(
-    store: Store, name: str | None = None, *, show_all: bool = False, relabel: Callable[[str], str] | None = None
+    store: Store,
+    name: str | None = None,
+    *,
+    show_all: bool = False,
+    relabel: Callable[[str], str] | None = None,
+    live: dict[str, Any] | None = None,
 ) -> Report:
-    """The executions of a store, or the detail of one (``relabel`` rewrites its traceback's frames)."""
+    """The executions of a store, or the detail of one (``relabel`` rewrites its traceback's
+    frames; ``live``: the progress of the runs this process drives, by execution id)."""
     if name:
-        return detail_report(store, store.find_execution(name), relabel=relabel)
+        return detail_report(store, store.find_execution(name), relabel=relabel, live=live)
     rows = store.list_executions(latest_only=not show_all)
-    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all)
+    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all, live=live)
+
+
+def progress_text(row: Any, live: dict[str, Any] | None = None) -> str:
+    """done/total of an execution: ``40/40`` once it ended; while it runs, the total its code
+    tells (``12/40``, from the run's progress in this process), else the calls announced so far
+    with a ``+`` (``12/13+``: a loop, or a run of another process, may make more)."""
+    if row.status != "running":
+        return f"{row.calls_done}/{row.calls_total}"
+    progress = (live or {}).get(row.id)
+    if progress is not None and progress.expected is not None:
+        return f"{progress.done}/{progress.expected}"
+    if progress is not None:
+        return f"{progress.done}/{progress.total}+"
+    return f"{row.calls_done}/{row.calls_total}+"
 
 
 def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
@@ -84,7 +104,12 @@ def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
 
 
 def executions_report(
-    rows: Sequence[Any], where: str, size: StoreSize | None = None, *, per_workflow: bool = True
+    rows: Sequence[Any],
+    where: str,
+    size: StoreSize | None = None,
+    *,
+    per_workflow: bool = True,
+    live: dict[str, Any] | None = None,
 ) -> Report:
     """One line per execution; a notebook column when some were run from a notebook (scoped keys).
 
@@ -114,7 +139,7 @@ def executions_report(
                 name,
                 *([notebook or ""] if scoped else []),
                 execution_state(row),
-                f"{row.calls_done}/{row.calls_total}",
+                progress_text(row, live),
                 str(row.calls_failed),
                 format_time(row.created_at),
                 format_duration(end - row.created_at),
@@ -137,7 +162,9 @@ def _workflow_size(size: Any, key: str) -> list[str]:
     return [str(found.executions), format_bytes(found.bytes)]
 
 
-def detail_report(store: Store, row: Any, *, relabel: Callable[[str], str] | None = None) -> Report:
+def detail_report(
+    store: Store, row: Any, *, relabel: Callable[[str], str] | None = None, live: dict[str, Any] | None = None
+) -> Report:
     calls = store.load_calls(row.id)
     notebook, name = split_key(row.key)
     facts = [
@@ -145,7 +172,7 @@ def detail_report(store: Store, row: Any, *, relabel: Callable[[str], str] | Non
         *([("notebook", notebook)] if notebook else []),
         ("id", row.id),
         ("status", execution_state(row)),
-        ("calls", f"{row.calls_done}/{row.calls_total} done, {row.calls_failed} failed, {row.calls_reused} reused"),
+        ("calls", f"{progress_text(row, live)} done, {row.calls_failed} failed, {row.calls_reused} reused"),
         ("started", format_time(row.created_at)),
         ("finished", format_time(row.finished_at)),
         ("duration", format_duration((row.finished_at or time.time()) - row.created_at)),

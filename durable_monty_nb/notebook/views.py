@@ -25,6 +25,25 @@ from .tracebacks import relabel
 REFRESH_SECONDS = 0.25
 CALL_ROWS = 50
 STYLES = {"completed": "success", "failed": "danger", "interrupted": "warning", "running": ""}
+# A widget whose kernel restarted or died (JupyterLab marks its views jupyter-widgets-disconnected):
+# no broken-link icons and no buttons that would do nothing; one line says it is detached.
+DETACHED_CSS = """<style>
+.durable-run.jupyter-widgets-disconnected::before,
+.durable-run .jupyter-widgets-disconnected::before { content: none !important; display: none !important; }
+.durable-run .durable-detached { display: none; }
+.durable-run.jupyter-widgets-disconnected .durable-detached { display: block; color: #6b7280; }
+.durable-run.jupyter-widgets-disconnected .widget-button,
+.durable-run.jupyter-widgets-disconnected .widget-text { display: none !important; }
+</style>"""
+
+
+def detached_html(name: str) -> str:
+    """The line a widget shows once its kernel is gone (hidden while the kernel is connected)."""
+    text = (
+        f"detached from its kernel (restarted or shut down): this is {name} as it was then. "
+        f"Run the cell again, or %durable_status {name}, to see where it is now."
+    )
+    return f"{DETACHED_CSS}<div class='durable-detached'>{html.escape(text)}</div>"
 
 
 def widgets_available() -> bool:
@@ -223,8 +242,10 @@ def make_widget(
             )
             self._retry.on_click(self._retry_clicked)
             self._out = widgets.Output()
+            self._detached = widgets.HTML(detached_html(name))
             super().__init__(
                 [
+                    self._detached,
                     self._header,
                     self._note,
                     self._bar,
@@ -237,7 +258,7 @@ def make_widget(
                 ]
             )
             self._signals = make_signal_panel(run)  # waiting for a signal: Approve / Reject / Send
-            self.children = (*self.children[:4], self._signals, *self.children[4:])
+            self.children = (*self.children[:5], self._signals, *self.children[5:])
             self.add_class("durable-run")
             self._updater = _Updater(run, self.refresh)
 
@@ -267,20 +288,26 @@ def make_widget(
             self._cancel.disabled = True
             self._cancel.description = "Cancelling…"
 
+        def capture_error(self, msg_id: str) -> None:
+            """Take the outputs of the cell's execute request ``msg_id`` (the failed run's
+            traceback, raised by the cell right after) into this widget, where Retry failed can
+            clear it: the frontend routes them here (ipywidgets' Output), not to the cell."""
+            self._out.msg_id = msg_id
+
         def _retry_clicked(self, _: Any) -> None:
             if self._on_retry is None:
                 return
             self._retry.disabled = True
-            self._out.clear_output()
-            with self._out:
-                try:
-                    again = self._on_retry(self.run)
-                except Exception as exc:  # shown, never raised into the comm handler
+            try:
+                again = self._on_retry(self.run)
+            except Exception as exc:  # shown below the earlier traceback, never raised into the comm handler
+                with self._out:
                     print(f"{type(exc).__name__}: {exc}")
-                    self._retry.disabled = False
-                    return
+                self._retry.disabled = False
+                return
+            self._out.clear_output()  # the failed attempt's traceback: the cell no longer ends in it
             if isinstance(again, Run):  # this widget follows the retry (no second widget)
-                self.rebind(again, "retrying the failed calls (the traceback below is of the earlier attempt)")
+                self.rebind(again, "retrying the failed calls; the failed attempt's traceback was cleared")
 
         def start(self) -> None:
             self._updater.start()

@@ -300,8 +300,10 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
             if self._stopping:
                 self._withdraw_queued()  # no new call starts (scheduling.py)
             with self._state_lock:
-                # Attempts on a durable executor go on without us and report to the store.
-                if self._stopping and (self._in_flight == 0 or self.executor.durable):
+                # Attempts on a durable executor go on without us and report to the store, and
+                # so do external calls (their completions are taken when the run resumes).
+                in_flight = self._in_flight - len(self._external_waits)
+                if self._stopping and (in_flight <= 0 or self.executor.durable):
                     self._finished = True
             if self._finished:
                 self._finish_run("interrupted", error=interrupted_error(self.execution_id, self.key))

@@ -118,7 +118,11 @@ class Scheduling:
         withdraw = getattr(self.executor, "withdraw", None)
         if withdraw is None:
             return
-        queued = [s.task for s in list(self.calls.values()) if s.task is not None and not s.task.started_at]
+        # Every attempt in flight on the executor (external calls are not): the executor knows
+        # which started (Dask counts a task a worker holds in its queue as processing, and so as
+        # started here).
+        external = self._external_waits
+        queued = [s.task for s in list(self.calls.values()) if s.task is not None and s.call_id not in external]
         if not queued:
             return
         for task in withdraw(queued):
