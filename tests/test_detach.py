@@ -1,0 +1,226 @@
+"""Detached runs: a real ``durable-monty-nb runner`` subprocess drives what a process handed over.
+
+Runner kills, two runners racing, a runner with another signing key, cancel through the store.
+The functions are defined as a notebook cell defines them (in ``__main__``), so they reach the
+runner by value.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from procs import wait_until
+
+from durable_monty_nb import Engine
+from durable_monty_nb.engine.detached import CLAIM_WAIT
+from durable_monty_nb.store import handoffs
+
+pytestmark = pytest.mark.timeout(120)
+RUNNER = (sys.executable, "-m", "durable_monty_nb", "runner")
+
+CELL_FUNCTIONS = """
+import os, time
+
+LOG = os.environ["SIDE_LOG"]
+GATE = os.environ["GATE_FILE"]
+
+
+def step(i, held_from=3):  # holds while the gate file exists (test scaffolding, not a timer)
+    while i >= held_from and os.path.exists(GATE):
+        time.sleep(0.01)
+    with open(LOG, "a") as handle:
+        handle.write(f"{os.getpid()} {i}\\n")
+    return i * 10
+"""
+
+SEQUENTIAL = """
+results = []
+for i in range(6):
+    results.append(await step(i))
+total = sum(results)
+total
+"""
+
+
+def notebook(source: str) -> dict[str, Any]:
+    """The namespace a notebook cell with this source leaves (its functions live in ``__main__``)."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(source, "<cell>", "exec"), namespace)
+    return namespace
+
+
+class Runners:
+    """``durable-monty-nb runner`` subprocesses of one store; each one's output in a file."""
+
+    def __init__(self, db_url: str, folder: Path) -> None:
+        self.db_url = db_url
+        self.folder = folder
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, name: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        out = open(self.folder / f"{name}.out", "w")  # noqa: SIM115  (the process writes it)
+        proc = subprocess.Popen(
+            [*RUNNER, "--db", self.db_url, "--poll", "0.05", "--name", name, *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.folder / f"{name}.out").read_text()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    monkeypatch.setenv("SIDE_LOG", str(log))
+    monkeypatch.setenv("GATE_FILE", str(gate))
+    yield log, gate
+
+
+@pytest.fixture
+def runners(tmp_path: Path) -> Iterator[Runners]:
+    found = Runners(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    yield found
+    found.stop()
+
+
+def logged(log: Path) -> list[tuple[int, int]]:
+    if not log.exists():
+        return []
+    return [(int(pid), int(i)) for pid, i in (line.split() for line in log.read_text().splitlines())]
+
+
+def test_a_runner_completes_a_handed_over_run_and_the_cell_run_again_gets_it_from_the_store(
+    side: tuple[Path, Path], runners: Runners
+) -> None:
+    log, _ = side
+    ns = notebook(CELL_FUNCTIONS)
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, ns, key="nightly", detach=True)
+    assert not run.done  # handed over: nothing runs here
+    proc = runners.start("r1")
+    assert run.result(60) == 150
+    assert run.outputs["results"] == [0, 10, 20, 30, 40, 50]
+    assert {pid for pid, _ in logged(log)} == {proc.pid}  # the calls ran in the runner's threads
+    again = Engine(runners.db_url).start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="nightly", detach=True)
+    assert again.cached and again.result(5) == 150 and again.outputs["total"] == 150
+    assert len(logged(log)) == 6
+
+
+def test_no_runner_listening_says_so_with_the_command(side: tuple[Path, Path], tmp_path: Path) -> None:
+    engine = Engine(f"sqlite:///{tmp_path / 'store.db'}")
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="lonely", detach=True)
+    assert run.progress.note is None  # a runner gets a few seconds to claim it
+    note = wait_until(lambda: run.progress.note, timeout=CLAIM_WAIT + 10, what="the no-runner note")
+    assert "no runner has claimed this run" in note
+    assert f"durable-monty-nb runner --db '{engine.store.display_url}'" in note
+
+
+def test_a_sigkilled_runner_is_replaced_and_no_completed_call_runs_twice(
+    side: tuple[Path, Path], runners: Runners
+) -> None:
+    log, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="killed", detach=True)
+    first = runners.start("first")
+    wait_until(lambda: len(logged(log)) >= 3, what="three calls done by the first runner", procs=(first,))
+    row = wait_until(
+        lambda: (r := engine.store.get_execution(run.execution_id)).calls_total == 4 and r,
+        what="the held call dispatched",
+    )
+    done_at_kill = {c.call_id for c in engine.store.load_calls(row.id) if c.status == "done"}
+    assert len(done_at_kill) == 3
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    gate.unlink()
+    second = runners.start("second")
+    assert run.result(60) == 150
+    entries = logged(log)
+    assert sorted(i for _, i in entries) == [0, 1, 2, 3, 4, 5]  # the held call never finished in the first
+    assert [i for pid, i in entries if pid == first.pid] == [0, 1, 2]
+    assert [i for pid, i in entries if pid == second.pid] == [3, 4, 5]
+    assert "drives 'killed'" in runners.output("second")
+
+
+def test_two_runners_racing_drive_every_run_once(side: tuple[Path, Path], runners: Runners) -> None:
+    log, _ = side
+    engine = Engine(runners.db_url)
+    code = "a = await step(base)\nb = await step(base + 1)\na + b"
+    runs = [
+        engine.start(code, {**notebook(CELL_FUNCTIONS), "base": 10 * n}, key=f"race-{n}", detach=True) for n in range(6)
+    ]
+    one, two = runners.start("one"), runners.start("two")
+    for n, run in enumerate(runs):
+        assert run.result(60) == (10 * n) * 10 + (10 * n + 1) * 10
+    entries = logged(log)
+    assert sorted(i for _, i in entries) == sorted(i for n in range(6) for i in (10 * n, 10 * n + 1))
+    for n in range(6):  # both calls of a run in one runner: no run was driven by two
+        assert len({pid for pid, i in entries if i in (10 * n, 10 * n + 1)}) == 1
+    assert {pid for pid, _ in entries} <= {one.pid, two.pid}
+
+
+def test_a_runner_with_another_key_refuses_naming_the_mismatch_and_leaves_the_run(
+    side: tuple[Path, Path], runners: Runners
+) -> None:
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="keyed", detach=True)
+    runners.start("stranger", env={"DURABLE_MONTY_KEY": "another-key"})
+    note = wait_until(lambda: "refused" in (run.progress.note or "") and run.progress.note, what="the refusal")
+    assert "another signing key" in note and "stranger" in note
+    handoff = handoffs.load_handoff(engine.store, run.execution_id)
+    assert handoff is not None and handoff.armed and engine.store.get_execution(run.execution_id).calls_total == 0
+    runners.start("keeper")
+    assert run.result(60) == 150
+
+
+def test_a_tampered_function_is_refused(side: tuple[Path, Path], runners: Runners) -> None:
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="tampered", detach=True)
+    with engine.store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE dm_functions SET data = X'00'")
+    runners.start("careful")
+    note = wait_until(lambda: "refused" in (run.progress.note or "") and run.progress.note, what="the refusal")
+    assert "failed its integrity check" in note and "'step'" in note
+
+
+def test_cancel_through_the_store_stops_the_run_its_runner_drives(side: tuple[Path, Path], runners: Runners) -> None:
+    log, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="cancelled", detach=True)
+    runners.start("r")
+    wait_until(lambda: len(logged(log)) >= 3, what="three calls done")
+    other = Engine(runners.db_url)  # another process's engine: it drives nothing itself
+    assert other.cancel("cancelled")
+    wait_until(lambda: "cancels 'cancelled'" in runners.output("r"), what="the runner passing the cancel on")
+    gate.unlink()  # the held call finishes and is kept
+    assert run.wait(60) and run.status == "interrupted"
+    assert engine.store.get_execution(run.execution_id).status == "interrupted"
+    assert len(logged(log)) == 4
+    again = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="cancelled", detach=True)  # handed over again
+    assert again.result(60) == 150
+    assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
