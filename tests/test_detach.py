@@ -224,3 +224,134 @@ def test_cancel_through_the_store_stops_the_run_its_runner_drives(side: tuple[Pa
     again = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="cancelled", detach=True)  # handed over again
     assert again.result(60) == 150
     assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
+
+
+# -- real kernels ----------------------------------------------------------------------------------
+
+DETACHED_CELL = "%%durable nightly --detach\n" + SEQUENTIAL.strip()
+SIGNAL_CELL = "%%durable approval --detach\nv = await signal('go')\nr = await step(v, held_from=99)\nr"
+
+
+def kernel_env(runners: Runners, side: tuple[Path, Path]) -> dict[str, str]:
+    log, gate = side
+    return {"SIDE_LOG": str(log), "GATE_FILE": str(gate), "DURABLE_MONTY_DB": runners.db_url}
+
+
+def notebook_kernel(folder: Path, env: dict[str, str]) -> Any:
+    from kernels import Kernel
+
+    kernel = Kernel(folder, env)
+    kernel.ok("%load_ext durable_monty_nb")
+    kernel.ok(CELL_FUNCTIONS)
+    return kernel
+
+
+def latest(db_url: str, key: str) -> Any:
+    from durable_monty_nb.store.store import Store
+
+    store = Store(db_url)
+    try:
+        return store.latest_execution(key)
+    finally:
+        store.close()
+
+
+@pytest.mark.kernel
+def test_a_kernel_hands_over_and_shuts_down_and_a_new_kernel_gets_the_result_and_the_names(
+    side: tuple[Path, Path], runners: Runners, tmp_path: Path
+) -> None:
+    log, _ = side
+    env = kernel_env(runners, side)
+    first = notebook_kernel(tmp_path, env)
+    try:
+        reply = first.ok(DETACHED_CELL)
+        assert reply.result is None  # returned at once: the run is handed over
+        assert "results" not in first.ok("print(sorted(k for k in dir() if k == 'results'))").streams
+    finally:
+        first.close()
+    assert not logged(log)  # nothing ran in the kernel
+    proc = runners.start("overnight")
+    wait_until(lambda: (row := latest(runners.db_url, "nightly")) and row.status == "completed", what="completion")
+    second = notebook_kernel(tmp_path, env)
+    try:
+        reply = second.ok(DETACHED_CELL)
+        assert reply.result == "150"
+        names = second.ok("print(results, total, type(results).__name__)").streams
+        assert names.strip() == "[0, 10, 20, 30, 40, 50] 150 list"
+    finally:
+        second.close()
+    assert {pid for pid, _ in logged(log)} == {proc.pid} and len(logged(log)) == 6
+
+
+@pytest.mark.kernel
+def test_a_kernel_re_attaches_to_a_run_still_going_sees_its_runner_and_another_kernel_cancels_it(
+    side: tuple[Path, Path], runners: Runners, tmp_path: Path
+) -> None:
+    log, gate = side
+    gate.touch()
+    env = kernel_env(runners, side)
+    first = notebook_kernel(tmp_path, env)
+    try:
+        first.ok(DETACHED_CELL)
+        note = first.ok(WAIT_FOR_NOTE).streams
+        assert "no runner has claimed this run" in note and "durable-monty-nb runner --db" in note
+    finally:
+        first.close()
+    runners.start("night-shift")
+    wait_until(lambda: len(logged(log)) >= 3, what="three calls done by the runner")
+    second = notebook_kernel(tmp_path, env)
+    try:
+        reply = second.ok(DETACHED_CELL)
+        assert reply.result is None  # still going: the cell re-attaches and returns
+        status = second.ok("%durable_status").result or ""
+        assert "night-shift" in status, status
+        third = notebook_kernel(tmp_path, env)
+        try:
+            third.ok("%durable_cancel nightly")
+        finally:
+            third.close()
+        wait_until(lambda: "cancels 'nightly'" in runners.output("night-shift"), what="the cancel passed on")
+        gate.unlink()
+        done = second.ok(WAIT_FOR_END).streams
+        assert done.strip() == "interrupted"
+    finally:
+        second.close()
+    assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3]
+
+
+@pytest.mark.kernel
+def test_a_signal_from_a_kernel_that_did_not_start_the_run(
+    side: tuple[Path, Path], runners: Runners, tmp_path: Path
+) -> None:
+    env = kernel_env(runners, side)
+    first = notebook_kernel(tmp_path, env)
+    try:
+        first.ok(SIGNAL_CELL)
+    finally:
+        first.close()
+    runners.start("approvals")
+    wait_until(lambda: (row := latest(runners.db_url, "approval")) and row.calls_total == 1, what="the signal wait")
+    other = notebook_kernel(tmp_path, env)
+    try:
+        other.ok("%durable_signal approval go 7")
+        wait_until(lambda: latest(runners.db_url, "approval").status == "completed", what="completion")
+        assert other.ok(SIGNAL_CELL).result == "70"
+        assert other.ok("print(r, v)").streams.strip() == "70 7"
+    finally:
+        other.close()
+
+
+WAIT_FOR_NOTE = """
+import time
+_run = get_ipython().magics_manager.registry['DurableMagics'].runs['nightly']
+_deadline = time.monotonic() + 30
+while not _run.progress.note and time.monotonic() < _deadline:
+    time.sleep(0.05)
+print(_run.progress.note)
+"""
+
+WAIT_FOR_END = """
+_run = get_ipython().magics_manager.registry['DurableMagics'].runs['nightly']
+_run.wait(60)
+print(_run.status)
+"""

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.detached import driven_by
 from ..errors import last_line
 from ..store.retention import StoreSize, format_bytes
 from ..store.store import Store, execution_state
@@ -56,7 +57,8 @@ def status_report(
     if name:
         return detail_report(store, store.find_execution(name), relabel=relabel)
     rows = store.list_executions(latest_only=not show_all)
-    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all)
+    runners = driven_by(store, [row for row in rows if row.status != "completed" or show_all])
+    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all, runners=runners)
 
 
 def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
@@ -84,12 +86,18 @@ def outage_report(error: Exception, runs: Sequence[Any], where: str) -> Report:
 
 
 def executions_report(
-    rows: Sequence[Any], where: str, size: StoreSize | None = None, *, per_workflow: bool = True
+    rows: Sequence[Any],
+    where: str,
+    size: StoreSize | None = None,
+    *,
+    per_workflow: bool = True,
+    runners: dict[str, str] | None = None,
 ) -> Report:
     """One line per execution; a notebook column when some were run from a notebook (scoped keys).
 
     With the store's ``size``: its total in the caption and, one line per workflow, the number of
-    its executions and the bytes they take (``runs``, ``size``).
+    its executions and the bytes they take (``runs``, ``size``). With ``runners`` (detached runs:
+    :func:`~durable_monty_nb.engine.detached.driven_by`), a ``runner`` column says who drives each.
     """
     scoped = any(split_key(row.key)[0] for row in rows)
     sized = size is not None and per_workflow
@@ -102,6 +110,7 @@ def executions_report(
         "started",
         "duration",
         *(["runs", "size"] if sized else []),
+        *(["runner"] if runners else []),
         "id",
     ]
     now = time.time()
@@ -119,6 +128,7 @@ def executions_report(
                 format_time(row.created_at),
                 format_duration(end - row.created_at),
                 *(_workflow_size(size, row.key) if sized else []),
+                *([runners.get(row.id, "")] if runners else []),
                 row.id[:12],
             ]
         )
