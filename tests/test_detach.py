@@ -355,3 +355,51 @@ _run = get_ipython().magics_manager.registry['DurableMagics'].runs['nightly']
 _run.wait(60)
 print(_run.status)
 """
+
+
+# -- remote executors ------------------------------------------------------------------------------
+
+GATHER = "values = await gather(*[step(i, held_from=2) for i in range(6)])\ntotal = sum(values)\ntotal"
+
+
+def killed_runner_with_calls_on_workers(
+    side: tuple[Path, Path], runners: Runners, executor: str, runner_options: tuple[str, ...]
+) -> None:
+    """Calls 0 and 1 finish on the workers, 2 and 3 are held there, 4 and 5 wait; the runner is
+    SIGKILLed; the held calls finish while no runner lives; a second runner completes the run."""
+    log, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    run = engine.start(GATHER, notebook(CELL_FUNCTIONS), key="remote", detach=True, executor=executor)
+    first = runners.start("first", *runner_options)
+    wait_until(lambda: len(logged(log)) >= 2, timeout=90, what="two calls done on the workers", procs=(first,))
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    gate.unlink()
+    wait_until(lambda: len(logged(log)) >= 4, timeout=60, what="the held calls finishing without a runner")
+    second = runners.start("second", *runner_options)
+    assert run.result(90) == 150
+    assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]  # no call ran twice
+    assert not {pid for pid, _ in logged(log)} & {first.pid, second.pid}  # all on the workers
+    assert "drives 'remote'" in runners.output("second")
+
+
+@pytest.mark.timeout(180)
+def test_a_runner_killed_with_calls_on_rq_workers_is_replaced_without_running_a_call_twice(
+    side: tuple[Path, Path], runners: Runners, redis_url: str, tmp_path: Path
+) -> None:
+    from test_rq import TESTS, Workers
+
+    workers = Workers(redis_url, f"q-{tmp_path.name[-20:]}", {"PYTHONPATH": str(TESTS)})
+    workers.start(2)
+    try:
+        killed_runner_with_calls_on_workers(side, runners, "rq", ("--rq-url", workers.url, "--rq-queue", workers.queue))
+    finally:
+        workers.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_runner_killed_with_calls_on_dask_workers_is_replaced_without_running_a_call_twice(
+    side: tuple[Path, Path], runners: Runners, own_dask_cluster: Any
+) -> None:
+    killed_runner_with_calls_on_workers(side, runners, "dask", ("--dask-address", own_dask_cluster.address))
