@@ -403,3 +403,31 @@ def test_a_runner_killed_with_calls_on_dask_workers_is_replaced_without_running_
     side: tuple[Path, Path], runners: Runners, own_dask_cluster: Any
 ) -> None:
     killed_runner_with_calls_on_workers(side, runners, "dask", ("--dask-address", own_dask_cluster.address))
+
+
+def test_an_object_the_cell_reads_travels_as_a_signed_blob(side: tuple[Path, Path], runners: Runners) -> None:
+    from fractions import Fraction  # the sandbox cannot hold one: it is stored as a blob
+
+    ns = notebook(CELL_FUNCTIONS + "\n\ndef thrice(x):\n    return float(x * 3)\n")
+    engine = Engine(runners.db_url)
+    run = engine.start("r = await thrice(third)\nr", {**ns, "third": Fraction(1, 3)}, key="blob", detach=True)
+    handoff = handoffs.load_handoff(engine.store, run.execution_id)
+    assert handoff is not None and '"$h"' in handoff.inputs["third"]
+    runners.start("r")
+    assert run.result(60) == 1.0
+
+
+def test_max_runs_limits_what_one_runner_drives_at_once(side: tuple[Path, Path], runners: Runners) -> None:
+    log, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    first = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="one", detach=True)
+    second = engine.start(
+        SEQUENTIAL.replace("range(6)", "range(100, 106)"), notebook(CELL_FUNCTIONS), key="two", detach=True
+    )
+    runners.start("single", "--max-runs", "1")
+    wait_until(lambda: len(logged(log)) >= 3, what="the first run's calls before the gate")
+    claimed = handoffs.handoffs_of(engine.store, [first.execution_id, second.execution_id])
+    assert [h.runner for h in claimed.values()].count("single") == 1  # the other waits for a free slot
+    gate.unlink()
+    assert first.result(60) == 150 and second.result(60) == sum(10 * i for i in range(100, 106))
