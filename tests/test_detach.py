@@ -431,3 +431,20 @@ def test_max_runs_limits_what_one_runner_drives_at_once(side: tuple[Path, Path],
     assert [h.runner for h in claimed.values()].count("single") == 1  # the other waits for a free slot
     gate.unlink()
     assert first.result(60) == 150 and second.result(60) == sum(10 * i for i in range(100, 106))
+
+
+def test_sigterm_stops_a_runner_and_leaves_its_runs_to_another(side: tuple[Path, Path], runners: Runners) -> None:
+    log, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="handed-on", detach=True)
+    first = runners.start("first")
+    wait_until(lambda: len(logged(log)) >= 3, what="three calls done")
+    first.send_signal(signal.SIGTERM)
+    gate.unlink()  # the call it was running finishes and is kept
+    assert first.wait(30) == 0
+    assert not run.done  # left for another runner, not ended
+    second = runners.start("second")
+    assert run.result(60) == 150
+    assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
+    assert [i for pid, i in logged(log) if pid == second.pid] == [4, 5]
