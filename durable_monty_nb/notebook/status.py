@@ -122,7 +122,7 @@ def executions_report(
             [
                 name,
                 *([notebook or ""] if scoped else []),
-                execution_state(row),
+                _state(row, runners),
                 f"{row.calls_done}/{row.calls_total}",
                 str(row.calls_failed),
                 format_time(row.created_at),
@@ -138,6 +138,12 @@ def executions_report(
         return Report(message, f"<p>{html.escape(message)}</p>")
     caption = f"{len(body)} execution(s) in {where}{total}"
     return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
+
+
+def _state(row: Any, runners: dict[str, str] | None) -> str:
+    """The status, with ``handed over`` for a detached run no runner drives (not a crash)."""
+    state = execution_state(row)
+    return "handed over" if state == "crashed" and runners and row.id in runners else state
 
 
 def _workflow_size(size: Any, key: str) -> list[str]:
