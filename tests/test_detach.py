@@ -448,3 +448,32 @@ def test_sigterm_stops_a_runner_and_leaves_its_runs_to_another(side: tuple[Path,
     assert run.result(60) == 150
     assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
     assert [i for pid, i in logged(log) if pid == second.pid] == [4, 5]
+
+
+def test_a_function_the_runner_cannot_load_fails_its_call_with_the_hint_and_resumes_after_a_fix(
+    side: tuple[Path, Path], runners: Runners, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from durable_monty_nb.errors import WorkflowFailed
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "kernel_only_helpers.py").write_text("def bonus(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(modules))  # importable here, not (yet) where the runner runs
+    ns = notebook(
+        CELL_FUNCTIONS + "\nimport kernel_only_helpers\n\ndef boosted(x):\n    return kernel_only_helpers.bonus(x)\n"
+    )
+    code = "a = await step(1)\nb = await boosted(a)\nb"
+    engine = Engine(runners.db_url)
+    run = engine.start(code, ns, key="missing-module", detach=True)
+    runners.start("bare")
+    assert run.wait(60)
+    with pytest.raises(WorkflowFailed) as failed:
+        run.result()
+    text = failed.value.traceback
+    assert "ModuleNotFoundError" in text and "kernel_only_helpers" in text and "could not be loaded on bare" in text
+    runners.stop()
+    runners.start("fixed", env={"PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")])})
+    again = engine.start(code, ns, key="missing-module", detach=True)  # the cell run again, after the fix
+    assert again.execution_id == run.execution_id  # resumed, not started anew
+    assert again.result(60) == 11
+    assert [i for _, i in logged(side[0])] == [1]  # the completed call did not run again

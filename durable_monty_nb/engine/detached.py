@@ -79,9 +79,8 @@ def start_detached(
             if lease_held(latest) and (current is None or not current.armed):
                 raise ExecutionBusy(engine._busy_message(latest.id, key, latest.lease_owner, "before handing it over"))
             if not (lease_held(latest) and current is not None and current.armed and not current.cancel_requested_at):
+                # Handed over again (after a cancel, a failure, a fix): a runner resumes it.
                 _write(store, latest.id, info, ns, inputs, fingerprints, codec, executor, options, reuse=False)
-                if latest.status != "running":
-                    _set_running(store, latest.id)
             return watch(store, latest.id, key)
         if latest.status == "running" and lease_held(latest):
             raise ExecutionBusy(engine._busy_message(latest.id, key, latest.lease_owner, "before running changed code"))
@@ -135,19 +134,6 @@ def _write(
         functions={key: (name, fingerprint, data) for name, (key, fingerprint, data) in shipped.items()},
         blobs=dict(codec.pending_blobs),
     )
-
-
-def _set_running(store: Store, execution_id: str) -> None:
-    from sqlalchemy import update
-
-    from ..store.tables import EXECUTIONS
-
-    with store.engine.begin() as conn:
-        conn.execute(
-            update(EXECUTIONS)
-            .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.lease_owner.is_(None))
-            .values(status="running", updated_at=time.time())
-        )
 
 
 def _executor_name(executor: Any) -> str:
@@ -204,7 +190,7 @@ class StoredRun:
     def note(self, row: Any = None) -> str | None:
         """What keeps the run from going: no runner claimed it, or runners refused it."""
         row = row if row is not None else self._store.get_execution(self._execution_id)
-        if row.status != "running" or lease_held(row):
+        if row.status not in UNFINISHED or lease_held(row):
             return None
         handoff = handoffs.load_handoff(self._store, self._execution_id)
         if handoff is None or not handoff.armed:

@@ -191,24 +191,24 @@ def request_cancel(store: Store, execution_id: str) -> bool:
 
 
 def interrupt_unclaimed(store: Store, execution_id: str) -> bool:
-    """A cancelled hand-over nobody drives: the execution becomes interrupted and the hand-over
-    disarmed, in one transaction fenced by the free lease. False when someone holds the lease."""
+    """A cancelled hand-over nobody drives: disarmed, and a running execution becomes interrupted,
+    in one transaction fenced by the free lease. False when someone holds the lease."""
     now = time.time()
+    free = (EXECUTIONS.c.lease_owner.is_(None)) | (EXECUTIONS.c.lease_expires_at < now)
     with store.engine.begin() as conn:
-        changed = conn.execute(
-            update(EXECUTIONS)
-            .where(
-                EXECUTIONS.c.id == execution_id,
-                EXECUTIONS.c.status == "running",
-                (EXECUTIONS.c.lease_owner.is_(None)) | (EXECUTIONS.c.lease_expires_at < now),
-            )
-            .values(status="interrupted", lease_owner=None, lease_expires_at=None, updated_at=now)
-        ).rowcount
-        if changed:
-            conn.execute(
-                update(HANDOFFS).where(HANDOFFS.c.execution_id == execution_id).values(armed=0, updated_at=now)
-            )
-    return bool(changed)
+        found = conn.execute(select(EXECUTIONS.c.status).where(EXECUTIONS.c.id == execution_id, free)).first()
+        if found is None:
+            return False
+        if found.status == "running":
+            changed = conn.execute(
+                update(EXECUTIONS)
+                .where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == "running", free)
+                .values(status="interrupted", lease_owner=None, lease_expires_at=None, updated_at=now)
+            ).rowcount
+            if not changed:
+                return False
+        conn.execute(update(HANDOFFS).where(HANDOFFS.c.execution_id == execution_id).values(armed=0, updated_at=now))
+    return True
 
 
 def _decode(row: Any) -> Handoff:
