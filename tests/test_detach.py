@@ -477,3 +477,35 @@ def test_a_function_the_runner_cannot_load_fails_its_call_with_the_hint_and_resu
     assert again.execution_id == run.execution_id  # resumed, not started anew
     assert again.result(60) == 11
     assert [i for _, i in logged(side[0])] == [1]  # the completed call did not run again
+
+
+@pytest.mark.timeout(180)
+def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Path) -> None:
+    from conftest import server_database
+    from proxy import Proxy
+    from sqlalchemy.engine import make_url
+
+    log, gate = side
+    database = server_database("postgresql")
+    database.reset()
+    parsed = make_url(database.url)
+    proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    through = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    runners = Runners(through, tmp_path)
+    try:
+        gate.touch()
+        engine = Engine(database.url)  # the kernel reaches the database directly
+        run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="outage", detach=True)
+        runners.start("rider")
+        wait_until(lambda: len(logged(log)) >= 3, what="three calls done")
+        proxy.down()
+        gate.unlink()  # the held call finishes while the runner cannot reach the store
+        wait_until(lambda: len(logged(log)) >= 4, what="the held call finishing during the outage")
+        wait_until(lambda: "store unreachable" in runners.output("rider"), timeout=60, what="the runner noticing")
+        proxy.up()
+        assert run.result(120) == 150
+        assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
+        engine.close()
+    finally:
+        runners.stop()
+        proxy.close()

@@ -213,6 +213,8 @@ class Runner:
                     self.log(f"{self.name}: store unreachable ({exc}); trying again")
                 except DurableError as exc:
                     self.log(f"{self.name}: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # a runner outlives what one round meets; the next round tries again
+                    self.log(f"{self.name}: unexpected {type(exc).__name__}: {exc}")
                 stop.wait(self.poll)
         finally:
             self.close()

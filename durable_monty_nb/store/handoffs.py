@@ -9,10 +9,12 @@ this row: the row only says that runners should drive it, and who did last.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, select, update
 
@@ -20,6 +22,20 @@ from ..errors import TamperedDataError
 from .signing import KEY_ENV, KEY_FILE_ENV, Signer
 from .store import Store
 from .tables import EXECUTIONS, HANDOFFS
+from .transient import retrying
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retried(operation: F) -> F:
+    """Through transient database errors, as the store's own operations (StoreUnavailable after its
+    retry window); every operation here may run twice (each one is idempotent)."""
+
+    @functools.wraps(operation)
+    def wrapper(store: Store, *args: Any, **kwargs: Any) -> Any:
+        return retrying(lambda: operation(store, *args, **kwargs), store.display_url, window=store.retry_window)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ def _row_values(
     }
 
 
+@_retried
 def write_handoff(
     store: Store,
     execution_id: str,
@@ -110,12 +127,14 @@ def write_handoff(
             conn.execute(insert(HANDOFFS), {**values, "created_at": now, "runner": None, "claimed_at": None})
 
 
+@_retried
 def load_handoff(store: Store, execution_id: str) -> Handoff | None:
     with store._reader.connect() as conn:
         row = conn.execute(select(HANDOFFS).where(HANDOFFS.c.execution_id == execution_id)).first()
     return _decode(row) if row is not None else None
 
 
+@_retried
 def armed_handoffs(store: Store) -> list[Handoff]:
     """Hand-overs runners should drive, oldest first."""
     with store._reader.connect() as conn:
@@ -123,6 +142,7 @@ def armed_handoffs(store: Store) -> list[Handoff]:
     return [_decode(row) for row in rows]
 
 
+@_retried
 def handoffs_of(store: Store, execution_ids: list[str]) -> dict[str, Handoff]:
     if not execution_ids:
         return {}
@@ -149,6 +169,7 @@ def verify_handoff(store: Store, handoff: Handoff) -> None:
     )
 
 
+@_retried
 def mark_claimed(store: Store, execution_id: str, runner: str) -> None:
     now = time.time()
     with store.engine.begin() as conn:
@@ -159,6 +180,7 @@ def mark_claimed(store: Store, execution_id: str, runner: str) -> None:
         )
 
 
+@_retried
 def mark_refused(store: Store, execution_id: str, message: str) -> None:
     """Say why a runner would not drive it (the row stays armed: a runner with the key may)."""
     now = time.time()
@@ -168,6 +190,7 @@ def mark_refused(store: Store, execution_id: str, message: str) -> None:
         )
 
 
+@_retried
 def disarm(store: Store, execution_id: str) -> None:
     """No runner drives it any more (it ended, or it was cancelled)."""
     now = time.time()
@@ -175,6 +198,7 @@ def disarm(store: Store, execution_id: str) -> None:
         conn.execute(update(HANDOFFS).where(HANDOFFS.c.execution_id == execution_id).values(armed=0, updated_at=now))
 
 
+@_retried
 def request_cancel(store: Store, execution_id: str) -> bool:
     """Ask the runner that drives it to stop it (an unclaimed one stops at once: interrupted).
 
@@ -190,6 +214,7 @@ def request_cancel(store: Store, execution_id: str) -> bool:
     return bool(changed)
 
 
+@_retried
 def interrupt_unclaimed(store: Store, execution_id: str) -> bool:
     """A cancelled hand-over nobody drives: disarmed, and a running execution becomes interrupted,
     in one transaction fenced by the free lease. False when someone holds the lease."""
