@@ -509,3 +509,56 @@ def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Pa
     finally:
         runners.stop()
         proxy.close()
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(180)
+# Dask passes too (33 s here, most of it its own cluster's start): its runner path is covered by
+# test_a_runner_killed_with_calls_on_dask_workers_..., so the kernel round trip runs on RQ only.
+@pytest.mark.parametrize("executor", ["rq"])
+def test_a_kernel_hands_a_run_on_remote_workers_over_and_a_new_kernel_gets_the_result(
+    side: tuple[Path, Path], runners: Runners, tmp_path: Path, request: pytest.FixtureRequest, executor: str
+) -> None:
+    from kernels import dask_config, rq_config
+
+    log, _ = side
+    workers = None
+    if executor == "rq":
+        from test_rq import TESTS, Workers
+
+        workers = Workers(request.getfixturevalue("redis_url"), f"q-{tmp_path.name[-20:]}", {"PYTHONPATH": str(TESTS)})
+        workers.start(2)
+        configure, options = (
+            rq_config(workers.url, workers.queue),
+            ("--rq-url", workers.url, "--rq-queue", workers.queue),
+        )
+    else:
+        address = request.getfixturevalue("own_dask_cluster").address
+        configure, options = dask_config(address), ("--dask-address", address)
+    try:
+        env = kernel_env(runners, side)
+        first = notebook_kernel(tmp_path, env)
+        try:
+            first.ok(configure)
+            assert first.ok(DETACHED_CELL).result is None
+        finally:
+            first.close()
+        runner = runners.start("remote-runner", *options)
+        wait_until(
+            lambda: (row := latest(runners.db_url, "nightly")) and row.status == "completed",
+            timeout=90,
+            what="completion",
+            procs=(runner,),
+        )
+        second = notebook_kernel(tmp_path, env)
+        try:
+            second.ok(configure)
+            assert second.ok(DETACHED_CELL).result == "150"
+            assert second.ok("print(results)").streams.strip() == "[0, 10, 20, 30, 40, 50]"
+        finally:
+            second.close()
+        assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3, 4, 5]
+        assert runner.pid not in {pid for pid, _ in logged(log)}  # on the workers
+    finally:
+        if workers is not None:
+            workers.stop()
