@@ -305,6 +305,8 @@ def test_a_kernel_re_attaches_to_a_run_still_going_sees_its_runner_and_another_k
         assert reply.result is None  # still going: the cell re-attaches and returns
         status = second.ok("%durable_status").result or ""
         assert "night-shift" in status, status
+        detail = second.ok("%durable_status nightly").result or ""
+        assert "runner: night-shift" in detail, detail
         third = notebook_kernel(tmp_path, env)
         try:
             third.ok("%durable_cancel nightly")

@@ -156,11 +156,13 @@ def _workflow_size(size: Any, key: str) -> list[str]:
 def detail_report(store: Store, row: Any, *, relabel: Callable[[str], str] | None = None) -> Report:
     calls = store.load_calls(row.id)
     notebook, name = split_key(row.key)
+    runner = driven_by(store, [row])
     facts = [
         ("name", name),
         *([("notebook", notebook)] if notebook else []),
         ("id", row.id),
-        ("status", execution_state(row)),
+        ("status", _state(row, runner)),
+        *([("runner", runner[row.id])] if runner else []),
         ("calls", f"{row.calls_done}/{row.calls_total} done, {row.calls_failed} failed, {row.calls_reused} reused"),
         ("started", format_time(row.created_at)),
         ("finished", format_time(row.finished_at)),
