@@ -482,14 +482,13 @@ def test_a_function_the_runner_cannot_load_fails_its_call_with_the_hint_and_resu
 
 
 @pytest.mark.timeout(180)
-def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Path) -> None:
-    from conftest import server_database
+@pytest.mark.parametrize("server", ["postgresql"], indirect=True)
+def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Path, server: Any) -> None:
     from proxy import Proxy
     from sqlalchemy.engine import make_url
 
     log, gate = side
-    database = server_database("postgresql")
-    database.reset()
+    database = server
     parsed = make_url(database.url)
     proxy = Proxy((parsed.host or "127.0.0.1", parsed.port or 5432))
     through = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
