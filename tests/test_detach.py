@@ -563,3 +563,16 @@ def test_a_kernel_hands_a_run_on_remote_workers_over_and_a_new_kernel_gets_the_r
     finally:
         if workers is not None:
             workers.stop()
+
+
+def test_a_run_whose_executor_the_runner_cannot_reach_is_refused_and_blocks_no_other(
+    side: tuple[Path, Path], runners: Runners
+) -> None:
+    engine = Engine(runners.db_url)
+    stuck = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="on-rq", detach=True, executor="rq")
+    other = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="on-threads", detach=True)
+    runners.start("r", "--rq-url", "redis://127.0.0.1:9/0")  # nothing listens there
+    assert other.result(60) == 150
+    note = wait_until(lambda: "refused" in (stuck.progress.note or "") and stuck.progress.note, what="the refusal")
+    assert "redis://127.0.0.1:9/0" in note or "Redis" in note, note
+    assert not stuck.done

@@ -114,7 +114,9 @@ class Runner:
             if str(ended) == "completed":
                 handoffs.disarm(store, row.id)
             return
-        except TamperedDataError as exc:
+        except (TamperedDataError, DurableError) as exc:  # another key, a tampered row, an executor out of reach
+            if isinstance(exc, StoreError) and not isinstance(exc, TamperedDataError):
+                raise  # an outage: the next round tries again
             if self._refused.get(row.id) != handoff.signature:
                 self._refused[row.id] = handoff.signature
                 message = f"{self.name} refused {row.key!r}: {exc}"
