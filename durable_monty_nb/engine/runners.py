@@ -78,7 +78,7 @@ class Runner:
                     self._cancelled.remove(run)
                 if not self._stopping:
                     with contextlib.suppress(StoreError):
-                        handoffs.disarm(self.store, execution_id)
+                        self._ended(run)
                 self.log(f"{self.name}: {run.key!r} ({execution_id[:12]}) {run.status}")
         armed = handoffs.armed_handoffs(self.store)
         for handoff in armed:
@@ -92,6 +92,16 @@ class Runner:
                 break
             if handoff.execution_id not in self.runs:
                 self._claim(handoff)
+
+    def _ended(self, run: Run) -> None:
+        """A run driven here ended: no runner drives it any more, unless it stopped uncancelled (its
+        lease lost, the store away too long) or its cell handed it over again meanwhile; then the
+        next round (here or in another runner) takes it up again."""
+        if run.status == "interrupted":
+            handoff = handoffs.load_handoff(self.store, run.execution_id)
+            if handoff is not None and handoff.armed and not handoff.cancel_requested_at:
+                return
+        handoffs.disarm(self.store, run.execution_id)
 
     def _claim(self, handoff: handoffs.Handoff) -> None:
         store = self.store
