@@ -1,9 +1,11 @@
 """Command line: ``upgrade`` a store, list its ``status``, say ``why`` calls were reused or ran,
-``forget`` a workflow, ``prune`` old executions, run an RQ ``worker`` with the package preloaded."""
+``forget`` a workflow, ``prune`` old executions, run an RQ ``worker`` with the package preloaded, run a
+``runner`` that drives detached runs (``%%durable NAME --detach``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -46,6 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--url", default=None, help="Redis URL (default: $DURABLE_MONTY_RQ_URL or the local server)")
     worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    runner = commands.add_parser(
+        "runner",
+        help="drive the detached runs of a store (%%%%durable NAME --detach), taking over those of runners that died",
+    )
+    runner.add_argument("--db", required=True, help="SQLAlchemy URL or SQLite file of the store")
+    runner.add_argument("--rq-url", default=None, help="Redis URL of runs on the rq executor")
+    runner.add_argument("--rq-queue", default=None, help="RQ queue of runs on the rq executor")
+    runner.add_argument("--dask-address", default=None, help="Dask scheduler of runs on the dask executor")
+    runner.add_argument("--workers", type=int, default=None, help="threads per run of the threads executor")
+    runner.add_argument("--max-runs", type=int, default=None, help="most runs driven at once (default: no limit)")
+    runner.add_argument("--lease-ttl", type=float, default=None, help="seconds a silent runner keeps a run")
+    runner.add_argument("--poll", type=float, default=0.5, help="seconds between looks for runs to claim")
+    runner.add_argument("--name", default=None, help="how status views name this runner")
     from .server.cli import COMMANDS as SERVER_COMMANDS
     from .server.cli import add_commands, run_command
 
@@ -53,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in SERVER_COMMANDS:
         return run_command(args)
+
+    if args.command == "runner":
+        return run_runner(args)
 
     if args.command == "worker":
         return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst)
@@ -114,6 +132,40 @@ def run_retention(args: argparse.Namespace) -> int:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(removal.summary())
+    return 0
+
+
+def run_runner(args: argparse.Namespace) -> int:
+    """A runner until SIGTERM or Ctrl-C; the runs it drives then stop, for other runners to take over."""
+    import signal
+    import threading
+
+    from . import defaults
+    from .engine.runners import Runner
+    from .errors import DurableError
+
+    settings: dict[str, dict[str, object]] = {}
+    if args.rq_url or args.rq_queue:
+        settings["rq"] = {k: v for k, v in (("url", args.rq_url), ("queue", args.rq_queue)) if v}
+    if args.dask_address:
+        settings["dask"] = {"address": args.dask_address}
+    try:
+        runner = Runner(
+            args.db,
+            settings=settings,
+            workers=args.workers,
+            max_runs=args.max_runs,
+            lease_ttl=args.lease_ttl or defaults.LEASE_TTL,
+            poll=args.poll,
+            name=args.name,
+        )
+    except (DurableError, ValueError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        runner.serve(stop)
     return 0
 
 

@@ -58,6 +58,7 @@ class ServerDatabase:
         tables = set(inspector.get_table_names())
         with self.engine.begin() as conn:
             for table in (
+                "dm_handoffs",
                 "dm_agent_units",
                 "dm_signals",
                 "dm_attempts",

@@ -362,7 +362,6 @@ def _held_gather(engine: Engine, key: str) -> tuple[object, threading.Event]:
 
 def test_a_running_gather_shows_its_rate_and_eta_in_the_widget(sqlite_engine: Engine) -> None:
     from durable_monty_nb.engine.run import Progress
-
     from durable_monty_nb.notebook.live import breakdown_rows
 
     run, gate = _held_gather(sqlite_engine, "eta")

@@ -26,16 +26,13 @@ each call, where it came from or why it ran again (see :mod:`.why`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
 import functools
 import json
 import threading
 import time
-import types
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic_monty import MontyError, MontyRuntimeError, MontySyntaxError
@@ -45,8 +42,6 @@ from ..errors import (
     DurableError,
     ExecutionBusy,
     MissingFunctionsError,
-    UnknownNamesError,
-    ValueCrossingError,
     WorkflowCodeError,
     WorkflowFailed,
 )
@@ -55,13 +50,22 @@ from ..store.owners import describe_owner, lease_held, new_owner
 from ..store.retention import Removal, StoreSize, parse_age
 from ..store.signing import secret_argument
 from ..store.store import UNFINISHED, Store
-from ..values import ValueCodec, ship_function
+from ..values import ValueCodec
 from . import sandbox
-from .analysis import MONTY_MISSING_BUILTINS, SANDBOX_NAMES, CodeInfo, analyze, sandbox_substitute
+from .analysis import CodeInfo, analyze
 from .controls import CallControls, Rate
-from .driver import Driver, Settings, default_printer, format_monty_error, is_function_like, stored_call_views
+from .driver import Driver, Settings, default_printer, format_monty_error, stored_call_views
 from .events import ExecutionStarted, Printed
-from .fingerprint import Fingerprinter, Unhashable, sha256
+from .fingerprint import Fingerprinter
+from .inputs import (  # noqa: F401  (where they were before inputs.py)
+    _describe_unfinished,
+    _same_fingerprints,
+    _same_reads,
+    check_names,
+    close_names,
+    prepare_inputs,
+    ship_functions,
+)
 from .options import RunOptions, check_workers
 from .retry import RetryPolicy
 from .run import CallView, Progress, Run
@@ -220,9 +224,15 @@ class Engine:
         print_callback: PrintCallback | None = None,
         paused: bool = False,
         rerun_functions: tuple[str, ...] | list[str] = (),
+        detach: bool = False,
         **option_fields: Any,
     ) -> Run:
         """Start (or resume, or answer from the store) and return a run at once.
+
+        With ``detach`` the run is handed over to runners (``durable-monty-nb runner``): the
+        values the code reads and its functions are captured, signed, in the store, and the handle
+        watches the store (see :mod:`.detached`); run again, it returns the stored result once the
+        run completed, else it watches the run again.
 
         With ``paused`` no call is dispatched until ``run.begin()`` (views use it to show
         themselves first); the code has been checked and started up to its first call.
@@ -233,6 +243,13 @@ class Engine:
         (the others are reused as usual).
         """
         chosen_options = (options or RunOptions()).with_overrides(**option_fields)
+        if detach:
+            if rerun_functions or paused:
+                raise DurableError("a detached run takes neither rerun_functions nor paused; nothing ran")
+            from .detached import start_detached
+
+            self._retain()
+            return start_detached(self, code, namespace, key=key, rerun=rerun, options=chosen_options)
         info = analyze(code)
         key = key or f"code-{info.code_hash[:12]}"
         self._retain()
@@ -364,12 +381,15 @@ class Engine:
         return [self.resume(row.id, namespace, **options) for row in self.store.unfinished_executions()]
 
     def cancel(self, name_or_id: str) -> bool:
-        """Interrupt an execution this process drives; False if it does not drive it."""
+        """Interrupt an execution this process drives, or a detached one (its runner stops it);
+        False if neither."""
         row = self.store.find_execution(name_or_id)
         with self._lock:
             driver = self._active.get(row.id)
         if driver is None or driver.run.done:  # finished, its driver not yet forgotten: nothing to interrupt
-            return False
+            from .detached import cancel_detached
+
+            return row.status != "completed" and cancel_detached(self.store, row.id)
         driver.request_stop()
         return True
 
@@ -677,20 +697,6 @@ class StoredCalls:
         return None
 
 
-def ship_functions(info: CodeInfo, namespace: Mapping[str, Any], fingerprints: dict[str, Any]) -> dict[str, Any]:
-    """{name: (key, fingerprint, pickle)} of the functions the code reads, for remote workers.
-
-    Raises ValueCrossingError naming a function that cannot be shipped, before anything runs.
-    """
-    shipped = {}
-    for name, fingerprint in fingerprints["functions"].items():
-        if name not in namespace:
-            continue
-        key, data = ship_function(namespace[name], name)
-        shipped[name] = (key, fingerprint, data)
-    return shipped
-
-
 def wait_for(run: Run) -> Any:
     """Wait for a run's result; Ctrl-C interrupts the execution (resumable) and re-raises."""
     try:
@@ -700,97 +706,6 @@ def wait_for(run: Run) -> Any:
         run.cancel()
         raise
     return run.result()
-
-
-def check_names(info: CodeInfo, namespace: Mapping[str, Any], unfinished: Any) -> None:
-    """Raise UnknownNamesError, before anything runs, for names neither namespace nor sandbox has."""
-    missing = {name: line for name, line in info.free_names.items() if name not in namespace}
-    if missing:
-        unavailable = {name: sandbox_substitute(name) for name in missing if name in MONTY_MISSING_BUILTINS}
-        raise UnknownNamesError(
-            missing,
-            resumable=_describe_unfinished(unfinished),
-            unavailable=unavailable,
-            suggestions=close_names(missing, namespace),
-        )
-
-
-def close_names(unknown: Iterable[str], namespace: Mapping[str, Any]) -> dict[str, str]:
-    """For each unknown name, the closest name the notebook or the sandbox defines (``lod`` ->
-    ``load``), when one is close enough."""
-    defined = [n for n in namespace if isinstance(n, str) and not n.startswith("_")]
-    defined += sorted(SANDBOX_NAMES)
-    found = {}
-    for name in unknown:
-        match = difflib.get_close_matches(name, defined, n=1, cutoff=0.7)
-        if match:
-            found[name] = match[0]
-    return found
-
-
-def prepare_inputs(
-    info: CodeInfo, namespace: Mapping[str, Any], codec: ValueCodec, fingerprinter: Fingerprinter | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sandbox values of the namespace names the code reads, and fingerprints of all of them.
-
-    ``{"reads": {name: digest}, "functions": {name: digest}, "parts": {function: {part: digest}},
-    "unhashable": {function: {part: type}}}``: the parts (see :class:`.fingerprint.FunctionPrint`)
-    say what changed when a digest differs. Raises ValueCrossingError, before anything runs, for
-    a value that cannot cross.
-    """
-    printer = fingerprinter or Fingerprinter()
-    inputs: dict[str, Any] = {}
-    reads: dict[str, str] = {}
-    functions: dict[str, str] = {}
-    parts: dict[str, dict[str, str]] = {}
-    unhashable: dict[str, dict[str, str]] = {}
-    for name in sorted(info.free_names):
-        value = namespace[name]
-        if is_function_like(value):
-            printed = printer.function(value)
-            functions[name] = printed.digest
-            parts[name] = printed.parts
-            if printed.unhashable:
-                unhashable[name] = printed.unhashable
-            continue
-        if isinstance(value, types.ModuleType):
-            raise ValueCrossingError(
-                f"{name!r} (line {info.free_names[name]}) is a module; workflow code cannot use host modules. "
-                f"Call a notebook function that uses {name} instead."
-            )
-        text, sandbox_value = codec.encode(value, what=f"the notebook variable {name!r} (line {info.free_names[name]})")
-        inputs[name] = sandbox_value
-        reads[name] = sha256(text)
-        if '"$h"' in text:  # a stored object (a blob) also counts by the code of the notebook classes it holds
-            with contextlib.suppress(Unhashable):
-                reads[name] = printer.value(value)
-    return inputs, {"reads": reads, "functions": functions, "parts": parts, "unhashable": unhashable}
-
-
-def _stored_prints(stored: str | None) -> dict[str, Any] | None:
-    if not stored:
-        return None
-    try:
-        found = json.loads(stored)
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def _same_fingerprints(stored: str | None, current: dict[str, Any]) -> bool:
-    """The same values read and the same function fingerprints (what explains them aside)."""
-    found = _stored_prints(stored)
-    return (
-        found is not None
-        and found.get("reads") == current["reads"]
-        and found.get("functions") == current["functions"]
-        and not current["unhashable"]
-    )
-
-
-def _same_reads(stored: str | None, current: dict[str, Any]) -> bool:
-    found = _stored_prints(stored)
-    return found is not None and found.get("reads") == current["reads"]
 
 
 def check_rerun_functions(names: Any, info: CodeInfo, namespace: Mapping[str, Any]) -> frozenset[str]:
@@ -805,15 +720,6 @@ def check_rerun_functions(names: Any, info: CodeInfo, namespace: Mapping[str, An
             f"Name a function the code calls. Nothing ran."
         )
     return chosen
-
-
-def _describe_unfinished(row: Any) -> str | None:
-    if row is None or row.status not in UNFINISHED:
-        return None
-    return (
-        f"execution {row.id[:12]} has {row.calls_done} of {row.calls_total} calls done and "
-        f"continues from there when you run it again."
-    )
 
 
 def _error_line(exc: MontyError) -> int | None:

@@ -276,6 +276,12 @@ class DurableMagics(Magics):
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
     @run_arguments("executor", "workers")
     @argument("--background", action="store_true", help="Return at once; names are set when it completes.")
+    @argument(
+        "--detach",
+        action="store_true",
+        help="Hand the run to a runner (durable-monty-nb runner): it goes on without this kernel; "
+        "run the cell again in any kernel to watch it or get its result.",
+    )
     @argument("--rerun", action="store_true", help="Start fresh: run every call again.")
     @argument(
         "--rerun-fn",
@@ -307,6 +313,12 @@ class DurableMagics(Magics):
         engine = self.engine(args.db, args.durability)
         name = args.name or self._cell_key(cell) or f"code-{code_hash(cell)[:12]}"
         key = self.workflow_key(engine.store, name, cell)
+        if args.detach:
+            if args.rerun_fn:
+                raise DurableError("--rerun-fn does not go with --detach. Nothing ran.")
+            run = engine.start(cell, self.shell.user_ns, key=key, rerun=args.rerun, options=options, detach=True)
+            # Completed: the stored result and names, as any cell. Else the widget watches the store.
+            return self._follow(run, background=not run.done, quiet=args.quiet)
         printer = HeldPrinter()  # prints made while the run starts appear below its view, in order
         try:
             run = engine.start(
@@ -596,16 +608,17 @@ class DurableMagics(Magics):
         return None
 
     @magic_arguments()
-    @argument("name", help="A workflow name or execution id running in this kernel.")
+    @argument("name", help="A workflow name or execution id running in this kernel, or a detached one.")
     @argument("--db", help="Store: SQLAlchemy URL or SQLite file path.")
     @line_magic
     def durable_cancel(self, line: str) -> None:
-        """Interrupt a workflow running in this kernel (running calls finish; it can be resumed)."""
+        """Interrupt a workflow running in this kernel, or a detached one from any kernel (its
+        runner stops it); running calls finish, it can be resumed."""
         args = parse_argstring(self.durable_cancel, line)
         engine = self.engine(args.db)
         row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
         if not engine.cancel(row.id):
-            raise DurableError(f"{args.name!r} is not running in this kernel")
+            raise DurableError(f"{args.name!r} is not running in this kernel, and no runner drives it")
         print(f"interrupting {args.name!r}: running calls finish and are kept; resume with %durable_resume")
 
     # -- after %load_ext ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.detached import driven_by
 from ..errors import last_line
 from ..store.retention import StoreSize, format_bytes
 from ..store.store import Store, execution_state
@@ -62,7 +63,10 @@ def status_report(
     if name:
         return detail_report(store, store.find_execution(name), relabel=relabel, live=live)
     rows = store.list_executions(latest_only=not show_all)
-    return executions_report(rows, store.display_url, store.sizes(), per_workflow=not show_all, live=live)
+    runners = driven_by(store, [row for row in rows if row.status != "completed" or show_all])
+    return executions_report(
+        rows, store.display_url, store.sizes(), per_workflow=not show_all, live=live, runners=runners
+    )
 
 
 def progress_text(row: Any, live: dict[str, Any] | None = None) -> str:
@@ -110,11 +114,13 @@ def executions_report(
     *,
     per_workflow: bool = True,
     live: dict[str, Any] | None = None,
+    runners: dict[str, str] | None = None,
 ) -> Report:
     """One line per execution; a notebook column when some were run from a notebook (scoped keys).
 
     With the store's ``size``: its total in the caption and, one line per workflow, the number of
-    its executions and the bytes they take (``runs``, ``size``).
+    its executions and the bytes they take (``runs``, ``size``). With ``runners`` (detached runs:
+    :func:`~durable_monty_nb.engine.detached.driven_by`), a ``runner`` column says who drives each.
     """
     scoped = any(split_key(row.key)[0] for row in rows)
     sized = size is not None and per_workflow
@@ -127,6 +133,7 @@ def executions_report(
         "started",
         "duration",
         *(["runs", "size"] if sized else []),
+        *(["runner"] if runners else []),
         "id",
     ]
     now = time.time()
@@ -138,12 +145,13 @@ def executions_report(
             [
                 name,
                 *([notebook or ""] if scoped else []),
-                execution_state(row),
+                _state(row, runners),
                 progress_text(row, live),
                 str(row.calls_failed),
                 format_time(row.created_at),
                 format_duration(end - row.created_at),
                 *(_workflow_size(size, row.key) if sized else []),
+                *([runners.get(row.id, "")] if runners else []),
                 row.id[:12],
             ]
         )
@@ -153,6 +161,12 @@ def executions_report(
         return Report(message, f"<p>{html.escape(message)}</p>")
     caption = f"{len(body)} execution(s) in {where}{total}"
     return Report(caption + "\n" + text_table(headers, body), html_table(headers, body, caption))
+
+
+def _state(row: Any, runners: dict[str, str] | None) -> str:
+    """The status, with ``handed over`` for a detached run no runner drives (not a crash)."""
+    state = execution_state(row)
+    return "handed over" if state == "crashed" and runners and row.id in runners else state
 
 
 def _workflow_size(size: Any, key: str) -> list[str]:
@@ -167,11 +181,13 @@ def detail_report(
 ) -> Report:
     calls = store.load_calls(row.id)
     notebook, name = split_key(row.key)
+    runner = driven_by(store, [row])
     facts = [
         ("name", name),
         *([("notebook", notebook)] if notebook else []),
         ("id", row.id),
-        ("status", execution_state(row)),
+        ("status", _state(row, runner)),
+        *([("runner", runner[row.id])] if runner else []),
         ("calls", f"{progress_text(row, live)} done, {row.calls_failed} failed, {row.calls_reused} reused"),
         ("started", format_time(row.created_at)),
         ("finished", format_time(row.finished_at)),

@@ -210,3 +210,32 @@ class AgentUnit(Base):
     result: Mapped[str] = mapped_column(LongText)  # JSON of the unit's encoded result
     signature: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Double)
+
+
+class Handoff(Base):
+    """A detached execution handed over to runners (``durable-monty-nb runner``).
+
+    What the kernel captured when it handed the run over: the executor's name, the run's options,
+    the values of the names the code reads (the store's codec; objects as signed blobs) and the
+    keys of its functions (shipped by value in ``dm_functions``), signed with the hand-over's
+    identity. ``armed``: a runner should drive it (cleared when the run ends or is cancelled; a
+    new hand-over of the cell sets it again). ``key_id`` names the signing key that signed it,
+    so a runner with another key says so instead of calling it tampered.
+    """
+
+    __tablename__ = "dm_handoffs"
+
+    execution_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    executor: Mapped[str] = mapped_column(String(64))
+    options: Mapped[str] = mapped_column(LongText)  # JSON
+    inputs: Mapped[str] = mapped_column(LongText)  # JSON {name: value in the store's codec}
+    functions: Mapped[str] = mapped_column(LongText)  # JSON {name: key in dm_functions}
+    signature: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(16))
+    armed: Mapped[int] = mapped_column(Integer)
+    cancel_requested_at: Mapped[float | None] = mapped_column(Double)
+    runner: Mapped[str | None] = mapped_column(String(255))  # the runner that claimed it last
+    claimed_at: Mapped[float | None] = mapped_column(Double)
+    refusal: Mapped[str | None] = mapped_column(LongText)  # why a runner refused it (another signing key)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)

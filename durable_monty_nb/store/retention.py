@@ -39,7 +39,18 @@ from ..defaults import INLINE_LIMIT
 from ..errors import ExecutionNotFound, ForgetRefused
 from ..values import blob_key
 from .mailbox import SIGNALS
-from .tables import AGENT_UNITS, ATTEMPTS, BLOBS, CALLS, CHECKPOINTS, DELETING, EXECUTIONS, FUNCTIONS, KEYS
+from .tables import (
+    AGENT_UNITS,
+    ATTEMPTS,
+    BLOBS,
+    CALLS,
+    CHECKPOINTS,
+    DELETING,
+    EXECUTIONS,
+    FUNCTIONS,
+    HANDOFFS,
+    KEYS,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -374,7 +385,7 @@ def vacuum_store(store: Store) -> bool:
 # -- marking, purging, collecting --------------------------------------------------------------------
 
 
-_ALL_TABLES = (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS, SIGNALS, AGENT_UNITS)
+_ALL_TABLES = (EXECUTIONS, CALLS, CHECKPOINTS, BLOBS, KEYS, ATTEMPTS, FUNCTIONS, SIGNALS, AGENT_UNITS, HANDOFFS)
 
 
 def _executions_of_key(store: Store, key: str) -> list[Any]:
@@ -462,6 +473,7 @@ def _purge_deleting(store: Store) -> None:
         _purge_rows(store, AGENT_UNITS, AGENT_UNITS.c.call_id, execution_id)
         with store.engine.begin() as conn:
             conn.execute(delete(CHECKPOINTS).where(CHECKPOINTS.c.execution_id == execution_id))
+            conn.execute(delete(HANDOFFS).where(HANDOFFS.c.execution_id == execution_id))
             conn.execute(delete(EXECUTIONS).where(EXECUTIONS.c.id == execution_id, EXECUTIONS.c.status == DELETING))
 
 
@@ -577,6 +589,7 @@ def _references(conn: Any, gone: set[str], *, by_execution: bool = False) -> Any
     scan(select(ATTEMPTS.c.execution_id, ATTEMPTS.c.result).where(ATTEMPTS.c.result.like(pattern)))
     scan(select(SIGNALS.c.execution_id, SIGNALS.c.value).where(SIGNALS.c.value.like(pattern)))
     scan(select(AGENT_UNITS.c.execution_id, AGENT_UNITS.c.result).where(AGENT_UNITS.c.result.like(pattern)))
+    scan(select(HANDOFFS.c.execution_id, HANDOFFS.c.inputs).where(HANDOFFS.c.inputs.like(pattern)))
     # Large arguments of unfinished calls travel to workers as blobs of their text.
     unfinished = conn.execute(
         select(CALLS.c.execution_id, CALLS.c.args).where(

@@ -3,7 +3,7 @@ its retention (``retention.py``) share."""
 
 from __future__ import annotations
 
-from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Key
+from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Handoff, Key
 
 EXECUTIONS = Execution.__table__
 CALLS = Call.__table__
@@ -13,5 +13,6 @@ KEYS = Key.__table__
 ATTEMPTS = Attempt.__table__
 FUNCTIONS = Function.__table__
 AGENT_UNITS = AgentUnit.__table__
+HANDOFFS = Handoff.__table__
 
 DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)

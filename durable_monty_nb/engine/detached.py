@@ -1,0 +1,308 @@
+"""Runs that outlive the kernel: hand a run over to runners, watch it from any process, drive it.
+
+- :func:`start_detached` (``Engine.start(..., detach=True)``): captures the values of the names
+  the code reads (the store's codec; objects as signed blobs) and its functions (shipped by value,
+  signed), writes the execution and its hand-over, and returns a :class:`~.run.Run` that
+  watches the store. Run again with the same code and inputs: the stored result once it
+  completed, else the same watching run.
+- :func:`watch`: the run of an execution another process drives, polling the store; the same
+  protocol as the in-process ``Run`` (progress, calls, wait, result, outputs, cancel, signal).
+
+:class:`~.runners.Runner` (``durable-monty-nb runner``) drives them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .. import defaults
+from ..errors import (
+    ExecutionBusy,
+    StoreError,
+    WorkflowFailed,
+    interrupted_error,
+)
+from ..signals import deliver_signal, waits_from_store
+from ..store import handoffs
+from ..store.owners import describe_owner, lease_held, new_owner, release_owner
+from ..store.store import UNFINISHED, Store
+from ..values import ValueCodec
+from . import sandbox
+from .analysis import analyze
+from .driver import stored_call_views
+from .fingerprint import Fingerprinter
+from .inputs import _same_fingerprints, check_names, prepare_inputs, ship_functions
+from .options import RunOptions
+from .retry import RetryPolicy
+from .run import CallView, Progress, Run
+from .why import explain
+
+CLAIM_WAIT = 3.0  # seconds before a watcher says that no runner has claimed the run
+POLL = 0.25  # seconds between a watcher's reads of the store
+
+
+def runner_command(store: Store) -> str:
+    return f"durable-monty-nb runner --db '{store.display_url}'"
+
+
+# -- handing over --------------------------------------------------------------------------------
+
+
+def start_detached(
+    engine: Any, code: str, namespace: Mapping[str, Any] | None, *, key: str | None, rerun: bool, options: RunOptions
+) -> Run:
+    """Hand the run over to runners and return a run that watches it (see the module docstring)."""
+    store: Store = engine.store
+    info = analyze(code)
+    key = key or f"code-{info.code_hash[:12]}"
+    ns = dict(namespace or {})
+    latest = store.latest_execution(key)
+    check_names(info, ns, latest)
+    codec = ValueCodec(store.load_blob)
+    inputs, fingerprints = prepare_inputs(info, ns, codec, Fingerprinter())
+    if rerun:
+        fingerprints["rerun"] = True
+    executor = _executor_name(options.executor or engine.executor)
+    if latest is not None and not rerun:
+        same = latest.code_hash == info.code_hash and _same_fingerprints(latest.fingerprints, fingerprints)
+        if same and latest.status == "completed":
+            return engine._stored_run(latest)
+        if same and latest.status in UNFINISHED:
+            current = handoffs.load_handoff(store, latest.id)
+            if lease_held(latest) and (current is None or not current.armed):
+                raise ExecutionBusy(engine._busy_message(latest.id, key, latest.lease_owner, "before handing it over"))
+            if not (lease_held(latest) and current is not None and current.armed and not current.cancel_requested_at):
+                # Handed over again (after a cancel, a failure, a fix): a runner resumes it.
+                _write(store, latest.id, info, ns, inputs, fingerprints, codec, executor, options, reuse=False)
+            return watch(store, latest.id, key)
+        if latest.status == "running" and lease_held(latest):
+            raise ExecutionBusy(engine._busy_message(latest.id, key, latest.lease_owner, "before running changed code"))
+    execution_id = uuid.uuid4().hex
+    owner = new_owner()
+    values = {
+        "id": execution_id,
+        "key": key,
+        "status": "running",
+        "code": info.code,
+        "code_hash": info.code_hash,
+        "code_sig": store.signer.sign_text(f"code:{execution_id}", info.code),
+        "monty_version": sandbox.MONTY_VERSION,
+        "batching": info.batching,
+        "fingerprints": json.dumps(fingerprints, sort_keys=True),
+        "previous_id": latest.id if latest is not None else None,
+    }
+    if not store.create_execution(
+        values, owner, engine.settings.lease_ttl, expected_latest=latest.id if latest is not None else None
+    ):
+        release_owner(owner)
+        raise ExecutionBusy(f"another process started {key!r} at the same moment; run again to join it")
+    try:
+        _write(store, execution_id, info, ns, inputs, fingerprints, codec, executor, options, reuse=latest is not None)
+    finally:
+        store.release_lease(execution_id, owner)
+        release_owner(owner)
+    return watch(store, execution_id, key)
+
+
+def _write(
+    store: Store,
+    execution_id: str,
+    info: Any,
+    ns: dict[str, Any],
+    inputs: dict[str, Any],
+    fingerprints: dict[str, Any],
+    codec: ValueCodec,
+    executor: str,
+    options: RunOptions,
+    *,
+    reuse: bool,
+) -> None:
+    shipped = ship_functions(info, ns, fingerprints)
+    texts = {name: codec.encode_text(ns[name], what=f"the notebook variable {name!r}") for name in inputs}
+    handoffs.write_handoff(
+        store,
+        execution_id,
+        executor=executor,
+        options={**_options_data(options), "reuse": reuse},
+        inputs=texts,
+        functions={key: (name, fingerprint, data) for name, (key, fingerprint, data) in shipped.items()},
+        blobs=dict(codec.pending_blobs),
+    )
+
+
+def _executor_name(executor: Any) -> str:
+    return executor if isinstance(executor, str) else getattr(executor, "name", defaults.EXECUTOR)
+
+
+def _options_data(options: RunOptions) -> dict[str, Any]:
+    data: dict[str, Any] = {"workers": options.workers, "timeout": options.timeout, "concurrency": options.concurrency}
+    data["rate"] = options.rate if isinstance(options.rate, str) else None
+    if options.retry is not None:
+        r = options.retry
+        data["retry"] = {
+            "retries": r.retries,
+            "backoff": r.backoff,
+            "delay": r.delay,
+            "max_delay": r.max_delay,
+            "jitter": r.jitter,
+        }
+    return data
+
+
+def _options_of(data: Mapping[str, Any]) -> RunOptions:
+    retry = data.get("retry")
+    return RunOptions(
+        workers=data.get("workers"),
+        timeout=data.get("timeout"),
+        concurrency=data.get("concurrency"),
+        rate=data.get("rate"),
+        retry=RetryPolicy(**retry) if retry else None,
+    )
+
+
+# -- watching ------------------------------------------------------------------------------------
+
+
+class StoredRun:
+    """The run source of an execution a runner drives: the store's rows, read when asked."""
+
+    def __init__(self, store: Store, execution_id: str) -> None:
+        self._store = store
+        self._execution_id = execution_id
+        self._created = time.time()
+
+    def progress(self) -> Progress:
+        row = self._store.get_execution(self._execution_id)
+        return Progress(
+            total=row.calls_total,
+            done=row.calls_done,
+            failed=row.calls_failed,
+            reused=row.calls_reused,
+            note=self.note(row),
+        )
+
+    def note(self, row: Any = None) -> str | None:
+        """What keeps the run from going: no runner claimed it, or runners refused it."""
+        row = row if row is not None else self._store.get_execution(self._execution_id)
+        if row.status not in UNFINISHED or lease_held(row):
+            return None
+        handoff = handoffs.load_handoff(self._store, self._execution_id)
+        if handoff is None or not handoff.armed:
+            return None
+        if handoff.refusal:
+            return f"refused by a runner: {handoff.refusal}"
+        if time.time() - max(handoff.updated_at, self._created) < CLAIM_WAIT:
+            return None
+        if handoff.claimed_at is not None:
+            return f"no runner drives this run since {handoff.runner} stopped; start one: {runner_command(self._store)}"
+        return f"no runner has claimed this run; start one with: {runner_command(self._store)}"
+
+    def call_views(self) -> list[CallView]:
+        return stored_call_views(self._store.load_calls(self._execution_id))
+
+    def begin(self) -> None:
+        return None
+
+    def request_stop(self) -> None:
+        cancel_detached(self._store, self._execution_id)
+
+    def deliver(self, name: str, value: Any = None, *, idempotency_key: str | None = None, source: str = "run") -> Any:
+        row = self._store.get_execution(self._execution_id)
+        return deliver_signal(
+            self._store, row.id, name, value, idempotency_key=idempotency_key, source=source, execution=row
+        )
+
+    def waits(self) -> list[Any]:
+        return waits_from_store(self._store, self._execution_id)
+
+    @property
+    def parked(self) -> bool:
+        with contextlib.suppress(Exception):
+            return bool(self.waits())
+        return False
+
+
+def watch(store: Store, execution_id: str, key: str, *, poll: float = POLL) -> Run:
+    """A run of an execution another process drives, finished when the store says it ended."""
+    source = StoredRun(store, execution_id)
+    run = Run(execution_id, key, source=source)
+    run.detached = True  # type: ignore[attr-defined]
+    run._explain = functools.partial(explain, store, execution_id)
+    run.started_at = time.time()
+
+    def follow() -> None:
+        while not run.done:
+            with contextlib.suppress(StoreError):  # an outage: keep watching
+                if _finished(store, run):
+                    return
+            time.sleep(poll)
+
+    threading.Thread(target=follow, name=f"durable-watch-{key[:30]}", daemon=True).start()
+    return run
+
+
+def _finished(store: Store, run: Run) -> bool:
+    row = store.get_execution(run.execution_id)
+    progress = Progress(total=row.calls_total, done=row.calls_done, failed=row.calls_failed, reused=row.calls_reused)
+    if row.status == "completed":
+        store.verify_execution_result(row)
+        codec = ValueCodec(store.load_blob)
+        run._finish(
+            "completed",
+            result=codec.decode_host(row.result),
+            outputs=codec.decode_host(row.outputs),
+            progress=progress,
+            finished_at=row.finished_at,
+        )
+        return True
+    if row.status == "running":
+        return False
+    handoff = handoffs.load_handoff(store, row.id)
+    if handoff is not None and handoff.armed and not handoff.cancel_requested_at:
+        return False  # stopped with its runner (or re-armed): another runner continues it
+    if row.status == "failed":
+        text = row.error or ""
+        summary = text.strip().splitlines()[-1] if text.strip() else row.error_type or "failed"
+        error: BaseException = WorkflowFailed(summary, text, row.id, row.error_type or "")
+    else:
+        error = interrupted_error(row.id, row.key)
+    run._finish(row.status, error=error, progress=progress, finished_at=row.finished_at)
+    return True
+
+
+def cancel_detached(store: Store, execution_id: str) -> bool:
+    """Cancel a detached execution from any process: its runner stops it (calls already running
+    finish and are kept); one no runner drives becomes interrupted at once. False when it has no
+    armed hand-over."""
+    if not handoffs.request_cancel(store, execution_id):
+        return False
+    handoffs.interrupt_unclaimed(store, execution_id)
+    return True
+
+
+def driven_by(store: Store, rows: list[Any]) -> dict[str, str]:
+    """Which runner drives each detached execution among ``rows`` (or that none has claimed it)."""
+    found = handoffs.handoffs_of(store, [row.id for row in rows])
+    said = {}
+    for row in rows:
+        handoff = found.get(row.id)
+        if handoff is None:
+            continue
+        if row.status == "running" and lease_held(row):
+            said[row.id] = f"{handoff.runner or 'a runner'} ({describe_owner(row.lease_owner)})"
+        elif handoff.armed and row.status in UNFINISHED:
+            said[row.id] = "no runner has claimed it" + (f" (refused: {handoff.refusal})" if handoff.refusal else "")
+        elif handoff.runner:
+            said[row.id] = f"{handoff.runner} (done)"
+    return said
+
+
+def is_detached(run: Run) -> bool:
+    return bool(getattr(run, "detached", False))
