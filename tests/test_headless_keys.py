@@ -1,5 +1,5 @@
-"""One key per notebook however it runs: nbconvert, nbclient and a kernel told its notebook as
-JupyterLab tells it (JPY_SESSION_NAME, with each cell's id) key a notebook's workflows the same
+"""One key per notebook however it runs: nbconvert, nbclient, papermill and a kernel told its
+notebook as JupyterLab tells it (JPY_SESSION_NAME, with each cell's id) key a notebook's workflows the same
 way, so a run of one reuses the results of another."""
 
 from __future__ import annotations
@@ -121,6 +121,24 @@ def test_nbconvert_nbclient_and_a_lab_kernel_share_the_notebooks_keys(
     finally:
         kernel.close()
     assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    assert len(keys(db)) == 2
+
+    # 4. papermill, from another directory (its kernel runs in papermill's own directory).
+    subprocess.run(
+        [
+            str(VENV_BIN / "papermill"),
+            "--no-progress-bar",
+            "project/analysis.ipynb",
+            str(tmp_path / "papermilled.ipynb"),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]  # nothing ran again
+    papermilled = nbformat.read(str(tmp_path / "papermilled.ipynb"), 4)
+    assert texts(papermilled.cells[2]) == ["encode_all: completed · 5 restored from the store", "5"]
     assert len(keys(db)) == 2
 
 

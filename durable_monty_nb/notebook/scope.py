@@ -132,10 +132,10 @@ def _parent_notebooks() -> list[Path]:
     except OSError:
         return []
     papermill = any(Path(raw.decode(errors="replace")).name == "papermill" for raw in args)
-    found = [path for path in _notebook_args(args, cwd) if path.parent.resolve() == here]
+    named = _notebook_args(args, cwd)
     if papermill and cwd.resolve() == here:
-        found += [path for path in _notebook_args(args, cwd) if path not in found]
-    return found
+        return named  # in its order: the input, then the output it writes (the same cells)
+    return [path for path in named if path.parent.resolve() == here]
 
 
 def _notebook_args(args: list[bytes], cwd: Path) -> list[Path]:
