@@ -21,6 +21,9 @@ def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
 
 IN_CI = in_ci()
 
+# The tests' own Redis database (flushed by the tests that use it).
+REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
 
 def missing(message: str) -> None:
     """Skip (outside CI) or fail (in CI) the current test or module, with ``message``."""

@@ -35,7 +35,7 @@ SERVER_URLS = {
     "postgresql": os.environ.get("DURABLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     "mysql": os.environ.get("DURABLE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
-from ci import IN_CI, missing, require_module, unavailable  # noqa: E402  (one decision for the suite)
+from ci import IN_CI, REDIS_URL, missing, require_module, unavailable  # noqa: E402  (one decision for the suite)
 
 __all__ = ["IN_CI", "missing", "require_module", "unavailable"]
 
@@ -147,9 +147,6 @@ def engine(db_url: str) -> Iterator[object]:
 def sqlite_engine(sqlite_url: str) -> Iterator[object]:
     """An engine on a fresh SQLite file (for behaviour that does not depend on the backend)."""
     yield from _engine(sqlite_url)
-
-
-REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ GATE = os.environ["GATE_FILE"]
 
 
 def step(i, held_from=3):  # holds while the gate file exists (test scaffolding, not a timer)
+    if i >= held_from and os.path.exists(GATE):
+        open(GATE + ".held", "a").close()  # a test can see a call holding
     while i >= held_from and os.path.exists(GATE):
         time.sleep(0.01)
     with open(LOG, "a") as handle:
@@ -498,7 +500,8 @@ def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Pa
         engine = Engine(database.url)  # the kernel reaches the database directly
         run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="outage", detach=True)
         runners.start("rider")
-        wait_until(lambda: len(logged(log)) >= 3, what="three calls done")
+        held = gate.with_name(gate.name + ".held")
+        wait_until(held.exists, what="the fourth call running, held at the gate")
         proxy.down()
         gate.unlink()  # the held call finishes while the runner cannot reach the store
         wait_until(lambda: len(logged(log)) >= 4, what="the held call finishing during the outage")

@@ -328,7 +328,7 @@ class Services:
 
     def _start_rq(self) -> dict[str, Any]:
         require_module("rq", extra="rq")
-        from conftest import REDIS_URL
+        from ci import REDIS_URL
         from redis import Redis
         from test_rq import Workers
 
