@@ -1,6 +1,7 @@
 """One key per notebook however it runs: nbconvert, nbclient, papermill and a kernel told its
-notebook as JupyterLab tells it (JPY_SESSION_NAME, with each cell's id) key a notebook's workflows the same
-way, so a run of one reuses the results of another."""
+notebook as JupyterLab tells it (JPY_SESSION_NAME, with each cell's id) or as VS Code does
+(``__vsc_ipynb_file__``, with its own URI for each cell) key a notebook's workflows the same way,
+so a run of one reuses the results of another."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -43,6 +45,28 @@ def calls(log: Path) -> list[int]:
 def texts(cell: nbformat.NotebookNode) -> list[str]:
     """The plain-text outputs of a cell (the widget's text form, the result)."""
     return [o["data"]["text/plain"] for o in cell.outputs if "data" in o]
+
+
+def frontend(folder: Path, nb: nbformat.NotebookNode, env: dict[str, str], cell_id: Any, first: str = "") -> None:
+    """Run the notebook's cells in a kernel of ``folder`` as a frontend does: each execute request
+    with the cell's id as the frontend names it (``cell_id(cell)``), after ``first`` (what the
+    frontend runs at the kernel's start)."""
+    kernel = Kernel(folder, {k: env[k] for k in ("DURABLE_MONTY_DB", "SIDE_LOG", "JPY_SESSION_NAME") if k in env})
+    try:
+        for source, metadata in [
+            *([(first, {})] if first else []),
+            *((c.source, {"cellId": cell_id(c)}) for c in nb.cells),
+        ]:
+            msg = kernel.client.session.msg(
+                "execute_request",
+                {"code": source, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False},
+                metadata=metadata,
+            )
+            kernel.client.shell_channel.send(msg)
+            reply = kernel.collect(msg["header"]["msg_id"])
+            assert reply.error is None, reply.traceback
+    finally:
+        kernel.close()
 
 
 def keys(db: Path) -> set[str]:
@@ -99,31 +123,17 @@ def test_nbconvert_nbclient_and_a_lab_kernel_share_the_notebooks_keys(
     assert len(keys(db)) == 2
 
     # 3. JupyterLab's way: JPY_SESSION_NAME and each cell's id.
-    kernel = Kernel(
-        folder, {"DURABLE_MONTY_DB": env["DURABLE_MONTY_DB"], "SIDE_LOG": str(log), "JPY_SESSION_NAME": str(notebook)}
-    )
-    try:
-        for cell in nb.cells:
-            msg = kernel.client.session.msg(
-                "execute_request",
-                {
-                    "code": cell.source,
-                    "silent": False,
-                    "store_history": True,
-                    "user_expressions": {},
-                    "allow_stdin": False,
-                },
-                metadata={"cellId": cell.id},
-            )
-            kernel.client.shell_channel.send(msg)
-            reply = kernel.collect(msg["header"]["msg_id"])
-            assert reply.error is None, reply.traceback
-    finally:
-        kernel.close()
+    frontend(folder, nb, {**env, "JPY_SESSION_NAME": str(notebook)}, lambda cell: cell.id)
     assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
     assert len(keys(db)) == 2
 
-    # 4. papermill, from another directory (its kernel runs in papermill's own directory).
+    # 4. VS Code's way: __vsc_ipynb_file__ in the namespace, and its own URI for each cell.
+    told = f"__vsc_ipynb_file__ = {str(notebook)!r}"
+    frontend(folder, nb, env, lambda cell: f"vscode-notebook-cell:{notebook}#W{cell.id[:4]}sZmlsZQ%3D%3D", told)
+    assert calls(log) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]  # nothing ran again
+    assert len(keys(db)) == 2
+
+    # 5. papermill, from another directory (its kernel runs in papermill's own directory).
     subprocess.run(
         [
             str(VENV_BIN / "papermill"),

@@ -53,6 +53,7 @@ from .scope import (
     current_source,
     display_name,
     headless_cell_id,
+    is_cell_id,
     notebook_file,
     notebook_label,
     notebook_told,
@@ -379,6 +380,8 @@ class DurableMagics(Magics):
             cell_id = kernel.get_parent()["metadata"].get("cellId") if kernel is not None else None
         except Exception:
             cell_id = None
+        if cell_id and not is_cell_id(str(cell_id)):
+            cell_id = None  # a frontend's own name for the cell (VS Code's URI): the file's id instead
         if not cell_id and kernel is not None and notebook_file(self.shell) is not None:
             cell_id = headless_cell_id(self.shell, current_source(self.shell))  # as JupyterLab tells it
         return f"cell-{cell_id[:12]}" if cell_id else None

@@ -90,9 +90,20 @@ def headless_notebook(shell: Any) -> Path | None:
 
 
 def headless_cell_id(shell: Any, source: str) -> str | None:
-    """The id of the notebook cell with ``source`` in the notebook found by :func:`headless_notebook`."""
+    """The id of the notebook cell with ``source`` in the kernel's notebook file: the one found by
+    :func:`headless_notebook`, else the one the frontend told (VS Code, which sends its own cell
+    URIs, not the file's cell ids; as saved: an unsaved edit finds nothing)."""
     found = _FOUND.get(id(shell))
-    return found[1].get(source.strip()) if found is not None else None
+    if found is not None:
+        return found[1].get(source.strip())
+    told = notebook_told(shell)
+    return _cells(told).get(source.strip()) if told is not None else None
+
+
+def is_cell_id(text: str) -> bool:
+    """Whether ``text`` is a notebook file's cell id (nbformat 4.5: 1 to 64 of ``[A-Za-z0-9_-]``),
+    not a frontend's own name for a cell (VS Code's ``vscode-notebook-cell:...#W1s...`` URI)."""
+    return 0 < len(text) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in text)
 
 
 def current_source(shell: Any) -> str:
