@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
+import pytest
 from procs import finish, kill, log_entries, spawn, wait_until
 
+from durable_monty_nb import Engine
 from durable_monty_nb.store.store import Store
 
 
@@ -71,3 +74,37 @@ def test_two_processes_starting_one_key(db_url: str, tmp_path: Path) -> None:
     assert sorted(e for _, e in entries) == sorted(f"work {i}" for i in range(20))
     store = Store(db_url)
     assert len(store.list_executions(key="gather")) == 1
+
+
+def test_a_resume_that_read_the_execution_before_another_process_finished_it_returns_the_stored_result(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease of a finished execution is free, as a crashed one's: a resume that read the row
+    while it still ran, and takes the lease after it completed, must not drive it again."""
+    release, ran = threading.Event(), []
+
+    def work(i):
+        ran.append(i)
+        if i == 2:
+            release.wait(30)
+        return i * 10
+
+    code = "sum(await gather(*[work(i) for i in range(4)]))"
+    first = Engine(sqlite_url)
+    run = first.start(code, {"work": work}, key="raced")
+    store = Store(sqlite_url)
+    wait_until(lambda: store.latest_execution("raced").calls_done == 3, what="3 of 4 calls done")
+    stale = store.find_execution("raced")  # read while it still runs
+    release.set()
+    assert run.result(30) == 60
+    finished = store.find_execution("raced")
+    first.close()
+
+    second = Engine(sqlite_url)
+    monkeypatch.setattr(second.store, "find_execution", lambda name: stale)  # as read before it finished
+    resumed = second.resume("raced", {"work": work})
+    assert resumed.result(30) == 60 and resumed.cached  # the stored result, nothing driven
+    assert sorted(ran) == [0, 1, 2, 3]  # no call ran again
+    after = store.find_execution("raced")
+    assert (after.status, after.finished_at, after.calls_done) == ("completed", finished.finished_at, 4)
+    second.close()

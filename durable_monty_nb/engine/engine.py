@@ -624,6 +624,15 @@ class Engine:
         busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
         if busy is not None:
             raise ExecutionBusy(self._busy_message(row.id, row.key, busy))
+        # Read again under the lease: another process may have finished or advanced the execution
+        # since it was read (a finished run's lease is free too); nobody changes it while it is ours.
+        fresh = self.store.get_execution(row.id)
+        if fresh.status == "completed":
+            self.store.release_lease(row.id, owner)
+            return self._stored_run(fresh)
+        if fresh.updated_at != row.updated_at or fresh.status != row.status:
+            row, calls = fresh, self.store.load_calls(row.id)
+            retry_failed = row.status == "failed"
         run = Run(row.id, row.key)
         emit = self._subscribe_printer(run, print_callback)
         session = None
