@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ class Workers:
     """RQ worker processes on one queue, each in its own process group (so a kill takes its job too)."""
 
     def __init__(self, url: str, queue: str, env: dict[str, str]) -> None:
-        self.url, self.queue, self.env = url, queue, env
+        # A queue of this run alone: a worker another run left behind (with another signing key)
+        # on a queue of the same name would take its jobs.
+        self.url, self.queue, self.env = url, f"{queue}-{uuid.uuid4().hex[:8]}", env
         self.procs: list[subprocess.Popen[bytes]] = []
         self.plain: dict[int, bool] = {}  # by pid: a plain `rq worker` or `durable-monty-nb worker`
 
