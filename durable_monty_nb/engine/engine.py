@@ -637,14 +637,7 @@ class Engine:
         emit = self._subscribe_printer(run, print_callback)
         session = None
         try:
-            self.store.signer.verify_text(f"code:{row.id}", row.code, row.code_sig, f"the code of execution {row.id}")
-            data = self.store.load_checkpoint(row.id)
-            session = sandbox.open_session()
-            if data is None:
-                session.feed_start(sandbox.PRELUDE)
-                snapshot = session.feed_start(info.fed, print_callback=emit)
-            else:
-                snapshot = session.load_snapshot(data, print_callback=emit)
+            session, snapshot, _ = open_at_checkpoint(self.store, row, info, emit)
             run.started_at = time.time()
             driver = Driver(
                 store=self.store,
@@ -704,6 +697,24 @@ class StoredCalls:
 
     def request_stop(self) -> None:
         return None
+
+
+def open_at_checkpoint(
+    store: Store, row: Any, info: CodeInfo, emit: Callable[[str, str], None]
+) -> tuple[Any, Any, bool]:
+    """A Monty session at an execution's latest checkpoint, after its signed code is verified:
+    (session, snapshot, restored); with no checkpoint yet, the code started from its beginning."""
+    store.signer.verify_text(f"code:{row.id}", row.code, row.code_sig, f"the code of execution {row.id}")
+    data = store.load_checkpoint(row.id)
+    session = sandbox.open_session()
+    try:
+        if data is None:
+            session.feed_start(sandbox.PRELUDE)
+            return session, session.feed_start(info.fed, print_callback=emit), False
+        return session, session.load_snapshot(data, print_callback=emit), True
+    except BaseException:
+        sandbox.close_session(session)
+        raise
 
 
 def wait_for(run: Run) -> Any:

@@ -29,7 +29,7 @@ from . import sandbox
 from .analysis import analyze
 from .detached import _options_of
 from .driver import Driver
-from .engine import Engine
+from .engine import Engine, open_at_checkpoint
 from .run import Run
 
 
@@ -179,14 +179,7 @@ class Runner:
                 raise Ended(row.status)
             retry_failed = row.status == "failed"
             calls = self.store.load_calls(row.id)
-            self.store.signer.verify_text(f"code:{row.id}", row.code, row.code_sig, f"the code of execution {row.id}")
-            data = self.store.load_checkpoint(row.id)
-            session = sandbox.open_session()
-            if data is None:
-                session.feed_start(sandbox.PRELUDE)
-                snapshot = session.feed_start(info.fed, print_callback=emit)
-            else:
-                snapshot = session.load_snapshot(data, print_callback=emit)
+            session, snapshot, restored = open_at_checkpoint(self.store, row, info, emit)
             run.started_at = time.time()
             driver = Driver(
                 store=self.store,
@@ -200,9 +193,9 @@ class Runner:
                 executor=engine._open_executor(chosen, row.id, row.key),
                 session=session,
                 snapshot=snapshot,
-                restored_calls=calls if data is not None or calls else None,
+                restored_calls=calls if restored or calls else None,
                 retry_failed=retry_failed,
-                reuse_key=row.key if handoff.options.get("reuse") and data is None else None,
+                reuse_key=row.key if handoff.options.get("reuse") and not restored else None,
                 on_exit=engine._forget,
             )
         except BaseException:
@@ -210,7 +203,7 @@ class Runner:
             self.store.release_lease(row.id, owner)
             release_owner(owner)
             raise
-        return engine._launch(driver, resumed=data is not None, paused=False)
+        return engine._launch(driver, resumed=restored, paused=False)
 
     def serve(self, stop: threading.Event | None = None) -> None:
         """Claim and drive until ``stop`` is set (or Ctrl-C); then stop the runs driven here,
