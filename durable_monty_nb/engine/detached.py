@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import threading
 import time
 import uuid
@@ -34,11 +33,10 @@ from ..store import handoffs
 from ..store.owners import describe_owner, lease_held, new_owner, release_owner
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec
-from . import sandbox
 from .analysis import analyze
 from .driver import stored_call_views
 from .fingerprint import Fingerprinter
-from .inputs import _same_fingerprints, check_names, prepare_inputs, ship_functions
+from .inputs import _same_fingerprints, check_names, execution_values, prepare_inputs, ship_functions
 from .options import RunOptions
 from .retry import RetryPolicy
 from .run import CallView, Progress, Run
@@ -86,18 +84,7 @@ def start_detached(
             raise ExecutionBusy(engine._busy_message(latest.id, key, latest.lease_owner, "before running changed code"))
     execution_id = uuid.uuid4().hex
     owner = new_owner()
-    values = {
-        "id": execution_id,
-        "key": key,
-        "status": "running",
-        "code": info.code,
-        "code_hash": info.code_hash,
-        "code_sig": store.signer.sign_text(f"code:{execution_id}", info.code),
-        "monty_version": sandbox.MONTY_VERSION,
-        "batching": info.batching,
-        "fingerprints": json.dumps(fingerprints, sort_keys=True),
-        "previous_id": latest.id if latest is not None else None,
-    }
+    values = execution_values(store, execution_id, key, info, fingerprints, latest)
     if not store.create_execution(
         values, owner, engine.settings.lease_ttl, expected_latest=latest.id if latest is not None else None
     ):

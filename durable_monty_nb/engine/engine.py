@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import threading
 import time
 import uuid
@@ -63,6 +62,7 @@ from .inputs import (  # noqa: F401  (where they were before inputs.py)
     _same_reads,
     check_names,
     close_names,
+    execution_values,
     prepare_inputs,
     ship_functions,
 )
@@ -552,18 +552,7 @@ class Engine:
             sandbox.close_session(session)
             raise
         owner = new_owner()
-        values = {
-            "id": execution_id,
-            "key": key,
-            "status": "running",
-            "code": info.code,
-            "code_hash": info.code_hash,
-            "code_sig": self.store.signer.sign_text(f"code:{execution_id}", info.code),
-            "monty_version": sandbox.MONTY_VERSION,
-            "batching": info.batching,
-            "fingerprints": json.dumps(fingerprints, sort_keys=True),
-            "previous_id": previous.id if previous is not None else None,
-        }
+        values = execution_values(self.store, execution_id, key, info, fingerprints, previous)
         if not self.store.create_execution(
             values, owner, settings.lease_ttl, expected_latest=previous.id if previous is not None else None
         ):

@@ -1,5 +1,6 @@
 """What a run reads from its namespace: the names it needs (checked before anything runs), the
-sandbox values and fingerprints of those it reads, and its functions shipped by value."""
+sandbox values and fingerprints of those it reads, and its functions shipped by value; and the
+row a new execution records of its code and fingerprints."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import UnknownNamesError, ValueCrossingError
-from ..store.store import UNFINISHED
+from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec, ship_function
+from . import sandbox
 from .analysis import MONTY_MISSING_BUILTINS, SANDBOX_NAMES, CodeInfo, sandbox_substitute
 from .driver import is_function_like
 from .fingerprint import Fingerprinter, Unhashable, sha256
@@ -130,3 +132,22 @@ def _describe_unfinished(row: Any) -> str | None:
         f"execution {row.id[:12]} has {row.calls_done} of {row.calls_total} calls done and "
         f"continues from there when you run it again."
     )
+
+
+def execution_values(
+    store: Store, execution_id: str, key: str, info: CodeInfo, fingerprints: dict[str, Any], previous: Any
+) -> dict[str, Any]:
+    """The row of a new execution of ``key`` (its code signed, the Monty version and the gather
+    rewrite its checkpoints will need), after ``previous``, the latest of the key or None."""
+    return {
+        "id": execution_id,
+        "key": key,
+        "status": "running",
+        "code": info.code,
+        "code_hash": info.code_hash,
+        "code_sig": store.signer.sign_text(f"code:{execution_id}", info.code),
+        "monty_version": sandbox.MONTY_VERSION,
+        "batching": info.batching,
+        "fingerprints": json.dumps(fingerprints, sort_keys=True),
+        "previous_id": previous.id if previous is not None else None,
+    }
