@@ -61,6 +61,61 @@ def test_widget_shows_failures_and_restored_counts(sqlite_engine: Engine) -> Non
     assert widget._calls_html.value.count("<tr>") == 4  # calls of a stored run come from the store
 
 
+def test_the_widget_says_why_calls_were_reused_or_ran_again(sqlite_engine: Engine) -> None:
+    code = "await gather(*[f(i) for i in range(4)])"
+    scale = {"by": 2}
+
+    def f(x: int) -> int:
+        return x * scale["by"]
+
+    first = sqlite_engine.start(code, {"f": f, "scale": scale}, key="why")
+    first.wait(30)
+    widget = make_widget(first)
+    widget.refresh()
+    assert widget._why.layout.display == ""  # a finished run can say why
+    assert widget._why_html.value == ""  # rendered only when opened
+
+    scale["by"] = 3  # a global the function reads, changed in place: its calls run again
+    edited = sqlite_engine.start(code, {"f": f, "scale": scale}, key="why")
+    assert edited.result(timeout=30) == [0, 3, 6, 9]
+    widget = make_widget(edited)
+    widget.refresh()
+    assert widget._why.get_title(0) == "Why: 0 reused, 4 ran here"
+    widget._why.selected_index = 0  # opening it renders %durable_why's table
+    assert widget._why_html.value.count("<tr>") == 5  # header + 4 calls
+    assert "f changed: closure variable scale changed" in widget._why_html.value
+
+    again = sqlite_engine.start(code + "\n1", {"f": f, "scale": scale}, key="why")  # the cell edited
+    assert again.result(timeout=30) == 1
+    widget = make_widget(again)
+    widget.refresh()
+    assert widget._why.get_title(0) == "Why: 4 reused, 0 ran here"
+    widget._why.selected_index = 0
+    assert widget._why_html.value.count("reused</td>") == 4
+
+
+def test_the_widgets_why_table_is_cut_to_the_calls_that_ran(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(views, "CALL_ROWS", 3)
+    items = [1, 2, 3, 4, 5]
+    sqlite_engine.start(
+        "await gather(*[double(i) for i in items])", {"double": double, "items": items}, key="cut"
+    ).wait(30)
+    items.append(6)  # one new call, five reused
+    run = sqlite_engine.start(
+        "await gather(*[double(i) for i in items])", {"double": double, "items": items}, key="cut"
+    )
+    run.wait(30)
+    widget = make_widget(run)
+    widget._why.selected_index = 0
+    widget.refresh()
+    value = widget._why_html.value
+    assert value.count("<tr>") == 4  # header + 3 rows, the call that ran first
+    assert value.index("ran</td>") < value.index("reused</td>")
+    assert "3 more; <code>%durable_why cut</code> lists every call." in value
+
+
 def test_updates_are_throttled(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
 

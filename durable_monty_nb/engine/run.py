@@ -261,6 +261,11 @@ class Run:
         if self._source is not None:
             self._source.begin()
 
+    @property
+    def explainable(self) -> bool:
+        """Whether :meth:`explain` can say why its calls were reused or ran (a run of a store)."""
+        return self._explain is not None
+
     def explain(self) -> Any:
         """Why each call was reused (from which execution) or ran again (what changed): an
         ``Explanation`` (a table: text in a terminal, HTML in a notebook)."""

@@ -76,18 +76,28 @@ class Explanation:
         return "\n".join([*head, "", line(titles), *(line(r) for r in rows)])
 
     def _repr_html_(self) -> str:
+        return self.html()
+
+    def html(self, limit: int | None = None) -> str:
+        """The HTML table; ``limit``: at most that many rows, the calls that ran first (the
+        widget's form, which names ``%durable_why`` for the rest)."""
         esc = html.escape
         decisions = "".join(f"<li>{esc(d)}</li>" for d in self.decisions)
+        calls = self.calls
+        more = ""
+        if limit is not None and len(calls) > limit:
+            calls = sorted(calls, key=lambda c: c.outcome == "reused")[:limit]
+            more = f"<p>{len(self.calls) - limit} more; <code>%durable_why {esc(self.key)}</code> lists every call.</p>"
         body = "".join(
             f"<tr><td>{c.call_id}</td><td><code>{esc(c.function)}</code></td><td><code>{esc(c.args)}</code></td>"
             f"<td>{esc(c.outcome)}</td><td>{esc(c.reason)}</td></tr>"
-            for c in self.calls
+            for c in calls
         )
         return (
             f'<div class="durable-why"><b>execution {esc(self.execution_id[:12])}</b> of '
             f"<code>{esc(self.key)}</code> ({esc(self.status)}): {esc(self.counts())}<ul>{decisions}</ul>"
             "<table><thead><tr><th>call</th><th>function</th><th>arguments</th><th>outcome</th><th>why</th>"
-            f"</tr></thead><tbody>{body}</tbody></table></div>"
+            f"</tr></thead><tbody>{body}</tbody></table>{more}</div>"
         )
 
     def __str__(self) -> str:

@@ -223,8 +223,14 @@ def make_widget(
             self._calls_html = widgets.HTML()
             self._calls = widgets.Accordion(children=[self._calls_html], selected_index=None)
             self._calls.set_title(0, "Calls")
+            # Why each call was reused or ran again (%durable_why), once the run is done.
+            self._why_html = widgets.HTML()
+            self._why = widgets.Accordion(children=[self._why_html], selected_index=None, layout=hidden_layout())
+            self._why.set_title(0, "Why reused or ran again")
+            self._why_shown: Run | None = None  # the run whose explanation _why_html holds
             self._error = widgets.HTML()
             self._calls.observe(lambda _: self.refresh(), names="selected_index")
+            self._why.observe(lambda _: self.refresh(), names="selected_index")
             self.show_error = show_error
             self._pace = Pace()
             self._stats: list[FunctionStats] | None = None  # of a finished run, computed once
@@ -253,6 +259,7 @@ def make_widget(
                     self._functions,
                     widgets.HBox([self._cancel, self._retry]),
                     self._calls,
+                    self._why,
                     self._error,
                     self._out,
                 ]
@@ -341,6 +348,14 @@ def make_widget(
             self._functions.value = breakdown_html(self._function_stats())
             if self._calls.selected_index == 0:
                 self._calls_html.value = calls_html(run.calls())
+            explained = run.done and run.explainable
+            self._why.layout.display = "" if explained else "none"
+            if explained:
+                reused = p.reused + p.restored
+                self._why.set_title(0, f"Why: {reused} reused, {p.done - reused} ran here")
+                if self._why.selected_index == 0 and self._why_shown is not run:
+                    self._why_html.value = why_html(run)
+                    self._why_shown = run
             self._cancel.layout.display = "" if self._cancellable and not run.done else "none"
             failed = run.status == "failed" and self._on_retry is not None and p.failed > 0
             self._retry.layout.display = "" if failed else "none"
@@ -364,6 +379,20 @@ def make_widget(
             return stats
 
     return RunWidget()
+
+
+def hidden_layout() -> Any:
+    import ipywidgets as widgets
+
+    return widgets.Layout(display="none")
+
+
+def why_html(run: Run) -> str:
+    """The widget's form of ``%durable_why``: the calls that ran first, at most CALL_ROWS."""
+    try:
+        return run.explain().html(limit=CALL_ROWS)
+    except Exception as exc:  # the store unreachable, the row pruned: said, never raised into a comm
+        return f"<span class='durable-note'>cannot explain this run: {html.escape(str(exc))}</span>"
 
 
 def calls_html(calls: list[CallView]) -> str:
