@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--url", default=None, help="Redis URL (default: $DURABLE_MONTY_RQ_URL or the local server)")
     worker.add_argument("--name", default=None, help="worker name (default: RQ's)")
     worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    worker.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE once before jobs fork (repeat for several): the modules your functions "
+        "import (pandas, torch, pydantic_ai...) then cost nothing per job",
+    )
     runner = commands.add_parser(
         "runner",
         help="drive the detached runs of a store (%%%%durable NAME --detach), taking over those of runners that died",
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_runner(args)
 
     if args.command == "worker":
-        return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst)
+        return run_worker(args.queues, url=args.url, name=args.name, burst=args.burst, preload=args.preload)
 
     if args.command in ("forget", "prune"):
         return run_retention(args)
@@ -169,9 +177,13 @@ def run_runner(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(queues: list[str], *, url: str | None, name: str | None, burst: bool) -> int:
-    """An RQ worker whose forked jobs find the package imported and, when ``DURABLE_MONTY_DB`` names
-    the store, that store opened with its SQL compiled."""
+def run_worker(
+    queues: list[str], *, url: str | None, name: str | None, burst: bool, preload: list[str] | None = None
+) -> int:
+    """An RQ worker whose forked jobs find the package (and the ``preload`` modules) imported and,
+    when ``DURABLE_MONTY_DB`` names the store, that store opened with its SQL compiled."""
+    import importlib
+
     import cloudpickle  # noqa: F401  (preloaded: jobs fork from this process)
     from rq import Worker
 
@@ -179,6 +191,15 @@ def run_worker(queues: list[str], *, url: str | None, name: str | None, burst: b
     from .executors import backend as executor_backend
     from .executors.worker import DB_ENV, prepare_store
 
+    for module in preload or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(
+                f"durable-monty-nb worker: cannot preload {module!r}: {exc} (install it, or fix --preload)",
+                file=sys.stderr,
+            )
+            return 2
     backend = executor_backend("rq", url=url)
     backend.check()
     store_url = os.environ.get(DB_ENV)

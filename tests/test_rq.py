@@ -44,9 +44,10 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.plain: dict[int, bool] = {}  # by pid: a plain `rq worker` or `durable-monty-nb worker`
 
-    def start(self, count: int = 1, *, plain: bool = False) -> None:
+    def start(self, count: int = 1, *, plain: bool = False, preload: tuple[str, ...] = ()) -> None:
         for _ in range(count):
             command = [str(VENV_BIN / "rq"), "worker"] if plain else [str(VENV_BIN / "durable-monty-nb"), "worker"]
+            command += [f"--preload={module}" for module in preload]
             proc = subprocess.Popen(
                 [*command, self.queue, "--url", self.url],
                 env={**os.environ, **self.env},
@@ -269,6 +270,45 @@ def test_a_module_missing_on_the_workers_reaches_the_cell_and_only_failed_calls_
     assert sorted(e for e in entries if e.startswith("prepare")) == ["prepare 0", "prepare 1", "prepare 2"]
     assert sorted(e for e in entries if e.startswith("encode")) == ["encode 0", "encode 1", "encode 2"]
     engine.close()
+
+
+def test_a_preloaded_module_is_imported_once_by_the_worker_not_in_every_job(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "imports.log"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "dm_heavy_lib.py").write_text(
+        "import os\n"
+        f"with open({str(log)!r}, 'a') as handle:\n"
+        "    handle.write(f'{os.getpid()}\\n')\n"
+        "def scale(x):\n    return x * 3\n"
+    )
+
+    def use(x):
+        import dm_heavy_lib
+
+        return os.getpid(), dm_heavy_lib.scale(x)
+
+    workers.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(modules)])
+    workers.start(1, preload=("dm_heavy_lib",))
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    done = engine.run("[await use(i) for i in range(3)]", {"use": use}, key="preloaded")
+    assert [value for _, value in done] == [0, 3, 6]
+    horses = {pid for pid, _ in done}
+    assert len(horses) == 3  # every job ran in a work horse of its own (RQ forks one per job)...
+    imported = log.read_text().split()
+    assert imported == [str(workers.procs[0].pid)]  # ...and found the module imported by the worker once
+    engine.close()
+
+    bad = subprocess.run(
+        [str(VENV_BIN / "durable-monty-nb"), "worker", workers.queue, "--url", workers.url, "--preload", "dm_no_such"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "cannot preload 'dm_no_such': No module named 'dm_no_such'" in bad.stderr
 
 
 def test_a_timed_out_job_is_stopped_and_frees_its_worker(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
