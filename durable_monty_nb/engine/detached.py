@@ -179,6 +179,7 @@ class StoredRun:
             failed=row.calls_failed,
             reused=row.calls_reused,
             note=self.note(row, handoff) or live.get("note"),
+            expected=live.get("expected"),
             **{name: live.get(name, 0) for name in LIVE_COUNTS},
         )
 

@@ -104,6 +104,8 @@ class Runner:
                 continue
             progress = run.progress
             counts: dict[str, Any] = {name: getattr(progress, name) for name in LIVE_COUNTS}
+            if progress.expected is not None:  # the total the code will reach: views show a bar
+                counts["expected"] = progress.expected
             if progress.note:
                 counts["note"] = progress.note
             if self._published.get(execution_id) != counts:
