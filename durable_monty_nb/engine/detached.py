@@ -225,23 +225,53 @@ class StoredRun:
         return False
 
 
-def watch(store: Store, execution_id: str, key: str, *, poll: float = POLL) -> Run:
+def watch(store: Store, execution_id: str, key: str) -> Run:
     """A run of an execution another process drives, finished when the store says it ended."""
     source = StoredRun(store, execution_id)
     run = Run(execution_id, key, source=source)
     run.detached = True  # type: ignore[attr-defined]
     run._explain = functools.partial(explain, store, execution_id)
     run.started_at = time.time()
-
-    def follow() -> None:
-        while not run.done:
-            with contextlib.suppress(StoreError):  # an outage: keep watching
-                if _finished(store, run):
-                    return
-            time.sleep(poll)
-
-    threading.Thread(target=follow, name=f"durable-watch-{key[:30]}", daemon=True).start()
+    FOLLOWER.follow(store, run)
     return run
+
+
+class Follower:
+    """One thread of the process reads the store for every watching run, until each one ended;
+    it stops when none is left and starts again with the next."""
+
+    def __init__(self, poll: float = POLL) -> None:
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._runs: list[tuple[Store, Run]] = []
+        self._thread: threading.Thread | None = None
+
+    def follow(self, store: Store, run: Run) -> None:
+        with self._lock:
+            self._runs.append((store, run))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="durable-watch", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._runs = [(store, run) for store, run in self._runs if not run.done]
+                if not self._runs:
+                    self._thread = None  # the next follow() starts another
+                    return
+                runs = list(self._runs)
+            for store, run in runs:
+                try:
+                    _finished(store, run)
+                except StoreError:  # an outage: keep watching
+                    pass
+                except Exception as exc:  # a result this process cannot load: that run ends with it, not the rest
+                    run._finish("failed", error=exc)
+            time.sleep(self.poll)
+
+
+FOLLOWER = Follower()
 
 
 def _finished(store: Store, run: Run) -> bool:
