@@ -22,14 +22,14 @@ from .. import defaults
 from ..errors import DurableError, ExecutionBusy, StoreError, TamperedDataError
 from ..executors import backend
 from ..store import handoffs
-from ..store.owners import describe_owner, lease_held, new_owner, release_owner
+from ..store.owners import describe_owner, lease_held
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec
 from . import sandbox
 from .analysis import analyze
 from .detached import LIVE_COUNTS, _options_of
 from .driver import Driver
-from .engine import Engine, open_at_checkpoint
+from .engine import Engine, give_back, lease_and_read, open_at_checkpoint
 from .run import Run
 
 
@@ -182,18 +182,16 @@ class Runner:
         chosen = backend(handoff.executor, workers=workers, **self.settings.get(handoff.executor, {}))
         chosen.check()
         info = analyze(row.code, batching=row.batching)  # the code its checkpoints run
-        owner = new_owner()
-        busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
-        if busy is not None:
-            release_owner(owner)
-            raise ExecutionBusy(f"execution {row.id[:12]} is driven by {describe_owner(busy)}")
+        owner, row = lease_and_read(
+            self.store,
+            row.id,
+            settings.lease_ttl,
+            lambda busy: f"execution {row.id[:12]} is driven by {describe_owner(busy)}",
+        )
         run = Run(row.id, row.key)
         emit = engine._subscribe_printer(run, lambda stream, text: None)
         session = None
         try:
-            # Read again under the lease: another runner may have finished it since it was read
-            # (a finished run's lease is free), and nobody changes it while the lease is ours.
-            row = self.store.get_execution(row.id)
             if row.status not in UNFINISHED:
                 raise Ended(row.status)
             retry_failed = row.status == "failed"
@@ -219,8 +217,7 @@ class Runner:
             )
         except BaseException:
             sandbox.close_session(session)
-            self.store.release_lease(row.id, owner)
-            release_owner(owner)
+            give_back(self.store, row.id, owner)
             raise
         return engine._launch(driver, resumed=restored, paused=False)
 
