@@ -271,6 +271,19 @@ def test_cancel_over_http_stops_a_detached_run_and_the_status_names_its_runner(s
     assert again.status_code == 409 and "nothing to cancel" in again.json()["error"]
 
 
+def test_cancel_over_http_of_a_handed_over_run_no_runner_claimed_interrupts_it_at_once(
+    served: Served, runner_of: Any
+) -> None:
+    from test_detach import SEQUENTIAL
+
+    _, log, _, ns = runner_of
+    run = served.engine.start(SEQUENTIAL, ns, key="http-unclaimed", detach=True)
+    answer = served.client.post("/executions/http-unclaimed/cancel", headers=bearer(admin_token(served.store.signer)))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "interrupted" and answer.json()["runner"]["state"] == "ended"
+    assert run.wait(30) and run.status == "interrupted" and not log.exists()  # nothing ran
+
+
 def test_a_signal_over_http_reaches_a_detached_run_its_runner_drives(served: Served, runner_of: Any) -> None:
     from test_detach import logged
 
