@@ -115,6 +115,13 @@ class ExecutionBusy(DurableError):
     http_status = 409
 
 
+class NotCancellable(DurableError):
+    """Nothing to cancel: the execution finished, or it runs in a kernel this process cannot reach
+    (no runner drives it)."""
+
+    http_status = 409
+
+
 class ForgetRefused(ExecutionBusy):
     """An execution to forget is running or parked in a live process (it holds its lease)."""
 

@@ -6,6 +6,7 @@ rows, :class:`~durable_monty_nb.store.signing.Signer`, in a context of its own).
 
 - ``{"e": execution id, "s": signal}``: deliver that signal to that execution (and read its status);
 - ``{"e": execution id, "c": call id, "a": attempt}``: complete that attempt of an external call;
+- ``{"e": execution id, "k": "cancel"}``: cancel that execution (and read its status);
 - ``{"admin": true}``: everything, on every execution of the store.
 
 ``"x"`` is an optional expiry (UNIX time). Tokens are bearer secrets: they are never logged.
@@ -45,9 +46,13 @@ class Scope:
     call_id: int | None = None
     attempt: int | None = None
     expires_at: float | None = None
+    cancel: bool = False
 
     def allows_signal(self, execution_id: str, signal: str) -> bool:
         return self.admin or (self.execution_id == execution_id and self.signal == signal and self.call_id is None)
+
+    def allows_cancel(self, execution_id: str) -> bool:
+        return self.admin or (self.execution_id == execution_id and self.cancel)
 
     def allows_status(self, execution_id: str) -> bool:
         return self.admin or self.execution_id == execution_id
@@ -57,6 +62,8 @@ class Scope:
             what = "admin (every execution)"
         elif self.call_id is not None:
             what = f"complete call {self.call_id} (attempt {self.attempt}) of execution {self.execution_id}"
+        elif self.cancel:
+            what = f"cancel execution {self.execution_id}"
         else:
             what = f"signal {self.signal!r} of execution {self.execution_id}"
         if self.expires_at is not None:
@@ -86,6 +93,10 @@ def signal_token(signer: Signer, execution_id: str, signal: str, expires_in: flo
 
 def call_token(signer: Signer, execution_id: str, call_id: int, attempt: int, expires_in: float | None = None) -> str:
     return make_token(signer, {"e": execution_id, "c": call_id, "a": attempt}, expires_in)
+
+
+def cancel_token(signer: Signer, execution_id: str, expires_in: float | None = None) -> str:
+    return make_token(signer, {"e": execution_id, "k": "cancel"}, expires_in)
 
 
 def admin_token(signer: Signer, expires_in: float | None = None) -> str:
@@ -125,6 +136,10 @@ def verify_token(signer: Signer, token: Any, now: float | None = None) -> Scope:
         if not isinstance(call_id, int) or not isinstance(attempt, int):
             raise TokenError("missing or malformed token")
         return Scope(execution_id=execution_id, call_id=call_id, attempt=attempt, expires_at=expires)
+    if "k" in payload:
+        if payload.get("k") != "cancel" or "s" in payload:
+            raise TokenError("missing or malformed token")
+        return Scope(execution_id=execution_id, cancel=True, expires_at=expires)
     signal = payload.get("s")
     if not isinstance(signal, str):
         raise TokenError("missing or malformed token")

@@ -67,10 +67,10 @@ RAN = f"""(count) => {{
 NOTEBOOK_ERRORS = notebook_errors(NOTEBOOK_NAME)
 
 
-def _write_notebook(path: Path) -> None:
+def _write_notebook(path: Path, sources: list[str] = CELLS) -> None:
     cells = [
         {"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [], "source": src}
-        for i, src in enumerate(CELLS)
+        for i, src in enumerate(sources)
     ]
     nb = {
         "cells": cells,
@@ -90,6 +90,34 @@ def signal_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
     db = tmp_path / "signals.db"
     with serve_lab(tmp_path, root, db) as (base_url, log):
         yield {"url": base_url, "log": log, "db": f"sqlite:///{db}"}
+
+
+# The same notebook's name, with a detached cell: a runner subprocess drives it, the widget watches the store.
+DETACHED_CELLS = [
+    "%load_ext durable_monty_nb",
+    "def record(decision, review):\n    return f\"recorded {decision['approved']} {review['approved']}\"",
+    '%%durable approval --detach\ndecision = await signal("approval")\nreview = await signal("review")\n'
+    "outcome = await record(decision, review)\noutcome",
+    'print("outcome:", outcome)',
+]
+
+
+@pytest.fixture
+def detached_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A headless JupyterLab serving the detached notebook, and a ``durable-monty-nb runner``
+    subprocess (test_detach's) of its store, polling signals every second (lease 3 s)."""
+    from test_detach import Runners
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_notebook(root / NOTEBOOK_NAME, DETACHED_CELLS)
+    db = tmp_path / "detached.db"
+    runners = Runners(f"sqlite:///{db}", tmp_path)
+    try:
+        with serve_lab(tmp_path, root, db) as (base_url, log):
+            yield {"url": base_url, "log": log, "db": f"sqlite:///{db}", "runners": runners}
+    finally:
+        runners.stop()
 
 
 def _run(browser: Any, command: str, index: int, count: int) -> None:
@@ -159,5 +187,61 @@ def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[
     except BaseException:
         print(f"JupyterLab log:\n{_log_tail(signal_lab['log'])}")
         with contextlib.suppress(Exception):  # keep the original error
+            page.screenshot(path=str(failure_shot), full_page=True)
+        raise
+
+
+def test_approve_and_reject_buttons_of_a_watched_run_that_a_runner_drives(
+    detached_lab: dict[str, Any],
+    page: Any,  # noqa: F811
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    failure_shot = ARTIFACTS / "detached-approval-failure.png"
+    failure_shot.unlink(missing_ok=True)
+    runners = detached_lab["runners"]
+    try:
+        page.goto(f"{detached_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
+        page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_MS)
+        _run(page, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)  # handed over: returns at once
+        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        runner = runners.start("lab-runner", "--lease-ttl", "3")
+        cell = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL)
+        widget = cell.locator(".durable-run")
+        expect(widget).to_have_count(1, timeout=WIDGET_MS)
+        waiting = widget.locator(".durable-waiting")
+        expect(waiting).to_have_text("waiting for signal 'approval'", timeout=WIDGET_MS)  # as the runner's run waits
+        cell.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "detached-approval-waiting.png"), full_page=True)
+
+        widget.locator(".durable-approve").click()
+        expect(waiting).to_have_text("waiting for signal 'review'", timeout=WIDGET_MS)
+        widget.locator(".durable-reject").click()
+
+        expect(widget.locator(".durable-status")).to_have_text("completed", timeout=WIDGET_MS)
+        expect(widget).to_contain_text(re.compile(r"(^|\D)3/3 done"), timeout=WIDGET_MS)
+        expect(widget.locator(".durable-approve")).to_have_count(0, timeout=WIDGET_MS)
+        page.screenshot(path=str(ARTIFACTS / "detached-approval-completed.png"), full_page=True)
+
+        _run(page, "notebook:run-cell", DURABLE_CELL + 1, len(DETACHED_CELLS))  # the names landed
+        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        printed = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
+        expect(printed).to_have_text("outcome: recorded True False", timeout=WIDGET_MS)
+
+        store = sa.create_engine(detached_lab["db"])
+        with store.connect() as conn:
+            rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
+            status = conn.execute(sa.text("SELECT status FROM dm_executions")).scalar_one()
+            driver = conn.execute(sa.text("SELECT runner FROM dm_handoffs")).scalar_one()
+        store.dispose()
+        assert [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows] == [
+            ("approval", {"approved": True}, "widget", 0),
+            ("review", {"approved": False}, "widget", 1),
+        ]
+        assert status == "completed" and driver == "lab-runner"
+        assert "approval.ipynb::approval' (" in runners.output("lab-runner") and runner.poll() is None
+    except BaseException:
+        print(f"JupyterLab log:\n{_log_tail(detached_lab['log'])}")
+        with contextlib.suppress(Exception):
+            print(f"runner log:\n{runners.output('lab-runner')}")
             page.screenshot(path=str(failure_shot), full_page=True)
         raise

@@ -409,6 +409,51 @@ def test_a_runner_killed_with_calls_on_dask_workers_is_replaced_without_running_
     killed_runner_with_calls_on_workers(side, runners, "dask", ("--dask-address", own_dask_cluster.address))
 
 
+def test_the_watching_widget_shows_the_running_and_queued_calls_of_the_runner(
+    side: tuple[Path, Path], runners: Runners
+) -> None:
+    from durable_monty_nb.notebook.views import make_widget
+
+    _, gate = side
+    gate.touch()
+    engine = Engine(runners.db_url)
+    run = engine.start(GATHER, notebook(CELL_FUNCTIONS), key="watched", detach=True)
+    runners.start("counted", "--workers", "2")  # calls 0 and 1 finish, 2 and 3 hold both threads, 4 and 5 wait
+    held = wait_until(lambda: (p := run.progress).done == 2 and p.running == 2 and p, what="two calls held")
+    assert held.queued == 2 and held.total == 6  # read from the store: what the runner publishes
+    widget = make_widget(run)
+    widget.refresh()
+    assert "2 running" in widget._counts.value and "2 queued" in widget._counts.value, widget._counts.value
+    assert "<b>2</b>/6 done" in widget._counts.value
+    gate.unlink()
+    assert run.result(60) == 150
+    final = run.progress
+    assert (final.done, final.running, final.queued) == (6, 0, 0)
+
+
+def test_one_thread_of_the_process_follows_every_watching_run(side: tuple[Path, Path], runners: Runners) -> None:
+    import threading
+
+    from durable_monty_nb.engine.detached import FOLLOWER
+
+    def watchers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "durable-watch"]
+
+    def followed() -> set[str]:
+        return {run.execution_id for _, run in list(FOLLOWER._runs)}
+
+    engine = Engine(runners.db_url)
+    code = "a = await step(base)\na"
+    ns = notebook(CELL_FUNCTIONS)
+    runs = [engine.start(code, {**ns, "base": n}, key=f"followed-{n}", detach=True) for n in range(4)]
+    assert len(watchers()) == 1  # not one per run (earlier tests' runs that never end share it too)
+    assert {run.execution_id for run in runs} <= followed()
+    runners.start("r")
+    assert [run.result(60) for run in runs] == [0, 10, 20, 30]
+    wait_until(lambda: not {run.execution_id for run in runs} & followed(), what="the ended runs let go")
+    assert len(watchers()) <= 1
+
+
 def test_an_object_the_cell_reads_travels_as_a_signed_blob(side: tuple[Path, Path], runners: Runners) -> None:
     from fractions import Fraction  # the sandbox cannot hold one: it is stored as a blob
 

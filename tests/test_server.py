@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from procs import wait_until
 
 from durable_monty_nb import Engine, external, retry
-from durable_monty_nb.tokens import admin_token, call_token, make_token, signal_token
+from durable_monty_nb.tokens import admin_token, call_token, cancel_token, make_token, signal_token
 
 require_module("starlette", extra="server")  # in CI a missing extra fails, never skips
 require_module("uvicorn", extra="server")
@@ -167,6 +167,13 @@ def test_refusals_change_nothing(served: Served) -> None:
         ("/calls/" + good + "/complete", {}, b'{"value": 1}', 403),
         ("/calls/" + forged + "/complete", {}, b'{"value": 1}', 401),
         ("/calls/dm1.x.y/complete", {}, b'{"value": 1}', 401),
+        ("/executions/parked/cancel", {}, b"", 401),
+        ("/executions/parked/cancel", bearer(good), b"", 403),  # a signal token cancels nothing
+        ("/executions/parked/cancel", bearer(cancel_token(signer, served.done_id)), b"", 403),
+        ("/executions/parked/cancel", bearer(cancel_token(signer, served.parked_id)), b'{"now": 1}', 400),
+        ("/executions/parked/cancel", bearer(cancel_token(signer, served.parked_id)), b"", 409),  # nobody drives it
+        ("/executions/done/cancel", bearer(admin_token(signer)), b"{}", 409),
+        ("/executions/nobody/cancel", bearer(admin_token(signer)), b"", 404),
     ]
     for url, headers, body, status in cases:
         answer = served.client.post(url, headers={**headers, "Content-Type": "application/json"}, content=body)
@@ -210,6 +217,116 @@ def test_external_call_completed_over_http(served: Served) -> None:
     assert run.result(30) == ["one", "two"]
     other = call_token(served.store.signer, "0" * 32, 0, 1)
     assert served.client.post(f"/calls/{other}/complete", json={"value": 1}).status_code == 404
+
+
+# -- detached runs: a real runner drives them ------------------------------------------------------
+
+
+@pytest.fixture
+def runner_of(served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A ``durable-monty-nb runner`` subprocess of the served store (test_detach's), the side log
+    and the gate file of test_detach's cell functions, and those functions."""
+    from test_detach import CELL_FUNCTIONS, Runners, notebook
+
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    monkeypatch.setenv("SIDE_LOG", str(log))
+    monkeypatch.setenv("GATE_FILE", str(gate))
+    runners = Runners(served.url_db, tmp_path)
+    yield runners, log, gate, notebook(CELL_FUNCTIONS)
+    runners.stop()
+
+
+def test_cancel_over_http_stops_a_detached_run_and_the_status_names_its_runner(served: Served, runner_of: Any) -> None:
+    from test_detach import SEQUENTIAL, logged
+
+    runners, log, gate, ns = runner_of
+    gate.touch()
+    run = served.engine.start(SEQUENTIAL, ns, key="http-detached", detach=True)
+    token = cancel_token(served.store.signer, run.execution_id)
+    waiting = served.client.get("/executions/http-detached", headers=bearer(token)).json()
+    assert waiting["detached"] is True and waiting["runner"]["state"] == "unclaimed"
+    runners.start("http-runner")
+    wait_until(lambda: len(logged(log)) >= 3, what="three calls done by the runner")
+
+    def driven() -> Any:
+        body = served.client.get("/executions/http-detached", headers=bearer(token)).json()
+        return body["calls"]["running"] == 1 and body  # the held call, as the runner sees it
+
+    body = wait_until(driven, what="the runner's live counts")
+    assert body["runner"]["runner"] == "http-runner" and body["runner"]["state"] == "driving"
+    assert "process" in body["runner"]["owner"] and body["runner"]["cancel_requested"] is False
+    assert body["calls"]["done"] == 3 and body["calls"]["queued"] == 0
+    signal_only = signal_token(served.store.signer, run.execution_id, "approval")
+    assert served.client.post("/executions/http-detached/cancel", headers=bearer(signal_only)).status_code == 403
+    answer = served.client.post("/executions/http-detached/cancel", headers=bearer(token))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["cancelled"] is True and answer.json()["runner"]["cancel_requested"] is True
+    wait_until(lambda: "cancels 'http-detached'" in runners.output("http-runner"), what="the runner passing it on")
+    gate.unlink()  # the held call finishes and is kept; no other starts
+    assert run.wait(60) and run.status == "interrupted"
+    after = served.client.get("/executions/http-detached", headers=bearer(token)).json()
+    assert after["status"] == "interrupted" and after["runner"]["state"] == "ended"
+    assert sorted(i for _, i in logged(log)) == [0, 1, 2, 3]
+    again = served.client.post("/executions/http-detached/cancel", headers=bearer(token))
+    assert again.status_code == 409 and "nothing to cancel" in again.json()["error"]
+
+
+def test_cancel_over_http_of_a_handed_over_run_no_runner_claimed_interrupts_it_at_once(
+    served: Served, runner_of: Any
+) -> None:
+    from test_detach import SEQUENTIAL
+
+    _, log, _, ns = runner_of
+    run = served.engine.start(SEQUENTIAL, ns, key="http-unclaimed", detach=True)
+    answer = served.client.post("/executions/http-unclaimed/cancel", headers=bearer(admin_token(served.store.signer)))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "interrupted" and answer.json()["runner"]["state"] == "ended"
+    assert run.wait(30) and run.status == "interrupted" and not log.exists()  # nothing ran
+
+
+def test_a_signal_over_http_reaches_a_detached_run_its_runner_drives(served: Served, runner_of: Any) -> None:
+    from test_detach import logged
+
+    runners, log, _, ns = runner_of
+    code = "v = await signal('go')\nr = await step(v, held_from=99)\nr"
+    run = served.engine.start(code, ns, key="http-signal", detach=True)
+    runners.start("signal-runner")
+    token = signal_token(served.store.signer, run.execution_id, "go")
+
+    def parked() -> Any:
+        body = served.client.get("/executions/http-signal", headers=bearer(token)).json()
+        return body["waiting_for"] and body["runner"]["state"] == "driving" and body
+
+    body = wait_until(parked, what="the runner's run to wait for the signal")
+    assert body["waiting_for"][0]["name"] == "go"
+    answer = served.client.post("/executions/http-signal/signals/go", headers=bearer(token), json={"value": 4})
+    assert answer.status_code == 200 and answer.json()["delivered"] is True
+    assert run.result(60) == 40
+    assert [pid for pid, _ in logged(log)] == [runners.procs[0].pid]
+
+
+def test_a_kernel_driven_run_is_cancelled_by_its_own_server_and_refused_by_another(served: Served) -> None:
+    from durable_monty_nb.server.app import BackgroundServer
+
+    run = served.engine.start('v = await signal("go", timeout=120)\nv', {}, key="kernel-driven")
+    wait_until(lambda: run.parked, what="the run to park")
+    token = cancel_token(served.store.signer, run.execution_id)
+    before = served.snapshot()
+    refused = served.client.post("/executions/kernel-driven/cancel", headers=bearer(token))
+    assert refused.status_code == 409  # the served process does not drive it, and no runner does
+    assert "not by a runner" in refused.json()["error"] and "%durable_cancel kernel-driven" in refused.json()["error"]
+    assert served.snapshot() == before and not run.done
+    status = served.client.get("/executions/kernel-driven", headers=bearer(token)).json()
+    assert status["detached"] is False and status["runner"] is None
+    own = BackgroundServer(served.store, port=free_port(), engine=served.engine)  # as %durable_serve serves
+    own.start()
+    try:
+        with httpx.Client(base_url=own.url, timeout=30) as client:
+            answer = client.post("/executions/kernel-driven/cancel", headers=bearer(token))
+        assert answer.status_code == 200, answer.text
+        assert run.wait(30) and run.status == "interrupted"
+    finally:
+        own.stop()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -340,6 +457,7 @@ def bad_requests(signer: Any, parked_id: str, done_id: str) -> st.SearchStrategy
         st.one_of(
             st.builds(lambda a, b: f"/executions/{a}/signals/{b}", SEGMENT, SEGMENT),
             st.builds(lambda a: f"/calls/{a}/complete", SEGMENT),
+            st.builds(lambda a: f"/executions/{a}/cancel", SEGMENT),
             st.builds(lambda a: f"/{a}", SEGMENT),
         ),
         st.one_of(st.just({}), tokens.map(lambda t: {"Authorization": f"Bearer {t}"})),
@@ -347,7 +465,11 @@ def bad_requests(signer: Any, parked_id: str, done_id: str) -> st.SearchStrategy
     )
     unknown = st.tuples(
         st.just("POST"),
-        st.builds(lambda a: f"/executions/zz{a}/signals/approval", st.text("abcdef0123456789", max_size=8)),
+        st.builds(
+            lambda a, what: f"/executions/zz{a}/{what}",
+            st.text("abcdef0123456789", max_size=8),
+            st.sampled_from(["signals/approval", "cancel"]),
+        ),
         st.just({"Authorization": f"Bearer {admin}"}),
         st.just(b'{"value": 1}'),
     )

@@ -24,6 +24,7 @@ from typing import Any
 from .. import defaults
 from ..errors import (
     ExecutionBusy,
+    NotCancellable,
     StoreError,
     WorkflowFailed,
     interrupted_error,
@@ -42,6 +43,7 @@ from .retry import RetryPolicy
 from .run import CallView, Progress, Run
 from .why import explain
 
+LIVE_COUNTS = ("running", "queued", "retrying", "waiting", "limited", "signals", "external")
 CLAIM_WAIT = 3.0  # seconds before a watcher says that no runner has claimed the run
 POLL = 0.25  # seconds between a watcher's reads of the store
 
@@ -166,21 +168,28 @@ class StoredRun:
         self._created = time.time()
 
     def progress(self) -> Progress:
+        """The counts of the execution's row, with the live ones (running, queued, ...) its runner
+        publishes while it holds the lease."""
         row = self._store.get_execution(self._execution_id)
+        handoff = handoffs.load_handoff(self._store, self._execution_id)
+        live = live_counts(row, handoff)
         return Progress(
             total=row.calls_total,
             done=row.calls_done,
             failed=row.calls_failed,
             reused=row.calls_reused,
-            note=self.note(row),
+            note=self.note(row, handoff) or live.get("note"),
+            expected=live.get("expected"),
+            **{name: live.get(name, 0) for name in LIVE_COUNTS},
         )
 
-    def note(self, row: Any = None) -> str | None:
+    def note(self, row: Any = None, handoff: Any = False) -> str | None:
         """What keeps the run from going: no runner claimed it, or runners refused it."""
         row = row if row is not None else self._store.get_execution(self._execution_id)
         if row.status not in UNFINISHED or lease_held(row):
             return None
-        handoff = handoffs.load_handoff(self._store, self._execution_id)
+        if handoff is False:
+            handoff = handoffs.load_handoff(self._store, self._execution_id)
         if handoff is None or not handoff.armed:
             return None
         if handoff.refusal:
@@ -216,23 +225,53 @@ class StoredRun:
         return False
 
 
-def watch(store: Store, execution_id: str, key: str, *, poll: float = POLL) -> Run:
+def watch(store: Store, execution_id: str, key: str) -> Run:
     """A run of an execution another process drives, finished when the store says it ended."""
     source = StoredRun(store, execution_id)
     run = Run(execution_id, key, source=source)
     run.detached = True  # type: ignore[attr-defined]
     run._explain = functools.partial(explain, store, execution_id)
     run.started_at = time.time()
-
-    def follow() -> None:
-        while not run.done:
-            with contextlib.suppress(StoreError):  # an outage: keep watching
-                if _finished(store, run):
-                    return
-            time.sleep(poll)
-
-    threading.Thread(target=follow, name=f"durable-watch-{key[:30]}", daemon=True).start()
+    FOLLOWER.follow(store, run)
     return run
+
+
+class Follower:
+    """One thread of the process reads the store for every watching run, until each one ended;
+    it stops when none is left and starts again with the next."""
+
+    def __init__(self, poll: float = POLL) -> None:
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._runs: list[tuple[Store, Run]] = []
+        self._thread: threading.Thread | None = None
+
+    def follow(self, store: Store, run: Run) -> None:
+        with self._lock:
+            self._runs.append((store, run))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="durable-watch", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._runs = [(store, run) for store, run in self._runs if not run.done]
+                if not self._runs:
+                    self._thread = None  # the next follow() starts another
+                    return
+                runs = list(self._runs)
+            for store, run in runs:
+                try:
+                    _finished(store, run)
+                except StoreError:  # an outage: keep watching
+                    pass
+                except Exception as exc:  # a result this process cannot load: that run ends with it, not the rest
+                    run._finish("failed", error=exc)
+            time.sleep(self.poll)
+
+
+FOLLOWER = Follower()
 
 
 def _finished(store: Store, run: Run) -> bool:
@@ -274,21 +313,63 @@ def cancel_detached(store: Store, execution_id: str) -> bool:
     return True
 
 
+def live_counts(row: Any, handoff: handoffs.Handoff | None) -> dict[str, Any]:
+    """The live counts its runner published, while a runner holds the execution's lease (else none:
+    what a runner that stopped wrote last is no longer true)."""
+    if handoff is None or not handoff.progress or row.status != "running" or not lease_held(row):
+        return {}
+    return handoff.progress
+
+
+def runner_state(row: Any, handoff: handoffs.Handoff | None) -> dict[str, Any] | None:
+    """Who drives a detached execution, as data (None: it is not detached). ``state``: ``driving``
+    (a runner holds its lease), ``unclaimed`` (armed, nobody drives it: no runner yet, or its
+    runner stopped), ``refused`` (runners refused it, ``refusal`` says why) or ``ended``."""
+    if handoff is None:
+        return None
+    if row.status == "running" and lease_held(row):
+        state = "driving"
+    elif handoff.armed and row.status in UNFINISHED:
+        state = "refused" if handoff.refusal else "unclaimed"
+    else:
+        state = "ended"
+    return {
+        "runner": handoff.runner,
+        "state": state,
+        "owner": describe_owner(row.lease_owner) if state == "driving" else None,
+        "claimed_at": handoff.claimed_at,
+        "cancel_requested": handoff.cancel_requested_at is not None,
+        "refusal": handoff.refusal if state == "refused" else None,
+    }
+
+
 def driven_by(store: Store, rows: list[Any]) -> dict[str, str]:
     """Which runner drives each detached execution among ``rows`` (or that none has claimed it)."""
     found = handoffs.handoffs_of(store, [row.id for row in rows])
     said = {}
     for row in rows:
-        handoff = found.get(row.id)
-        if handoff is None:
+        state = runner_state(row, found.get(row.id))
+        if state is None:
             continue
-        if row.status == "running" and lease_held(row):
-            said[row.id] = f"{handoff.runner or 'a runner'} ({describe_owner(row.lease_owner)})"
-        elif handoff.armed and row.status in UNFINISHED:
-            said[row.id] = "no runner has claimed it" + (f" (refused: {handoff.refusal})" if handoff.refusal else "")
-        elif handoff.runner:
-            said[row.id] = f"{handoff.runner} (done)"
+        if state["state"] == "driving":
+            said[row.id] = f"{state['runner'] or 'a runner'} ({state['owner']})"
+        elif state["state"] in ("unclaimed", "refused"):
+            said[row.id] = "no runner has claimed it" + (f" (refused: {state['refusal']})" if state["refusal"] else "")
+        elif state["runner"]:
+            said[row.id] = f"{state['runner']} (done)"
     return said
+
+
+def not_cancellable(store: Store, row: Any) -> NotCancellable:
+    """Why an execution cannot be cancelled from here (it ended, or a kernel drives it)."""
+    if row.status not in UNFINISHED:
+        return NotCancellable(f"{row.key!r} ({row.id[:12]}) is {row.status}: there is nothing to cancel")
+    if lease_held(row):
+        return NotCancellable(
+            f"{row.key!r} ({row.id[:12]}) is driven by {describe_owner(row.lease_owner)}, not by a runner: "
+            f"cancel it there (%durable_cancel {row.key}, or its widget's Cancel button)"
+        )
+    return NotCancellable(f"{row.key!r} ({row.id[:12]}) is not running: nobody drives it, there is nothing to cancel")
 
 
 def is_detached(run: Run) -> bool:

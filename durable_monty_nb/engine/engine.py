@@ -45,7 +45,7 @@ from ..errors import (
     WorkflowFailed,
 )
 from ..executors import Backend, RunContext, backend
-from ..store.owners import describe_owner, lease_held, new_owner
+from ..store.owners import describe_owner, lease_held, new_owner, release_owner
 from ..store.retention import Removal, StoreSize, parse_age
 from ..store.signing import secret_argument
 from ..store.store import UNFINISHED, Store
@@ -609,15 +609,11 @@ class Engine:
                 f"namespace does not define. Define them (run the cells that do), then resume again. "
                 f"Nothing was lost: {row.calls_done} of {row.calls_total} calls are done."
             )
-        owner = new_owner()
-        busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
-        if busy is not None:
-            raise ExecutionBusy(self._busy_message(row.id, row.key, busy))
-        # Read again under the lease: another process may have finished or advanced the execution
-        # since it was read (a finished run's lease is free too); nobody changes it while it is ours.
-        fresh = self.store.get_execution(row.id)
+        owner, fresh = lease_and_read(
+            self.store, row.id, settings.lease_ttl, lambda busy: self._busy_message(row.id, row.key, busy)
+        )
         if fresh.status == "completed":
-            self.store.release_lease(row.id, owner)
+            give_back(self.store, row.id, owner)
             return self._stored_run(fresh)
         if fresh.updated_at != row.updated_at or fresh.status != row.status:
             row, calls = fresh, self.store.load_calls(row.id)
@@ -647,7 +643,7 @@ class Engine:
             )
         except BaseException:
             sandbox.close_session(session)
-            self.store.release_lease(row.id, owner)
+            give_back(self.store, row.id, owner)
             raise
         return self._launch(driver, resumed=True, paused=paused)
 
@@ -686,6 +682,33 @@ class StoredCalls:
 
     def request_stop(self) -> None:
         return None
+
+
+def lease_and_read(store: Store, execution_id: str, lease_ttl: float, busy: Callable[[str], str]) -> tuple[str, Any]:
+    """Take an execution's lease and read its row again under it: (owner, the row now).
+
+    Another process may have finished or advanced the execution since it was read (a finished
+    run's lease is free too); nobody changes it while the lease is ours. ExecutionBusy, with
+    ``busy(holder)`` as its message, when another holds it.
+    """
+    owner = new_owner()
+    holder = store.acquire_lease(execution_id, owner, lease_ttl)
+    if holder is not None:
+        release_owner(owner)
+        raise ExecutionBusy(busy(holder))
+    try:
+        return owner, store.get_execution(execution_id)
+    except BaseException:
+        give_back(store, execution_id, owner)
+        raise
+
+
+def give_back(store: Store, execution_id: str, owner: str) -> None:
+    """Release a lease taken by :func:`lease_and_read` that no driver took on."""
+    try:
+        store.release_lease(execution_id, owner)
+    finally:
+        release_owner(owner)
 
 
 def open_at_checkpoint(

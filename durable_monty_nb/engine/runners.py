@@ -22,14 +22,14 @@ from .. import defaults
 from ..errors import DurableError, ExecutionBusy, StoreError, TamperedDataError
 from ..executors import backend
 from ..store import handoffs
-from ..store.owners import describe_owner, lease_held, new_owner, release_owner
+from ..store.owners import describe_owner, lease_held
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec
 from . import sandbox
 from .analysis import analyze
-from .detached import _options_of
+from .detached import LIVE_COUNTS, _options_of
 from .driver import Driver
-from .engine import Engine, open_at_checkpoint
+from .engine import Engine, give_back, lease_and_read, open_at_checkpoint
 from .run import Run
 
 
@@ -68,12 +68,14 @@ class Runner:
         self._refused: dict[str, str] = {}  # execution id -> the signature refused (said once)
         self._stopping = False
         self._cancelled: list[Run] = []  # runs a cancel request was passed on to
+        self._published: dict[str, dict[str, Any]] = {}  # execution id -> the live counts written last
 
     def step(self) -> None:
         """One round: end finished runs, pass on cancel requests, claim armed hand-overs."""
         for execution_id, run in list(self.runs.items()):
             if run.done:
                 del self.runs[execution_id]
+                self._published.pop(execution_id, None)
                 if run in self._cancelled:
                     self._cancelled.remove(run)
                 if not self._stopping:
@@ -87,11 +89,28 @@ class Runner:
                 self._cancelled.append(run)
                 run.cancel()
                 self.log(f"{self.name}: cancels {run.key!r} ({run.execution_id[:12]}), as asked through the store")
+        self._publish()
         for handoff in armed:
             if self._stopping or (self.max_runs is not None and len(self.runs) >= self.max_runs):
                 break
             if handoff.execution_id not in self.runs:
                 self._claim(handoff)
+
+    def _publish(self) -> None:
+        """Write the live counts (running, queued, ...) of each run driven here that changed since
+        the last round, for the notebooks that watch it (the store's rows hold only the totals)."""
+        for execution_id, run in list(self.runs.items()):
+            if run.done:
+                continue
+            progress = run.progress
+            counts: dict[str, Any] = {name: getattr(progress, name) for name in LIVE_COUNTS}
+            if progress.expected is not None:  # the total the code will reach: views show a bar
+                counts["expected"] = progress.expected
+            if progress.note:
+                counts["note"] = progress.note
+            if self._published.get(execution_id) != counts:
+                handoffs.write_progress(self.store, execution_id, counts)
+                self._published[execution_id] = counts
 
     def _ended(self, run: Run) -> None:
         """A run driven here ended: no runner drives it any more, unless it stopped uncancelled (its
@@ -163,18 +182,16 @@ class Runner:
         chosen = backend(handoff.executor, workers=workers, **self.settings.get(handoff.executor, {}))
         chosen.check()
         info = analyze(row.code, batching=row.batching)  # the code its checkpoints run
-        owner = new_owner()
-        busy = self.store.acquire_lease(row.id, owner, settings.lease_ttl)
-        if busy is not None:
-            release_owner(owner)
-            raise ExecutionBusy(f"execution {row.id[:12]} is driven by {describe_owner(busy)}")
+        owner, row = lease_and_read(
+            self.store,
+            row.id,
+            settings.lease_ttl,
+            lambda busy: f"execution {row.id[:12]} is driven by {describe_owner(busy)}",
+        )
         run = Run(row.id, row.key)
         emit = engine._subscribe_printer(run, lambda stream, text: None)
         session = None
         try:
-            # Read again under the lease: another runner may have finished it since it was read
-            # (a finished run's lease is free), and nobody changes it while the lease is ours.
-            row = self.store.get_execution(row.id)
             if row.status not in UNFINISHED:
                 raise Ended(row.status)
             retry_failed = row.status == "failed"
@@ -200,8 +217,7 @@ class Runner:
             )
         except BaseException:
             sandbox.close_session(session)
-            self.store.release_lease(row.id, owner)
-            release_owner(owner)
+            give_back(self.store, row.id, owner)
             raise
         return engine._launch(driver, resumed=restored, paused=False)
 

@@ -43,7 +43,7 @@ from ..engine.driver.switching import check_switch_interval, set_switch_interval
 from ..engine.engine import Engine
 from ..engine.options import RunOptions, add_arguments, check_workers, options_from_arguments
 from ..engine.run import Run, calls_frame
-from ..errors import DurableError, ExecutionInterrupted, StoreUnavailable
+from ..errors import DurableError, ExecutionInterrupted, NotCancellable, StoreUnavailable
 from ..executors import Backend, executor_entry
 from ..store.retention import parse_age
 from ..store.schema import read_revision
@@ -621,7 +621,7 @@ class DurableMagics(Magics):
         engine = self.engine(args.db)
         row = engine.store.find_execution(args.name, notebook=self.notebook(engine.store))
         if not engine.cancel(row.id):
-            raise DurableError(f"{args.name!r} is not running in this kernel, and no runner drives it")
+            raise NotCancellable(f"{args.name!r} is not running in this kernel, and no runner drives it")
         print(f"interrupting {args.name!r}: running calls finish and are kept; resume with %durable_resume")
 
     # -- after %load_ext ----------------------------------------------------------------------

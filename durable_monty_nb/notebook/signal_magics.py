@@ -100,7 +100,7 @@ class SignalMagics(Magics):
                 f"the server needs the server extra: pip install 'durable-monty-nb[server]' ({exc})"
             ) from None
         engine = self._durable.engine(options["db"])
-        server = BackgroundServer(engine.store, options["host"], int(options["port"]))  # type: ignore[arg-type]
+        server = BackgroundServer(engine.store, options["host"], int(options["port"]), engine=engine)  # type: ignore[arg-type]
         server.start()
         self.server = server
         print(f"serving {engine.url} on {server.url} (signals: POST /executions/NAME/signals/SIGNAL)")

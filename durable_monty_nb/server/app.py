@@ -4,12 +4,17 @@ Endpoints, each authenticated by a capability token (:mod:`durable_monty_nb.toke
 
 - ``POST /executions/{name_or_id}/signals/{signal}``, body ``{"value": ..., "idempotency_key": ...}``,
   ``Authorization: Bearer <token>`` (a token of that execution and signal, or admin);
-- ``GET /executions/{name_or_id}``: its status as JSON (a token of that execution, or admin);
+- ``GET /executions/{name_or_id}``: its status as JSON (a token of that execution, or admin),
+  with the runner that drives it when it is detached;
+- ``POST /executions/{name_or_id}/cancel``, body empty or ``{}``: cancel it, through the store as
+  ``%durable_cancel`` does (a cancel token of that execution, or admin). A detached run's runner
+  stops it; one the serving kernel drives (``%durable_serve``) stops at once;
 - ``POST /calls/{token}/complete``, body ``{"value": ...}`` or ``{"error": {"type": ..., "message": ...}}``.
 
 Answers: 401 missing, malformed, forged or expired token; 403 a token of another scope; 400
 malformed JSON or arguments; 413 a body over the limit; 404 unknown execution or call; 409 a
-delivery to a completed execution, a second different completion. The code of a refusal is the
+delivery to a completed execution, a second different completion, a cancel of an execution that
+ended or that a kernel (not this server's) drives. The code of a refusal is the
 ``http_status`` of its exception's class (:mod:`durable_monty_nb.errors`), never read from its
 message. A refused request changes nothing; an unexpected failure answers 503 (never a bare 500)
 and the log names only its type.
@@ -33,8 +38,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .. import signals as signals_module
+from ..engine import detached
+from ..engine.engine import Engine
 from ..errors import DurableError, ExecutionNotFound
-from ..store import mailbox
+from ..store import handoffs, mailbox
 from ..store.mailbox import check_name
 from ..store.store import Store, execution_state
 from ..tokens import Scope, TokenError, verify_token
@@ -43,6 +50,7 @@ log = logging.getLogger("durable_monty_nb.server")
 MAX_BODY = 1 << 20  # bytes
 SIGNAL_KEYS = frozenset(("value", "idempotency_key"))
 COMPLETE_KEYS = frozenset(("value", "error"))
+CANCEL_KEYS: frozenset[str] = frozenset()
 _REDACT = re.compile(r"^/calls/[^/]*")
 
 
@@ -62,8 +70,11 @@ def redact(path: str) -> str:
     return _REDACT.sub("/calls/<token>", path)
 
 
-def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) -> Starlette:
-    """The app over a store (a Store, a URL or a SQLite path)."""
+def create_app(
+    store: Store | str | None = None, *, max_body: int = MAX_BODY, engine: Engine | None = None
+) -> Starlette:
+    """The app over a store (a Store, a URL or a SQLite path); ``engine``: the engine of the
+    serving process (a kernel's), whose own runs a cancel stops at once."""
     own = not isinstance(store, Store)
     the_store = Store(store) if own else store  # type: ignore[arg-type]
 
@@ -77,7 +88,7 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
         except TokenError as exc:
             raise unauthorized(str(exc)) from None
 
-    async def read_json(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
+    async def read_json(request: Request, allowed: frozenset[str], empty: bool = False) -> dict[str, Any]:
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -90,6 +101,8 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
             body += chunk
             if len(body) > max_body:
                 raise HTTPError(413, f"the body is over {max_body} bytes")
+        if empty and not body.strip():
+            return {}
         try:
             data = json.loads(bytes(body).decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -147,6 +160,33 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
 
         return await run_in_threadpool(status)
 
+    async def cancel(request: Request) -> JSONResponse:
+        scope = scope_of(request)
+        await read_json(request, CANCEL_KEYS, empty=True)
+        name_or_id = request.path_params["name"]
+
+        def stop() -> JSONResponse:
+            row = find(name_or_id)
+            if not scope.allows_cancel(row.id):
+                raise HTTPError(403, "this token does not allow cancelling this execution")
+            if engine is not None:
+                done = engine.cancel(row.id)  # its own runs, then detached ones
+            else:
+                done = row.status != "completed" and detached.cancel_detached(the_store, row.id)
+            if not done:
+                raise detached.not_cancellable(the_store, row)  # NotCancellable: 409
+            after = the_store.get_execution(row.id)
+            return JSONResponse(
+                {
+                    "cancelled": True,
+                    "execution_id": row.id,
+                    "status": execution_state(after),
+                    "runner": detached.runner_state(after, handoffs.load_handoff(the_store, row.id)),
+                }
+            )
+
+        return await run_in_threadpool(stop)
+
     async def complete(request: Request) -> JSONResponse:
         try:
             scope = verify_token(the_store.signer, request.path_params["token"])
@@ -174,6 +214,7 @@ def create_app(store: Store | str | None = None, *, max_body: int = MAX_BODY) ->
     routes = [
         Route("/executions/{name}/signals/{signal}", post_signal, methods=["POST"]),
         Route("/executions/{name}", get_execution, methods=["GET"]),
+        Route("/executions/{name}/cancel", cancel, methods=["POST"]),
         Route("/calls/{token}/complete", complete, methods=["POST"]),
     ]
 
@@ -235,8 +276,11 @@ def _answer_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
 
 
 def status_json(store: Store, row: Any) -> dict[str, Any]:
-    """An execution's status, its waits and its mailbox (no tokens, no values of calls)."""
+    """An execution's status, its calls, its waits, its mailbox, and for a detached one the
+    runner that drives it (``null`` for a run of a kernel); no tokens, no values of calls."""
     waits = signals_module.waits_from_store(store, row.id)
+    handoff = handoffs.load_handoff(store, row.id)
+    live = detached.live_counts(row, handoff)
     return {
         "id": row.id,
         "key": row.key,
@@ -246,7 +290,10 @@ def status_json(store: Store, row: Any) -> dict[str, Any]:
             "done": row.calls_done,
             "failed": row.calls_failed,
             "reused": row.calls_reused,
+            **{name: live.get(name, 0) for name in detached.LIVE_COUNTS},
         },
+        "detached": handoff is not None,
+        "runner": detached.runner_state(row, handoff),
         "created_at": row.created_at,
         "finished_at": row.finished_at,
         "error": (row.error or "").strip().splitlines()[-1] if row.error else None,
@@ -294,11 +341,11 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 8787) -> None:
 class BackgroundServer:
     """The app served by uvicorn in a daemon thread of this process (``%durable_serve``)."""
 
-    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8787) -> None:
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8787, engine: Engine | None = None) -> None:
         import uvicorn
 
         self.host, self.port = host, port
-        self.server = uvicorn.Server(_config(create_app(store), host, port))
+        self.server = uvicorn.Server(_config(create_app(store, engine=engine), host, port))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="durable-serve")
 
     @property

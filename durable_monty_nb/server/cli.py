@@ -25,6 +25,7 @@ def add_commands(commands: Any) -> None:
     scope = token.add_mutually_exclusive_group(required=True)
     scope.add_argument("--signal", help="allow delivering this signal to the execution")
     scope.add_argument("--call", type=int, help="allow completing this external call (its current attempt)")
+    scope.add_argument("--cancel", action="store_true", help="allow cancelling the execution")
     scope.add_argument("--admin", action="store_true", help="allow everything on every execution of the store")
     token.add_argument("--expires", type=float, default=None, help="seconds until the token expires")
     token.add_argument("--url", default=None, help="the server's URL for the curl line (default: $DURABLE_MONTY_URL)")
@@ -97,6 +98,11 @@ def _token(args: argparse.Namespace) -> int:
             print(token)
             print(curl_signal(base, row.key, args.signal, token), file=sys.stderr)
             return 0
+        if args.cancel:
+            token = tokens.cancel_token(store.signer, row.id, args.expires)
+            print(token)
+            print(curl_cancel(base, row.key, token), file=sys.stderr)
+            return 0
         calls = {c.call_id: c for c in store.load_calls(row.id)}
         call = calls.get(args.call)
         if call is None:
@@ -115,6 +121,10 @@ def curl_signal(base: str, execution: str, signal: str, token: str, value: str =
         f"curl -X POST {base}/executions/{execution}/signals/{signal} -H 'Authorization: Bearer {token}' "
         f"-H 'Content-Type: application/json' -d '{{\"value\": {value}}}'"
     )
+
+
+def curl_cancel(base: str, execution: str, token: str) -> str:
+    return f"curl -X POST {base}/executions/{execution}/cancel -H 'Authorization: Bearer {token}'"
 
 
 def curl_complete(url: str) -> str:

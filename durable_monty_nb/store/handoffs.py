@@ -56,6 +56,7 @@ class Handoff:
     signature: str
     key_id: str
     updated_at: float = 0.0
+    progress: dict[str, Any] | None = None  # live counts its runner wrote (not signed: shown only)
 
     def content(self) -> str:
         """The signed text: everything a runner acts on."""
@@ -94,6 +95,7 @@ def _row_values(
         "armed": 1,
         "cancel_requested_at": None,
         "refusal": None,
+        "progress": None,
         "updated_at": now,
     }
 
@@ -191,6 +193,17 @@ def mark_refused(store: Store, execution_id: str, message: str) -> None:
 
 
 @_retried
+def write_progress(store: Store, execution_id: str, progress: dict[str, Any]) -> None:
+    """The live counts of a run its runner drives (running, queued, ...), for watchers to show."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(HANDOFFS)
+            .where(HANDOFFS.c.execution_id == execution_id)
+            .values(progress=json.dumps(progress, sort_keys=True))
+        )
+
+
+@_retried
 def disarm(store: Store, execution_id: str) -> None:
     """No runner drives it any more (it ended, or it was cancelled)."""
     now = time.time()
@@ -252,4 +265,23 @@ def _decode(row: Any) -> Handoff:
         signature=row.signature,
         key_id=row.key_id,
         updated_at=row.updated_at,
+        progress=_progress(row.progress),
     )
+
+
+def _progress(text: str | None) -> dict[str, Any] | None:
+    """Counts as written by a runner; anything else (a row edited by hand) reads as none."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    counts: dict[str, Any] = {
+        k: v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    }
+    if isinstance(data.get("note"), str):
+        counts["note"] = data["note"][:500]
+    return counts

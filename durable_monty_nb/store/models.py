@@ -237,5 +237,7 @@ class Handoff(Base):
     runner: Mapped[str | None] = mapped_column(String(255))  # the runner that claimed it last
     claimed_at: Mapped[float | None] = mapped_column(Double)
     refusal: Mapped[str | None] = mapped_column(LongText)  # why a runner refused it (another signing key)
+    # JSON of the live counts its runner sees (running, queued, ...; not signed: shown, never acted on)
+    progress: Mapped[str | None] = mapped_column(LongText)
     created_at: Mapped[float] = mapped_column(Double)
     updated_at: Mapped[float] = mapped_column(Double)

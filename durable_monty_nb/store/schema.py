@@ -15,7 +15,7 @@ from ..errors import StoreVersionError
 from .models import Base
 
 VERSION_TABLE = "dm_alembic_version"
-HEAD_REVISION = "0007_handoffs"
+HEAD_REVISION = "0008_handoff_progress"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
