@@ -7,6 +7,7 @@ runner by value.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -40,6 +41,17 @@ def step(i, held_from=3):  # holds while the gate file exists (test scaffolding,
     with open(LOG, "a") as handle:
         handle.write(f"{os.getpid()} {i}\\n")
     return i * 10
+"""
+
+STAMP = """
+
+def stamp(i):  # logs when it starts; its first call of 1 fails once
+    with open(LOG, "a") as handle:
+        handle.write(f"{i} {time.time()}\\n")
+    if i == 1 and not os.path.exists(LOG + ".failed"):
+        open(LOG + ".failed", "w").close()
+        raise ConnectionError("flaky once")
+    return i
 """
 
 SEQUENTIAL = """
@@ -130,6 +142,22 @@ def test_a_runner_completes_a_handed_over_run_and_the_cell_run_again_gets_it_fro
     again = Engine(runners.db_url).start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="nightly", detach=True)
     assert again.cached and again.result(5) == 150 and again.outputs["total"] == 150
     assert len(logged(log)) == 6
+
+
+def test_the_runner_keeps_the_runs_call_controls_a_rate_object_too(side: tuple[Path, Path], runners: Runners) -> None:
+    from durable_monty_nb import Rate, RetryPolicy
+
+    log, _ = side
+    ns = notebook(CELL_FUNCTIONS + STAMP)
+    engine = Engine(runners.db_url)
+    # One start per 0.4 s, a rate no "N/s" text can say; and one retry for the flaky call.
+    options = {"rate": Rate(1, 0.4), "retry": RetryPolicy(retries=1, delay=0)}
+    run = engine.start("await gather(*[stamp(i) for i in range(3)])", ns, key="paced", detach=True, **options)
+    runners.start("r1")
+    assert run.result(60) == [0, 1, 2]
+    starts = sorted(float(line.split()[1]) for line in log.read_text().splitlines())
+    assert len(starts) == 4  # stamp(1) failed once and was retried, as the run's policy says
+    assert all(later - earlier >= 0.39 for earlier, later in itertools.pairwise(starts))  # the rate held
 
 
 def test_no_runner_listening_says_so_with_the_command(side: tuple[Path, Path], tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from ..store.owners import describe_owner, lease_held, new_owner, release_owner
 from ..store.store import UNFINISHED, Store
 from ..values import ValueCodec
 from .analysis import analyze
+from .controls import Rate
 from .driver import stored_call_views
 from .fingerprint import Fingerprinter
 from .inputs import _same_fingerprints, check_names, execution_values, prepare_inputs, ship_functions
@@ -132,7 +133,8 @@ def _executor_name(executor: Any) -> str:
 
 def _options_data(options: RunOptions) -> dict[str, Any]:
     data: dict[str, Any] = {"workers": options.workers, "timeout": options.timeout, "concurrency": options.concurrency}
-    data["rate"] = options.rate if isinstance(options.rate, str) else None
+    rate = options.rate
+    data["rate"] = {"count": rate.count, "per": rate.per} if isinstance(rate, Rate) else rate
     if options.retry is not None:
         r = options.retry
         data["retry"] = {
@@ -151,7 +153,7 @@ def _options_of(data: Mapping[str, Any]) -> RunOptions:
         workers=data.get("workers"),
         timeout=data.get("timeout"),
         concurrency=data.get("concurrency"),
-        rate=data.get("rate"),
+        rate=Rate(**rate) if isinstance(rate := data.get("rate"), dict) else rate,
         retry=RetryPolicy(**retry) if retry else None,
     )
 
