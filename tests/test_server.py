@@ -245,6 +245,7 @@ def test_cancel_over_http_stops_a_detached_run_and_the_status_names_its_runner(s
     token = cancel_token(served.store.signer, run.execution_id)
     waiting = served.client.get("/executions/http-detached", headers=bearer(token)).json()
     assert waiting["detached"] is True and waiting["runner"]["state"] == "unclaimed"
+    assert waiting["status"] == "handed over"  # not "crashed": a runner will take it
     runners.start("http-runner")
     wait_until(lambda: len(logged(log)) >= 3, what="three calls done by the runner")
 

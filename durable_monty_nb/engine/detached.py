@@ -32,7 +32,7 @@ from ..errors import (
 from ..signals import deliver_signal, waits_from_store
 from ..store import handoffs
 from ..store.owners import describe_owner, lease_held, new_owner, release_owner
-from ..store.store import UNFINISHED, Store
+from ..store.store import UNFINISHED, Store, execution_state
 from ..values import ValueCodec
 from .analysis import analyze
 from .controls import Rate
@@ -129,6 +129,13 @@ def _write(
 
 def _executor_name(executor: Any) -> str:
     return executor if isinstance(executor, str) else getattr(executor, "name", defaults.EXECUTOR)
+
+
+def state_of(row: Any, detached: bool) -> str:
+    """An execution's status for views: ``handed over`` for a detached run no runner drives now
+    (its lease is free, as a crashed run's is, but a runner will take it)."""
+    state = execution_state(row)
+    return "handed over" if state == "crashed" and detached else state
 
 
 def _options_data(options: RunOptions) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.detached import driven_by
+from ..engine.detached import driven_by, state_of
 from ..errors import last_line
 from ..store.retention import StoreSize, format_bytes
 from ..store.store import Store, execution_state
@@ -165,8 +165,7 @@ def executions_report(
 
 def _state(row: Any, runners: dict[str, str] | None) -> str:
     """The status, with ``handed over`` for a detached run no runner drives (not a crash)."""
-    state = execution_state(row)
-    return "handed over" if state == "crashed" and runners and row.id in runners else state
+    return state_of(row, bool(runners) and row.id in runners)
 
 
 def _workflow_size(size: Any, key: str) -> list[str]:

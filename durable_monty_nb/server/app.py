@@ -43,7 +43,7 @@ from ..engine.engine import Engine
 from ..errors import DurableError, ExecutionNotFound
 from ..store import handoffs, mailbox
 from ..store.mailbox import check_name
-from ..store.store import Store, execution_state
+from ..store.store import Store
 from ..tokens import Scope, TokenError, verify_token
 
 log = logging.getLogger("durable_monty_nb.server")
@@ -176,12 +176,15 @@ def create_app(
             if not done:
                 raise detached.not_cancellable(the_store, row)  # NotCancellable: 409
             after = the_store.get_execution(row.id)
+            handoff = handoffs.load_handoff(the_store, row.id)
             return JSONResponse(
                 {
                     "cancelled": True,
                     "execution_id": row.id,
-                    "status": execution_state(after),
-                    "runner": detached.runner_state(after, handoffs.load_handoff(the_store, row.id)),
+                    "status": detached.state_of(
+                        after, (handoff := handoffs.load_handoff(the_store, row.id)) is not None
+                    ),
+                    "runner": detached.runner_state(after, handoff),
                 }
             )
 
@@ -284,7 +287,7 @@ def status_json(store: Store, row: Any) -> dict[str, Any]:
     return {
         "id": row.id,
         "key": row.key,
-        "status": execution_state(row),
+        "status": detached.state_of(row, handoff is not None),
         "calls": {
             "total": row.calls_total,
             "done": row.calls_done,
