@@ -143,6 +143,7 @@ def test_each_kind_of_wait_implements_only_its_hooks(store: Store) -> None:
 def test_a_durable_sleep_is_done_when_the_clock_reaches_it_and_a_restored_one_keeps_its_time(store: Store) -> None:
     loop = WaitLoop(store)
     state = loop.waits.sleeps.announce(0, "asyncio.sleep", (3600,), True)
+    loop.push_timer(4_600.0, state)  # a second timer of it (announced again after a sandbox crash)
     assert loop.rows[0][1] == state.due_at == 4_600.0 and loop.book.snapshot().waiting == 1
     loop.at(3599.9)
     assert state.status is PENDING
@@ -198,7 +199,7 @@ def test_a_signal_timeout_fails_the_wait_at_its_deadline_unless_the_signal_came_
     late = loop.waits.signals.wait(0, "approval", 30, True)
     won = loop.waits.signals.wait(1, "answer", 30, True)
     assert late.due_at == won.due_at == 1_030.0 and loop.rows[0][1] == 1_030.0
-    loop.at(20.0)  # read at the heartbeat: nothing yet
+    loop.at(25.0)  # read at the heartbeat: nothing yet (the next one would be at 35)
     deliver(store, "answer", "yes")  # from another process, before the deadline: read at the deadline
     loop.at(29.9)
     assert late.status is PENDING and won.status is PENDING
