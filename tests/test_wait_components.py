@@ -10,17 +10,16 @@ behaviour through Monty, the engine and real time: ``tests/test_signals.py``,
 from __future__ import annotations
 
 import heapq
-import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loops import StandInLoop
 
-from durable_monty_nb.engine.driver.book import DONE, FAILED, PENDING, CallBook
+from durable_monty_nb.engine.driver.book import DONE, FAILED, PENDING
 from durable_monty_nb.engine.driver.calls import CallState
-from durable_monty_nb.engine.driver.clock import ManualClock
 from durable_monty_nb.engine.driver.components import Hooks
 from durable_monty_nb.engine.driver.waits import EXTERNAL_WORKER, signal_arguments, wait_components
 from durable_monty_nb.executors.base import ErrorInfo, LocalCall, Outcome
@@ -36,41 +35,27 @@ HEARTBEAT = 10.0
 LOOPS: list[WaitLoop] = []
 
 
-class WaitLoop:
+class WaitLoop(StandInLoop):
     """The driver's side of ``components.Loop`` over a :class:`ManualClock` and a real store."""
 
     name, remote, durable = "threads", False, False  # the executor too (external calls never reach it)
 
     def __init__(self, store: Store, functions: dict[str, Any] | None = None) -> None:
-        self.functions = functions or {}
-        self.clock = ManualClock(1_000.0)
-        self.book = CallBook()
+        super().__init__(functions or {}, 1_000.0)
         self.codec = ValueCodec()
         self.executor = self
-        self.timers: list[tuple[float, int, int]] = []
-        self.seq = itertools.count()
         self.rows: dict[int, tuple[str, float | None]] = {}  # registered: call key, due
         self.consumed: list[tuple[int, int]] = []
         self.reported: list[Outcome] = []
         self.reported_event = threading.Event()
         self.failures: list[tuple[int, str]] = []
         self.errors: list[ErrorInfo] = []
-        self.wakes = 0
         self.waits = wait_components(self, store, EXECUTION, "key", HEARTBEAT, lambda: None)  # type: ignore[arg-type]
         w = self.waits
         self.hooks = Hooks([w.sleeps, w.signals, w.externals, w.mailbox])
         LOOPS.append(self)
 
-    # components.Loop
-    def function(self, name: str) -> Any:
-        return self.functions.get(name)
-
-    def wake(self) -> None:
-        self.wakes += 1
-
-    def push_timer(self, due: float, state: CallState) -> None:
-        heapq.heappush(self.timers, (due, next(self.seq), state.call_id))
-
+    # components.Loop (with StandInLoop's)
     def settle(self, outcome: Outcome) -> None:
         """As the driver's outcome handling: the attempt ends, then the call is done or failed."""
         state = self.book.calls[outcome.call_id]
@@ -98,9 +83,6 @@ class WaitLoop:
 
     def consume(self, seq: int, call_id: int) -> None:
         self.consumed.append((seq, call_id))
-
-    def emit_retrying(self, state: CallState, wait: float, message: str) -> None:
-        return None
 
     # the loop's side
     def at(self, seconds: float) -> None:
