@@ -9,13 +9,14 @@ it is asked. The same behaviour on real threads and real time: ``tests/test_cont
 from __future__ import annotations
 
 import heapq
-import itertools
 import uuid
 from typing import Any
 
+from loops import StandInLoop
+
 from durable_monty_nb import limits, retry
 from durable_monty_nb.engine.controls import NO_LIMITS, RetryAfter
-from durable_monty_nb.engine.driver.book import PENDING, RETRYING, CallBook
+from durable_monty_nb.engine.driver.book import PENDING, RETRYING
 from durable_monty_nb.engine.driver.calls import CallState
 from durable_monty_nb.engine.driver.clock import ManualClock
 from durable_monty_nb.engine.driver.components import Hooks
@@ -46,39 +47,22 @@ class Executor:
             self.cancelled.append(task.call_id)
 
 
-class ClockedLoop:
+class ClockedLoop(StandInLoop):
     """The driver's turn order over a :class:`ManualClock`; see the module docstring."""
 
     def __init__(self, functions: dict[str, Any]) -> None:
-        self.functions = functions
-        self.clock = ManualClock(1_000.0)
-        self.book = CallBook()
+        super().__init__(functions, 1_000.0)
         self.executor = Executor(self.clock)
         self.hooks = Hooks([*call_controls(self, NO_LIMITS), Retries(self, RetryPolicy())])  # type: ignore[arg-type]
-        self.timers: list[tuple[float, int, int]] = []
-        self.seq = itertools.count()
         self.to_dispatch: list[CallState] = []
         self.started: list[tuple[float, int]] = []  # (time, call id) of each start
         self.failed: list[tuple[int, str]] = []
-        self.wakes = 0
 
-    # components.Loop
-    def function(self, name: str) -> Any:
-        return self.functions.get(name)
-
-    def wake(self) -> None:
-        self.wakes += 1
-
-    def push_timer(self, due: float, state: CallState) -> None:
-        heapq.heappush(self.timers, (due, next(self.seq), state.call_id))
-
+    # components.Loop (with StandInLoop's)
     def settle(self, outcome: Outcome) -> None:
         state = self.book.calls[outcome.call_id]
         self.executor.running.pop(outcome.call_id, None)
         self.end(state, outcome)
-
-    def emit_retrying(self, state: CallState, wait: float, message: str) -> None:
-        return None
 
     # the loop's side
     def add(self, function: str, count: int) -> list[CallState]:

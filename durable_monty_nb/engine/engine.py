@@ -430,6 +430,7 @@ class Engine:
             lease_ttl=self.settings.lease_ttl,
             controls=options.controls.over(self.settings.controls),
             store_outage_limit=self.settings.store_outage_limit,
+            clock=self.settings.clock,
         )
 
     def _backend(self, executor: str | Backend | None, workers: int | None) -> Backend:

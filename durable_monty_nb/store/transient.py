@@ -80,13 +80,14 @@ def cause(exc: BaseException) -> str:
 class Outage:
     """When a store became unreachable, for messages like "unreachable since 12:03:07"."""
 
-    def __init__(self) -> None:
-        self.since: float | None = None
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self.since: float | None = None  # by ``now`` (the driver's clock)
         self.cause = ""
+        self._now = now
 
     def failed(self, exc: BaseException) -> None:
         if self.since is None:
-            self.since = time.time()
+            self.since = self._now()
         self.cause = cause(exc)
 
     def recovered(self) -> None:

@@ -3,7 +3,12 @@
 - :mod:`.loop`: the thread and its loop (:class:`Driver`, :class:`Settings`);
 - :mod:`.protocol`: talking to the Monty session;
 - :mod:`.ledger`: the journal of calls, commits, reuse and restore;
-- :mod:`.scheduling`: dispatch, outcomes, retries, timers and attaching to attempts in flight;
+- :mod:`.book`: each call's status, answer and counters (the only writer of a status);
+- :mod:`.scheduling`: dispatch, outcomes, timers and attaching to attempts in flight;
+- :mod:`.components`: the narrow interface through which the parts below reach the loop;
+  :mod:`.limiting` (call controls), :mod:`.retries`, :mod:`.waits` (sleeps, signals, external
+  calls, the mailbox), each a component that owns its state;
+- :mod:`.clock`: the time the driver reads (a settable one for tests);
 - :mod:`.finishing`: completion and failure;
 - :mod:`.switching`: the interpreter's thread switch interval while drivers run;
 - :mod:`.calls` and :mod:`.exceptions`: call records and how exceptions cross into the sandbox.

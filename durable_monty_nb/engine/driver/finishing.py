@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic_monty import MontyComplete, MontyError, MontyRuntimeError
@@ -28,7 +27,7 @@ class Finishing:
         outputs_text, outputs = self._encode_exports(exports)
         result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
         outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
-        now = time.time()
+        now = self.clock.now()
         self.step.execution.update(
             status="completed",
             result=result_text,
@@ -100,7 +99,7 @@ class Finishing:
         self._record_failure(text, error_type, WorkflowFailed(summary, text, self.execution_id, error_type))
 
     def _record_failure(self: Driver, text: str, error_type: str, error: BaseException) -> None:
-        now = time.time()
+        now = self.clock.now()
         self.step.execution.update(status="failed", error=text, error_type=error_type, finished_at=now)
         with contextlib.suppress(Exception):  # the store is unreachable: the handle still reports the failure
             self._commit_final()

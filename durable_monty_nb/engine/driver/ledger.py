@@ -6,7 +6,6 @@ that names new calls) go to the store in one transaction before anything is disp
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic_monty import MontyCrashedError
@@ -88,7 +87,7 @@ class Ledger:
         if self._to_dispatch and self.executor.durable:
             self._journal_attempts()
         idle = not step and not self.codec.pending_blobs
-        if idle and time.time() - self._last_commit < self.settings.heartbeat:
+        if idle and self.clock.now() - self._last_commit < self.settings.heartbeat:
             return
         self._write_step()
 
@@ -100,7 +99,7 @@ class Ledger:
             self.codec.pending_blobs = {}
         self.step.execution.update(self._counter_columns())
         self.store.commit(self.execution_id, self.owner, self.settings.lease_ttl, self.step)
-        self._last_commit = time.time()
+        self._last_commit = self.clock.now()
         self.step = Step()
         self._new_rows = {}
 
@@ -154,8 +153,9 @@ class Ledger:
         Calls without an outcome wait for :meth:`_attach_pending` (durable executors) or are
         dispatched again.
         """
-        now = time.time()
+        now = self.clock.now()
         verify = self.store.verify_call_fields
+        restores = self.hooks.restore  # sleeps and signals wait again (waits.py)
         book, codec = self.book, self.codec
         unfinished = self._to_attach if self.executor.durable else self._to_dispatch
         for row in rows:  # unpacked: attribute access on 10,000 rows costs more than all the rest
@@ -211,11 +211,9 @@ class Ledger:
             book.restore(state, retry_failed=retry_failed, answer=state.journaled_answer(codec) if over else None)
             if over:
                 continue
-            if kind == "signal":
-                self._restore_wait(state, now)
-            elif kind == "sleep":
-                self._push_timer(due_at or now, state)
-            elif status == "retrying" and due_at and due_at > now:
+            if any(restore(state, now) for restore in restores):
+                continue
+            if status == "retrying" and due_at and due_at > now:
                 self._push_timer(due_at, state)
             elif status == "failed":  # a fresh try after a fix (the book starts the policy over)
                 self._to_dispatch.append(state)

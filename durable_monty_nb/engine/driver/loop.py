@@ -22,7 +22,6 @@ import itertools
 import queue
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from pydantic_monty import MontyComplete, MontyCrashedError, MontyRuntimeError, 
 
 from ... import defaults
 from ...errors import DurableError, LeaseLost, StoreUnavailable, WorkflowFailed, interrupted_error
-from ...executors.base import Executor, Outcome
+from ...executors.base import Executor, LocalCall, Outcome
+from ...signals import Wait
+from ...store import mailbox
 from ...store.owners import release_owner
 from ...store.store import Step, Store
 from ...store.transient import Outage
@@ -56,7 +57,7 @@ from .limiting import call_controls
 from .protocol import MontyProtocol
 from .retries import Retries
 from .scheduling import WAKE, Scheduling
-from .waits import Waits
+from .waits import wait_components
 
 
 @dataclass
@@ -68,13 +69,14 @@ class Settings:
     lease_ttl: float = defaults.LEASE_TTL
     store_outage_limit: float = defaults.STORE_OUTAGE_LIMIT  # then stop as interrupted
     controls: CallControls = NO_LIMITS  # for functions without limits of their own
+    clock: Clock = SYSTEM_CLOCK  # what timers, deadlines and heartbeats read (a ManualClock in tests)
 
     @property
     def heartbeat(self) -> float:
         return self.lease_ttl / 3
 
 
-class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
+class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
     """Drives one execution in its own thread; see the module docstring."""
 
     def __init__(
@@ -118,7 +120,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
         self.fingerprinter = fingerprinter or Fingerprinter()
         self.rerun_functions = rerun_functions
 
-        self.clock: Clock = SYSTEM_CLOCK  # what components read the time from (components.Loop)
+        self.clock: Clock = settings.clock  # what the loop and its components read the time from
         self.book = CallBook()  # the calls, their answers, counters and journal (the only writer of a status)
         self.calls: dict[int, CallState] = self.book.calls  # read-only views of the book's own
         self.answers: dict[int, dict[str, Any]] = self.book.answers
@@ -153,11 +155,22 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
         # Call sites not reached yet, for the expected total (unknown after a restore: the
         # sites the checkpoint passed are not known).
         self._sites_left = set(info.single_sites) if restored_calls is None else set()
-        self._init_waits()
         self._init_gathers()
-        self.hooks = Hooks([*call_controls(self, settings.controls), Retries(self, settings.retry)])  # components
+        self.parked = False  # blocked on waits from outside only (views and magics stop blocking the cell)
+        self.waiting = wait_components(self, store, self.execution_id, self.key, settings.heartbeat, self._unpark)
+        w = self.waiting
+        self.hooks = Hooks(  # the components, in the order the loop calls them (components.py)
+            [
+                w.sleeps,
+                *call_controls(self, settings.controls),
+                Retries(self, settings.retry),
+                w.signals,
+                w.externals,
+                w.mailbox,
+            ]
+        )
         self._journaled: set[str] = set()  # attempt ids already in a step
-        self._outage = Outage()
+        self._outage = Outage(self.clock.now)
         if restored_calls is not None:
             self._restore_calls(restored_calls, retry_failed)
 
@@ -213,10 +226,29 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
             restored=c.restored,
             reused=c.reused,
             note=None if self._finished else (self._store_problem() or self.executor.problem),
-            signals=len(self._signal_waits),
-            external=len(self._external_waits),
+            signals=self.waiting.signals.count(),
+            external=self.waiting.externals.count(),
             limited=sum(waiting() for waiting in self.hooks.waiting),
         )
+
+    def waits(self) -> list[Wait]:
+        """What the execution waits for from outside, in call order."""
+        return self.waiting.waits()
+
+    def deliver(
+        self, signal: str, value: Any = None, *, idempotency_key: str | None = None, source: str = "widget"
+    ) -> mailbox.Delivery:
+        """Deliver a signal to this execution (the widget's buttons use it)."""
+        from ...signals import deliver_signal
+
+        row = self.store.get_execution(self.execution_id)
+        return deliver_signal(
+            self.store, self.execution_id, signal, value, idempotency_key=idempotency_key, source=source, execution=row
+        )
+
+    def _unpark(self) -> None:
+        """A delivery came (any thread): active again until the driver has looked."""
+        self.parked = False
 
     def call_views(self) -> list[CallView]:
         return [state.view() for state in list(self.calls.values())]
@@ -240,6 +272,18 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
 
     def settle(self, outcome: Outcome) -> None:
         self._collect([outcome])
+
+    def report(self, outcome: Outcome) -> None:
+        self._outcomes.put(outcome)
+
+    def register(self, state: CallState, call_key: str, due_at: float | None = None) -> None:
+        self._register(state, call_key=call_key, due_at=due_at)
+
+    def local_call(self, state: CallState) -> LocalCall | None:
+        return self._local_call(state)
+
+    def consume(self, seq: int, call_id: int) -> None:
+        self.step.consumed_signals.append((seq, call_id))
 
     def emit_retrying(self, state: CallState, wait: float, message: str) -> None:
         self._emit_retrying(state, wait, message)
@@ -266,7 +310,6 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
                 WorkflowFailed(f"internal error: {exc}", text, self.execution_id, type(exc).__name__),
             )
         finally:
-            self._stop_listening()
             for close in self.hooks.close:
                 close()
             release_owner(self.owner)
@@ -302,7 +345,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
             with self._state_lock:
                 # Attempts on a durable executor go on without us and report to the store, and
                 # so do external calls (their completions are taken when the run resumes).
-                in_flight = self._in_flight - len(self._external_waits)
+                in_flight = self._in_flight - self.waiting.externals.count()
                 if self._stopping and (in_flight <= 0 or self.executor.durable):
                     self._finished = True
             if self._finished:
@@ -313,8 +356,30 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
             self._note_parked()
             self._collect(self._wait())
             if not self._stopping:
-                self._take_deliveries()
+                now = self.clock.now()
+                for before_timers in self.hooks.before_timers:  # the mailbox (waits.py)
+                    before_timers(now)
                 self._fire_timers()
+
+    def _note_parked(self) -> None:
+        """Before blocking: is the run parked, waiting for nothing but signals and external completions?"""
+        outside = self.waiting.outside()
+        if outside and self.waiting.mailbox.check:
+            self._outcomes.put(WAKE)  # a delivery may be waiting already: look before blocking
+            self.parked = False
+            return
+        c = self.counters  # no retry or sleep to come (each has its timer)
+        self.parked = bool(
+            outside
+            and not self._to_dispatch
+            and self._in_flight <= self.waiting.externals.count()
+            and not c.retrying
+            and not c.waiting
+        )
+        if self.parked:  # hours, maybe: leave the interpreter's thread switching alone meanwhile
+            self._end_switching()
+        else:
+            self._begin_switching()
 
     def _begin_switching(self) -> None:
         """Counted among the running drivers of switching.py (at the start, and when unparked)."""
@@ -332,7 +397,8 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
         """The store is unreachable: wait for outcomes (kept in memory) and commit again soon;
         past ``store_outage_limit`` stop as interrupted, losing nothing committed."""
         self._outage.failed(exc.__cause__ or exc)
-        if time.time() - (self._outage.since or time.time()) > self.settings.store_outage_limit:
+        now = self.clock.now()
+        if now - (self._outage.since or now) > self.settings.store_outage_limit:
             raise exc
         items = self._wait(timeout=min(self.settings.heartbeat, 1.0))
         if collect:
@@ -343,7 +409,8 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Waits, Finishing):
     def _outage_error(self, exc: StoreUnavailable) -> StoreUnavailable:
         """The error a run stopped by an unreachable store ends with: the store, the cause, what to do."""
         self._outage.failed(exc.__cause__ or exc)
-        down_for = time.time() - (self._outage.since or time.time())
+        now = self.clock.now()
+        down_for = now - (self._outage.since or now)
         error = StoreUnavailable(
             f"{exc}. Unreachable since {self._outage.since_text} ({down_for:.0f} s): the execution stopped "
             f"as interrupted, and every result committed before is kept. Resume it when the store is back "

@@ -10,7 +10,6 @@ import functools
 import inspect
 import json
 import sys
-import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from ..fingerprint import is_local, sha256
 from . import switching
 from .calls import PHANTOM, CallState
 from .switching import CONTENDED
+from .waits import SIGNAL_ERRORS, signal_arguments
 
 if TYPE_CHECKING:
     from .loop import Driver
@@ -113,7 +113,13 @@ class MontyProtocol:
         """Register a new external call. Returns an immediate answer for calls that cannot run."""
         name = snap.function_name
         if name == SIGNAL_FUNCTION:  # the driver's own: never a namespace function
-            return self._announce_signal(snap)
+            try:
+                signal, timeout = signal_arguments(snap.args, snap.kwargs)
+            except SIGNAL_ERRORS as exc:
+                return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
+            self._reach_site(snap.position)
+            call_id = self._host_id(snap.call_id)
+            return self.waiting.signals.wait(call_id, signal, timeout, self._awaited(snap)), None
         if name == GATHER_FUNCTION:  # a gather the analysis batched (gathers.py)
             return self._announce_gather(snap)
         if snap.object_id is not None:  # a method of a handle: the object lives on the host
@@ -124,11 +130,8 @@ class MontyProtocol:
                 "exc_type": "NameError",
                 "message": f"name {name!r} is not defined (not a function of the namespace)",
             }
-        position = snap.position
-        self._reach_site(position)
-        awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
-        if awaited is None:
-            awaited = snap.allow_eager_await
+        self._reach_site(snap.position)
+        awaited = self._awaited(snap)
         fingerprint, is_coroutine = self._describe_function(name, fn)
         if is_coroutine:
             awaited = True
@@ -146,6 +149,12 @@ class MontyProtocol:
             self._to_dispatch.append(state)
         return state, None
 
+    def _awaited(self: Driver, snap: FunctionSnapshot) -> bool:
+        """Is the call awaited (answered with a future) or synchronous (answered with its value)?"""
+        position = snap.position
+        awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
+        return snap.allow_eager_await if awaited is None else awaited
+
     def _os_call(self: Driver, snap: FunctionSnapshot) -> Any:
         """Sleeps become durable timers; other OS calls get Monty's default behaviour."""
         name = snap.function_name
@@ -156,13 +165,7 @@ class MontyProtocol:
         if state is None:
             if self._sites_left:
                 self._reach_site(snap.position)
-            seconds = float(snap.args[0]) if snap.args else 0.0
-            due = time.time() + max(seconds, 0.0)
-            state = CallState(
-                call_id, name, "sleep", json.dumps([[seconds], {}]), name == "asyncio.sleep", "sleep", due_at=due
-            )
-            self._register(state, call_key=sha256(f"sleep\0{call_id}"), due_at=due)
-            self._push_timer(due, state)
+            state = self.waiting.sleeps.announce(call_id, name, snap.args, name == "asyncio.sleep")  # waits.py
             if state.awaited:
                 return snap.resume({"future": ...})
         answer = self.answers.pop(call_id, None)

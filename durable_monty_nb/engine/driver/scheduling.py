@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import queue
-import time
 from typing import TYPE_CHECKING, Any
 
 from ...defaults import INLINE_LIMIT
@@ -21,7 +20,7 @@ from ...executors.record import outcome_of
 from ...values import SCALARS, blob_key, ship_function
 from ..events import CallFailed, CallRetrying
 from ..frames import FrameIndex
-from .calls import PENDING, RETRYING, CallState
+from .calls import RETRYING, CallState
 from .exceptions import error_answer, last_message, sandbox_exception_type
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ class Scheduling:
 
     def _journal_attempts(self: Driver) -> None:
         """Ship the functions and journal the attempts of the calls about to be dispatched."""
-        now = time.time()
+        now = self.clock.now()
         ready = []
         for state in self._to_dispatch:
             if self.executor.remote and not self._ship(state):
@@ -75,7 +74,7 @@ class Scheduling:
                     raise NameError(f"name {name!r} is not defined in the namespace")
                 key, data = ship_function(fn, name)
             except (ValueCrossingError, NameError) as exc:
-                self._settle_failure(state, ErrorInfo.of(exc, f"{type(exc).__name__}: {exc}"), time.time())
+                self._settle_failure(state, ErrorInfo.of(exc, f"{type(exc).__name__}: {exc}"), self.clock.now())
                 return False
             self._shipped[name] = key
             self.step.functions[key] = (name, state.fingerprint, data)
@@ -90,12 +89,15 @@ class Scheduling:
 
     def _dispatch(self: Driver) -> None:
         states, self._to_dispatch = self._to_dispatch, []
-        now = time.time()
+        now = self.clock.now()
         for admit in self.hooks.admit:  # concurrency and rate limits (limiting.py)
             states = admit(states, now)
         tasks = []
+        dispatchers = self.hooks.dispatch
         for state in states:
-            if self._dispatch_external(state):  # published for completion from outside (waits.py)
+            if dispatchers and any(dispatch(state, now) for dispatch in dispatchers):
+                if state.task is not None:  # published for completion from outside (waits.py)
+                    self._in_flight += 1
                 continue
             task = self._task(state)
             if not self.executor.remote:
@@ -121,8 +123,8 @@ class Scheduling:
         # Every attempt in flight on the executor (external calls are not): the executor knows
         # which started (Dask counts a task a worker holds in its queue as processing, and so as
         # started here).
-        external = self._external_waits
-        queued = [s.task for s in list(self.calls.values()) if s.task is not None and s.call_id not in external]
+        external = self.waiting.externals.holds
+        queued = [s.task for s in list(self.calls.values()) if s.task is not None and not external(s.call_id)]
         if not queued:
             return
         for task in withdraw(queued):
@@ -153,7 +155,7 @@ class Scheduling:
         if fn is None:
             error = NameError(f"name {state.function!r} is not defined")
             text = f"NameError: {state.function!r} is not defined in the namespace"
-            self._settle_failure(state, ErrorInfo.of(error, text), time.time())
+            self._settle_failure(state, ErrorInfo.of(error, text), self.clock.now())
             return None
         if state.sandbox_args is not None:
             args, kwargs = state.sandbox_args
@@ -206,13 +208,14 @@ class Scheduling:
 
     def _wait(self: Driver, timeout: float | None = None) -> list[Any]:
         timeout = self.settings.heartbeat if timeout is None else timeout
-        if self._timers and not self._stopping:
-            timeout = max(min(timeout, self._timers[0][0] - time.time()), 0.0)
         if not self._stopping:
+            now = self.clock.now()
+            if self._timers:
+                timeout = max(min(timeout, self._timers[0][0] - now), 0.0)
             for next_check in self.hooks.next_check:
                 check_at = next_check()
                 if check_at is not None:
-                    timeout = max(min(timeout, check_at - time.time()), 0.0)
+                    timeout = max(min(timeout, check_at - now), 0.0)
         try:
             first = self._outcomes.get(timeout=timeout)
         except queue.Empty:
@@ -310,29 +313,25 @@ class Scheduling:
             CallFailed(self.execution_id, state.call_id, state.function, state.attempts, last_message(error.traceback))
         )
 
-    # -- timers (retry backoff and durable sleeps) ------------------------------------------
+    # -- timers (retry backoff, attempts' deadlines, durable sleeps, waits' deadlines) --------
 
     def _push_timer(self: Driver, due: float, state: CallState) -> None:
         heapq.heappush(self._timers, (due, next(self._timer_seq), state.call_id))
 
     def _fire_timers(self: Driver) -> None:
-        now = time.time()
+        now = self.clock.now()
+        timers = self.hooks.timer
         while self._timers and self._timers[0][0] <= now:
             _, _, call_id = heapq.heappop(self._timers)
             state = self.calls[call_id]
-            if state.kind == "sleep":
-                if state.status is not PENDING:
-                    continue  # a timer of a sleep announced twice (the sandbox crashed between)
-                state.finished_at, state.attempts = now, 1
-                self.book.transition_pending_done(state, "null", {"return_value": None})
-            elif state.status is RETRYING:
+            if state.status is RETRYING:
                 if state.due_at is None or state.due_at <= now:  # not an older timer of the call
                     state.due_at = None
                     self.book.transition_retrying_pending(state)
                     self._to_dispatch.append(state)
-            elif any(timer(state, now) for timer in self.hooks.timer):  # an attempt's deadline (limiting.py)
                 continue
-            else:  # a deadline of a signal wait or an external call (waits.py)
-                self._wait_deadline(state, now)
+            for timer in timers:  # a sleep, an attempt's deadline, a wait's deadline (limiting.py, waits.py)
+                if timer(state, now):
+                    break
         for after_timers in self.hooks.after_timers:
             after_timers()

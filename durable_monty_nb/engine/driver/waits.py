@@ -1,19 +1,22 @@
-"""Waits resolved from outside: durable signals and external calls.
+"""Waits as components of the driver: durable sleeps, signals and external calls.
 
-``signal(name, timeout=None)`` in workflow code is intercepted here (never looked up in the
-namespace): it becomes a call row of kind ``signal``, checkpointed like any call, whose answer
-is the value of the oldest unconsumed delivery of that name in the execution's mailbox. A
-timeout is a durable deadline (the row's ``due_at``, like a sleep) that raises ``TimeoutError``
-in the workflow.
+One component per kind of wait, each pending wait an object of its own (as Temporal's workers
+have one handler per kind of job); they reach the loop only through :class:`~.components.Loop`.
 
-A call to a function marked :func:`~durable_monty_nb.signals.external` is published instead of
-dispatched: its hook gets a completion token and URL, and the completion arrives in the mailbox
-under the reserved name ``call:<id>:<attempt>``.
-
-The mailbox is read only while something waits: when a delivery of this process wakes the
-driver (:func:`~durable_monty_nb.store.mailbox.notify`), when a wait is announced or a deadline
-is due, and otherwise at the heartbeat cadence (deliveries of other processes). A delivery is
-marked consumed in the transaction that journals the wait's result (exactly once).
+- :class:`Sleeps`: ``asyncio.sleep`` and ``time.sleep`` in workflow code are durable timers, a call
+  row of kind ``sleep`` whose ``due_at`` survives a restart.
+- :class:`Signals`: ``signal(name, timeout=None)`` (never looked up in the namespace) is a call row
+  of kind ``signal``, checkpointed like any call, answered with the value of the oldest unconsumed
+  delivery of that name in the execution's mailbox. A timeout is a durable deadline (the row's
+  ``due_at``) that raises ``TimeoutError`` in the workflow.
+- :class:`Externals`: a call to a function marked :func:`~durable_monty_nb.signals.external` is
+  published instead of dispatched: its hook gets a completion token and URL, and the completion
+  arrives in the mailbox under the reserved name ``call:<id>:<attempt>``.
+- :class:`Mailbox`: reads the mailbox for the signals and external calls, only while something
+  waits: when a delivery of this process wakes the driver
+  (:func:`~durable_monty_nb.store.mailbox.notify`), when a wait is announced or its deadline is
+  due, and otherwise at the heartbeat cadence (deliveries of other processes). A delivery is
+  marked consumed in the transaction that journals the wait's result (exactly once).
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
-import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from pydantic_monty import FunctionSnapshot
 
 from ...executors.base import ErrorInfo, Outcome, Task, exception_types
 from ...signals import (
@@ -42,209 +44,191 @@ from ...store import mailbox
 from ...store.mailbox import SignalError, call_signal_name, check_name
 from ...tokens import call_token, signal_token
 from ..fingerprint import sha256
-from .calls import PENDING, PHANTOM, RETRYING, CallState
+from .calls import PENDING, CallState
+from .components import Component, Loop
 from .exceptions import SANDBOX_EXCEPTIONS, error_answer
-from .scheduling import WAKE
 
 if TYPE_CHECKING:
-    from .loop import Driver
+    from ...store.signing import Signer
+    from ...store.store import Store
 
 EXTERNAL_WORKER = "external"
 
 
-class Waits:
-    """Mixin of :class:`Driver`: signal waits and external calls."""
+class Sleeps(Component):
+    """Durable sleeps: a timer each, the call done when it fires."""
 
-    def _init_waits(self: Driver) -> None:
-        self._signal_waits: dict[int, str] = {}  # call id -> signal name
-        self._external_waits: dict[int, tuple[int, float | None]] = {}  # call id -> (attempt, deadline)
-        self._mailbox_check = False
-        self._last_mailbox_poll = 0.0
-        self._taken_seqs: set[int] = set()
-        self.parked = False  # blocked on waits only (views and magics stop blocking the cell)
-        self._stop_listening = mailbox.listen(self.execution_id, self.notify_delivery)
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
 
-    # -- from other threads ----------------------------------------------------------------------
+    def announce(self, call_id: int, function: str, args: Any, awaited: bool) -> CallState:
+        """A new sleep of ``args[0]`` seconds (``function``: ``asyncio.sleep`` or ``time.sleep``)."""
+        seconds = float(args[0]) if args else 0.0
+        due = self._loop.clock.now() + max(seconds, 0.0)
+        state = CallState(call_id, function, "sleep", json.dumps([[seconds], {}]), awaited, "sleep", due_at=due)
+        self._loop.register(state, sha256(f"sleep\0{call_id}"), due)
+        self._loop.push_timer(due, state)
+        return state
 
-    def _note_parked(self: Driver) -> None:
-        """Before blocking: is the run parked, waiting for nothing but signals and external completions?"""
-        parked = False
-        if self._mailbox_check and (self._signal_waits or self._external_waits):
-            self._outcomes.put(WAKE)  # a delivery may be waiting already: look before blocking
-            self.parked = False
-            return
-        waiting = self._signal_waits or self._external_waits
-        if waiting and not self._to_dispatch and self._in_flight <= len(self._external_waits):
-            calls = self.calls
-            parked = not any(
-                calls[cid].status is RETRYING or (calls[cid].kind == "sleep" and calls[cid].status is PENDING)
-                for _, _, cid in self._timers
-            )
-        self.parked = parked
-        if parked:  # hours, maybe: leave the interpreter's thread switching alone meanwhile
-            self._end_switching()
-        else:
-            self._begin_switching()
+    def restore(self, state: CallState, now: float) -> bool:
+        if state.kind != "sleep":
+            return False
+        self._loop.push_timer(state.due_at or now, state)
+        return True
 
-    def notify_delivery(self: Driver) -> None:
-        """A delivery to this execution was written: look at the mailbox now."""
-        self._mailbox_check = True
-        self.parked = False  # active again until the driver has looked (a waiting cell keeps waiting)
-        self._outcomes.put(WAKE)
+    def timer(self, state: CallState, now: float) -> bool:
+        if state.kind != "sleep":
+            return False
+        if state.status is PENDING:  # else a timer of a sleep announced twice (the sandbox crashed between)
+            state.finished_at, state.attempts = now, 1
+            self._loop.book.transition_pending_done(state, "null", {"return_value": None})
+        return True
 
-    def waits(self: Driver) -> list[Wait]:
-        """What the execution waits for from outside, in call order."""
-        found = []
-        signer = self.store.signer
-        for call_id, name in sorted(self._signal_waits.items()):
-            state = self.calls.get(call_id)
-            due = state.due_at if state is not None else None
-            found.append(Wait(call_id, "signal", name, due, 1, signal_token(signer, self.execution_id, name)))
-        for call_id, (attempt, deadline) in sorted(self._external_waits.items()):
-            state = self.calls.get(call_id)
-            if state is None or state.task is None or state.task.attempt != attempt:
-                continue  # that attempt ended (its hook failed); the next one is published anew
-            function = state.function if state is not None else "?"
-            token = call_token(signer, self.execution_id, call_id, attempt)
-            found.append(Wait(call_id, "external", function, deadline, attempt, token))
-        return found
 
-    def deliver(
-        self: Driver, signal: str, value: Any = None, *, idempotency_key: str | None = None, source: str = "widget"
-    ) -> mailbox.Delivery:
-        """Deliver a signal to this execution (the widget's buttons use it)."""
-        from ...signals import deliver_signal
+@dataclass(slots=True, eq=False)
+class SignalWait:
+    """One pending ``signal(name)`` of the workflow."""
 
-        row = self.store.get_execution(self.execution_id)
-        return deliver_signal(
-            self.store,
-            self.execution_id,
-            signal,
-            value,
-            idempotency_key=idempotency_key,
-            source=source,
-            execution=row,
-        )
+    state: CallState
+    name: str
 
-    # -- signal(...) in the workflow -----------------------------------------------------------------
 
-    def _announce_signal(self: Driver, snap: FunctionSnapshot) -> tuple[CallState, dict[str, Any] | None]:
-        try:
-            name, timeout = _signal_arguments(snap.args, snap.kwargs)
-        except (TypeError, SignalError) as exc:
-            return PHANTOM, {"exc_type": "TypeError", "message": str(exc)}
-        position = snap.position
-        self._reach_site(position)
-        awaited = self.info.is_awaited(position.start, position.end) if position.filename.endswith("-1>") else None
-        if awaited is None:
-            awaited = snap.allow_eager_await
-        now = time.time()
-        due = now + timeout if timeout is not None else None
+class Signals(Component):
+    """Signal waits (see the module docstring)."""
+
+    def __init__(self, loop: Loop, inbox: Mailbox, execution_id: str, signer: Signer) -> None:
+        self._loop = loop
+        self._inbox = inbox
+        self._execution_id = execution_id
+        self._signer = signer
+        self._waits: dict[int, SignalWait] = {}  # by call id
+
+    def count(self) -> int:
+        return len(self._waits)
+
+    def wait(self, call_id: int, name: str, timeout: float | None, awaited: bool) -> CallState:
+        """A new wait of the workflow for the signal ``name`` (arguments of :func:`signal_arguments`)."""
+        due = self._loop.clock.now() + timeout if timeout is not None else None
         arguments = json.dumps([[name], {"timeout": timeout} if timeout is not None else {}])
-        call_id = self._host_id(snap.call_id)  # gathers.py
         state = CallState(call_id, SIGNAL_FUNCTION, "signal", arguments, awaited, "signal", None, due_at=due)
-        self._register(state, call_key=sha256(f"signal\0{self.execution_id}\0{call_id}"), due_at=due)
-        self._signal_waits[call_id] = name
-        if due is not None:
-            self._push_timer(due, state)
-        self._mailbox_check = True  # it may have been delivered already
-        return state, None
+        self._loop.register(state, sha256(f"signal\0{self._execution_id}\0{call_id}"), due)
+        self._add(state, name)
+        return state
 
-    def _restore_wait(self: Driver, state: CallState, now: float) -> None:
-        """A signal wait of the checkpoint without a journaled answer: wait again (same deadline)."""
-        name = signal_name_of(state.args_text)
-        self._signal_waits[state.call_id] = name
+    def restore(self, state: CallState, now: float) -> bool:
+        """A wait of the checkpoint without a journaled answer: wait again (same deadline)."""
+        if state.kind != "signal":
+            return False
         if state.due_at is None and (timeout := signal_timeout_of(state.args_text)) is not None:
             state.due_at = now + timeout  # a failed (timed out) wait tried again: a fresh deadline
+        self._add(state, signal_name_of(state.args_text))
+        return True
+
+    def _add(self, state: CallState, name: str) -> None:
+        self._waits[state.call_id] = SignalWait(state, name)
         if state.due_at is not None:
-            self._push_timer(state.due_at, state)
-        self._mailbox_check = True
+            self._loop.push_timer(state.due_at, state)
+        self._inbox.expect()  # it may have been delivered already
 
-    # -- the mailbox -----------------------------------------------------------------------------
+    # -- what the mailbox asks (Reader) ------------------------------------------------------------
 
-    def _take_deliveries(self: Driver) -> None:
-        """Hand unconsumed deliveries to the waits of their names (oldest to the earliest wait)."""
-        for call_id, (attempt, _) in list(self._external_waits.items()):
-            task = self.calls[call_id].task
-            if task is None or task.attempt != attempt:  # that attempt ended (its hook failed, ...)
-                del self._external_waits[call_id]
-        if not self._signal_waits and not self._external_waits:
-            return
-        now = time.time()
-        due = bool(self._timers) and self._timers[0][0] <= now
-        if not (self._mailbox_check or due or now - self._last_mailbox_poll >= self.settings.heartbeat):
-            return
-        self._mailbox_check = False
-        self._last_mailbox_poll = now
-        externals = {call_signal_name(cid, attempt): cid for cid, (attempt, _) in self._external_waits.items()}
-        rows = mailbox.unconsumed(self.store, self.execution_id, [*self._signal_waits.values(), *externals])
-        for row in rows:
-            if row.seq in self._taken_seqs:
-                continue
-            if row.name in externals:
-                self._complete_external(externals.pop(row.name), row, now)
-                continue
-            waiting = [cid for cid, name in self._signal_waits.items() if name == row.name]
-            if not waiting:
-                continue
-            call_id = min(waiting)
-            del self._signal_waits[call_id]
-            self._taken_seqs.add(row.seq)
-            self.step.consumed_signals.append((row.seq, call_id))
-            state = self.calls[call_id]
-            state.attempts, state.started_at, state.finished_at = 1, row.created_at, now
-            self.book.transition_pending_done(state, row.value, {"return_value": self.codec.decode_sandbox(row.value)})
+    def names(self) -> list[str]:
+        return [wait.name for wait in self._waits.values()]
 
-    def _wait_deadline(self: Driver, state: CallState, now: float) -> None:
-        """A timer of a wait fired: a signal or an external attempt not answered in time."""
-        call_id = state.call_id
-        if state.kind == "signal" and call_id in self._signal_waits and state.status is PENDING:
-            if state.due_at is None or state.due_at > now:
-                return
-            name = self._signal_waits.pop(call_id)
-            timeout = signal_timeout_of(state.args_text)
-            message = f"no signal {name!r} arrived within {timeout:g} s" if timeout is not None else "timed out"
-            state.attempts = 1
-            answer = error_answer("TimeoutError", message)
-            self.book.transition_pending_failed(state, "TimeoutError", message, f"TimeoutError: {message}", now, answer)
-            return
-        found = self._external_waits.get(call_id)
-        if found is None or state.task is None or state.task.attempt != found[0]:
-            return
-        attempt, deadline = found
-        if deadline is None or deadline > now:
-            return
-        del self._external_waits[call_id]
-        message = f"{state.function}() was not completed within its timeout"
-        info = ErrorInfo(exception_types(TimeoutError), message, f"TimeoutError: {message}")
-        self._collect([Outcome(call_id, attempt, False, error=info, started_at=state.task.started_at, finished_at=now)])
+    def due(self, now: float) -> bool:
+        return any(w.state.due_at is not None and w.state.due_at <= now for w in self._waits.values())
 
-    # -- external calls --------------------------------------------------------------------------
+    def take(self, row: Any, now: float) -> int | None:
+        """Give the delivery ``row`` to the earliest wait of its name; the call id, or None."""
+        waiting = [call_id for call_id, wait in self._waits.items() if wait.name == row.name]
+        if not waiting:
+            return None
+        state = self._waits.pop(min(waiting)).state
+        state.attempts, state.started_at, state.finished_at = 1, row.created_at, now
+        answer = {"return_value": self._loop.codec.decode_sandbox(row.value)}
+        self._loop.book.transition_pending_done(state, row.value, answer)
+        return state.call_id
 
-    def _dispatch_external(self: Driver, state: CallState) -> bool:
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def timer(self, state: CallState, now: float) -> bool:
+        """The deadline of a wait: no signal came in time, the workflow gets a ``TimeoutError``."""
+        if state.kind != "signal":
+            return False
+        wait = self._waits.get(state.call_id)
+        if wait is None or state.status is not PENDING or state.due_at is None or state.due_at > now:
+            return True
+        del self._waits[state.call_id]
+        timeout = signal_timeout_of(state.args_text)
+        message = f"no signal {wait.name!r} arrived within {timeout:g} s" if timeout is not None else "timed out"
+        state.attempts = 1
+        text, answer = f"TimeoutError: {message}", error_answer("TimeoutError", message)
+        self._loop.book.transition_pending_failed(state, "TimeoutError", message, text, now, answer)
+        return True
+
+    def waits(self) -> list[Wait]:
+        """The pending waits, in call order (read by other threads)."""
+        found = []
+        for wait in sorted(list(self._waits.values()), key=lambda w: w.state.call_id):
+            state = wait.state
+            token = signal_token(self._signer, self._execution_id, wait.name)
+            found.append(Wait(state.call_id, "signal", wait.name, state.due_at, 1, token))
+        return found
+
+
+@dataclass(slots=True, eq=False)
+class ExternalWait:
+    """One published attempt of an external call, until its completion (or deadline) comes."""
+
+    state: CallState
+    task: Task
+    deadline: float | None
+
+    @property
+    def name(self) -> str:
+        return call_signal_name(self.task.call_id, self.task.attempt)
+
+
+class Externals(Component):
+    """External calls (see the module docstring)."""
+
+    def __init__(self, loop: Loop, inbox: Mailbox, execution_id: str, key: str, signer: Signer) -> None:
+        self._loop = loop
+        self._inbox = inbox
+        self._execution_id = execution_id
+        self._key = key
+        self._signer = signer
+        self._waits: dict[int, ExternalWait] = {}  # by call id: its current attempt
+
+    def count(self) -> int:
+        return len(self._waits)
+
+    def holds(self, call_id: int) -> bool:
+        """The call's attempt is published, not on the executor."""
+        return call_id in self._waits
+
+    def dispatch(self, state: CallState, now: float) -> bool:
         """Publish the call of an external function instead of dispatching it; False for others."""
-        spec = external_spec(self._function(state.function))
+        spec = external_spec(self._loop.function(state.function))
         if spec is None:
             return False
-        local = self._local_call(state)
+        local = self._loop.local_call(state)
         if local is None:
             return True  # failed (unknown function)
         attempt = state.attempts + 1
-        now = time.time()
-        task = Task(self.execution_id, state.call_id, attempt, state.function)
+        task = Task(self._execution_id, state.call_id, attempt, state.function)
         task.started_at = now
         state.task, state.worker = task, EXTERNAL_WORKER
-        self._in_flight += 1
         deadline = now + spec.timeout if spec.timeout is not None else None
-        self._external_waits[state.call_id] = (attempt, deadline)
+        self._waits[state.call_id] = ExternalWait(state, task, deadline)
         if deadline is not None:
-            self._push_timer(deadline, state)
-        self.book.journal(state)  # the worker column marks it external in the store (status views)
-        self._mailbox_check = True  # completed while this kernel was down?
-        token = call_token(self.store.signer, self.execution_id, state.call_id, attempt)
+            self._loop.push_timer(deadline, state)
+        self._loop.book.journal(state)  # the worker column marks it external in the store (status views)
+        self._inbox.expect()  # completed while this kernel was down?
+        token = call_token(self._signer, self._execution_id, state.call_id, attempt)
         call = ExternalCall(
-            self.execution_id,
-            self.key,
+            self._execution_id,
+            self._key,
             state.call_id,
             attempt,
             state.function,
@@ -253,64 +237,188 @@ class Waits:
             token,
             completion_url(token),
         )
-        if spec.hook is not None and not self._completed_while_down(state, attempt):
+        # An attempt published before a restart whose completion is already in: the hook is not
+        # run again (it would submit the same job twice).
+        completed = state.restored and self._inbox.holds(call_signal_name(state.call_id, attempt))
+        if spec.hook is not None and not completed:
             self._run_hook(spec, call, task)
         return True
 
-    def _completed_while_down(self: Driver, state: CallState, attempt: int) -> bool:
-        """An attempt published before a restart whose completion is already in the mailbox: the
-        completion is taken, the hook is not run again (it would submit the same job twice)."""
-        if not state.restored:
-            return False
-        try:
-            return bool(mailbox.unconsumed(self.store, self.execution_id, [call_signal_name(state.call_id, attempt)]))
-        except Exception:  # the store is unreachable: publishing again is the safe side
-            return False
+    def _run_hook(self, spec: ExternalSpec, call: ExternalCall, task: Task) -> None:
+        report, clock = self._loop.report, self._loop.clock
 
-    def _run_hook(self: Driver, spec: ExternalSpec, call: ExternalCall, task: Task) -> None:
         def run() -> None:
             try:
                 spec.hook(call)  # type: ignore[misc]
             except Exception as exc:  # the attempt fails; the retry policy decides
                 text = "".join(traceback.format_exception(exc))
-                self._outcomes.put(
-                    Outcome(
-                        call.call_id,
-                        call.attempt,
-                        False,
-                        error=ErrorInfo.of(exc, text),
-                        started_at=task.started_at,
-                        finished_at=time.time(),
-                    )
-                )
+                outcome = Outcome(call.call_id, call.attempt, False, error=ErrorInfo.of(exc, text))
+                outcome.started_at, outcome.finished_at = task.started_at, clock.now()
+                report(outcome)
 
         context = contextvars.copy_context()
         threading.Thread(target=context.run, args=(run,), daemon=True, name=f"durable-hook-{call.call_id}").start()
 
-    def _complete_external(self: Driver, call_id: int, row: Any, now: float) -> None:
-        attempt, _ = self._external_waits.pop(call_id)
-        state = self.calls[call_id]
-        if state.task is None or state.task.attempt != attempt:
-            return
-        self._taken_seqs.add(row.seq)
-        self.step.consumed_signals.append((row.seq, call_id))
-        payload = self.codec.decode_host(row.value)
-        started = state.task.started_at
+    # -- what the mailbox asks (Reader) ------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return [wait.name for wait in self._waits.values()]
+
+    def due(self, now: float) -> bool:
+        return any(w.deadline is not None and w.deadline <= now for w in self._waits.values())
+
+    def take(self, row: Any, now: float) -> int | None:
+        """The completion ``row`` of a published attempt ends it; the call id, or None."""
+        wait = self._by_name(row.name)
+        if wait is None:
+            return None
+        task = wait.task
+        payload = self._loop.codec.decode_host(row.value)
         if isinstance(payload, dict) and "error" in payload:
             error = payload["error"]
             info = _error_info(str(error.get("type") or "Exception"), str(error.get("message") or ""))
-            outcome = Outcome(
-                call_id, attempt, False, error=info, started_at=started, finished_at=now, worker=EXTERNAL_WORKER
-            )
+            outcome = Outcome(task.call_id, task.attempt, False, error=info)
         else:
             value = payload.get("value") if isinstance(payload, dict) else None
-            outcome = Outcome(
-                call_id, attempt, True, value=value, started_at=started, finished_at=now, worker=EXTERNAL_WORKER
-            )
-        self._collect([outcome])
+            outcome = Outcome(task.call_id, task.attempt, True, value=value)
+        outcome.started_at, outcome.finished_at, outcome.worker = task.started_at, now, EXTERNAL_WORKER
+        self._loop.settle(outcome)  # ends the wait (``ended``)
+        return task.call_id
+
+    def _by_name(self, name: str) -> ExternalWait | None:
+        if not name.startswith("call:"):
+            return None
+        _, call_id, attempt = name.split(":")
+        wait = self._waits.get(int(call_id))
+        return wait if wait is not None and wait.task.attempt == int(attempt) else None
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def ended(self, state: CallState) -> None:
+        self._waits.pop(state.call_id, None)
+
+    def timer(self, state: CallState, now: float) -> bool:
+        """The deadline of a published attempt: not completed in time, it fails as a ``TimeoutError``."""
+        wait = self._waits.get(state.call_id)
+        if wait is None or wait.task is not state.task:
+            return False
+        if wait.deadline is None or wait.deadline > now:
+            return True
+        message = f"{state.function}() was not completed within its timeout"
+        info = ErrorInfo(exception_types(TimeoutError), message, f"TimeoutError: {message}")
+        task = wait.task
+        outcome = Outcome(task.call_id, task.attempt, False, error=info, started_at=task.started_at, finished_at=now)
+        self._loop.settle(outcome)
+        return True
+
+    def waits(self) -> list[Wait]:
+        """The published attempts, in call order (read by other threads)."""
+        found = []
+        for wait in sorted(list(self._waits.values()), key=lambda w: w.task.call_id):
+            task = wait.task
+            token = call_token(self._signer, self._execution_id, task.call_id, task.attempt)
+            found.append(Wait(task.call_id, "external", task.function, wait.deadline, task.attempt, token))
+        return found
 
 
-def _signal_arguments(args: Any, kwargs: Any) -> tuple[str, float | None]:
+class Mailbox(Component):
+    """The execution's mailbox, read for the signals and external calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        store: Store,
+        execution_id: str,
+        heartbeat: float,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._store = store
+        self._execution_id = execution_id
+        self._heartbeat = heartbeat
+        self._on_delivery = on_delivery
+        self.readers: list[Signals | Externals] = []
+        self.check = False  # look at the next turn (something may have been delivered)
+        self._last_poll = 0.0
+        self._taken: set[int] = set()  # seqs handed out (consumed at the next commit)
+        self._stop_listening = mailbox.listen(execution_id, self.notify)
+
+    def notify(self) -> None:
+        """A delivery to this execution was written (any thread): look at the mailbox now."""
+        self.check = True
+        if self._on_delivery is not None:
+            self._on_delivery()
+        self._loop.wake()
+
+    def expect(self) -> None:
+        """A wait began: it may have been delivered already."""
+        self.check = True
+
+    def holds(self, name: str) -> bool:
+        """An unconsumed delivery of ``name`` is in the mailbox (False when the store is unreachable)."""
+        try:
+            return bool(mailbox.unconsumed(self._store, self._execution_id, [name]))
+        except Exception:  # publishing again is the safe side
+            return False
+
+    def before_timers(self, now: float) -> None:
+        """Hand unconsumed deliveries to the waits of their names (oldest to the earliest wait)."""
+        names = [name for reader in self.readers for name in reader.names()]
+        if not names:
+            return
+        due = any(reader.due(now) for reader in self.readers)  # read before a deadline fires
+        if not (self.check or due or now - self._last_poll >= self._heartbeat):
+            return
+        self.check = False
+        self._last_poll = now
+        for row in mailbox.unconsumed(self._store, self._execution_id, names):
+            if row.seq in self._taken:
+                continue
+            for reader in self.readers:
+                call_id = reader.take(row, now)
+                if call_id is not None:
+                    self._taken.add(row.seq)
+                    self._loop.consume(row.seq, call_id)
+                    break
+
+    def close(self) -> None:
+        self._stop_listening()
+
+
+@dataclass
+class Waits:
+    """The wait components of one driver, wired together (:func:`wait_components`)."""
+
+    sleeps: Sleeps
+    signals: Signals
+    externals: Externals
+    mailbox: Mailbox
+
+    def waits(self) -> list[Wait]:
+        """What the execution waits for from outside, in call order (signals first)."""
+        return [*self.signals.waits(), *self.externals.waits()]
+
+    def outside(self) -> int:
+        """Waits only something outside the run ends (signals, external completions)."""
+        return self.signals.count() + self.externals.count()
+
+
+def wait_components(
+    loop: Loop, store: Store, execution_id: str, key: str, heartbeat: float, on_delivery: Callable[[], None]
+) -> Waits:
+    inbox = Mailbox(loop, store, execution_id, heartbeat, on_delivery)
+    waits = Waits(
+        Sleeps(loop),
+        Signals(loop, inbox, execution_id, store.signer),
+        Externals(loop, inbox, execution_id, key, store.signer),
+        inbox,
+    )
+    inbox.readers = [waits.signals, waits.externals]
+    return waits
+
+
+def signal_arguments(args: Any, kwargs: Any) -> tuple[str, float | None]:
+    """The name and timeout of ``signal(name, timeout=None)``; TypeError or SignalError when wrong."""
     args, kwargs = list(args or ()), dict(kwargs or {})
     if len(args) > 2 or set(kwargs) - {"name", "timeout"}:
         raise TypeError("signal() takes a name and an optional timeout: signal(name, timeout=None)")
@@ -323,6 +431,9 @@ def _signal_arguments(args: Any, kwargs: Any) -> tuple[str, float | None]:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise TypeError(f"the timeout of signal() is a number of seconds or None, not {timeout!r}")
     return name, None if timeout is None else float(timeout)
+
+
+SIGNAL_ERRORS = (TypeError, SignalError)  # what a wrong signal(...) raises
 
 
 def _error_info(type_name: str, message: str) -> ErrorInfo:
