@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from ci import require_module
 from procs import finish, kill, log_entries, wait_until
 
@@ -340,30 +339,6 @@ def test_scheduler_restart_runs_lost_calls_again(sqlite_url: str, tmp_path: Path
         for proc in procs:
             proc.kill()
             proc.wait(30)
-
-
-def test_tampered_function_pickle_is_refused(dask_engine: Engine, sqlite_url: str) -> None:
-    def tripled(x: int) -> int:
-        return x * 3
-
-    code = "r = 0\nif go:\n    r = await tripled(5)\nr"
-    assert dask_engine.run(code, {"tripled": tripled, "go": False}, key="tamper") == 0  # shipped, never loaded
-
-    import cloudpickle
-
-    db = sa.create_engine(sqlite_url)
-    with db.begin() as conn:
-        changed = conn.execute(
-            sa.text("UPDATE dm_functions SET data = :data WHERE name = 'tripled'"),
-            {"data": cloudpickle.dumps(lambda x: x * 1000)},
-        ).rowcount
-    db.dispose()
-    assert changed == 1
-
-    with pytest.raises(WorkflowFailed) as info:
-        dask_engine.run(code, {"tripled": tripled, "go": True}, key="tamper")
-    text = str(info.value)
-    assert "TamperedDataError" in text and "'tripled'" in text and "integrity check" in text
 
 
 def test_worker_with_another_key_refuses_the_task(cluster: Cluster, sqlite_url: str) -> None:

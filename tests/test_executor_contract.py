@@ -40,6 +40,7 @@ from ci import require_module
 from procs import wait_until
 
 from durable_monty_nb import RetryAfter
+from durable_monty_nb.defaults import INLINE_LIMIT
 from durable_monty_nb.executors import (
     RunContext,
     create_backend,
@@ -51,7 +52,7 @@ from durable_monty_nb.executors.base import Done, LocalCall, Outcome, Task
 from durable_monty_nb.executors.record import outcome_of
 from durable_monty_nb.store.owners import new_owner
 from durable_monty_nb.store.store import Step, Store
-from durable_monty_nb.values import ValueCodec, ship_function
+from durable_monty_nb.values import ValueCodec, blob_key, ship_function
 
 # -- a fake executor: an in-memory service with one worker thread --------------------------------
 
@@ -252,12 +253,19 @@ class Harness:
                 self._shipped[id(fn)] = key
             task.function_key = key
             task.args = self.codec.encode_arguments(args, {})
+            if len(task.args) > INLINE_LIMIT:  # as the driver sends them: a blob's key, not the text
+                data = task.args.encode()
+                task.args_blob = blob_key(data)
+                self.store.commit(self.execution_id, self.owner, 600, Step(blobs={task.args_blob: (data, "arguments")}))
         else:
             task.local = LocalCall(fn, args, {})
         return task
 
     def value(self, outcome: Outcome) -> Any:
         assert outcome.ok, outcome.error
+        if outcome.in_store:  # a large result only the store holds: read as the driver reads it
+            record = self.store.load_attempts([Task(self.execution_id, outcome.call_id, outcome.attempt, "").id])
+            outcome = outcome_of(next(iter(record.values())))
         return self.codec.decode_host(outcome.result) if outcome.result is not None else outcome.value
 
     def marker(self, name: str) -> Path:
@@ -286,10 +294,18 @@ def asks_to_wait(seconds: float) -> None:
     raise RetryAfter(seconds, "slow down")
 
 
+def sized(text: str, n: int) -> list[Any]:
+    return [len(text), text[-3:], "y" * n]
+
+
+def doubled(x: int) -> int:
+    return x * 2
+
+
 def _functions() -> dict[str, Callable[..., Any]]:
     """The scenario's functions, made by value (workers cannot import this module)."""
     namespace: dict[str, Any] = {"os": os, "time": time, "Path": Path, "Any": Any, "RetryAfter": RetryAfter}
-    for fn in (gated, pid_of, broken, asks_to_wait):
+    for fn in (gated, pid_of, broken, asks_to_wait, sized, doubled):
         # A copy whose module is __main__, as a notebook cell's function: cloudpickle ships it whole.
         copy = type(fn)(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__module__ = "__main__"
@@ -521,3 +537,47 @@ def test_another_executor_attaches_by_id_when_durable(harness: Harness) -> None:
         assert harness.value(by_call[finished.call_id]) == "finished while away"
     assert never.call_id not in by_call
     second.shutdown()
+
+
+def test_large_arguments_and_results_arrive_intact(harness: Harness) -> None:
+    executor, done = harness.open(), Outcomes()
+    text = "".join(chr(97 + i % 26) for i in range(INLINE_LIMIT * 5))  # 320 KB: a remote one sends a blob key
+    task = harness.task(FUNCTIONS["sized"], text, 3_000_000)
+    assert bool(task.args_blob) is harness.backend.remote
+    executor.submit([task], done)
+    (outcome,) = done.wait(1)
+    assert outcome.in_store is harness.backend.remote  # a remote one leaves a large result in the store
+    assert harness.value(outcome) == [len(text), text[-3:], "y" * 3_000_000]
+    executor.shutdown()
+
+
+def test_a_tampered_shipped_function_is_refused_and_never_runs(harness: Harness) -> None:
+    """Remote executors load functions from the store: a pickle changed there (here, a valid one
+    that returns something else) is refused by its signature. In-process ones run the live
+    callable and never read it."""
+    import cloudpickle
+    import sqlalchemy as sa
+
+    fn = FUNCTIONS["doubled"]
+    fresh = type(fn)(fn.__code__, fn.__globals__, f"doubled_{uuid.uuid4().hex[:8]}")  # never loaded by a worker
+    fresh.__module__ = "__main__"
+    task = harness.task(fresh, 4)
+    db = sa.create_engine(harness.store.url)
+    with db.begin() as conn:
+        changed = conn.execute(
+            sa.text("UPDATE dm_functions SET data = :data WHERE key = :key"),
+            {"data": cloudpickle.dumps(lambda x: x * 1000), "key": task.function_key},
+        ).rowcount
+    db.dispose()
+    executor, done = harness.open(), Outcomes()
+    executor.submit([task], done)
+    (outcome,) = done.wait(1)
+    if not harness.backend.remote:
+        assert changed == 0 and harness.value(outcome) == 8
+        executor.shutdown()
+        return
+    assert changed == 1
+    assert not outcome.ok and outcome.error is not None
+    assert outcome.error.types[0] == "durable_monty_nb.errors.TamperedDataError", outcome.error.types
+    assert "integrity check" in outcome.error.message and fresh.__name__ in outcome.error.message
+    executor.shutdown()
