@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from types import CoroutineType
 from typing import Any
 
 from .. import defaults
@@ -125,31 +124,27 @@ class ThreadExecutor:
         return True
 
     def _work(self) -> None:
-        get, get_nowait, unclaimed = self._queue.get, self._queue.get_nowait, self._unclaimed
+        get = self._queue.get
         while True:
-            try:
-                item = get_nowait()
-            except queue.Empty:  # idle: say so once, not after every task (a gather queues thousands)
-                self._idle.release()
-                item = get()
+            item = get()
             if item is _STOP:
                 return
             task, done = item
-            if unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
+            if self._unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
+                self._idle.release()
                 continue
             outcome = self.run_task(task)
-            if outcome.ok and type(outcome.value) is CoroutineType:  # e.g. functools.partial(async_fn)
+            if inspect.iscoroutine(outcome.value) and outcome.ok:  # e.g. functools.partial(async_fn)
                 outcome = _event_loop().run_blocking(task, outcome.value)
-            abandoned = False
-            if self._abandoned:  # a replacement took this thread's place: end it
-                with self._lock:
-                    abandoned = task.id in self._abandoned
-                    if abandoned:
-                        self._abandoned.discard(task.id)
-                        self._threads.remove(threading.current_thread())
+            with self._lock:
+                abandoned = task.id in self._abandoned
+                if abandoned:  # a replacement took this thread's place: end it
+                    self._abandoned.discard(task.id)
+                    self._threads.remove(threading.current_thread())
             done(outcome)  # ignored by the driver if the attempt timed out
             if abandoned:
                 return
+            self._idle.release()
 
     def run_task(self, task: Task) -> Outcome:
         self._started_n = next(self._started) + 1
