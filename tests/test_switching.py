@@ -144,3 +144,26 @@ def test_a_parked_run_puts_the_interval_back_while_it_waits_for_its_signal(engin
     engine.signal("parked", "go", 41)
     assert run.result(30) == 42
     assert sys.getswitchinterval() == pytest.approx(PYTHONS)
+
+
+def test_the_collector_is_paused_while_any_driver_works_and_only_then() -> None:
+    """Pauses nest (several drivers), the last one enables the collector again, and a program that
+    disabled it keeps it disabled (durable_monty_nb/engine/driver/collecting.py)."""
+    import gc
+
+    from durable_monty_nb.engine.driver import collecting
+
+    assert gc.isenabled()
+    with collecting.paused():
+        assert not gc.isenabled()
+        with collecting.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collecting.paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

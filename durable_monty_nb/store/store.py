@@ -12,6 +12,7 @@ import contextlib
 import functools
 import operator
 import os
+import sqlite3
 import threading
 import time
 import zlib
@@ -161,6 +162,9 @@ def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Eng
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL" if durability == "full" else "PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        # 16 MB of page cache (2 MB by default): the index of 100,000 call keys, written in
+        # random order by a gather's insert, stays in it.
+        cursor.execute("PRAGMA cache_size=-16384")
         cursor.close()
 
     begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
@@ -589,6 +593,9 @@ class Store:
             groups.setdefault(tuple(row), []).append(row)  # rows built alike share their key order
         for shape, rows in groups.items():
             columns = tuple(sorted(k for k in shape if k != "call_id"))
+            if self.backend == "sqlite" and len(rows) > 1 and _UPDATE_FROM:
+                _update_from_values(conn, execution_id, columns, rows)
+                continue
             names = [(c, f"v_{c}") for c in columns]
             params = []
             for r in rows:
@@ -965,6 +972,39 @@ def _run(conn: Any, statement: Any, rows: list[dict[str, Any]]) -> int:
         else:
             cursor.executemany(sql, params)
         return cursor.rowcount
+    finally:
+        cursor.close()
+
+
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)  # UPDATE ... FROM
+_VALUES_ROWS = 1000  # rows per statement (SQLite allows 32,766 parameters since 3.32)
+
+
+@functools.lru_cache(maxsize=16)  # full chunks, and the last one of recent commits
+def _update_from_sql(columns: tuple[str, ...], count: int) -> str:
+    sets = ", ".join(f"{c} = v.column{i + 2}" for i, c in enumerate(columns))
+    row = "(" + ", ".join("?" * (len(columns) + 1)) + ")"
+    return (
+        f"UPDATE dm_calls SET {sets} FROM (VALUES {', '.join([row] * count)}) AS v "
+        "WHERE dm_calls.execution_id = ? AND dm_calls.call_id = v.column1"
+    )
+
+
+def _update_from_values(conn: Any, execution_id: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """Update call rows on SQLite with one statement per thousand rows. ``executemany`` runs one
+    statement per row, and sqlite3 gives up the GIL for each: with the executor's threads busy,
+    taking it back again cost more than the update itself (5,000 results of a gather: 1.3 to 3.5 s
+    against 0.3 to 0.5 s under load)."""
+    pick = operator.itemgetter("call_id", *columns)
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(rows), _VALUES_ROWS):
+            part = rows[start : start + _VALUES_ROWS]
+            params: list[Any] = []
+            for row in part:
+                params.extend(pick(row))
+            params.append(execution_id)
+            cursor.execute(_update_from_sql(columns, len(part)), params)
     finally:
         cursor.close()
 

@@ -10,6 +10,7 @@ from pydantic_monty import MontyComplete, MontyError, MontyRuntimeError
 from ...errors import ValueCrossingError, WorkflowFailed
 from ...executors.base import exception_message
 from ..events import ExecutionFinished
+from . import collecting
 from .exceptions import format_monty_error
 from .protocol import handle_method_message
 
@@ -21,12 +22,13 @@ class Finishing:
     """Mixin of :class:`Driver`: completion, failure and the final commit."""
 
     def _complete(self: Driver, snap: MontyComplete) -> None:
-        output = snap.output
-        exports = self._read_exports()
-        result_text = self._encode_final(output, "the result of the workflow")
-        outputs_text, outputs = self._encode_exports(exports)
-        result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
-        outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
+        with collecting.paused():  # a gather's results, read and encoded (collecting.py)
+            output = snap.output
+            exports = self._read_exports()
+            result_text = self._encode_final(output, "the result of the workflow")
+            outputs_text, outputs = self._encode_exports(exports)
+            result_host = self.codec.to_host(output)  # loads (and verifies) stored objects first
+            outputs_host = {k: self.codec.to_host(v) for k, v in outputs.items()}
         now = self.clock.now()
         self.step.execution.update(
             status="completed",

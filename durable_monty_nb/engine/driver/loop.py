@@ -45,7 +45,7 @@ from ..events import Printed
 from ..fingerprint import Fingerprinter
 from ..retry import RetryPolicy
 from ..run import CallView, FunctionStats, Progress, Run, function_stats
-from . import switching
+from . import collecting, switching
 from .book import CallBook
 from .calls import CallState
 from .clock import SYSTEM_CLOCK, Clock
@@ -335,7 +335,8 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
                 self._complete(snap)
                 return
             try:
-                self._commit(snap)
+                with collecting.paused():  # (collecting.py) at most the store's retry window
+                    self._commit(snap)
             except StoreUnavailable as exc:
                 self._ride_out(exc)  # keep results in memory, dispatch nothing, try again
                 continue
@@ -352,9 +353,12 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
                 self._finish_run("interrupted", error=interrupted_error(self.execution_id, self.key))
                 return
             if not self._stopping:
-                self._dispatch()
+                with collecting.paused():
+                    self._dispatch()
             self._note_parked()
-            self._collect(self._wait())
+            items = self._wait()
+            with collecting.paused():
+                self._collect(items)
             if not self._stopping:
                 now = self.clock.now()
                 for before_timers in self.hooks.before_timers:  # the mailbox (waits.py)

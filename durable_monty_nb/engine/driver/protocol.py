@@ -20,7 +20,7 @@ from ...errors import ValueCrossingError
 from ...signals import SIGNAL_FUNCTION
 from ..analysis import GATHER_FUNCTION
 from ..fingerprint import is_local, sha256
-from . import switching
+from . import collecting, switching
 from .calls import PHANTOM, CallState
 from .switching import CONTENDED
 from .waits import SIGNAL_ERRORS, signal_arguments
@@ -121,7 +121,8 @@ class MontyProtocol:
             call_id = self._host_id(snap.call_id)
             return self.waiting.signals.wait(call_id, signal, timeout, self._awaited(snap)), None
         if name == GATHER_FUNCTION:  # a gather the analysis batched (gathers.py)
-            return self._announce_gather(snap)
+            with collecting.paused():  # thousands of objects that live as long as the run
+                return self._announce_gather(snap)
         if snap.object_id is not None:  # a method of a handle: the object lives on the host
             return PHANTOM, {"exc_type": "AttributeError", "message": handle_method_message(name)}
         fn = self._function(name)
