@@ -160,6 +160,14 @@ def engine(remote: Remote, sqlite_url: str) -> Iterator[Engine]:
     found.close()
 
 
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """The file gated calls wait for; created at the end, so a failed test leaves no call hung."""
+    found = tmp_path / "gate"
+    yield found
+    found.touch()
+
+
 def entries(log: Path) -> list[tuple[int, int, str]]:
     """The log of :func:`gated_call`: (pid, parent pid, what) per line."""
     if not log.exists():
@@ -259,9 +267,9 @@ def test_results_failures_with_remote_tracebacks_and_retries(engine: Engine, tmp
 
 
 def test_a_call_whose_worker_is_killed_runs_again_on_another_worker(
-    engine: Engine, remote: Remote, tmp_path: Path
+    engine: Engine, remote: Remote, tmp_path: Path, gate: Path
 ) -> None:
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    log = tmp_path / "side.log"
     run = engine.start("await gated(4)", {"gated": gated_call(log, gate)}, key="lost")
     wait_until(lambda: entries(log), what="the call to start")
     wait_until(lambda: run.progress.running == 1 and run.calls()[0].worker, what="the call to show as running")
@@ -275,12 +283,14 @@ def test_a_call_whose_worker_is_killed_runs_again_on_another_worker(
     assert {second, second_parent} & remote.pids()  # on a worker of ours (or the work horse of one)
 
 
-def test_timed_out_calls_are_cancelled_on_the_workers(engine: Engine, remote: Remote, tmp_path: Path) -> None:
+def test_timed_out_calls_are_cancelled_on_the_workers(
+    engine: Engine, remote: Remote, tmp_path: Path, gate: Path
+) -> None:
     """A call hangs on each worker and one more waits behind them: at each one's deadline it
     raises TimeoutError in the workflow and its job is cancelled. On RQ a hung job is stopped
     mid-call (its worker free for the next, the gate still shut); on Dask the running ones hold
     their workers until they end and the queued one is cancelled before it ever runs."""
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    log = tmp_path / "side.log"
     gated = limits(timeout=1)(gated_call(log, gate))
     code = (
         "async def one(i):\n    try:\n        return await gated(i)\n    except TimeoutError as e:\n"
@@ -330,16 +340,27 @@ print("RESULT", run.result(), flush=True)
 """
 
 
+@pytest.fixture
+def drivers() -> Iterator[list[subprocess.Popen[str]]]:
+    """Driver processes of a test, killed at its end if still running."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            kill(proc)
+
+
 def test_a_killed_driver_reattaches_to_calls_queued_running_and_finished_on_workers(
-    remote: Remote, sqlite_url: str, tmp_path: Path
+    remote: Remote, sqlite_url: str, tmp_path: Path, gate: Path, drivers: list[subprocess.Popen[str]]
 ) -> None:
     """The driver dies with 12 calls dispatched, 2 running: they go on without it, 4 finish, then
     a new driver resumes and follows the finished, running and queued ones; none runs twice."""
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    log = tmp_path / "side.log"
     remote.ready()
     env = {**os.environ, "SIDE_LOG": str(log), "GATE": str(gate)}
     args = [sys.executable, "-c", DRIVER, sqlite_url, remote.name, json.dumps(remote.settings)]
     first = subprocess.Popen([*args, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drivers.append(first)
     db = sqlite_url.removeprefix("sqlite:///")
 
     def dispatched() -> int:
@@ -366,6 +387,7 @@ def test_a_killed_driver_reattaches_to_calls_queued_running_and_finished_on_work
     wait_until(lambda: remote.pending(execution_id) == 8, what="4 calls finished, 2 running, 6 queued")
 
     second = subprocess.Popen([*args, "resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drivers.append(second)
     if remote.drivers_following(execution_id) is not None:
         wait_until(
             lambda: remote.drivers_following(execution_id) == {1},
