@@ -2,15 +2,13 @@
 
 The workers are plain ``dask worker`` processes that cannot import the tests: every notebook
 function reaches them by value (cloudpickle), as functions of notebook cells do. They sign
-outcomes with the key conftest puts in the environment, which they inherit.
+outcomes with the key conftest puts in the environment, which they inherit. The scenarios Dask
+shares with the other remote executors are in test_remote_scenarios.py; these are Dask's own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,34 +18,16 @@ from typing import Any
 
 import pytest
 from ci import require_module
-from procs import finish, kill, log_entries, wait_until
+from procs import log_entries, wait_until
 
-from durable_monty_nb import Engine, WorkflowFailed, limits, retry
+from durable_monty_nb import Engine, WorkflowFailed
 from durable_monty_nb.errors import ExecutorUnavailable
 from durable_monty_nb.executors.dask import ADDRESS_ENV, Dask, close_clients
-from durable_monty_nb.store.store import Store
 
 require_module("distributed", extra="dask")  # in CI a missing extra fails, never skips
 
 TESTS = Path(__file__).resolve().parent
 DASK = str(Path(sys.executable).parent / "dask")
-
-# A driver process: runs (or resumes) a scenario of scenarios.py on the cluster at ADDRESS.
-RUNNER = """
-import os, sys
-import cloudpickle, scenarios
-from durable_monty_nb import Engine
-from durable_monty_nb.executors.dask import Dask
-
-cloudpickle.register_pickle_by_value(scenarios)  # the workers cannot import the tests
-url, name, address = sys.argv[1:4]
-code, _ = scenarios.SCENARIOS[name]
-namespace = {**scenarios.namespace(name), "gated": scenarios.gated, "log": os.environ["SIDE_LOG"],
-             "gate": os.environ["GATE"]}
-handle = Engine(url, executor=Dask(address), lease_ttl=5.0).start(code, namespace, key=name)
-print("STARTED", handle.execution_id, flush=True)
-print("RESULT", repr(handle.result()), flush=True)
-"""
 
 
 def free_port() -> int:
@@ -158,121 +138,6 @@ def dask_engine(cluster: Cluster, sqlite_url: str) -> Iterator[Engine]:
     engine.close()
 
 
-def test_gather_of_closures_shipped_by_value(dask_engine: Engine) -> None:
-    offset = 7
-
-    def shifted(x: int) -> list[Any]:
-        import importlib.util
-        import os
-
-        return [x + offset, os.getpid(), importlib.util.find_spec("test_dask") is None]
-
-    code = "results = await gather(*[shifted(i) for i in range(n)])\nresults"
-    run = dask_engine.start(code, {"shifted": shifted, "n": 50})
-    results = run.result(timeout=60)
-    assert [r[0] for r in results] == [i + 7 for i in range(50)]
-    assert all(r[2] for r in results)  # not importable there: the closure travelled by value
-    assert os.getpid() not in {r[1] for r in results}
-    calls = dask_engine.store.load_calls(run.execution_id)
-    assert {c.status for c in calls} == {"done"} and all(c.worker.startswith("tcp://127.0.0.1:") for c in calls)
-    ids = [f"dm-{run.execution_id}-{c.call_id}-1" for c in calls]
-    attempts = dask_engine.store.load_attempts(ids)
-    assert len(attempts) == 50 and {a.executor for a in attempts.values()} == {"dask"}
-    # The workers write outcomes behind (batched): they all reach the store, signed, for re-attach.
-    finished = wait_until(
-        lambda: (found := dask_engine.store.load_attempts(ids)) and all(a.finished for a in found.values()) and found,
-        what="the workers to store every outcome",
-    )
-    assert {a.status for a in finished.values()} == {"done"}
-
-
-def test_sequential_sync_and_async_calls(dask_engine: Engine) -> None:
-    def double(x: int) -> int:
-        return x * 2
-
-    async def increment(x: int) -> int:
-        await asyncio.sleep(0)
-        return x + 1
-
-    code = "a = await double(20)\nb = await increment(a)\nb"
-    assert dask_engine.run(code, {"double": double, "increment": increment}) == 41
-
-
-def test_failing_call_brings_its_remote_traceback(dask_engine: Engine) -> None:
-    def parse(text: str) -> int:
-        if not text.isdigit():
-            raise ValueError(f"not a number: {text!r}")
-        return int(text)
-
-    with pytest.raises(WorkflowFailed) as info:
-        dask_engine.run("await parse('12')\nawait parse('x1')", {"parse": parse})
-    text = str(info.value)
-    assert "ValueError: not a number: 'x1'" in text
-    # the worker's frame of the function, with this file and its source line (whatever cloudpickle names it)
-    assert re.search(rf'File "{re.escape(__file__)}", line \d+, in parse\n\s+raise ValueError', text), text
-
-
-def test_retries_on_workers(dask_engine: Engine, tmp_path: Path) -> None:
-    tries = str(tmp_path / "tries")
-
-    @retry(retries=3, backoff="constant", delay=0.05)
-    def flaky(x: int) -> int:
-        with open(tries, "a") as handle:
-            handle.write("x\n")
-        with open(tries) as handle:
-            count = len(handle.readlines())
-        if count <= 2:
-            raise ConnectionError(f"attempt {count} failed")
-        return x
-
-    run = dask_engine.start("await flaky(5)", {"flaky": flaky})
-    assert run.result(timeout=60) == 5
-    (call,) = dask_engine.store.load_calls(run.execution_id)
-    assert call.status == "done" and call.attempts == 3
-    assert Path(tries).read_text() == "x\n" * 3
-
-
-def test_kill_the_driver_then_resume_follows_the_tasks(cluster: Cluster, sqlite_url: str, tmp_path: Path) -> None:
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
-    cluster.ready()
-    env = {
-        **os.environ,
-        "SIDE_LOG": str(log),
-        "GATE": str(gate),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")])),
-    }
-
-    def driver() -> subprocess.Popen[str]:
-        args = [sys.executable, "-c", RUNNER, sqlite_url, "gated", cluster.address]
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-    store = Store(sqlite_url)
-    first = driver()
-    wait_until(lambda: len(log_entries(log)) == 2, what="a call running on each worker", procs=(first,))
-    execution_id = store.latest_execution("gated").id
-    prefix = f"dm-{execution_id}-"
-    kill(first)  # 2 calls run on the workers, 4 wait on the scheduler: all go on without a driver
-    wait_until(lambda: all(wanted == {"fire-and-forget"} for wanted in cluster.wanted_by(prefix).values()))
-    assert len(cluster.wanted_by(prefix)) == 6
-
-    second = driver()  # the same code again: resumes
-    wait_until(
-        lambda: all(len(wanted) == 2 for wanted in cluster.wanted_by(prefix).values()),
-        what="the new driver to follow the 6 tasks",
-        procs=(second,),
-    )
-    gate.touch()
-    code, out, err = finish(second)
-    assert code == 0, err
-    assert "RESULT 150" in out
-    entries = log_entries(log)
-    assert sorted(entry for _, entry in entries) == sorted(f"gated {i}" for i in range(6))  # none ran twice
-    assert {pid for pid, _ in entries} <= {w.pid for w in cluster.workers}
-    row = store.latest_execution("gated")
-    assert row.status == "completed" and row.calls_done == 6
-    assert all(r.attempt == 1 for r in store.load_attempts([f"{prefix}{i}-1" for i in range(6)]).values())
-
-
 def gated_call(log: Path, gate: Path) -> Any:
     """A notebook-style function (a closure: workers cannot import it) that logs its start,
     then holds until the file ``gate`` exists."""
@@ -288,23 +153,6 @@ def gated_call(log: Path, gate: Path) -> Any:
         return i * 10
 
     return gated
-
-
-def test_killed_worker_call_runs_again_on_the_other(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
-
-    gated = gated_call(log, gate)
-    run = dask_engine.start("await gated(4)", {"gated": gated})
-    wait_until(lambda: log_entries(log), what="the call to start")
-    wait_until(lambda: run.progress.running == 1 and run.calls()[0].worker, what="the call to show as running")
-    ((victim, _),) = log_entries(log)
-    os.kill(victim, signal.SIGKILL)
-    cluster.worker_of(victim).wait(30)
-    wait_until(lambda: len(log_entries(log)) == 2, what="the call to run again")
-    gate.touch()
-    assert run.result(timeout=60) == 40
-    (first, _), (second, _) = log_entries(log)
-    assert first == victim and second != victim and second in {w.pid for w in cluster.workers}
 
 
 def test_scheduler_restart_runs_lost_calls_again(sqlite_url: str, tmp_path: Path) -> None:
@@ -385,23 +233,6 @@ def test_local_cluster_without_an_address(
     finally:
         engine.close()
         close_clients()
-
-
-def test_timed_out_tasks_are_cancelled_on_the_cluster(dask_engine: Engine, cluster: Cluster, tmp_path: Path) -> None:
-    """Two calls hang on the two workers and a third waits behind them: at the deadline all three
-    raise TimeoutError in the workflow, the queued one is cancelled before it ever runs."""
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
-    gated = limits(timeout=1)(gated_call(log, gate))
-    code = (
-        "async def one(i):\n    try:\n        return await gated(i)\n    except TimeoutError as e:\n"
-        "        return str(e)\nawait gather(*[one(i) for i in range(3)])"
-    )
-    run = dask_engine.start(code, {"gated": gated})
-    assert all("gated() did not finish within 1 s" in r for r in run.result(60))
-    assert len(log_entries(log)) == 2  # two were running; the third never started
-    gate.touch()  # the two running ones end on their workers; their results are dropped
-    wait_until(lambda: not cluster.wanted_by(f"dm-{run.execution_id}-"), what="the scheduler to forget the tasks")
-    assert len(log_entries(log)) == 2
 
 
 def test_large_arguments_travel_by_the_store_never_through_the_scheduler(

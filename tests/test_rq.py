@@ -3,7 +3,8 @@
 Redis comes from DURABLE_TEST_REDIS_URL (default: database 11 of the local server), flushed
 before each test. Workers get the tests' signing key from the environment and import the
 test modules through PYTHONPATH only where a test says so: notebook-style functions (defined
-in a test) reach them by value.
+in a test) reach them by value. The scenarios RQ shares with the other remote executors are in
+test_remote_scenarios.py; these are RQ's own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from procs import wait_until
 
-from durable_monty_nb import Engine, ExecutionInterrupted, WorkflowFailed, retry
+from durable_monty_nb import Engine, ExecutionInterrupted, WorkflowFailed
 from durable_monty_nb.errors import ExecutorUnavailable, ValueCrossingError
 from durable_monty_nb.executors.rq import RQ
 
@@ -117,37 +117,6 @@ def test_a_gather_a_sync_call_and_notebook_functions_on_plain_rq_workers(
     engine.close()
 
 
-def test_results_errors_and_retries_on_workers(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
-    workers.start(2)
-    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
-    marker = tmp_path / "flaky-tries"
-
-    @retry(retries=2, backoff="constant", delay=0.1)
-    def flaky(x):
-        with open(marker, "a") as handle:
-            handle.write("x")
-        if len(marker.read_text()) < 3:
-            raise ConnectionError("try again")
-        return x
-
-    def broken(x):
-        raise KeyError(f"no such item {x}")
-
-    assert engine.run("await flaky(7)", {"flaky": flaky}, key="flaky") == 7
-    assert marker.read_text() == "xxx"  # two failed attempts on workers, the third succeeded
-
-    code = "try:\n    await broken(1)\nexcept KeyError as e:\n    caught = str(e)\ncaught"
-    assert "no such item 1" in engine.run(code, {"broken": broken}, key="caught")
-
-    with pytest.raises(WorkflowFailed) as failure:
-        engine.run("await broken(2)", {"broken": broken}, key="uncaught")
-    text = str(failure.value)
-    assert "KeyError" in text and "no such item 2" in text
-    # the remote traceback reaches the cell, with this file and the source line
-    assert re.search(rf'File "{re.escape(__file__)}", line \d+, in broken\n\s+raise KeyError\(f"no such', text), text
-    engine.close()
-
-
 def test_two_workers_never_run_one_call_twice(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
     # Workers told the store (as a user does) open it before forking; every job inherits it warm.
     workers.env["DURABLE_MONTY_DB"] = sqlite_url
@@ -158,76 +127,6 @@ def test_two_workers_never_run_one_call_twice(workers: Workers, sqlite_url: str,
     assert engine.run("sum(await gather(*[record(i) for i in range(40)]))", {"record": record}, key="two") == 780
     entries = log_lines(log)
     assert sorted(int(i) for _, i in entries) == list(range(40))  # each call exactly once
-    engine.close()
-
-
-DRIVER = textwrap.dedent(
-    """
-    import os, sys
-    from durable_monty_nb import Engine
-    from durable_monty_nb.executors.rq import RQ
-    from scenarios import gated
-
-    url, redis, queue, mode = sys.argv[1:5]
-    engine = Engine(url, executor=RQ(redis, queue), lease_ttl=5.0)
-    ns = {"gated": gated, "log": os.environ["SIDE_LOG"], "gate": os.environ["GATE_FILE"], "n": 12}
-    code = "results = await gather(*[gated(log, gate, i) for i in range(n)])\\nsum(results)"
-    run = engine.resume("killed", ns) if mode == "resume" else engine.start(code, ns, key="killed")
-    print("RESULT", run.result(), flush=True)
-    """
-)
-
-
-def test_a_killed_driver_reattaches_to_calls_queued_running_and_finished_on_workers(
-    workers: Workers, sqlite_url: str, tmp_path: Path
-) -> None:
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
-    env = {**os.environ, "SIDE_LOG": str(log), "GATE_FILE": str(gate), "PYTHONPATH": str(TESTS)}
-    workers.env.update(env)
-    workers.start(2)
-    args = [sys.executable, "-c", DRIVER, sqlite_url, workers.url, workers.queue]
-    driver = subprocess.Popen([*args, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    db = sqlite_url.removeprefix("sqlite:///")
-
-    def dispatched() -> int:
-        try:
-            with sqlite3.connect(db) as conn:
-                return conn.execute("SELECT count(*) FROM dm_attempts").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
-    # All 12 attempts journaled and enqueued, two of them running on the workers: kill the driver.
-    wait_until(lambda: dispatched() == 12 and len(log_lines(log)) == 2, what="2 calls running", procs=(driver,))
-    driver.kill()
-    driver.communicate()
-    gate.touch()  # the workers go on without the driver: some calls finish while it is dead
-    wait_until(lambda: len(log_lines(log)) >= 6, what="calls finishing while the driver is dead")
-
-    resumed = subprocess.run([*args, "resume"], env=env, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "RESULT 660" in resumed.stdout
-    calls = sorted(int(entry.split()[1]) for _, entry in log_lines(log))
-    assert calls == list(range(12))  # every call ran exactly once: none was dispatched again
-
-
-def test_a_call_whose_worker_is_killed_runs_again_on_another_worker(
-    workers: Workers, sqlite_url: str, tmp_path: Path
-) -> None:
-    from scenarios import gated
-
-    log, gate = tmp_path / "side.log", tmp_path / "gate"
-    workers.start(1)
-    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
-    run = engine.start("await gated(log, gate, 5)", {"gated": gated, "log": str(log), "gate": str(gate)}, key="lost")
-    wait_until(lambda: len(log_lines(log)) == 1, what="the call running on the first worker")
-    first_pid = log_lines(log)[0][0]  # the job's process (RQ's work horse, in a process group of its own)
-    workers.kill(workers.procs[0])  # the worker dies mid-call, and its horse with it
-    os.kill(first_pid, signal.SIGKILL)
-    gate.touch()
-    workers.start(1)
-    assert run.result(120) == 50  # found lost when its liveness key expired, then run again
-    pids = [pid for pid, _ in log_lines(log)]
-    assert len(pids) == 2 and pids[0] == first_pid and pids[1] != first_pid  # once more, not more
     engine.close()
 
 
@@ -309,33 +208,6 @@ def test_a_preloaded_module_is_imported_once_by_the_worker_not_in_every_job(
     )
     assert bad.returncode == 2
     assert "cannot preload 'dm_no_such': No module named 'dm_no_such'" in bad.stderr
-
-
-def test_a_timed_out_job_is_stopped_and_frees_its_worker(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
-    from durable_monty_nb import limits
-
-    gate = tmp_path / "gate"
-    gate.touch()
-    log = tmp_path / "side.log"
-    workers.start(1)  # one worker: the next call runs only if the hung job was stopped
-
-    @limits(timeout=1)
-    def hang(x):
-        with open(log, "a") as handle:
-            handle.write(f"{os.getpid()} hang\n")
-        while gate.exists():  # hangs until the test ends
-            time.sleep(0.01)
-        return x
-
-    def quick(x):
-        return x + 1
-
-    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
-    code = "try:\n    await hang(1)\nexcept TimeoutError as e:\n    r = str(e)\n[r, await quick(1)]"
-    message, after = engine.run(code, {"hang": hang, "quick": quick}, key="timeout")
-    assert "hang() did not finish within 1 s" in message and after == 2
-    assert gate.exists() and len(log_lines(log)) == 1  # stopped mid-call, never run again
-    engine.close()
 
 
 def test_queued_jobs_lost_with_a_flushed_redis_run_again(workers: Workers, sqlite_url: str, tmp_path: Path) -> None:
