@@ -126,6 +126,24 @@ def _run(browser: Any, command: str, index: int, count: int) -> None:
     assert browser.evaluate("() => window.__durableRan") == "ok"
 
 
+def _names_landed(browser: Any, count: int, printed: str) -> None:
+    """Run the cell after the durable one: it prints the names the run set in the notebook."""
+    _run(browser, "notebook:run-cell", DURABLE_CELL + 1, count)
+    assert browser.evaluate(NOTEBOOK_ERRORS) == []
+    output = browser.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
+    expect(output).to_have_text(printed, timeout=WIDGET_MS)
+
+
+def _stored(db: str, *extra: str) -> tuple[list[tuple[str, Any, str, int]], list[Any]]:
+    """The store's deliveries (name, value, source, consumed by) and the values of ``extra`` queries."""
+    store = sa.create_engine(db)
+    with store.connect() as conn:
+        rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
+        values = [conn.execute(sa.text(query)).scalar_one() for query in extra]
+    store.dispose()
+    return [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows], values
+
+
 def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
     ARTIFACTS.mkdir(exist_ok=True)
     failure_shot = ARTIFACTS / "approval-failure.png"
@@ -167,18 +185,11 @@ def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[
         page.screenshot(path=str(ARTIFACTS / "approval-completed.png"), full_page=True)
 
         # The run's names landed in the notebook when it completed.
-        _run(page, "notebook:run-cell", DURABLE_CELL + 1, len(CELLS))
-        assert page.evaluate(NOTEBOOK_ERRORS) == []
-        printed = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
-        expect(printed).to_have_text("outcome: recorded True False ok", timeout=WIDGET_MS)
+        _names_landed(page, len(CELLS), "outcome: recorded True False ok")
 
         # In the store: three deliveries (none of the refused text), from the widget, each consumed by its wait.
-        store = sa.create_engine(signal_lab["db"])
-        with store.connect() as conn:
-            rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
-            status = conn.execute(sa.text("SELECT status FROM dm_executions")).scalar_one()
-        store.dispose()
-        assert [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows] == [
+        deliveries, [status] = _stored(signal_lab["db"], "SELECT status FROM dm_executions")
+        assert deliveries == [
             ("approval", {"approved": True}, "widget", 0),
             ("review", {"approved": False}, "widget", 1),
             ("note", {"note": "ok"}, "widget", 2),
@@ -222,18 +233,12 @@ def test_approve_and_reject_buttons_of_a_watched_run_that_a_runner_drives(
         expect(widget.locator(".durable-approve")).to_have_count(0, timeout=WIDGET_MS)
         page.screenshot(path=str(ARTIFACTS / "detached-approval-completed.png"), full_page=True)
 
-        _run(page, "notebook:run-cell", DURABLE_CELL + 1, len(DETACHED_CELLS))  # the names landed
-        assert page.evaluate(NOTEBOOK_ERRORS) == []
-        printed = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
-        expect(printed).to_have_text("outcome: recorded True False", timeout=WIDGET_MS)
+        _names_landed(page, len(DETACHED_CELLS), "outcome: recorded True False")
 
-        store = sa.create_engine(detached_lab["db"])
-        with store.connect() as conn:
-            rows = conn.execute(sa.text("SELECT name, value, source, consumed_by FROM dm_signals")).all()
-            status = conn.execute(sa.text("SELECT status FROM dm_executions")).scalar_one()
-            driver = conn.execute(sa.text("SELECT runner FROM dm_handoffs")).scalar_one()
-        store.dispose()
-        assert [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows] == [
+        deliveries, [status, driver] = _stored(
+            detached_lab["db"], "SELECT status FROM dm_executions", "SELECT runner FROM dm_handoffs"
+        )
+        assert deliveries == [
             ("approval", {"approved": True}, "widget", 0),
             ("review", {"approved": False}, "widget", 1),
         ]
