@@ -368,7 +368,7 @@ def test_upgrade_of_an_older_store_that_holds_work(db_url: str, revision: str) -
 
 
 def test_signer_tags_are_hmac_sha256_of_context_and_data() -> None:
-    """The precomputed HMAC states give the tags ``hmac.new`` gives (rows signed before stay valid),
+    """A copied keyed HMAC gives the tags ``hmac.new`` gives (rows signed before stay valid),
     for keys shorter and longer than SHA-256's block and data joined to its context or not."""
     import hashlib
     import hmac

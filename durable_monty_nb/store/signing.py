@@ -12,7 +12,6 @@ share a store (other kernels, workers on other machines) must share the key.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -70,7 +69,6 @@ def secret_argument(secret: bytes | str | None, key: bytes | str | None, where: 
     return key
 
 
-_BLOCK = 64  # SHA-256's block size
 _JOIN_BELOW = 4096  # smaller data is joined to its context (one update), larger is not copied
 SHORT_TAG = 32  # hex digits of a truncated HMAC-SHA256 tag (128 bits)
 
@@ -80,21 +78,19 @@ class Signer:
 
     def __init__(self, secret: bytes | str | None = None) -> None:
         self._key = load_key(secret)
-        # HMAC's keyed inner and outer states, computed once and copied for each tag (RFC 2104;
-        # the same tags as hmac.new, in less than half the time: a gather signs every result).
-        key = self._key if len(self._key) <= _BLOCK else hashlib.sha256(self._key).digest()
-        key = key.ljust(_BLOCK, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # HMAC keyed once and copied for each tag (hmac's copy keeps the keyed inner and outer
+        # states): the same tags as hmac.new with the key, in two thirds of the time; a gather
+        # signs every result.
+        self._keyed = hmac.new(self._key, digestmod="sha256")
 
     def sign(self, context: str, data: bytes) -> str:
-        inner = self._inner.copy()
-        inner.update(context.encode() + b"\0" + data if len(data) < _JOIN_BELOW else context.encode() + b"\0")
-        if len(data) >= _JOIN_BELOW:
-            inner.update(data)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        mac = self._keyed.copy()
+        if len(data) < _JOIN_BELOW:
+            mac.update(context.encode() + b"\0" + data)
+        else:
+            mac.update(context.encode() + b"\0")
+            mac.update(data)
+        return mac.hexdigest()
 
     def sign_text(self, context: str, text: str | None) -> str:
         return self.sign(context, (text or "").encode())
