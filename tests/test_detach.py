@@ -169,6 +169,19 @@ def test_no_runner_listening_says_so_with_the_command(side: tuple[Path, Path], t
     assert f"durable-monty-nb runner --db '{engine.store.display_url}'" in note
 
 
+def test_watchers_show_only_the_live_counts_of_the_runner_that_holds_the_lease(
+    side: tuple[Path, Path], tmp_path: Path
+) -> None:
+    engine = Engine(f"sqlite:///{tmp_path / 'store.db'}")
+    run = engine.start(GATHER, notebook(CELL_FUNCTIONS), key="fenced", detach=True)
+    assert engine.store.acquire_lease(run.execution_id, "holder", 60) is None  # a runner claims it
+    counts = {"running": 2, "queued": 4, "calls": {"running": [0, 1], "queued": [2, 3, 4, 5]}}
+    handoffs.write_progress(engine.store, run.execution_id, {**counts, "owner": "lost-its-lease"})
+    assert (run.progress.running, run.progress.queued) == (0, 0)  # a runner that lost the lease: not shown
+    handoffs.write_progress(engine.store, run.execution_id, {**counts, "owner": "holder"})
+    assert (run.progress.running, run.progress.queued) == (2, 4)
+
+
 def test_a_sigkilled_runner_is_replaced_and_no_completed_call_runs_twice(
     side: tuple[Path, Path], runners: Runners
 ) -> None:
@@ -453,6 +466,10 @@ def test_the_watching_widget_shows_the_running_and_queued_calls_of_the_runner(
     widget.refresh()
     assert "2 running" in widget._counts.value and "2 queued" in widget._counts.value, widget._counts.value
     assert "<b>2</b>/6 done" in widget._counts.value
+    statuses = wait_until(  # the call rows too: which calls run and which wait, not all "pending"
+        lambda: (s := [c.status for c in run.calls()]).count("running") == 2 and s, what="the running rows"
+    )
+    assert statuses.count("done") == 2 and statuses.count("queued") == 2, statuses
     gate.unlink()
     assert run.result(60) == 150
     final = run.progress
@@ -516,8 +533,9 @@ def test_sigterm_stops_a_runner_and_leaves_its_runs_to_another(side: tuple[Path,
     engine = Engine(runners.db_url)
     run = engine.start(SEQUENTIAL, notebook(CELL_FUNCTIONS), key="handed-on", detach=True)
     first = runners.start("first")
-    wait_until(lambda: len(logged(log)) >= 3, what="three calls done")
+    wait_until(lambda: Path(f"{gate}.held").exists(), what="the fourth call running")
     first.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in runners.output("first"), what="the runner stopping")
     gate.unlink()  # the call it was running finishes and is kept
     assert first.wait(30) == 0
     assert not run.done  # left for another runner, not ended

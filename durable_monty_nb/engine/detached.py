@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 import time
@@ -210,7 +211,20 @@ class StoredRun:
         return f"no runner has claimed this run; start one with: {runner_command(self._store)}"
 
     def call_views(self) -> list[CallView]:
-        return stored_call_views(self._store.load_calls(self._execution_id))
+        """The stored call rows, each unfinished one with what its runner says it does now
+        (running, queued, limited, ...; the rows only say pending)."""
+        views = stored_call_views(self._store.load_calls(self._execution_id))
+        row = self._store.get_execution(self._execution_id)
+        live = live_counts(row, handoffs.load_handoff(self._store, self._execution_id)).get("calls") or {}
+        status_of = {call_id: status for status, ids in live.items() for call_id in ids}
+        if not status_of:
+            return views
+        return [
+            dataclasses.replace(view, status=status_of[view.call_id])
+            if view.status == "pending" and view.call_id in status_of
+            else view
+            for view in views
+        ]
 
     def begin(self) -> None:
         return None
@@ -323,9 +337,11 @@ def cancel_detached(store: Store, execution_id: str) -> bool:
 
 
 def live_counts(row: Any, handoff: handoffs.Handoff | None) -> dict[str, Any]:
-    """The live counts its runner published, while a runner holds the execution's lease (else none:
-    what a runner that stopped wrote last is no longer true)."""
+    """The live counts its runner published, written by the runner that holds the execution's lease
+    now (else none: what a runner that stopped, or lost the lease, wrote last is no longer true)."""
     if handoff is None or not handoff.progress or row.status != "running" or not lease_held(row):
+        return {}
+    if handoff.progress.get("owner") != row.lease_owner:
         return {}
     return handoff.progress
 

@@ -120,6 +120,7 @@ def function_stats(calls: Iterable[tuple[str, str, float | None, float | None]])
     ]
 
 
+LIVE_CALLS = 500  # the most call ids of one status a runner publishes (the widget shows 50 rows)
 CALL_FRAME_COLUMNS = ["function", "arguments", "status", "attempts", "start", "end", "duration", "error", "worker"]
 
 
@@ -230,6 +231,12 @@ class Run:
         if stats is not None:
             return stats()
         return function_stats((c.function, c.status, c.started_at, c.finished_at) for c in self.calls())
+
+    def live_calls(self, limit: int = LIVE_CALLS) -> dict[str, list[int]]:
+        """The ids of the unfinished calls by what they do now (``running``, ``queued``, ...; at most
+        ``limit`` each), while the run is driven here; a runner publishes them for watchers."""
+        live = getattr(self._source, "live_calls", None)
+        return live(limit) if live is not None and not self._done.is_set() else {}
 
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event; returns a function that unsubscribes."""

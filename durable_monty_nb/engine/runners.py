@@ -32,6 +32,8 @@ from .driver import Driver
 from .engine import Engine, give_back, lease_and_read, open_at_checkpoint
 from .run import Run
 
+STOP_GRACE = 30.0  # seconds a stopping runner waits for the calls running in its own threads
+
 
 class Runner:
     """Drives detached executions of a store (``durable-monty-nb runner``).
@@ -69,6 +71,7 @@ class Runner:
         self._stopping = False
         self._cancelled: list[Run] = []  # runs a cancel request was passed on to
         self._published: dict[str, dict[str, Any]] = {}  # execution id -> the live counts written last
+        self._owners: dict[str, str] = {}  # execution id -> the lease owner its driver writes as
 
     def step(self) -> None:
         """One round: end finished runs, pass on cancel requests, claim armed hand-overs."""
@@ -76,6 +79,7 @@ class Runner:
             if run.done:
                 del self.runs[execution_id]
                 self._published.pop(execution_id, None)
+                self._owners.pop(execution_id, None)
                 if run in self._cancelled:
                     self._cancelled.remove(run)
                 if not self._stopping:
@@ -108,6 +112,8 @@ class Runner:
                 counts["expected"] = progress.expected
             if progress.note:
                 counts["note"] = progress.note
+            counts["calls"] = run.live_calls()  # which calls run, wait, ... (the rows say pending)
+            counts["owner"] = self._owners.get(execution_id)  # readers trust the lease holder's only
             if self._published.get(execution_id) != counts:
                 handoffs.write_progress(self.store, execution_id, counts)
                 self._published[execution_id] = counts
@@ -188,6 +194,7 @@ class Runner:
             settings.lease_ttl,
             lambda busy: f"execution {row.id[:12]} is driven by {describe_owner(busy)}",
         )
+        self._owners[row.id] = owner
         run = Run(row.id, row.key)
         emit = engine._subscribe_printer(run, lambda stream, text: None)
         session = None
@@ -216,6 +223,7 @@ class Runner:
                 on_exit=engine._forget,
             )
         except BaseException:
+            self._owners.pop(row.id, None)
             sandbox.close_session(session)
             give_back(self.store, row.id, owner)
             raise
@@ -241,11 +249,20 @@ class Runner:
             self.close()
 
     def close(self) -> None:
+        """Stop the runs driven here, for other runners to take over: no new call starts, calls
+        running in this process finish and are journaled first (those on workers go on there)."""
         self._stopping = True
+        if self.runs:
+            self.log(f"{self.name}: stopping; its {len(self.runs)} run(s) are left to another runner")
         for run in list(self.runs.values()):
             run.cancel()
+        deadline = time.monotonic() + STOP_GRACE
         for run in list(self.runs.values()):
-            run.wait(30)
+            if not run.wait(max(0.0, deadline - time.monotonic())):
+                self.log(
+                    f"{self.name}: {run.key!r} ({run.execution_id[:12]}) still had calls running after "
+                    f"{STOP_GRACE:.0f} s; they stop with this process and run again in the next runner"
+                )
         self.runs.clear()
         self.engine.close()
 

@@ -284,4 +284,13 @@ def _progress(text: str | None) -> dict[str, Any] | None:
     }
     if isinstance(data.get("note"), str):
         counts["note"] = data["note"][:500]
+    if isinstance(data.get("owner"), str):  # the lease owner that wrote them
+        counts["owner"] = data["owner"]
+    calls = data.get("calls")
+    if isinstance(calls, dict):  # status -> call ids
+        counts["calls"] = {
+            status: [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+            for status, ids in calls.items()
+            if isinstance(status, str) and isinstance(ids, list)
+        }
     return counts

@@ -47,7 +47,7 @@ from ..retry import RetryPolicy
 from ..run import CallView, FunctionStats, Progress, Run, function_stats
 from . import collecting, switching
 from .book import CallBook
-from .calls import CallState
+from .calls import DONE, FAILED, CallState
 from .clock import SYSTEM_CLOCK, Clock
 from .components import Hooks
 from .finishing import Finishing
@@ -252,6 +252,20 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
 
     def call_views(self) -> list[CallView]:
         return [state.view() for state in list(self.calls.values())]
+
+    def live_calls(self, limit: int) -> dict[str, list[int]]:
+        """The ids of unfinished calls that are running, queued, limited, waiting or retrying (at
+        most ``limit`` each): one pass, no argument formatting."""
+        live: dict[str, list[int]] = {}
+        for state in list(self.calls.values()):
+            if state.status is DONE or state.status is FAILED:
+                continue
+            status = state.view_status
+            if status != "pending":
+                ids = live.setdefault(status, [])
+                if len(ids) < limit:
+                    ids.append(state.call_id)
+        return live
 
     def function_stats(self) -> list[FunctionStats]:
         """Per-function counts and durations, for live views: one pass, no argument formatting."""
