@@ -284,11 +284,14 @@ class Follower:
                     self._thread = None  # the next follow() starts another
                     return
                 runs = list(self._runs)
+            away: set[int] = set()  # stores found unreachable this round: their other runs wait for the next
             for store, run in runs:
+                if id(store) in away:
+                    continue
                 try:
                     _finished(store, run)
-                except StoreError:  # an outage: keep watching
-                    pass
+                except StoreError:  # an outage: keep watching, without waiting out its retries once per run
+                    away.add(id(store))
                 except Exception as exc:  # a result this process cannot load: that run ends with it, not the rest
                     run._finish("failed", error=exc)
             time.sleep(self.poll)
