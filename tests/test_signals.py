@@ -159,6 +159,30 @@ def test_run_signal_from_the_handle_wakes_the_driver_at_once(sqlite_engine: Engi
     assert run.status == "completed"
 
 
+def test_resuming_a_run_that_completed_here_after_its_signal_says_what_it_did(sqlite_engine: Engine) -> None:
+    """Deliver, then resume (as a notebook does): whether the parked run finished before the
+    resume or the resume joined it, the resume gives the run that ran here, not a stored copy."""
+
+    def work(x: int) -> int:
+        return x * 2
+
+    run = sqlite_engine.start(
+        'a = await work(1)\nb = await signal("go")\nc = await work(b)\nc', {"work": work}, key="go"
+    )
+    until_parked(run)
+    sqlite_engine.signal("go", "go", 20)
+    assert run.result(10) == 40  # the parked run went on by itself
+    resumed = sqlite_engine.resume("go", {"work": work})
+    assert resumed is run and not resumed.cached
+    assert (resumed.progress.done, resumed.progress.restored) == (3, 0)
+    other = Engine(sqlite_engine.store.url)  # another process: the stored result
+    try:
+        stored = other.resume("go", {"work": work})
+        assert stored.cached and stored.result() == 40 and stored.progress.restored == 3
+    finally:
+        other.close()
+
+
 # -- processes killed with SIGKILL ---------------------------------------------------------------------
 
 

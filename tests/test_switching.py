@@ -21,6 +21,11 @@ PYTHONS = 0.005  # Python's own default
 
 @pytest.fixture(autouse=True)
 def pythons_interval() -> Iterator[None]:
+    from durable_monty_nb.engine.driver import switching
+
+    # The interval is the process's: a driver of an earlier test still running (riding out a
+    # store outage, say) keeps it lowered, and these tests count the drivers of their own.
+    wait_until(lambda: switching._running == 0, timeout=120, what="the drivers of earlier tests to end")
     before = sys.getswitchinterval()
     sys.setswitchinterval(PYTHONS)
     yield

@@ -72,6 +72,7 @@ from .run import CallView, Progress, Run
 from .why import explain
 
 PrintCallback = Callable[[str, str], None]
+COMPLETED_KEPT = 8  # completed runs a process keeps for %durable_resume to show what they did
 
 
 class Engine:
@@ -128,6 +129,7 @@ class Engine:
         )
         self.executor = backend(executor, workers=workers)
         self._active: dict[str, Driver] = {}
+        self._completed: dict[str, Run] = {}  # the last runs this process drove to completion, by id
         self._lock = threading.Lock()
 
     @property
@@ -336,6 +338,9 @@ class Engine:
         attached = self._attach(row, info)
         if attached is not None:
             return attached
+        completed = self._completed_here(row.id)  # what it did here, rather than the stored copy
+        if completed is not None:
+            return completed
         if row.status == "completed":
             return self._stored_run(row)
         ns = dict(namespace or {})
@@ -475,6 +480,14 @@ class Engine:
             return driver.run
         driver.run.wait()
         return None
+
+    def _completed_here(self, execution_id: str) -> Run | None:
+        """The run of this process that completed the execution, while it is remembered."""
+        with self._lock:
+            driver = self._active.get(execution_id)
+            if driver is not None and driver.run.done and driver.run.status == "completed":
+                return driver.run
+            return self._completed.get(execution_id)
 
     def _stored_run(self, row: Any) -> Run:
         self.store.verify_execution_result(row)
@@ -662,6 +675,10 @@ class Engine:
         with self._lock:
             if self._active.get(driver.execution_id) is driver:
                 del self._active[driver.execution_id]
+            if driver.run.status == "completed":  # resuming it says what it did, not "restored"
+                self._completed[driver.execution_id] = driver.run
+                while len(self._completed) > COMPLETED_KEPT:
+                    del self._completed[next(iter(self._completed))]
 
 
 class StoredCalls:
