@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
 
+import xxhash
 from pydantic_monty import ClassInstance, ClassType, MontyClassProxy
 
 from .errors import ValueCrossingError
@@ -206,14 +207,14 @@ class ValueCodec:
     def _blob(self, value: Any, what: str) -> tuple[Any, Any]:
         type_name = type_name_of(value)
         try:
-            data = pickle.dumps(value, protocol=5)
+            data = pickle_blob(value)
         except Exception as exc:
             raise ValueCrossingError(
                 f"{what} is a {type_name}, which cannot be stored ({type(exc).__name__}: {exc}). "
                 f"Values that are not plain data are pickled to survive restarts; keep this object "
                 f"inside your notebook functions (create and use it there) or return something picklable."
             ) from exc
-        key = blob_key(data)
+        key = data.key if type(data) is BlobData else blob_key(data)
         self.objects.setdefault(key, value)
         if key not in self.pending_blobs:
             self.pending_blobs[key] = (data, type_name)
@@ -259,7 +260,7 @@ class ValueCodec:
         except KeyError:
             pass
         if key in self.pending_blobs:
-            data = self.pending_blobs[key][0]
+            data = blob_bytes(self.pending_blobs[key][0])
         elif self._load_blob is not None:
             data = self._load_blob(key)
         else:
@@ -341,6 +342,92 @@ _END = object()
 def blob_key(data: bytes) -> str:
     """The content address of a blob: the first 32 hex digits of its SHA-256."""
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+BIG_BLOB = 1 << 20  # pickles from this size on are kept as the pieces the pickler wrote (BlobData)
+
+
+class BlobData:
+    """The pickle of a big value, as the pieces the pickler wrote, never joined into one bytes.
+
+    Large buffers (a NumPy array's data, a DataFrame's blocks, a big bytes) are pickled in band by
+    protocol 5 as one write each of the buffer itself: the pieces are views of the value's memory,
+    not copies, so holding a 400 MB frame's pickle costs a few hundred bytes. ``digest`` is the
+    SHA-256 of the whole stream (its first 32 hex digits are the blob's key, the same key
+    ``pickle.dumps`` would give), computed as the pieces came; ``check`` an XXH3-128 of them, which
+    the writer recomputes as it writes, so a value changed in memory between its encoding and its
+    commit is refused instead of stored under the key of what it was.
+    """
+
+    __slots__ = ("check", "digest", "key", "pieces", "size")
+
+    def __init__(self, pieces: list[Any], digest: str, check: bytes) -> None:
+        self.pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+        self.digest = digest
+        self.key = digest[:32]
+        self.check = check
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def verified_pieces(self) -> Any:
+        """The pieces, in order; raises ValueCrossingError after the last if they changed since encoding."""
+        check = xxhash.xxh3_128()
+        for piece in self.pieces:
+            check.update(piece)
+            yield piece
+        if check.digest() != self.check:
+            raise ValueCrossingError(
+                f"the stored value {self.key} changed in memory while it was being stored (another call "
+                f"or the notebook modified it in place): it was not stored. Return a copy of it, or "
+                f"avoid modifying it while a workflow runs."
+            )
+
+
+class _Pieces:
+    """The file a Pickler writes to: collects its pieces, hashing them as they come."""
+
+    __slots__ = ("check", "pieces", "sha", "small", "total")
+
+    def __init__(self) -> None:
+        self.pieces: list[Any] = []
+        self.sha = hashlib.sha256()
+        self.check = xxhash.xxh3_128()
+        self.total = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is pickle.PickleBuffer:  # a large buffer of the value (an array's data): a view
+            data = data.raw()
+        elif type(data) is not bytes:  # a bytearray of the value: copied, so the value stays resizable
+            data = bytes(data)
+        self.pieces.append(data)
+        self.sha.update(data)
+        self.check.update(data)
+        size = len(data)
+        self.total += size
+        return size
+
+
+def pickle_blob(value: Any) -> bytes | BlobData:
+    """The pickle (protocol 5) of a value: bytes when small, a :class:`BlobData` from BIG_BLOB on.
+
+    The bytes are those of ``pickle.dumps(value, protocol=5)`` either way (joined, the pieces are
+    that stream), so a value keeps its key whichever form it took.
+    """
+    out = _Pieces()
+    pickle.Pickler(out, protocol=5).dump(value)
+    if out.total < BIG_BLOB:
+        return b"".join(out.pieces)
+    return BlobData(out.pieces, out.sha.hexdigest(), out.check.digest())
+
+
+def blob_bytes(data: bytes | BlobData) -> bytes:
+    """The bytes of a pending blob (a BlobData joined: a copy, for the rare reader of a big one)."""
+    return data.join() if type(data) is BlobData else data
 
 
 def ship_function(fn: Callable[..., Any], name: str) -> tuple[str, bytes]:
