@@ -166,3 +166,36 @@ def test_big_values_round_trip_on_every_backend(engine: Engine) -> None:
     stored_arrays, stored_frame = again.result()
     assert again.cached and stored_frame.equals(frame)
     assert all(np.array_equal(a, b) for a, b in zip(arrays, stored_arrays, strict=True))
+
+
+def test_prune_sweeps_files_no_row_names(sqlite_engine: Engine) -> None:
+    sqlite_engine.run(CODE, ns(), key="big")
+    store = sqlite_engine.store
+    kept = sorted(k for k, _, _ in blob_rows(store))
+    stray = store.blob_path("0" * 32)  # a step rolled back after writing its files
+    stray.write_bytes(b"x" * 1000)
+    partial = store.blob_dir / f".{'1' * 32}.123.456.tmp"  # a writer killed while writing
+    partial.write_bytes(b"y" * 1000)
+    removal = sqlite_engine.prune()
+    assert removal.blobs == 0 and removal.bytes >= 2000
+    assert sorted(p.name for p in store.blob_dir.iterdir()) == kept
+    assert Engine(store.url).start(CODE, ns(), key="big").cached
+
+
+def test_a_blob_read_by_many_calls_is_loaded_and_unpickled_once(sqlite_engine: Engine) -> None:
+    frame = table(5)
+
+    def rows(data: pd.DataFrame) -> int:
+        return len(data)
+
+    assert sqlite_engine.run("await rows(data)", {"rows": rows, "data": frame}, key="shared") == 40_000
+    [(key, _, _)] = blob_rows(sqlite_engine.store)
+    loads: list[str] = []
+
+    def load(k: str) -> bytes:
+        loads.append(k)
+        return sqlite_engine.store.load_blob(k)
+
+    codec = ValueCodec(load)  # a resumed run's codec: the handle's object comes from the store
+    first, second = codec.resolve_handle(key), codec.resolve_handle(key)
+    assert loads == [key] and first is second and first.equals(frame)

@@ -559,7 +559,7 @@ def _collect(store: Store, *, gone: set[str] | None = None, dry_run: bool = Fals
                     statement = delete(table).where(table.c.key.in_(chunk), table.c.created_at < cutoff)
                     removed += conn.execute(statement).rowcount
                     if table is BLOBS and store.blob_dir is not None:
-                        trashed = _trash_blob_files(store, conn, chunk)
+                        _trash_blob_files(store, conn, chunk, trashed)
             except BaseException:
                 for path, trash in trashed:  # the rows are back: so are their files
                     with contextlib.suppress(OSError):
@@ -570,14 +570,15 @@ def _collect(store: Store, *, gone: set[str] | None = None, dry_run: bool = Fals
                     trash.unlink()
             freed += sum(int(found[k] or 0) for k in chunk)
         counts.append(removed)
+    if store.blob_dir is not None and store.blob_dir.is_dir():
+        freed += _sweep_blob_files(store)
     return counts[0], counts[1], freed
 
 
-def _trash_blob_files(store: Store, conn: Any, keys: Sequence[str]) -> list[tuple[Path, Path]]:
+def _trash_blob_files(store: Store, conn: Any, keys: Sequence[str], trashed: list[tuple[Path, Path]]) -> None:
     """Rename the files of the blobs whose rows this transaction deleted, while it holds the store's
     write lock (a writer writes files under it too); the caller removes them once it committed."""
     kept = set(conn.execute(select(BLOBS.c.key).where(BLOBS.c.key.in_(list(keys)))).scalars())
-    trashed = []
     for key in keys:
         if key in kept:
             continue
@@ -588,7 +589,23 @@ def _trash_blob_files(store: Store, conn: Any, keys: Sequence[str]) -> list[tupl
         except FileNotFoundError:
             continue  # a blob kept in its row
         trashed.append((path, trash))
-    return trashed
+
+
+def _sweep_blob_files(store: Store) -> int:
+    """Remove the files of the blob folder no row names (a writer killed while writing one, a step
+    rolled back after writing its files, a prune killed before removing what it renamed); returns
+    their bytes. Under the write lock: no writer is between writing its files and committing."""
+    assert store.blob_dir is not None
+    freed = 0
+    with store.engine.begin() as conn:
+        keys = set(conn.execute(select(BLOBS.c.key)).scalars())
+        for entry in os.scandir(store.blob_dir):
+            if entry.is_file() and (entry.name.startswith(".") or entry.name not in keys):
+                with contextlib.suppress(OSError):
+                    size = entry.stat().st_size
+                    os.unlink(entry.path)
+                    freed += size
+    return freed
 
 
 def _references(conn: Any, gone: set[str], *, by_execution: bool = False) -> Any:
