@@ -199,3 +199,22 @@ def test_a_blob_read_by_many_calls_is_loaded_and_unpickled_once(sqlite_engine: E
     codec = ValueCodec(load)  # a resumed run's codec: the handle's object comes from the store
     first, second = codec.resolve_handle(key), codec.resolve_handle(key)
     assert loads == [key] and first is second and first.equals(frame)
+
+
+def test_a_run_that_stores_a_value_again_writes_its_missing_file(sqlite_engine: Engine) -> None:
+    sqlite_engine.run(CODE, ns(), key="big")
+    store = sqlite_engine.store
+    lost = store.blob_path(blob_rows(store)[0][0])
+    lost.unlink()  # the database was copied without its folder, say
+    sqlite_engine.run(CODE, ns(), key="big", rerun=True)  # the calls run again: their results are stored again
+    assert lost.exists()
+    arrays, frame = Engine(store.url).start(CODE, ns(), key="big", rerun=False).result()
+    assert frame.equals(table(2)) and all(np.array_equal(a, make(i)) for i, a in enumerate(arrays))
+
+
+def test_a_relative_database_path_keeps_its_folder_where_the_database_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = Store("sqlite:///rel.db")
+    assert store.blob_dir == tmp_path / "rel.db-blobs"

@@ -243,7 +243,8 @@ class Store:
         self.signer = Signer(secret)
         database = make_url(self.url).database if self.backend == "sqlite" else None
         # Big values of a SQLite file store live as files beside it (see _write_blob_files).
-        self.blob_dir = Path(database + BLOB_DIR_SUFFIX) if database and database != ":memory:" else None
+        in_file = database and database != ":memory:" and not database.startswith("file:")
+        self.blob_dir = Path(database + BLOB_DIR_SUFFIX).resolve() if in_file else None
         self.checkpoint_seq: dict[str, int] = {}
         self.retry_window = STORE_RETRY_WINDOW
         self.pid = os.getpid()
@@ -700,9 +701,12 @@ class Store:
         if existing:
             existing = _reuse_existing(conn, BLOBS, existing, now, self.backend)
         new = [k for k in keys if k not in existing]
-        big = {k: blobs[k][0] for k in new if type(blobs[k][0]) is BlobData}
+        big = {k: blobs[k][0] for k in keys if type(blobs[k][0]) is BlobData}
         if big and self.blob_dir is not None:
-            self._write_blob_files(big)  # under this transaction's write lock (BEGIN IMMEDIATE)
+            # new ones, and stored ones whose file went missing (a database copied without its folder)
+            big = {k: data for k, data in big.items() if k not in existing or not self.blob_path(k).exists()}
+            if big:
+                self._write_blob_files(big)  # under this transaction's write lock (BEGIN IMMEDIATE)
         rows = []
         for k in new:
             data, type_name = blobs[k]
@@ -755,7 +759,7 @@ class Store:
                 with contextlib.suppress(OSError):
                     temporary.unlink()
                 raise
-        if sync:
+        if sync and os.name == "posix":  # the new names too (Windows cannot open a folder to sync it)
             fd = os.open(self.blob_dir, os.O_RDONLY)
             try:
                 os.fsync(fd)
