@@ -125,7 +125,7 @@ class ValueCodec:
     def __init__(self, load_blob: Callable[[str], bytes] | None = None) -> None:
         self._load_blob = load_blob
         self.objects: dict[str, Any] = {}
-        self.pending_blobs: dict[str, tuple[bytes, str]] = {}
+        self.pending_blobs: dict[str, tuple[bytes | BlobData, str]] = {}
         self._handles: dict[str, ClassInstance] = {}
 
     def handle(self, key: str, type_name: str) -> ClassInstance:

@@ -184,7 +184,7 @@ class Step:
 
     new_calls: list[dict[str, Any]] = field(default_factory=list)
     call_updates: list[dict[str, Any]] = field(default_factory=list)
-    blobs: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    blobs: dict[str, tuple[bytes | BlobData, str]] = field(default_factory=dict)
     checkpoint: bytes | None = None
     execution: dict[str, Any] = field(default_factory=dict)
     # Remote executors: functions shipped by value {key: (name, fingerprint, pickle)}, the
@@ -633,7 +633,7 @@ class Store:
     # -- what workers write and read --------------------------------------------------------
 
     @_retried
-    def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes, str]]) -> None:
+    def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes | BlobData, str]]) -> None:
         """Write the signed outcomes of attempts (and the blobs their results refer to) in one transaction."""
         now = time.time()
         columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
