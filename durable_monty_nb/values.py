@@ -29,6 +29,8 @@ from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
 
+import blake3
+import xxhash
 from pydantic_monty import ClassInstance, ClassType, MontyClassProxy
 
 from .errors import ValueCrossingError
@@ -123,7 +125,7 @@ class ValueCodec:
     def __init__(self, load_blob: Callable[[str], bytes] | None = None) -> None:
         self._load_blob = load_blob
         self.objects: dict[str, Any] = {}
-        self.pending_blobs: dict[str, tuple[bytes, str]] = {}
+        self.pending_blobs: dict[str, tuple[bytes | BlobData, str]] = {}
         self._handles: dict[str, ClassInstance] = {}
 
     def handle(self, key: str, type_name: str) -> ClassInstance:
@@ -206,14 +208,14 @@ class ValueCodec:
     def _blob(self, value: Any, what: str) -> tuple[Any, Any]:
         type_name = type_name_of(value)
         try:
-            data = pickle.dumps(value, protocol=5)
+            data = pickle_blob(value)
         except Exception as exc:
             raise ValueCrossingError(
                 f"{what} is a {type_name}, which cannot be stored ({type(exc).__name__}: {exc}). "
                 f"Values that are not plain data are pickled to survive restarts; keep this object "
                 f"inside your notebook functions (create and use it there) or return something picklable."
             ) from exc
-        key = blob_key(data)
+        key = data.key if type(data) is BlobData else blob_key(data)
         self.objects.setdefault(key, value)
         if key not in self.pending_blobs:
             self.pending_blobs[key] = (data, type_name)
@@ -259,7 +261,7 @@ class ValueCodec:
         except KeyError:
             pass
         if key in self.pending_blobs:
-            data = self.pending_blobs[key][0]
+            data = blob_bytes(self.pending_blobs[key][0])
         elif self._load_blob is not None:
             data = self._load_blob(key)
         else:
@@ -341,6 +343,115 @@ _END = object()
 def blob_key(data: bytes) -> str:
     """The content address of a blob: the first 32 hex digits of its SHA-256."""
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+BIG_BLOB = 1 << 20  # pickles from this size on are kept as the pieces the pickler wrote (BlobData)
+
+
+def big_blob_digest(pieces: Any) -> str:
+    """The BLAKE3-256 (hex) of a big pickle's pieces: its first 32 hex digits are its key.
+
+    Big values are keyed by BLAKE3 rather than SHA-256 (small ones keep :func:`blob_key`): as
+    collision-resistant, and four times faster (0.1 s against 0.4 s for 400 MB here), on every
+    run that passes the value, every commit that writes it and every load that verifies it.
+    """
+    hasher = blake3.blake3()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+def content_matches(data: bytes, key: str) -> bool:
+    """Whether ``data`` is the content of the blob ``key`` (BLAKE3 for big pickles, else SHA-256)."""
+    if len(data) >= BIG_BLOB and big_blob_digest((data,))[:32] == key:
+        return True
+    return blob_key(data) == key  # small blobs, big ones stored before BLAKE3 keys, argument texts
+
+
+class BlobData:
+    """The pickle of a big value, as the pieces the pickler wrote, never joined into one bytes.
+
+    Large buffers (a NumPy array's data, a DataFrame's blocks, a big bytes) are pickled in band by
+    protocol 5 as one write each of the buffer itself: the pieces are views of the value's memory,
+    not copies, so holding a 400 MB frame's pickle costs a few hundred bytes (joined, they are
+    ``pickle.dumps(value, protocol=5)``). ``digest`` is its :func:`big_blob_digest` (the key is its
+    first 32 hex digits); ``check`` an XXH3-128 of the pieces, which the writer recomputes as it
+    writes, so a value changed in memory between its encoding and its commit is refused instead of
+    stored under the key of what it was.
+    """
+
+    __slots__ = ("check", "digest", "key", "pieces", "size")
+
+    def __init__(self, pieces: list[Any]) -> None:
+        self.pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+        self.digest = big_blob_digest(pieces)
+        self.key = self.digest[:32]
+        self.check = _check_of(pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def verified_pieces(self) -> Any:
+        """The pieces, in order; raises ValueCrossingError after the last if they changed since encoding."""
+        check = xxhash.xxh3_128()
+        for piece in self.pieces:
+            check.update(piece)
+            yield piece
+        if check.digest() != self.check:
+            raise ValueCrossingError(
+                f"the stored value {self.key} changed in memory while it was being stored (another call "
+                f"or the notebook modified it in place): it was not stored. Return a copy of it, or "
+                f"avoid modifying it while a workflow runs."
+            )
+
+
+def _check_of(pieces: list[Any]) -> bytes:
+    check = xxhash.xxh3_128()
+    for piece in pieces:
+        check.update(piece)
+    return check.digest()
+
+
+class _Pieces:
+    """The file a Pickler writes to: collects its pieces (large buffers as views of the value)."""
+
+    __slots__ = ("pieces", "total")
+
+    def __init__(self) -> None:
+        self.pieces: list[Any] = []
+        self.total = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is pickle.PickleBuffer:  # a large buffer of the value (an array's data): a view
+            data = data.raw()
+        elif type(data) is not bytes:  # a bytearray of the value: copied, so the value stays resizable
+            data = bytes(data)
+        self.pieces.append(data)
+        size = len(data)
+        self.total += size
+        return size
+
+
+def pickle_blob(value: Any) -> bytes | BlobData:
+    """The pickle (protocol 5) of a value: bytes when small, a :class:`BlobData` from BIG_BLOB on.
+
+    Either way the bytes are those of ``pickle.dumps(value, protocol=5)`` (joined, the pieces are
+    that stream).
+    """
+    out = _Pieces()
+    pickle.Pickler(out, protocol=5).dump(value)
+    if out.total < BIG_BLOB:
+        return b"".join(out.pieces)
+    return BlobData(out.pieces)
+
+
+def blob_bytes(data: bytes | BlobData) -> bytes:
+    """The bytes of a pending blob (a BlobData joined: a copy, for the rare reader of a big one)."""
+    return data.join() if type(data) is BlobData else data
 
 
 def ship_function(fn: Callable[..., Any], name: str) -> tuple[str, bytes]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import insert, select, update
 
 from ..errors import TamperedDataError
+from ..values import BlobData
 from .signing import KEY_ENV, KEY_FILE_ENV, Signer
 from .store import Store
 from .tables import EXECUTIONS, HANDOFFS
@@ -109,7 +110,7 @@ def write_handoff(
     options: dict[str, Any],
     inputs: dict[str, str],
     functions: dict[str, tuple[str, str, bytes]],
-    blobs: dict[str, tuple[bytes, str]],
+    blobs: dict[str, tuple[bytes | BlobData, str]],
 ) -> None:
     """Hand an execution over (or again, armed, with what the kernel reads now): its signed row,
     with the shipped functions (``{key: (name, fingerprint, pickle)}``) and the blobs its inputs

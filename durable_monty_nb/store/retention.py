@@ -24,13 +24,16 @@ workers. A shipped function is referenced by the fingerprint of a remaining exec
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import LargeBinary, String, Text, bindparam, delete, func, select, text, update
@@ -333,7 +336,7 @@ def sizes(store: Store) -> StoreSize:
 
 
 def store_size_bytes(store: Store) -> int | None:
-    """The space the store takes, as its database reports it (SQLite: the file and its WAL)."""
+    """The space the store takes, as its database reports it (SQLite: the file, its WAL and its blob files)."""
     try:
         with store._reader.connect() as conn:
             if store.backend == "sqlite":
@@ -342,10 +345,11 @@ def store_size_bytes(store: Store) -> int | None:
                 database = store.engine.url.database
                 wal = 0
                 if database and database != ":memory:":
-                    import os
-
                     wal = os.path.getsize(database + "-wal") if os.path.exists(database + "-wal") else 0
-                return int(pages * size + wal)
+                files = 0
+                if store.blob_dir is not None and store.blob_dir.is_dir():  # big values kept as files
+                    files = sum(entry.stat().st_size for entry in os.scandir(store.blob_dir) if entry.is_file())
+                return int(pages * size + wal + files)
             names = [t.name for t in _ALL_TABLES]
             if store.backend == "postgresql":
                 query = (
@@ -548,13 +552,60 @@ def _collect(store: Store, *, gone: set[str] | None = None, dry_run: bool = Fals
     for table, found in ((BLOBS, blobs), (FUNCTIONS, functions)):
         removed = 0
         for chunk in _chunks(sorted(found), BLOB_BATCH):
-            with store.engine.begin() as conn:
-                # created_at re-checked: a writer that found the row and re-used it refreshed it
-                statement = delete(table).where(table.c.key.in_(chunk), table.c.created_at < cutoff)
-                removed += conn.execute(statement).rowcount
+            trashed: list[tuple[Path, Path]] = []
+            try:
+                with store.engine.begin() as conn:
+                    # created_at re-checked: a writer that found the row and re-used it refreshed it
+                    statement = delete(table).where(table.c.key.in_(chunk), table.c.created_at < cutoff)
+                    removed += conn.execute(statement).rowcount
+                    if table is BLOBS and store.blob_dir is not None:
+                        _trash_blob_files(store, conn, chunk, trashed)
+            except BaseException:
+                for path, trash in trashed:  # the rows are back: so are their files
+                    with contextlib.suppress(OSError):
+                        trash.rename(path)
+                raise
+            for _, trash in trashed:
+                with contextlib.suppress(OSError):
+                    trash.unlink()
             freed += sum(int(found[k] or 0) for k in chunk)
         counts.append(removed)
+    if store.blob_dir is not None and store.blob_dir.is_dir():
+        freed += _sweep_blob_files(store)
     return counts[0], counts[1], freed
+
+
+def _trash_blob_files(store: Store, conn: Any, keys: Sequence[str], trashed: list[tuple[Path, Path]]) -> None:
+    """Rename the files of the blobs whose rows this transaction deleted, while it holds the store's
+    write lock (a writer writes files under it too); the caller removes them once it committed."""
+    kept = set(conn.execute(select(BLOBS.c.key).where(BLOBS.c.key.in_(list(keys)))).scalars())
+    for key in keys:
+        if key in kept:
+            continue
+        path = store.blob_path(key)
+        trash = path.with_name(f".{key}.deleted")
+        try:
+            path.rename(trash)
+        except FileNotFoundError:
+            continue  # a blob kept in its row
+        trashed.append((path, trash))
+
+
+def _sweep_blob_files(store: Store) -> int:
+    """Remove the files of the blob folder no row names (a writer killed while writing one, a step
+    rolled back after writing its files, a prune killed before removing what it renamed); returns
+    their bytes. Under the write lock: no writer is between writing its files and committing."""
+    assert store.blob_dir is not None
+    freed = 0
+    with store.engine.begin() as conn:
+        keys = set(conn.execute(select(BLOBS.c.key)).scalars())
+        for entry in os.scandir(store.blob_dir):
+            if entry.is_file() and (entry.name.startswith(".") or entry.name not in keys):
+                with contextlib.suppress(OSError):
+                    size = entry.stat().st_size
+                    os.unlink(entry.path)
+                    freed += size
+    return freed
 
 
 def _references(conn: Any, gone: set[str], *, by_execution: bool = False) -> Any:

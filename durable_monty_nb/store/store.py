@@ -28,7 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE_RETRY_WINDOW
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
-from ..values import blob_key
+from ..values import BlobData, big_blob_digest, content_matches
 from . import mailbox
 from .attempts import AttemptRecord
 from .keys import scoped_key
@@ -98,6 +98,8 @@ ATTEMPT_FIELDS = (
     "signature",
 )
 COMPRESS_ABOVE = 16 * 1024
+BLOB_DIR_SUFFIX = "-blobs"  # a SQLite file store keeps its big values in <database>-blobs/
+FILE_BLOB = "blob-file"  # the signing context of a blob kept as a file (its row signs its BLAKE3)
 CALL_TAG = 32  # hex digits of a call row's HMAC (128 bits): rows stored by the ten thousand
 IN_CHUNK = 500
 UNFINISHED = ("running", "interrupted", "failed")
@@ -182,7 +184,7 @@ class Step:
 
     new_calls: list[dict[str, Any]] = field(default_factory=list)
     call_updates: list[dict[str, Any]] = field(default_factory=list)
-    blobs: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    blobs: dict[str, tuple[bytes | BlobData, str]] = field(default_factory=dict)
     checkpoint: bytes | None = None
     execution: dict[str, Any] = field(default_factory=dict)
     # Remote executors: functions shipped by value {key: (name, fingerprint, pickle)}, the
@@ -239,6 +241,10 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot open the store {self.display_url}: {cause(exc)}") from exc
         self.signer = Signer(secret)
+        database = make_url(self.url).database if self.backend == "sqlite" else None
+        # Big values of a SQLite file store live as files beside it (see _write_blob_files).
+        in_file = database and database != ":memory:" and not database.startswith("file:")
+        self.blob_dir = Path(database + BLOB_DIR_SUFFIX).resolve() if in_file else None
         self.checkpoint_seq: dict[str, int] = {}
         self.retry_window = STORE_RETRY_WINDOW
         self.pid = os.getpid()
@@ -627,7 +633,7 @@ class Store:
     # -- what workers write and read --------------------------------------------------------
 
     @_retried
-    def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes, str]]) -> None:
+    def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes | BlobData, str]]) -> None:
         """Write the signed outcomes of attempts (and the blobs their results refer to) in one transaction."""
         now = time.time()
         columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
@@ -687,27 +693,78 @@ class Store:
             FUNCTIONS, "function", key, lambda row: f"the function {row.name!r} shipped to workers (key {key})"
         )
 
-    def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes, str]], now: float) -> None:
+    def _insert_blobs(self, conn: Any, blobs: dict[str, tuple[bytes | BlobData, str]], now: float) -> None:
         keys = list(blobs)
         existing: set[str] = set()
         for chunk in _chunks(keys, IN_CHUNK):
             existing.update(conn.execute(_EXISTING_BLOBS, {"keys": list(chunk)}).scalars())
         if existing:
             existing = _reuse_existing(conn, BLOBS, existing, now, self.backend)
-        rows = [
-            {
-                "key": k,
-                "type_name": blobs[k][1][:255],
-                "size": len(blobs[k][0]),
-                "data": blobs[k][0],
-                "signature": self.signer.sign(f"blob:{k}", blobs[k][0]),
-                "created_at": now,
-            }
-            for k in keys
-            if k not in existing
-        ]
+        new = [k for k in keys if k not in existing]
+        big = {k: blobs[k][0] for k in keys if type(blobs[k][0]) is BlobData}
+        if big and self.blob_dir is not None:
+            # new ones, and stored ones whose file went missing (a database copied without its folder)
+            big = {k: data for k, data in big.items() if k not in existing or not self.blob_path(k).exists()}
+            if big:
+                self._write_blob_files(big)  # under this transaction's write lock (BEGIN IMMEDIATE)
+        rows = []
+        for k in new:
+            data, type_name = blobs[k]
+            if type(data) is BlobData and self.blob_dir is not None:  # the row signs the file's digest
+                row_data, signature = b"", self.signer.sign(f"{FILE_BLOB}:{k}", data.digest.encode())
+            else:
+                if type(data) is BlobData:  # a server database: the pickle goes into the row
+                    data = b"".join(data.verified_pieces())
+                row_data, signature = data, self.signer.sign(f"blob:{k}", data)
+            rows.append(
+                {
+                    "key": k,
+                    "type_name": type_name[:255],
+                    "size": len(data),
+                    "data": row_data,
+                    "signature": signature,
+                    "created_at": now,
+                }
+            )
         if rows:
             _run(conn, _insert_statement("dm_blobs", tuple(sorted(rows[0]))), rows)
+
+    def blob_path(self, key: str) -> Path:
+        assert self.blob_dir is not None
+        return self.blob_dir / key
+
+    def _write_blob_files(self, blobs: dict[str, BlobData]) -> None:
+        """Write big blobs as files ``<database>-blobs/<key>``, streamed from their pieces.
+
+        Each is written to a temporary name, fsync'ed (at full durability), renamed to its key and
+        the folder fsync'ed, before the transaction that inserts their rows commits: a committed
+        row always finds its file. The file is written once (not into the WAL and then the
+        database), and never joined in memory. Called under the store's write lock, which a prune
+        holds too when it removes files (retention.py), so a file is never removed under a writer.
+        """
+        assert self.blob_dir is not None
+        self.blob_dir.mkdir(exist_ok=True)
+        sync = self.durability == "full"
+        for key, data in blobs.items():
+            temporary = self.blob_dir / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                with open(temporary, "wb") as handle:
+                    for piece in data.verified_pieces():
+                        handle.write(piece)
+                    handle.flush()
+                    if sync:
+                        os.fsync(handle.fileno())
+                os.replace(temporary, self.blob_path(key))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
+                raise
+        if sync and os.name == "posix":  # the new names too (Windows cannot open a folder to sync it)
+            fd = os.open(self.blob_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- retention (see retention.py) ---------------------------------------------------------
 
@@ -880,10 +937,27 @@ class Store:
         if row is None:
             raise KeyError(key)
         what = describe(row)
+        if table is BLOBS and row.size and not row.data and self.blob_dir is not None:
+            return self._read_blob_file(key, row.signature, what)
         self.signer.verify(f"{context}:{key}", row.data, row.signature, what)
-        if blob_key(row.data) != key:
+        if not content_matches(row.data, key):
             raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
         return row.data
+
+    def _read_blob_file(self, key: str, signature: str, what: str) -> bytes:
+        """The verified bytes of a blob kept as a file: its BLAKE3 is its key's and its row signs it."""
+        try:
+            data = self.blob_path(key).read_bytes()
+        except FileNotFoundError:
+            raise TamperedDataError(
+                f"{what} was not loaded: its file {self.blob_path(key)} is missing (the folder beside the "
+                f"database holds the store's big values and must be kept with it)"
+            ) from None
+        digest = big_blob_digest((data,))
+        self.signer.verify(f"{FILE_BLOB}:{key}", digest.encode(), signature, what)
+        if digest[:32] != key:
+            raise TamperedDataError(f"{what} does not match its content hash and was not loaded")
+        return data
 
     def verify_execution_result(self, row: Any) -> None:
         self.signer.verify_text(
