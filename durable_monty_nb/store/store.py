@@ -244,6 +244,8 @@ class Store:
         self.pid = os.getpid()
         self._shown_url = self.display_url
         self._writers = threading.local()  # each driver thread keeps one connection for its steps
+        # PostgreSQL through psycopg 3: a step's statements go to the server in one round trip.
+        self._pipelined = self.backend == "postgresql" and self.engine.dialect.driver == "psycopg" and _has_pipeline()
 
     @property
     def display_url(self) -> str:
@@ -495,14 +497,80 @@ class Store:
     def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
         conn = self._writer()
         try:
+            if self._pipelined and not (step.blobs or step.functions or step.consumed_signals):
+                self._pipeline_step(conn, execution_id, owner, lease_ttl, step, now)
+                return
             with conn.begin():
                 self._write_step(conn, execution_id, owner, lease_ttl, step, now)
         except BaseException:
             self.release_writer()  # a retry starts on a fresh connection
             raise
 
+    def _pipeline_step(
+        self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float
+    ) -> None:
+        """A step on PostgreSQL in one round trip: ``BEGIN``, the fence, the step's writes and
+        ``COMMIT`` queued in psycopg's pipeline mode and sent together.
+
+        The fence fails on the server when ``owner`` lost the lease (a division by the number of
+        rows it updated, zero), before anything else runs: the server skips the rest of the
+        pipeline, ``COMMIT`` included, and the transaction is rolled back. Steps that read in
+        their transaction (new blobs or functions, consumed deliveries) take :meth:`_write_step`.
+        """
+        import psycopg
+
+        dialect = conn.dialect
+        raw = conn.connection.driver_connection
+        values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
+        if "lease_owner" in values:  # the final step releases the lease
+            values.update(lease_owner=None, lease_expires_at=None)
+        queued: list[tuple[str, list[Any]]] = [
+            (
+                _fence_sql(tuple(sorted(values)), dialect),
+                [{"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}}],
+            )
+        ]
+        if step.new_calls:
+            for row in step.new_calls:  # executemany needs the same keys in every row
+                row["created_at"] = now
+                row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
+            sql, _ = _compiled(_insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), dialect)
+            queued.append((sql, step.new_calls))
+        if step.call_updates:
+            queued.extend(self._call_update_params(execution_id, step.call_updates, dialect))
+        if step.attempts:
+            queued.append(
+                (
+                    _compiled(_insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), dialect)[0],
+                    step.attempts,
+                )
+            )
+        if step.lost_attempts:
+            sql, _ = _compiled(_update_statement("dm_attempts", ("attempt_id",), ("status",)), dialect)
+            queued.append((sql, [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts]))
+        if step.checkpoint is not None:
+            row = self._checkpoint_row(execution_id, step.checkpoint, now)
+            row["execution_id"] = execution_id
+            queued.append((_checkpoint_upsert_sql(tuple(sorted(row)), dialect), [row]))
+        lost = False
+        raw.autocommit = True  # BEGIN and COMMIT are ours, queued with the rest
+        try:
+            with raw.pipeline(), raw.cursor() as cursor:
+                cursor.execute("BEGIN", prepare=False)  # in plain text, as any transaction's
+                for sql, params in queued:
+                    if len(params) == 1:
+                        cursor.execute(sql, params[0])
+                    else:
+                        cursor.executemany(sql, params)
+                cursor.execute("COMMIT", prepare=False)
+        except psycopg.errors.DivisionByZero:  # the fence: the server ran nothing after it
+            lost = True
+        finally:
+            _end_pipelined(raw)
+        if lost:
+            raise LeaseLost(f"execution {execution_id} is now driven by another process")
+
     def _write_step(self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
-        signer = self.signer
         values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
         if "lease_owner" in values:  # the final step releases the lease
             values.update(lease_owner=None, lease_expires_at=None)
@@ -536,21 +604,7 @@ class Store:
         if step.consumed_signals:  # with the results of the waits that took them: exactly once
             mailbox.consume(conn, execution_id, step.consumed_signals, now)
         if step.checkpoint is not None:
-            seq = self.checkpoint_seq.get(execution_id, 0) + 1
-            self.checkpoint_seq[execution_id] = seq
-            data, compression = step.checkpoint, "none"
-            if len(data) > COMPRESS_ABOVE:
-                data, compression = zlib.compress(data, 1), "zlib"
-            import pydantic_monty
-
-            row = {
-                "seq": seq,
-                "data": data,
-                "compression": compression,
-                "created_at": now,
-                "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
-                "monty_version": pydantic_monty.__version__,
-            }
+            row = self._checkpoint_row(execution_id, step.checkpoint, now)
             changed = _run(
                 conn,
                 _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
@@ -559,6 +613,24 @@ class Store:
             if not changed:
                 row["execution_id"] = execution_id
                 _run(conn, _insert_statement("dm_checkpoints", tuple(sorted(row))), [row])
+
+    def _checkpoint_row(self, execution_id: str, checkpoint: bytes, now: float) -> dict[str, Any]:
+        """The columns of a step's checkpoint (its sequence number taken), signed."""
+        seq = self.checkpoint_seq.get(execution_id, 0) + 1
+        self.checkpoint_seq[execution_id] = seq
+        data, compression = checkpoint, "none"
+        if len(data) > COMPRESS_ABOVE:
+            data, compression = zlib.compress(data, 1), "zlib"
+        import pydantic_monty
+
+        return {
+            "seq": seq,
+            "data": data,
+            "compression": compression,
+            "created_at": now,
+            "signature": self.signer.sign(f"checkpoint:{execution_id}:{seq}", data),
+            "monty_version": pydantic_monty.__version__,
+        }
 
     def sign_call(self, execution_id: str, row: dict[str, Any]) -> str:
         fields = (
@@ -586,24 +658,39 @@ class Store:
         )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
+        for columns, rows in self._call_update_groups(execution_id, updates):
+            if self.backend == "sqlite" and len(rows) > 1 and _UPDATE_FROM:
+                _update_from_values(conn, execution_id, columns, rows)
+                continue
+            _run(
+                conn,
+                _update_statement("dm_calls", ("execution_id", "call_id"), columns),
+                _update_params(execution_id, columns, rows),
+            )
+
+    def _call_update_groups(
+        self, execution_id: str, updates: list[dict[str, Any]]
+    ) -> Iterable[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+        """The call updates (finished ones signed) by the columns they set."""
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for row in updates:
             if row.get("status") in ("done", "failed"):
                 row["result_sig"] = self.sign_call(execution_id, row)
             groups.setdefault(tuple(row), []).append(row)  # rows built alike share their key order
         for shape, rows in groups.items():
-            columns = tuple(sorted(k for k in shape if k != "call_id"))
-            if self.backend == "sqlite" and len(rows) > 1 and _UPDATE_FROM:
-                _update_from_values(conn, execution_id, columns, rows)
-                continue
-            names = [(c, f"v_{c}") for c in columns]
-            params = []
-            for r in rows:
-                param = {bind: r[c] for c, bind in names}
-                param["k_execution_id"] = execution_id
-                param["k_call_id"] = r["call_id"]
-                params.append(param)
-            _run(conn, _update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
+            yield tuple(sorted(k for k in shape if k != "call_id")), rows
+
+    def _call_update_params(
+        self, execution_id: str, updates: list[dict[str, Any]], dialect: Any
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """The UPDATEs of call rows (SQL, parameters) for a driver's ``executemany``."""
+        return [
+            (
+                _compiled(_update_statement("dm_calls", ("execution_id", "call_id"), columns), dialect)[0],
+                _update_params(execution_id, columns, rows),
+            )
+            for columns, rows in self._call_update_groups(execution_id, updates)
+        ]
 
     def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
         existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
@@ -1007,6 +1094,61 @@ def _update_from_values(conn: Any, execution_id: str, columns: tuple[str, ...], 
             cursor.execute(_update_from_sql(columns, len(part)), params)
     finally:
         cursor.close()
+
+
+def _update_params(execution_id: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = [(c, f"v_{c}") for c in columns]
+    params = []
+    for r in rows:
+        param = {bind: r[c] for c, bind in names}
+        param["k_execution_id"] = execution_id
+        param["k_call_id"] = r["call_id"]
+        params.append(param)
+    return params
+
+
+@functools.cache
+def _fence_sql(columns: tuple[str, ...], dialect: Any) -> str:
+    """PostgreSQL: the lease fence of a pipelined step, the UPDATE of the execution row (by id
+    and lease owner) that fails with a division by zero when it updated no row."""
+    sql, _ = _compiled(_update_statement("dm_executions", ("id", "lease_owner"), columns), dialect)
+    return f"WITH fenced AS ({sql} RETURNING 1) SELECT 1 / count(*) FROM fenced"
+
+
+@functools.cache
+def _checkpoint_upsert_sql(columns: tuple[str, ...], dialect: Any) -> str:
+    """PostgreSQL: the checkpoint row of an execution, inserted or replaced in one statement."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    statement = pg_insert(CHECKPOINTS).values({c: bindparam(c) for c in columns})
+    statement = statement.on_conflict_do_update(
+        index_elements=["execution_id"], set_={c: statement.excluded[c] for c in columns if c != "execution_id"}
+    )
+    return statement.compile(dialect=dialect).string
+
+
+def _end_pipelined(raw: Any) -> None:
+    """Give a psycopg connection back its own transactions after a pipelined step: an open or
+    aborted transaction rolled back, autocommit off. One that cannot be restored is closed, so
+    the pool never hands it out again."""
+    import psycopg
+
+    if raw.closed:
+        return
+    try:
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.rollback()
+        raw.autocommit = False
+    except Exception:
+        raw.close()
+
+
+def _has_pipeline() -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return bool(psycopg.Pipeline.is_supported())
 
 
 def _signed_text(fields: tuple[Any, ...]) -> str:
