@@ -320,6 +320,8 @@ def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
     for _ in range(2):  # and again on the connection given back after the first
         with pytest.raises(LeaseLost):
             store.commit(execution_id, old, 60, step())
+    with pytest.raises(LeaseLost):  # the fence decides first: not the collision with the taker's row
+        store.commit(execution_id, old, 60, Step(new_calls=[_call_row(execution_id, 1)], checkpoint=b"x"))
     assert [(r.call_id, r.status, r.result) for r in store.load_calls(execution_id)] == [(1, "pending", None)]
     assert store.load_checkpoint(execution_id) == b"first"
     row = store.get_execution(execution_id)
@@ -330,6 +332,12 @@ def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
             sa.text("UPDATE dm_executions SET lease_owner = :o, lease_expires_at = :t WHERE id = :e"),
             {"o": old, "t": time.time() + 60, "e": execution_id},
         )
+    collides = Step(new_calls=[_call_row(execution_id, 1)], checkpoint=b"x", execution={"calls_total": 9})
+    with pytest.raises(Exception) as raised:  # a step that fails: none of it lands
+        store.commit(execution_id, old, 60, collides)
+    assert is_integrity_error(raised.value)
+    assert store.load_checkpoint(execution_id) == b"first"
+    assert store.get_execution(execution_id).calls_total == 0
     data = b"a value"
     broken = Step(  # a new blob (read in the transaction), then a call row that exists
         new_calls=[_call_row(execution_id, 3), _call_row(execution_id, 1)],
@@ -351,6 +359,37 @@ def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
     ]
     assert store.load_checkpoint(execution_id) == b"second"
     assert (store.get_execution(execution_id).calls_total, store.get_execution(execution_id).calls_done) == (2, 1)
+    store.close()
+
+
+def test_steps_journal_attempts_and_mark_lost_ones(db_url: str) -> None:
+    """The steps of a durable executor: new calls with their attempts, then an attempt found lost
+    beside a result (on PostgreSQL each step one statement)."""
+    from durable_monty_nb.store.store import Step
+
+    store = Store(db_url)
+    owner = new_owner()
+    execution_id = _insert_execution(store, owner, 60)
+    ids = [f"dm-{execution_id}-{i}-1" for i in (1, 2)]
+    attempts = [
+        {
+            "attempt_id": attempt,
+            "execution_id": execution_id,
+            "call_id": i,
+            "attempt": 1,
+            "executor": "rq",
+            "status": "dispatched",
+            "created_at": 5.0,
+        }
+        for attempt, i in zip(ids, (1, 2), strict=True)
+    ]
+    new = [_call_row(execution_id, 1), _call_row(execution_id, 2)]
+    store.commit(execution_id, owner, 60, Step(new_calls=new, attempts=attempts, checkpoint=b"one"))
+    store.commit(execution_id, owner, 60, Step(call_updates=[_done(2)], lost_attempts=[ids[0]], checkpoint=b"two"))
+    found = store.load_attempts(ids)
+    assert {a: found[a].status for a in ids} == {ids[0]: "lost", ids[1]: "dispatched"}
+    assert [(r.call_id, r.status) for r in store.load_calls(execution_id)] == [(1, "pending"), (2, "done")]
+    assert store.load_checkpoint(execution_id) == b"two"
     store.close()
 
 

@@ -244,8 +244,8 @@ class Store:
         self.pid = os.getpid()
         self._shown_url = self.display_url
         self._writers = threading.local()  # each driver thread keeps one connection for its steps
-        # PostgreSQL through psycopg 3: a step's statements go to the server in one round trip.
-        self._pipelined = self.backend == "postgresql" and self.engine.dialect.driver == "psycopg" and _has_pipeline()
+        # PostgreSQL through psycopg 3: a small step is one statement, its own transaction.
+        self._one_statement = self.backend == "postgresql" and self.engine.dialect.driver == "psycopg"
 
     @property
     def display_url(self) -> str:
@@ -497,8 +497,8 @@ class Store:
     def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
         conn = self._writer()
         try:
-            if self._pipelined and not (step.blobs or step.functions or step.consumed_signals):
-                self._pipeline_step(conn, execution_id, owner, lease_ttl, step, now)
+            if self._one_statement and _one_statement_fits(step):
+                self._step_statement(conn, execution_id, owner, lease_ttl, step, now)
                 return
             with conn.begin():
                 self._write_step(conn, execution_id, owner, lease_ttl, step, now)
@@ -506,67 +506,70 @@ class Store:
             self.release_writer()  # a retry starts on a fresh connection
             raise
 
-    def _pipeline_step(
+    def _step_statement(
         self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float
     ) -> None:
-        """A step on PostgreSQL in one round trip: ``BEGIN``, the fence, the step's writes and
-        ``COMMIT`` queued in psycopg's pipeline mode and sent together.
+        """A small step on PostgreSQL as one statement, in one round trip and its own transaction
+        (the connection in autocommit for it): the lease fence, then the step's writes, each a
+        data-modifying ``WITH`` that only writes when the fence updated the execution row.
 
-        The fence fails on the server when ``owner`` lost the lease (a division by the number of
-        rows it updated, zero), before anything else runs: the server skips the rest of the
-        pipeline, ``COMMIT`` included, and the transaction is rolled back. Steps that read in
-        their transaction (new blobs or functions, consumed deliveries) take :meth:`_write_step`.
+        When the fence updated no row (another process holds the lease), the statement divides
+        by that count: it fails, nothing of it is written, and LeaseLost is raised as by
+        :meth:`_write_step`. The statement's text depends only on the step's shape (a sequential
+        loop repeats one), so psycopg prepares it once.
         """
         import psycopg
 
-        dialect = conn.dialect
-        raw = conn.connection.driver_connection
         values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
         if "lease_owner" in values:  # the final step releases the lease
             values.update(lease_owner=None, lease_expires_at=None)
-        queued: list[tuple[str, list[Any]]] = [
-            (
-                _fence_sql(tuple(sorted(values)), dialect),
-                [{"k_id": execution_id, "k_lease_owner": owner, **{f"v_{k}": v for k, v in values.items()}}],
-            )
-        ]
+        exec_columns = tuple(values)
+        params: list[Any] = [*values.values(), execution_id, owner]
+        call_columns: tuple[str, ...] = ()
         if step.new_calls:
-            for row in step.new_calls:  # executemany needs the same keys in every row
+            for row in step.new_calls:
                 row["created_at"] = now
                 row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
-            sql, _ = _compiled(_insert_statement("dm_calls", tuple(sorted(step.new_calls[0]))), dialect)
-            queued.append((sql, step.new_calls))
-        if step.call_updates:
-            queued.extend(self._call_update_params(execution_id, step.call_updates, dialect))
+            call_columns = tuple(step.new_calls[0])
+            for row in step.new_calls:  # every row has the same keys (as for executemany)
+                params.extend([row[c] for c in call_columns])
+        update_shapes: list[tuple[str, ...]] = []
+        for columns, rows in self._call_update_groups(execution_id, step.call_updates):
+            for row in rows:
+                update_shapes.append(columns)
+                params.extend([row[c] for c in columns])
+                params.extend((execution_id, row["call_id"]))
+        attempt_columns: tuple[str, ...] = ()
         if step.attempts:
-            queued.append(
-                (
-                    _compiled(_insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), dialect)[0],
-                    step.attempts,
-                )
-            )
+            attempt_columns = tuple(step.attempts[0])
+            for row in step.attempts:
+                params.extend([row[c] for c in attempt_columns])
         if step.lost_attempts:
-            sql, _ = _compiled(_update_statement("dm_attempts", ("attempt_id",), ("status",)), dialect)
-            queued.append((sql, [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts]))
+            params.append(list(step.lost_attempts))
+        checkpoint_columns: tuple[str, ...] = ()
         if step.checkpoint is not None:
-            row = self._checkpoint_row(execution_id, step.checkpoint, now)
-            row["execution_id"] = execution_id
-            queued.append((_checkpoint_upsert_sql(tuple(sorted(row)), dialect), [row]))
+            row = {"execution_id": execution_id, **self._checkpoint_row(execution_id, step.checkpoint, now)}
+            checkpoint_columns = tuple(row)
+            params.extend(row.values())
+        sql = _step_sql(
+            exec_columns,
+            call_columns,
+            len(step.new_calls),
+            tuple(update_shapes),
+            attempt_columns,
+            len(step.attempts),
+            bool(step.lost_attempts),
+            checkpoint_columns,
+        )
+        raw = conn.connection.driver_connection
         lost = False
-        raw.autocommit = True  # BEGIN and COMMIT are ours, queued with the rest
+        raw.autocommit = True  # one statement: its own transaction, no BEGIN or COMMIT to wait for
         try:
-            with raw.pipeline(), raw.cursor() as cursor:
-                cursor.execute("BEGIN", prepare=False)  # in plain text, as any transaction's
-                for sql, params in queued:
-                    if len(params) == 1:
-                        cursor.execute(sql, params[0])
-                    else:
-                        cursor.executemany(sql, params)
-                cursor.execute("COMMIT", prepare=False)
-        except psycopg.errors.DivisionByZero:  # the fence: the server ran nothing after it
+            raw.execute(sql, params)
+        except psycopg.errors.DivisionByZero:  # the fence: the statement wrote nothing
             lost = True
         finally:
-            _end_pipelined(raw)
+            _end_autocommit(raw)
         if lost:
             raise LeaseLost(f"execution {execution_id} is now driven by another process")
 
@@ -679,18 +682,6 @@ class Store:
             groups.setdefault(tuple(row), []).append(row)  # rows built alike share their key order
         for shape, rows in groups.items():
             yield tuple(sorted(k for k in shape if k != "call_id")), rows
-
-    def _call_update_params(
-        self, execution_id: str, updates: list[dict[str, Any]], dialect: Any
-    ) -> list[tuple[str, list[dict[str, Any]]]]:
-        """The UPDATEs of call rows (SQL, parameters) for a driver's ``executemany``."""
-        return [
-            (
-                _compiled(_update_statement("dm_calls", ("execution_id", "call_id"), columns), dialect)[0],
-                _update_params(execution_id, columns, rows),
-            )
-            for columns, rows in self._call_update_groups(execution_id, updates)
-        ]
 
     def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
         existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
@@ -1107,30 +1098,90 @@ def _update_params(execution_id: str, columns: tuple[str, ...], rows: list[dict[
     return params
 
 
-@functools.cache
-def _fence_sql(columns: tuple[str, ...], dialect: Any) -> str:
-    """PostgreSQL: the lease fence of a pipelined step, the UPDATE of the execution row (by id
-    and lease owner) that fails with a division by zero when it updated no row."""
-    sql, _ = _compiled(_update_statement("dm_executions", ("id", "lease_owner"), columns), dialect)
-    return f"WITH fenced AS ({sql} RETURNING 1) SELECT 1 / count(*) FROM fenced"
+ONE_STATEMENT_ROWS = 64
+"""Rows (new calls, results, attempts) up to which a PostgreSQL step is one statement; bigger
+steps take one ``executemany`` per table (psycopg sends those in a pipeline)."""
 
 
-@functools.cache
-def _checkpoint_upsert_sql(columns: tuple[str, ...], dialect: Any) -> str:
-    """PostgreSQL: the checkpoint row of an execution, inserted or replaced in one statement."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
+def _one_statement_fits(step: Step) -> bool:
+    """Whether a step can be one statement: it reads nothing (no new blobs or functions, no
+    consumed deliveries), it is small, and no call row is written twice (statements of one
+    ``WITH`` do not see each other's rows)."""
+    if step.blobs or step.functions or step.consumed_signals:
+        return False
+    if len(step.new_calls) + len(step.call_updates) + len(step.attempts) + len(step.lost_attempts) > ONE_STATEMENT_ROWS:
+        return False
+    if step.call_updates:
+        updated = {row["call_id"] for row in step.call_updates}
+        if len(updated) != len(step.call_updates) or any(row["call_id"] in updated for row in step.new_calls):
+            return False
+    return True
 
-    statement = pg_insert(CHECKPOINTS).values({c: bindparam(c) for c in columns})
-    statement = statement.on_conflict_do_update(
-        index_elements=["execution_id"], set_={c: statement.excluded[c] for c in columns if c != "execution_id"}
-    )
-    return statement.compile(dialect=dialect).string
+
+_CASTS = {
+    "VARCHAR": "VARCHAR",
+    "TEXT": "TEXT",
+    "INTEGER": "INTEGER",
+    "DOUBLE PRECISION": "DOUBLE PRECISION",
+    "BYTEA": "BYTEA",
+}
 
 
-def _end_pipelined(raw: Any) -> None:
-    """Give a psycopg connection back its own transactions after a pipelined step: an open or
-    aborted transaction rolled back, autocommit off. One that cannot be restored is closed, so
-    the pool never hands it out again."""
+def _casts(table: Any, columns: tuple[str, ...]) -> str:
+    """``(%s::TYPE, ...)``, one typed parameter per column (a NULL would otherwise be text)."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    types = [_CASTS[table.c[c].type.compile(dialect=dialect).split("(")[0]] for c in columns]
+    return "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _step_sql(
+    exec_columns: tuple[str, ...],
+    call_columns: tuple[str, ...],
+    calls: int,
+    update_shapes: tuple[tuple[str, ...], ...],
+    attempt_columns: tuple[str, ...],
+    attempts: int,
+    lost_attempts: bool,
+    checkpoint_columns: tuple[str, ...],
+) -> str:
+    """PostgreSQL: the one statement of a step of this shape (parameters in the order
+    :meth:`Store._step_statement` lists them). Column names are the store's own."""
+    fenced = "EXISTS (SELECT FROM fenced)"
+    sets = ", ".join(f'"{c}" = %s' for c in exec_columns)
+    parts = [f"fenced AS (UPDATE dm_executions SET {sets} WHERE id = %s AND lease_owner = %s RETURNING 1)"]
+    if calls:
+        names = ", ".join(f'"{c}"' for c in call_columns)
+        rows = ", ".join([_casts(CALLS, call_columns)] * calls)
+        parts.append(f"new_calls AS (INSERT INTO dm_calls ({names}) SELECT * FROM (VALUES {rows}) AS v WHERE {fenced})")
+    for i, columns in enumerate(update_shapes):
+        sets = ", ".join(f'"{c}" = %s' for c in columns)
+        parts.append(f"call_{i} AS (UPDATE dm_calls SET {sets} WHERE execution_id = %s AND call_id = %s AND {fenced})")
+    if attempts:
+        names = ", ".join(f'"{c}"' for c in attempt_columns)
+        rows = ", ".join([_casts(ATTEMPTS, attempt_columns)] * attempts)
+        parts.append(
+            f"attempts AS (INSERT INTO dm_attempts ({names}) SELECT * FROM (VALUES {rows}) AS v WHERE {fenced})"
+        )
+    if lost_attempts:
+        parts.append(f"lost AS (UPDATE dm_attempts SET status = 'lost' WHERE attempt_id = ANY(%s) AND {fenced})")
+    if checkpoint_columns:
+        names = ", ".join(f'"{c}"' for c in checkpoint_columns)
+        sets = ", ".join(f'"{c}" = excluded."{c}"' for c in checkpoint_columns if c != "execution_id")
+        parts.append(
+            f"checkpoint AS (INSERT INTO dm_checkpoints ({names}) SELECT * FROM (VALUES "
+            f"{_casts(CHECKPOINTS, checkpoint_columns)}) AS v WHERE {fenced} "
+            f"ON CONFLICT (execution_id) DO UPDATE SET {sets})"
+        )
+    return "WITH " + ", ".join(parts) + " SELECT 1 / count(*) FROM fenced"
+
+
+def _end_autocommit(raw: Any) -> None:
+    """Give a psycopg connection back its transactions after a one-statement step (autocommit
+    off; an open transaction, which a one-statement step never leaves, rolled back). One that
+    cannot be restored is closed, so the pool never hands it out again."""
     import psycopg
 
     if raw.closed:
@@ -1141,14 +1192,6 @@ def _end_pipelined(raw: Any) -> None:
         raw.autocommit = False
     except Exception:
         raw.close()
-
-
-def _has_pipeline() -> bool:
-    try:
-        import psycopg
-    except ImportError:
-        return False
-    return bool(psycopg.Pipeline.is_supported())
 
 
 def _signed_text(fields: tuple[Any, ...]) -> str:
