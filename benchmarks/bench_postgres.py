@@ -11,7 +11,10 @@ there (``bench_pg_<pid>``), created fresh for every run and dropped after it.
 Workloads (``task(i) -> i*2``, default durability):
 
 - ``sequential-1000``: ``total = total + await task(i)`` in a loop: 1,000 driver steps;
-- ``gather-1000``: ``await gather(*[task(i) for i in range(n)])``.
+- ``gather-1000``: ``await gather(*[task(i) for i in range(n)])``;
+- ``store-steps-1000``: the store alone, ``Store.commit`` of 1,000 steps shaped like the loop's
+  (a new call row, the previous call's result, a 2.7 KB checkpoint, the counters); its floor is
+  the commits alone.
 
 Ours runs through ``Engine.run`` in a fresh subprocess, as benchmarks/peers/run.py runs it: the
 engine opens the store (its tables created), a one-call warm-up workflow runs, then the workload
@@ -50,6 +53,7 @@ SEQUENTIAL = "total = 0\nfor i in range(n):\n    total = total + await task(i)\n
 WORKLOADS: dict[str, tuple[str, int, int, int]] = {
     "sequential-1000": (SEQUENTIAL, 1_000, sum(i * 2 for i in range(1_000)), 1_000),
     "gather-1000": (GATHER, 1_000, 1_000, 1),
+    "store-steps-1000": ("", 1_000, 0, 1_000),
 }
 
 
@@ -89,8 +93,65 @@ def drop(base: str, name: str) -> None:
 # -- the children: one measurement each ----------------------------------------------------------
 
 
+def store_steps(n: int, url: str) -> dict[str, float]:
+    """Seconds for ``n`` steps of a sequential loop written through ``Store.commit`` alone."""
+    from durable_monty_nb.store.store import Step, Store, new_owner
+
+    store = Store(url)
+    owner, execution_id = new_owner(), "e" * 32
+    values = {"id": execution_id, "key": "steps", "status": "running", "code": "", "code_hash": "h"}
+    values.update(code_sig="s", monty_version="1.4.0", fingerprints=None, previous_id=None)
+    store.create_execution(values, owner, 60, expected_latest=None)
+    checkpoint = (Path(__file__).read_bytes() * 2)[:2700]
+
+    def call(i: int) -> dict[str, Any]:
+        return {
+            "execution_id": execution_id,
+            "call_id": i,
+            "function": "task",
+            "kind": "call",
+            "fingerprint": "f" * 64,
+            "args": f"[[{i}],{{}}]",
+            "call_key": f"{i:064d}",
+            "status": "pending",
+            "attempts": 0,
+            "due_at": None,
+            "result": None,
+            "reused_from": None,
+            "worker": None,
+            "gather_id": None,
+        }
+
+    def done(i: int) -> dict[str, Any]:
+        return {
+            "call_id": i,
+            "status": "done",
+            "attempts": 1,
+            "result": str(i * 2),
+            "error": None,
+            "error_type": None,
+            "error_message": None,
+            "due_at": None,
+            "started_at": 1.0,
+            "finished_at": 2.0,
+            "worker": None,
+        }
+
+    store.commit(execution_id, owner, 60, Step(new_calls=[call(0)], checkpoint=checkpoint))
+    start = time.perf_counter()
+    for i in range(1, n + 1):
+        step = Step(new_calls=[call(i)], call_updates=[done(i - 1)], checkpoint=checkpoint)
+        step.execution.update(calls_total=i + 1, calls_done=i, calls_failed=0, calls_reused=0)
+        store.commit(execution_id, owner, 60, step)
+    seconds = time.perf_counter() - start
+    store.close()
+    return {"seconds": seconds}
+
+
 def ours(workload: str, url: str) -> dict[str, float]:
     os.environ.setdefault("DURABLE_MONTY_KEY", "benchmark")
+    if workload.startswith("store-"):
+        return store_steps(WORKLOADS[workload][1], url)
     from durable_monty_nb import Engine
 
     body, n, expected, _ = WORKLOADS[workload]
@@ -124,7 +185,7 @@ def floor(workload: str, url: str) -> dict[str, float]:
     import floor as sandbox_floor  # type: ignore[import-not-found]
 
     body, n, _, steps = WORKLOADS[workload]
-    monty = sandbox_floor.sandbox_seconds(body, n)
+    monty = sandbox_floor.sandbox_seconds(body, n) if body else 0.0
     return {"monty": monty, "commits": commits(steps, url)}
 
 
