@@ -3,7 +3,9 @@
 Writes of a running execution go through :meth:`Store.commit`, one transaction per step of
 the driver, fenced by the execution's lease: a process that lost its lease cannot write.
 SQLite runs in WAL mode with ``synchronous=FULL`` (a committed step survives power loss) and
-``BEGIN IMMEDIATE`` transactions (no lock-upgrade deadlocks between processes).
+``BEGIN IMMEDIATE`` transactions (no lock-upgrade deadlocks between processes). On PostgreSQL a
+small step is one statement in autocommit, its own transaction and one round trip
+(:meth:`Store._step_statement`).
 """
 
 from __future__ import annotations
