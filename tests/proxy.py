@@ -2,7 +2,9 @@
 
 ``cut_after_commit``: with this probability, a client-to-server packet that sends ``COMMIT`` is
 forwarded and then the connection is closed before the answer comes back (the commit may have
-landed, its acknowledgement is lost). ``cut_anywhere``: the probability of cutting at any other
+landed, its acknowledgement is lost). On PostgreSQL a statement sent outside a transaction block
+(a packet ending in Sync after the server said it was idle) commits as it ends: it counts too
+(the store's one-statement steps). ``cut_anywhere``: the probability of cutting at any other
 packet. ``down()`` closes every connection and refuses new ones until ``up()``.
 """
 
@@ -13,6 +15,9 @@ import random
 import select
 import socket
 import threading
+
+READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # PostgreSQL's ReadyForQuery, then the status: I, T or E
+SYNC = b"S\x00\x00\x00\x04"  # the Sync that ends an extended-protocol statement
 
 
 class Proxy:
@@ -25,6 +30,7 @@ class Proxy:
         self.random = random.Random(seed)
         self.cuts = 0
         self.commit_cuts = 0
+        self.statement_cuts = 0  # of those, PostgreSQL statements outside a transaction block
         self.max_cuts = 1_000_000
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -79,6 +85,7 @@ class Proxy:
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         peers = {client: server, server: client}
+        idle = False  # PostgreSQL: the server's last ReadyForQuery said "idle" (no transaction block)
         try:
             while True:
                 readable, _, _ = select.select([client, server], [], [], 1.0)
@@ -86,10 +93,14 @@ class Proxy:
                     data = source.recv(65536)
                     if not data:
                         return
-                    if source is client and b"COMMIT" in data.upper() and self._should_cut(self.cut_after_commit):
+                    if source is server and data[-6:-1] == READY_FOR_QUERY:
+                        idle = data[-1:] == b"I"
+                    commit = b"COMMIT" in data.upper() or (idle and data.endswith(SYNC))
+                    if source is client and commit and self._should_cut(self.cut_after_commit):
                         server.sendall(data)  # the commit reaches the server; its answer never comes back
                         with self._lock:
                             self.commit_cuts += 1
+                            self.statement_cuts += b"COMMIT" not in data.upper()
                         return
                     if self._should_cut(self.cut_anywhere):
                         return

@@ -255,6 +255,144 @@ def test_a_writer_that_lost_its_lease_cannot_commit(db_url: str) -> None:
     assert store.get_execution(execution_id).status == "running"
 
 
+def _call_row(execution_id: str, call_id: int, **values: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "execution_id": execution_id,
+        "call_id": call_id,
+        "function": "task",
+        "kind": "call",
+        "fingerprint": "f",
+        "args": f"[[{call_id}],{{}}]",
+        "call_key": f"k{call_id}",
+        "status": "pending",
+        "attempts": 0,
+        "due_at": None,
+        "result": None,
+        "reused_from": None,
+        "worker": None,
+        "gather_id": None,
+    }
+    row.update(values)
+    return row
+
+
+def _done(call_id: int) -> dict[str, object]:
+    return {
+        "call_id": call_id,
+        "status": "done",
+        "attempts": 1,
+        "result": str(call_id * 2),
+        "error": None,
+        "error_type": None,
+        "error_message": None,
+        "due_at": None,
+        "started_at": 1.0,
+        "finished_at": 2.0,
+        "worker": None,
+    }
+
+
+def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
+    """A whole driver step (a new call, a result, the checkpoint, the counters) from a writer whose
+    lease was taken over raises LeaseLost and leaves every row as it was. On PostgreSQL the step
+    goes in one pipeline and the fence fails on the server; the connection given back after it
+    still runs transactions all or nothing (a step that fails half-way writes nothing)."""
+    from durable_monty_nb.errors import LeaseLost
+    from durable_monty_nb.store.store import Step
+    from durable_monty_nb.store.transient import is_integrity_error
+    from durable_monty_nb.values import blob_key
+
+    store = Store(db_url)
+    old = "other-host/abcd:4242:99:ffffffffffff"
+    execution_id = _insert_execution(store, old, 60)
+    store.commit(execution_id, old, -1, Step(new_calls=[_call_row(execution_id, 1)], checkpoint=b"first"))
+    taker = new_owner()
+    assert store.acquire_lease(execution_id, taker, 60) is None  # the old lease expired: taken over
+
+    def step() -> Step:
+        return Step(
+            new_calls=[_call_row(execution_id, 2)],
+            call_updates=[_done(1)],
+            checkpoint=b"second",
+            execution={"calls_total": 2, "calls_done": 1},
+        )
+
+    for _ in range(2):  # and again on the connection given back after the first
+        with pytest.raises(LeaseLost):
+            store.commit(execution_id, old, 60, step())
+    with pytest.raises(LeaseLost):  # the fence decides first: not the collision with the taker's row
+        store.commit(execution_id, old, 60, Step(new_calls=[_call_row(execution_id, 1)], checkpoint=b"x"))
+    assert [(r.call_id, r.status, r.result) for r in store.load_calls(execution_id)] == [(1, "pending", None)]
+    assert store.load_checkpoint(execution_id) == b"first"
+    row = store.get_execution(execution_id)
+    assert (row.lease_owner, row.calls_total, row.calls_done) == (taker, 0, 0)
+
+    with store.engine.begin() as conn:  # the lease back to the old writer
+        conn.execute(
+            sa.text("UPDATE dm_executions SET lease_owner = :o, lease_expires_at = :t WHERE id = :e"),
+            {"o": old, "t": time.time() + 60, "e": execution_id},
+        )
+    collides = Step(new_calls=[_call_row(execution_id, 1)], checkpoint=b"x", execution={"calls_total": 9})
+    with pytest.raises(Exception) as raised:  # a step that fails: none of it lands
+        store.commit(execution_id, old, 60, collides)
+    assert is_integrity_error(raised.value)
+    assert store.load_checkpoint(execution_id) == b"first"
+    assert store.get_execution(execution_id).calls_total == 0
+    data = b"a value"
+    broken = Step(  # a new blob (read in the transaction), then a call row that exists
+        new_calls=[_call_row(execution_id, 3), _call_row(execution_id, 1)],
+        blobs={blob_key(data): (data, "bytes")},
+        checkpoint=b"third",
+    )
+    with pytest.raises(Exception) as raised:
+        store.commit(execution_id, old, 60, broken)
+    assert is_integrity_error(raised.value)
+    assert [r.call_id for r in store.load_calls(execution_id)] == [1]
+    assert store.load_checkpoint(execution_id) == b"first"
+    with pytest.raises(KeyError):
+        store.load_blob(blob_key(data))
+
+    store.commit(execution_id, old, 60, step())  # the lease holder's step lands whole
+    assert [(r.call_id, r.status, r.result) for r in store.load_calls(execution_id)] == [
+        (1, "done", "2"),
+        (2, "pending", None),
+    ]
+    assert store.load_checkpoint(execution_id) == b"second"
+    assert (store.get_execution(execution_id).calls_total, store.get_execution(execution_id).calls_done) == (2, 1)
+    store.close()
+
+
+def test_steps_journal_attempts_and_mark_lost_ones(db_url: str) -> None:
+    """The steps of a durable executor: new calls with their attempts, then an attempt found lost
+    beside a result (on PostgreSQL each step one statement)."""
+    from durable_monty_nb.store.store import Step
+
+    store = Store(db_url)
+    owner = new_owner()
+    execution_id = _insert_execution(store, owner, 60)
+    ids = [f"dm-{execution_id}-{i}-1" for i in (1, 2)]
+    attempts = [
+        {
+            "attempt_id": attempt,
+            "execution_id": execution_id,
+            "call_id": i,
+            "attempt": 1,
+            "executor": "rq",
+            "status": "dispatched",
+            "created_at": 5.0,
+        }
+        for attempt, i in zip(ids, (1, 2), strict=True)
+    ]
+    new = [_call_row(execution_id, 1), _call_row(execution_id, 2)]
+    store.commit(execution_id, owner, 60, Step(new_calls=new, attempts=attempts, checkpoint=b"one"))
+    store.commit(execution_id, owner, 60, Step(call_updates=[_done(2)], lost_attempts=[ids[0]], checkpoint=b"two"))
+    found = store.load_attempts(ids)
+    assert {a: found[a].status for a in ids} == {ids[0]: "lost", ids[1]: "dispatched"}
+    assert [(r.call_id, r.status) for r in store.load_calls(execution_id)] == [(1, "pending"), (2, "done")]
+    assert store.load_checkpoint(execution_id) == b"two"
+    store.close()
+
+
 def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
     engine = Engine(sqlite_url, lease_ttl=0.6)  # heartbeat every 0.2 s
     release = threading.Event()

@@ -3,7 +3,9 @@
 Writes of a running execution go through :meth:`Store.commit`, one transaction per step of
 the driver, fenced by the execution's lease: a process that lost its lease cannot write.
 SQLite runs in WAL mode with ``synchronous=FULL`` (a committed step survives power loss) and
-``BEGIN IMMEDIATE`` transactions (no lock-upgrade deadlocks between processes).
+``BEGIN IMMEDIATE`` transactions (no lock-upgrade deadlocks between processes). On PostgreSQL a
+small step is one statement in autocommit, its own transaction and one round trip
+(:meth:`Store._step_statement`).
 """
 
 from __future__ import annotations
@@ -250,6 +252,8 @@ class Store:
         self.pid = os.getpid()
         self._shown_url = self.display_url
         self._writers = threading.local()  # each driver thread keeps one connection for its steps
+        # PostgreSQL through psycopg 3: a small step is one statement, its own transaction.
+        self._one_statement = self.backend == "postgresql" and self.engine.dialect.driver == "psycopg"
 
     @property
     def display_url(self) -> str:
@@ -501,14 +505,83 @@ class Store:
     def _commit(self, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
         conn = self._writer()
         try:
+            if self._one_statement and _one_statement_fits(step):
+                self._step_statement(conn, execution_id, owner, lease_ttl, step, now)
+                return
             with conn.begin():
                 self._write_step(conn, execution_id, owner, lease_ttl, step, now)
         except BaseException:
             self.release_writer()  # a retry starts on a fresh connection
             raise
 
+    def _step_statement(
+        self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float
+    ) -> None:
+        """A small step on PostgreSQL as one statement, in one round trip and its own transaction
+        (the connection in autocommit for it): the lease fence, then the step's writes, each a
+        data-modifying ``WITH`` that only writes when the fence updated the execution row.
+
+        When the fence updated no row (another process holds the lease), the statement divides
+        by that count: it fails, nothing of it is written, and LeaseLost is raised as by
+        :meth:`_write_step`. The statement's text depends only on the step's shape (a sequential
+        loop repeats one), so psycopg prepares it once.
+        """
+        import psycopg
+
+        values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
+        if "lease_owner" in values:  # the final step releases the lease
+            values.update(lease_owner=None, lease_expires_at=None)
+        exec_columns = tuple(values)
+        params: list[Any] = [*values.values(), execution_id, owner]
+        call_columns: tuple[str, ...] = ()
+        if step.new_calls:
+            for row in step.new_calls:
+                row["created_at"] = now
+                row["result_sig"] = self.sign_call(execution_id, row) if row["result"] is not None else None
+            call_columns = tuple(step.new_calls[0])
+            for row in step.new_calls:  # every row has the same keys (as for executemany)
+                params.extend([row[c] for c in call_columns])
+        update_shapes: list[tuple[str, ...]] = []
+        for columns, rows in self._call_update_groups(execution_id, step.call_updates):
+            for row in rows:
+                update_shapes.append(columns)
+                params.extend([row[c] for c in columns])
+                params.extend((execution_id, row["call_id"]))
+        attempt_columns: tuple[str, ...] = ()
+        if step.attempts:
+            attempt_columns = tuple(step.attempts[0])
+            for row in step.attempts:
+                params.extend([row[c] for c in attempt_columns])
+        if step.lost_attempts:
+            params.append(list(step.lost_attempts))
+        checkpoint_columns: tuple[str, ...] = ()
+        if step.checkpoint is not None:
+            row = {"execution_id": execution_id, **self._checkpoint_row(execution_id, step.checkpoint, now)}
+            checkpoint_columns = tuple(row)
+            params.extend(row.values())
+        sql = _step_sql(
+            exec_columns,
+            call_columns,
+            len(step.new_calls),
+            tuple(update_shapes),
+            attempt_columns,
+            len(step.attempts),
+            bool(step.lost_attempts),
+            checkpoint_columns,
+        )
+        raw = conn.connection.driver_connection
+        lost = False
+        raw.autocommit = True  # one statement: its own transaction, no BEGIN or COMMIT to wait for
+        try:
+            raw.execute(sql, params)
+        except psycopg.errors.DivisionByZero:  # the fence: the statement wrote nothing
+            lost = True
+        finally:
+            _end_autocommit(raw)
+        if lost:
+            raise LeaseLost(f"execution {execution_id} is now driven by another process")
+
     def _write_step(self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
-        signer = self.signer
         values = {**step.execution, "lease_expires_at": now + lease_ttl, "updated_at": now}
         if "lease_owner" in values:  # the final step releases the lease
             values.update(lease_owner=None, lease_expires_at=None)
@@ -542,21 +615,7 @@ class Store:
         if step.consumed_signals:  # with the results of the waits that took them: exactly once
             mailbox.consume(conn, execution_id, step.consumed_signals, now)
         if step.checkpoint is not None:
-            seq = self.checkpoint_seq.get(execution_id, 0) + 1
-            self.checkpoint_seq[execution_id] = seq
-            data, compression = step.checkpoint, "none"
-            if len(data) > COMPRESS_ABOVE:
-                data, compression = zlib.compress(data, 1), "zlib"
-            import pydantic_monty
-
-            row = {
-                "seq": seq,
-                "data": data,
-                "compression": compression,
-                "created_at": now,
-                "signature": signer.sign(f"checkpoint:{execution_id}:{seq}", data),
-                "monty_version": pydantic_monty.__version__,
-            }
+            row = self._checkpoint_row(execution_id, step.checkpoint, now)
             changed = _run(
                 conn,
                 _update_statement("dm_checkpoints", ("execution_id",), tuple(sorted(row))),
@@ -565,6 +624,24 @@ class Store:
             if not changed:
                 row["execution_id"] = execution_id
                 _run(conn, _insert_statement("dm_checkpoints", tuple(sorted(row))), [row])
+
+    def _checkpoint_row(self, execution_id: str, checkpoint: bytes, now: float) -> dict[str, Any]:
+        """The columns of a step's checkpoint (its sequence number taken), signed."""
+        seq = self.checkpoint_seq.get(execution_id, 0) + 1
+        self.checkpoint_seq[execution_id] = seq
+        data, compression = checkpoint, "none"
+        if len(data) > COMPRESS_ABOVE:
+            data, compression = zlib.compress(data, 1), "zlib"
+        import pydantic_monty
+
+        return {
+            "seq": seq,
+            "data": data,
+            "compression": compression,
+            "created_at": now,
+            "signature": self.signer.sign(f"checkpoint:{execution_id}:{seq}", data),
+            "monty_version": pydantic_monty.__version__,
+        }
 
     def sign_call(self, execution_id: str, row: dict[str, Any]) -> str:
         fields = (
@@ -592,24 +669,27 @@ class Store:
         )
 
     def _update_calls(self, conn: Any, execution_id: str, updates: list[dict[str, Any]]) -> None:
+        for columns, rows in self._call_update_groups(execution_id, updates):
+            if self.backend == "sqlite" and len(rows) > 1 and _UPDATE_FROM:
+                _update_from_values(conn, execution_id, columns, rows)
+                continue
+            _run(
+                conn,
+                _update_statement("dm_calls", ("execution_id", "call_id"), columns),
+                _update_params(execution_id, columns, rows),
+            )
+
+    def _call_update_groups(
+        self, execution_id: str, updates: list[dict[str, Any]]
+    ) -> Iterable[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+        """The call updates (finished ones signed) by the columns they set."""
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for row in updates:
             if row.get("status") in ("done", "failed"):
                 row["result_sig"] = self.sign_call(execution_id, row)
             groups.setdefault(tuple(row), []).append(row)  # rows built alike share their key order
         for shape, rows in groups.items():
-            columns = tuple(sorted(k for k in shape if k != "call_id"))
-            if self.backend == "sqlite" and len(rows) > 1 and _UPDATE_FROM:
-                _update_from_values(conn, execution_id, columns, rows)
-                continue
-            names = [(c, f"v_{c}") for c in columns]
-            params = []
-            for r in rows:
-                param = {bind: r[c] for c, bind in names}
-                param["k_execution_id"] = execution_id
-                param["k_call_id"] = r["call_id"]
-                params.append(param)
-            _run(conn, _update_statement("dm_calls", ("execution_id", "call_id"), columns), params)
+            yield tuple(sorted(k for k in shape if k != "call_id")), rows
 
     def _insert_functions(self, conn: Any, functions: dict[str, tuple[str, str, bytes]], now: float) -> None:
         existing = set(conn.execute(_EXISTING_FUNCTIONS, {"keys": list(functions)}).scalars())
@@ -1081,6 +1161,113 @@ def _update_from_values(conn: Any, execution_id: str, columns: tuple[str, ...], 
             cursor.execute(_update_from_sql(columns, len(part)), params)
     finally:
         cursor.close()
+
+
+def _update_params(execution_id: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = [(c, f"v_{c}") for c in columns]
+    params = []
+    for r in rows:
+        param = {bind: r[c] for c, bind in names}
+        param["k_execution_id"] = execution_id
+        param["k_call_id"] = r["call_id"]
+        params.append(param)
+    return params
+
+
+ONE_STATEMENT_ROWS = 64
+"""Rows (new calls, results, attempts) up to which a PostgreSQL step is one statement; bigger
+steps take one ``executemany`` per table (psycopg sends those in a pipeline)."""
+
+
+def _one_statement_fits(step: Step) -> bool:
+    """Whether a step can be one statement: it reads nothing (no new blobs or functions, no
+    consumed deliveries), it is small, and no call row is written twice (statements of one
+    ``WITH`` do not see each other's rows)."""
+    if step.blobs or step.functions or step.consumed_signals:
+        return False
+    if len(step.new_calls) + len(step.call_updates) + len(step.attempts) + len(step.lost_attempts) > ONE_STATEMENT_ROWS:
+        return False
+    if step.call_updates:
+        updated = {row["call_id"] for row in step.call_updates}
+        if len(updated) != len(step.call_updates) or any(row["call_id"] in updated for row in step.new_calls):
+            return False
+    return True
+
+
+_CASTS = {
+    "VARCHAR": "VARCHAR",
+    "TEXT": "TEXT",
+    "INTEGER": "INTEGER",
+    "DOUBLE PRECISION": "DOUBLE PRECISION",
+    "BYTEA": "BYTEA",
+}
+
+
+def _casts(table: Any, columns: tuple[str, ...]) -> str:
+    """``(%s::TYPE, ...)``, one typed parameter per column (a NULL would otherwise be text)."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    types = [_CASTS[table.c[c].type.compile(dialect=dialect).split("(")[0]] for c in columns]
+    return "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _step_sql(
+    exec_columns: tuple[str, ...],
+    call_columns: tuple[str, ...],
+    calls: int,
+    update_shapes: tuple[tuple[str, ...], ...],
+    attempt_columns: tuple[str, ...],
+    attempts: int,
+    lost_attempts: bool,
+    checkpoint_columns: tuple[str, ...],
+) -> str:
+    """PostgreSQL: the one statement of a step of this shape (parameters in the order
+    :meth:`Store._step_statement` lists them). Column names are the store's own."""
+    fenced = "EXISTS (SELECT FROM fenced)"
+    sets = ", ".join(f'"{c}" = %s' for c in exec_columns)
+    parts = [f"fenced AS (UPDATE dm_executions SET {sets} WHERE id = %s AND lease_owner = %s RETURNING 1)"]
+    if calls:
+        names = ", ".join(f'"{c}"' for c in call_columns)
+        rows = ", ".join([_casts(CALLS, call_columns)] * calls)
+        parts.append(f"new_calls AS (INSERT INTO dm_calls ({names}) SELECT * FROM (VALUES {rows}) AS v WHERE {fenced})")
+    for i, columns in enumerate(update_shapes):
+        sets = ", ".join(f'"{c}" = %s' for c in columns)
+        parts.append(f"call_{i} AS (UPDATE dm_calls SET {sets} WHERE execution_id = %s AND call_id = %s AND {fenced})")
+    if attempts:
+        names = ", ".join(f'"{c}"' for c in attempt_columns)
+        rows = ", ".join([_casts(ATTEMPTS, attempt_columns)] * attempts)
+        parts.append(
+            f"attempts AS (INSERT INTO dm_attempts ({names}) SELECT * FROM (VALUES {rows}) AS v WHERE {fenced})"
+        )
+    if lost_attempts:
+        parts.append(f"lost AS (UPDATE dm_attempts SET status = 'lost' WHERE attempt_id = ANY(%s) AND {fenced})")
+    if checkpoint_columns:
+        names = ", ".join(f'"{c}"' for c in checkpoint_columns)
+        sets = ", ".join(f'"{c}" = excluded."{c}"' for c in checkpoint_columns if c != "execution_id")
+        parts.append(
+            f"checkpoint AS (INSERT INTO dm_checkpoints ({names}) SELECT * FROM (VALUES "
+            f"{_casts(CHECKPOINTS, checkpoint_columns)}) AS v WHERE {fenced} "
+            f"ON CONFLICT (execution_id) DO UPDATE SET {sets})"
+        )
+    return "WITH " + ", ".join(parts) + " SELECT 1 / count(*) FROM fenced"
+
+
+def _end_autocommit(raw: Any) -> None:
+    """Give a psycopg connection back its transactions after a one-statement step (autocommit
+    off; an open transaction, which a one-statement step never leaves, rolled back). One that
+    cannot be restored is closed, so the pool never hands it out again."""
+    import psycopg
+
+    if raw.closed:
+        return
+    try:
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.rollback()
+        raw.autocommit = False
+    except Exception:
+        raw.close()
 
 
 def _signed_text(fields: tuple[Any, ...]) -> str:
