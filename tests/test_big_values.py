@@ -1,5 +1,5 @@
 """Big values (a pickle of BIG_BLOB or more): streamed from the value's own buffers, kept as files
-beside a SQLite file store, signed by their SHA-256, refused when tampered with."""
+beside a SQLite file store, keyed and signed by their BLAKE3-256, refused when tampered with."""
 
 from __future__ import annotations
 
@@ -155,6 +155,21 @@ def test_prune_removes_the_files_of_the_blobs_it_collects(sqlite_engine: Engine)
     again = sqlite_engine.start(code.format(n=3), {"big": big}, key="k")
     a, b = again.result()
     assert again.cached and int(a[0]) == 1 and int(b[-1]) == 3
+
+
+def test_forget_removes_the_files_only_the_forgotten_workflow_used(sqlite_engine: Engine) -> None:
+    def big(i: int) -> np.ndarray:
+        return np.full(200_000, i, dtype=np.int64)  # 1.6 MB
+
+    sqlite_engine.run("a = await big(1)\nb = await big(2)\n[a, b]", {"big": big}, key="kept")
+    sqlite_engine.run("c = await big(2)\nd = await big(3)\n[c, d]", {"big": big}, key="gone")  # 2 shared
+    store = sqlite_engine.store
+    assert len(list(store.blob_dir.iterdir())) == 3
+    store.forget("gone")
+    kept = sorted(k for k, _, _ in blob_rows(store))
+    assert sorted(p.name for p in store.blob_dir.iterdir()) == kept and len(kept) == 2  # 3's file went
+    a, b = Engine(store.url).start("a = await big(1)\nb = await big(2)\n[a, b]", {"big": big}, key="kept").result()
+    assert int(a[0]) == 1 and int(b[-1]) == 2
 
 
 def test_big_values_round_trip_on_every_backend(engine: Engine) -> None:
