@@ -608,9 +608,7 @@ def test_a_runner_rides_out_a_store_outage(side: tuple[Path, Path], tmp_path: Pa
 
 @pytest.mark.kernel
 @pytest.mark.timeout(180)
-# Dask passes too (33 s here, most of it its own cluster's start): its runner path is covered by
-# test_a_runner_killed_with_calls_on_dask_workers_..., so the kernel round trip runs on RQ only.
-@pytest.mark.parametrize("executor", ["rq"])
+@pytest.mark.parametrize("executor", ["rq", "dask"])
 def test_a_kernel_hands_a_run_on_remote_workers_over_and_a_new_kernel_gets_the_result(
     side: tuple[Path, Path], runners: Runners, tmp_path: Path, request: pytest.FixtureRequest, executor: str
 ) -> None:
