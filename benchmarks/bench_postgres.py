@@ -95,7 +95,7 @@ def drop(base: str, name: str) -> None:
 
 def store_steps(n: int, url: str) -> dict[str, float]:
     """Seconds for ``n`` steps of a sequential loop written through ``Store.commit`` alone."""
-    from durable_monty_nb.store.store import Step, Store, new_owner
+    from durable_monty_nb.store.store import Step, Store, new_owner, pending_call_row
 
     store = Store(url)
     owner, execution_id = new_owner(), "e" * 32
@@ -105,22 +105,7 @@ def store_steps(n: int, url: str) -> dict[str, float]:
     checkpoint = (Path(__file__).read_bytes() * 2)[:2700]
 
     def call(i: int) -> dict[str, Any]:
-        return {
-            "execution_id": execution_id,
-            "call_id": i,
-            "function": "task",
-            "kind": "call",
-            "fingerprint": "f" * 64,
-            "args": f"[[{i}],{{}}]",
-            "call_key": f"{i:064d}",
-            "status": "pending",
-            "attempts": 0,
-            "due_at": None,
-            "result": None,
-            "reused_from": None,
-            "worker": None,
-            "gather_id": None,
-        }
+        return pending_call_row(execution_id, i, "task", "f" * 64, f"[[{i}],{{}}]", f"{i:064d}")
 
     def done(i: int) -> dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ from durable_monty_nb import Engine, StoreVersionError, TamperedDataError
 from durable_monty_nb.store import schema
 from durable_monty_nb.store.models import Base
 from durable_monty_nb.store.signing import Signer
-from durable_monty_nb.store.store import Store, _proc_stat, _process_start, new_owner, owner_is_dead
+from durable_monty_nb.store.store import Store, _proc_stat, _process_start, new_owner, owner_is_dead, pending_call_row
 
 
 def interrupted_run(engine: Engine, key: str = "tamper") -> str:
@@ -256,22 +256,7 @@ def test_a_writer_that_lost_its_lease_cannot_commit(db_url: str) -> None:
 
 
 def _call_row(execution_id: str, call_id: int, **values: object) -> dict[str, object]:
-    row: dict[str, object] = {
-        "execution_id": execution_id,
-        "call_id": call_id,
-        "function": "task",
-        "kind": "call",
-        "fingerprint": "f",
-        "args": f"[[{call_id}],{{}}]",
-        "call_key": f"k{call_id}",
-        "status": "pending",
-        "attempts": 0,
-        "due_at": None,
-        "result": None,
-        "reused_from": None,
-        "worker": None,
-        "gather_id": None,
-    }
+    row = pending_call_row(execution_id, call_id, "task", "f", f"[[{call_id}],{{}}]", f"k{call_id}")
     row.update(values)
     return row
 
@@ -529,25 +514,7 @@ def test_a_step_of_many_results_lands_every_row_signed(db_url: str) -> None:
     owner = new_owner()
     execution_id = _insert_execution(store, owner, 60)
     n = 2345
-    new = [
-        {
-            "execution_id": execution_id,
-            "call_id": i,
-            "function": "task",
-            "kind": "call",
-            "fingerprint": "f",
-            "args": f"[[{i}],{{}}]",
-            "call_key": f"k{i}",
-            "status": "pending",
-            "attempts": 0,
-            "due_at": None,
-            "result": None,
-            "reused_from": None,
-            "worker": None,
-            "gather_id": 1,
-        }
-        for i in range(n)
-    ]
+    new = [_call_row(execution_id, i, gather_id=1) for i in range(n)]
     store.commit(execution_id, owner, 60, Step(new_calls=new))
     updates = [
         {

@@ -180,6 +180,37 @@ def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Eng
     return engine
 
 
+def pending_call_row(
+    execution_id: str,
+    call_id: int,
+    function: str,
+    fingerprint: str,
+    args: str,
+    call_key: str,
+    *,
+    kind: str = "call",
+    due_at: float | None = None,
+    gather_id: int | None = None,
+) -> dict[str, Any]:
+    """The row of a call as a step journals it when the call is announced: pending, no result."""
+    return {
+        "execution_id": execution_id,
+        "call_id": call_id,
+        "function": function[:255],
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "args": args,
+        "call_key": call_key,
+        "status": "pending",
+        "attempts": 0,
+        "due_at": due_at,
+        "result": None,
+        "reused_from": None,
+        "worker": None,
+        "gather_id": gather_id,
+    }
+
+
 @dataclass
 class Step:
     """Everything one driver step writes, committed in one transaction."""

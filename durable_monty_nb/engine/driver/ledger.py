@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic_monty import MontyCrashedError
 
 from ...errors import DurableError, StoreUnavailable
-from ...store.store import Step
+from ...store.store import Step, pending_call_row
 from .. import sandbox
 from .calls import RETRYING, CallState, CallStatus
 
@@ -29,22 +29,17 @@ class Ledger:
     ) -> None:
         self.book.add(state)
         self._announced.append(state)
-        row = {
-            "execution_id": self.execution_id,
-            "call_id": state.call_id,
-            "function": state.function[:255],
-            "kind": state.kind,
-            "fingerprint": state.fingerprint,
-            "args": state.args_text,
-            "call_key": call_key,
-            "status": "pending",
-            "attempts": 0,
-            "due_at": due_at,
-            "result": None,
-            "reused_from": None,
-            "worker": None,
-            "gather_id": gather_id,
-        }
+        row = pending_call_row(
+            self.execution_id,
+            state.call_id,
+            state.function,
+            state.fingerprint,
+            state.args_text,
+            call_key,
+            kind=state.kind,
+            due_at=due_at,
+            gather_id=gather_id,
+        )
         self.step.new_calls.append(row)
         self._new_rows[state.call_id] = row
 
@@ -54,23 +49,16 @@ class Ledger:
         self._announced.extend(states)
         execution_id = self.execution_id
         rows = [
-            {
-                "execution_id": execution_id,
-                "call_id": state.call_id,
-                "function": state.function[:255],
-                "kind": "call",
-                "fingerprint": state.fingerprint,
-                "args": state.args_text,
-                "call_key": call_key,
-                "status": "pending",
-                "attempts": 0,
-                "due_at": None,
-                "result": None,
-                "reused_from": None,
-                "worker": None,
-                "gather_id": gather_id,
-            }
-            for state, call_key in zip(states, call_keys, strict=True)
+            pending_call_row(
+                execution_id,
+                state.call_id,
+                state.function,
+                state.fingerprint,
+                state.args_text,
+                key,
+                gather_id=gather_id,
+            )
+            for state, key in zip(states, call_keys, strict=True)
         ]
         self.step.new_calls.extend(rows)
         self._new_rows.update(zip([s.call_id for s in states], rows, strict=True))
