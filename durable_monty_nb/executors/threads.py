@@ -13,6 +13,7 @@ against 0.064 s here, which is a tenth of a 10,000-call gather).
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import queue
@@ -40,9 +41,10 @@ class ThreadExecutor:
             raise ValueError("max_workers must be >= 1")
         self.max_workers = max_workers
         self._name = name
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._tasks: collections.deque[tuple[Task, Done]] = collections.deque()  # FIFO, taken by any thread
+        self._wakes: queue.SimpleQueue[Any] = queue.SimpleQueue()  # wakes an idle thread (or stops one)
         self._threads: list[threading.Thread] = []
-        self._idle = threading.Semaphore(0)
+        self._idle = threading.Semaphore(0)  # threads that found no task, less the wakes sent to them
         self._lock = threading.Lock()
         self._started = itertools.count()
         self._finished = itertools.count()
@@ -65,23 +67,29 @@ class ThreadExecutor:
 
     def submit(self, tasks: Sequence[Task], done: Done) -> None:
         coroutine: dict[Any, bool] = {}
-        put = self._queue.put
+        put = self._tasks.append
+        unclaimed = self._unclaimed
         queued = 0
         for task in tasks:
-            self._submitted += 1
             fn = task.local.fn  # type: ignore[union-attr]
             is_coroutine = coroutine.get(fn)
             if is_coroutine is None:
                 is_coroutine = coroutine[fn] = inspect.iscoroutinefunction(fn)
             if is_coroutine:
+                self._submitted += 1
                 _event_loop().submit(task, done, self)
             else:
-                self._unclaimed[id(task)] = task
+                unclaimed[id(task)] = task
                 put((task, done))
                 queued += 1
-        # Each queued task is taken by an idle thread or gets a new one, until the pool is full.
-        for _ in range(queued):
-            if not self._idle.acquire(blocking=False) and not self._spawn():
+        self._submitted += queued
+        # A thread takes tasks until none is left, so a batch wakes at most one thread per slot of
+        # the pool (an idle one, or a new one) instead of one per task: waking a thread for each
+        # of 10,000 trivial calls cost more than the calls (the GIL passed back and forth).
+        for _ in range(min(queued, self.max_workers)):
+            if self._idle.acquire(blocking=False):
+                self._wakes.put(None)
+            elif not self._spawn():
                 return
 
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
@@ -124,27 +132,31 @@ class ThreadExecutor:
         return True
 
     def _work(self) -> None:
-        get = self._queue.get
+        take, wait = self._tasks.popleft, self._wakes.get
+        unclaimed = self._unclaimed
         while True:
-            item = get()
-            if item is _STOP:
-                return
-            task, done = item
-            if self._unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
+            try:
+                task, done = take()
+            except IndexError:  # nothing to do: idle until woken (a wake may be waiting already)
                 self._idle.release()
+                if wait() is _STOP:
+                    return
+                continue
+            if unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
                 continue
             outcome = self.run_task(task)
             if inspect.iscoroutine(outcome.value) and outcome.ok:  # e.g. functools.partial(async_fn)
                 outcome = _event_loop().run_blocking(task, outcome.value)
-            with self._lock:
-                abandoned = task.id in self._abandoned
-                if abandoned:  # a replacement took this thread's place: end it
-                    self._abandoned.discard(task.id)
-                    self._threads.remove(threading.current_thread())
+            abandoned = False
+            if self._abandoned:  # read without the lock: set only by cancel, checked again under it
+                with self._lock:
+                    abandoned = task.id in self._abandoned
+                    if abandoned:  # a replacement took this thread's place: end it
+                        self._abandoned.discard(task.id)
+                        self._threads.remove(threading.current_thread())
             done(outcome)  # ignored by the driver if the attempt timed out
             if abandoned:
                 return
-            self._idle.release()
 
     def run_task(self, task: Task) -> Outcome:
         self._started_n = next(self._started) + 1
@@ -161,8 +173,8 @@ class ThreadExecutor:
         """Stop idle threads once the queue drains; running attempts finish on their own."""
         with self._lock:
             self._shutdown = True
-            for _ in self._threads:
-                self._queue.put(_STOP)
+            for _ in self._threads:  # each thread takes one once it finds no task left
+                self._wakes.put(_STOP)
 
 
 class _EventLoop:
