@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from durable_monty_nb import Engine, StoreVersionError, TamperedDataError
 from durable_monty_nb.store import schema
-from durable_monty_nb.store.models import Base
+from durable_monty_nb.store.models import metadata
 from durable_monty_nb.store.signing import Signer
 from durable_monty_nb.store.store import Store, _proc_stat, _process_start, new_owner, owner_is_dead, pending_call_row
 
@@ -90,7 +90,7 @@ def test_alembic_migrations_build_exactly_the_models(tmp_path: Path) -> None:
     schema.upgrade(url)  # an empty database built by the Alembic migrations, not create_all
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": schema.VERSION_TABLE})
-        assert compare_metadata(context, Base.metadata) == []
+        assert compare_metadata(context, metadata) == []
     assert schema.read_revision(engine) == schema.HEAD_REVISION
 
 

@@ -30,12 +30,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import LeaseLost, MailboxBusy, SignalError
-from .models import Signal
+from .models import SIGNALS
 
 if TYPE_CHECKING:
     from .store import Store
 
-SIGNALS = Signal.__table__
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 MAX_KEY_LENGTH = 200
 INSERT_TRIES = 20

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 
 from ..errors import StoreVersionError
-from .models import Base
+from .models import metadata
 
 VERSION_TABLE = "dm_alembic_version"
 HEAD_REVISION = "0008_handoff_progress"
@@ -64,7 +64,7 @@ def check_revision(revision: str, url: str) -> None:
 
 def _create(engine: Engine) -> None:
     with engine.begin() as conn:
-        Base.metadata.create_all(conn)
+        metadata.create_all(conn)
         conn.execute(text(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
         conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": HEAD_REVISION})
 

@@ -3,16 +3,29 @@ its retention (``retention.py``) share."""
 
 from __future__ import annotations
 
-from .models import AgentUnit, Attempt, Blob, Call, Checkpoint, Execution, Function, Handoff, Key
+from .models import (
+    AGENT_UNITS,
+    ATTEMPTS,
+    BLOBS,
+    CALLS,
+    CHECKPOINTS,
+    EXECUTIONS,
+    FUNCTIONS,
+    HANDOFFS,
+    KEYS,
+)
 
-EXECUTIONS = Execution.__table__
-CALLS = Call.__table__
-CHECKPOINTS = Checkpoint.__table__
-BLOBS = Blob.__table__
-KEYS = Key.__table__
-ATTEMPTS = Attempt.__table__
-FUNCTIONS = Function.__table__
-AGENT_UNITS = AgentUnit.__table__
-HANDOFFS = Handoff.__table__
+__all__ = [
+    "AGENT_UNITS",
+    "ATTEMPTS",
+    "BLOBS",
+    "CALLS",
+    "CHECKPOINTS",
+    "DELETING",
+    "EXECUTIONS",
+    "FUNCTIONS",
+    "HANDOFFS",
+    "KEYS",
+]
 
 DELETING = "deleting"  # marked by a prune or forget whose batches delete its rows (see retention.py)

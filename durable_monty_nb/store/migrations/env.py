@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from durable_monty_nb.store.models import Base
+from durable_monty_nb.store.models import metadata
 from durable_monty_nb.store.schema import VERSION_TABLE
 
 config = context.config
@@ -20,7 +20,7 @@ def run_migrations() -> None:
 
 
 def _run(connection) -> None:
-    context.configure(connection=connection, target_metadata=Base.metadata, version_table=VERSION_TABLE)
+    context.configure(connection=connection, target_metadata=metadata, version_table=VERSION_TABLE)
     with context.begin_transaction():
         context.run_migrations()
 
