@@ -104,6 +104,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for found in _servers.values():
         if isinstance(found, ServerDatabase):
             found.drop()
+    shared_lab = sys.modules.get("shared_lab")
+    if shared_lab is not None:  # an interrupted session's browser and JupyterLab
+        shared_lab.close_shared()
 
 
 BACKENDS = ["sqlite", "postgresql", "mysql"]
@@ -190,3 +193,39 @@ def own_dask_cluster(tmp_path: Path) -> Iterator[Any]:
     yield cluster
     close_clients()
     cluster.close()
+
+
+# The browser tests (tests/test_browser*.py) share one JupyterLab server and one Chromium
+# (tests/shared_lab.py); each test has a folder of the server, its own store, a browser context.
+@pytest.fixture
+def lab_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A fresh folder of the shared JupyterLab server; its notebooks' sessions are shut down after the test."""
+    import shared_lab
+
+    server = shared_lab.shared_server(tmp_path_factory)
+    folder = server.new_folder(request.node.name)
+    yield folder
+    server.close_folder(folder)
+
+
+@pytest.fixture
+def page() -> Iterator[Any]:
+    """A Chromium page, 1280x900, in a browser context of this test alone (the browser is shared)."""
+    import shared_lab
+
+    context = shared_lab.shared_browser().new_context()
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After the last browser test in a row, close the shared browser and JupyterLab server."""
+    try:
+        return (yield)
+    finally:
+        shared_lab = sys.modules.get("shared_lab")
+        if shared_lab is not None and (nextitem is None or nextitem.get_closest_marker("browser") is None):
+            shared_lab.close_shared()

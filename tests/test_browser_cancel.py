@@ -1,36 +1,28 @@
 """In a real browser: **Cancel** on the widget of a background gather in JupyterLab stops it. The
 queued calls never start, the two running ones finish and are kept, the run ends interrupted.
 
-The same setup as tests/test_browser_signals.py (JupyterLab, Chromium, Playwright), with a
-notebook written here whose calls log their start and wait for a gate file.
+The same setup as tests/test_browser_signals.py (the session's JupyterLab and Chromium,
+Playwright), with a notebook written here, in a folder of this test alone, whose calls log their
+start and wait for a gate file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from procs import wait_until
-from test_browser import (  # noqa: F401 - page is a fixture
-    ARTIFACTS,
-    KERNEL_READY_MS,
-    WIDGET_MS,
-    _log_tail,
-    expect,
-    notebook_ready,
-    page,
-    serve_lab,
-)
-from test_browser_signals import RAN, RUN
+from shared_lab import _log_tail
+from test_browser import ARTIFACTS, KERNEL_READY_MS, WIDGET_MS, expect, notebook_ready
+from test_browser_signals import ran_js, run_js
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
-NOTEBOOK_NAME = "approval.ipynb"  # the notebook RUN and RAN (of test_browser_signals) look for
+NOTEBOOK_NAME = "approval.ipynb"
 DURABLE_CELL = 2
 
 
@@ -58,27 +50,31 @@ def _write_notebook(path: Path, log: Path, gate: Path) -> None:
 
 
 @pytest.fixture
-def cancel_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    root = tmp_path / "root"
-    root.mkdir()
+def cancel_lab(lab_folder: Any, tmp_path: Path) -> dict[str, Any]:
     log, gate = tmp_path / "started.log", tmp_path / "gate"
-    _write_notebook(root / NOTEBOOK_NAME, log, gate)
-    db = tmp_path / "cancel.db"
-    with serve_lab(tmp_path, root, db) as (base_url, lab_log):
-        yield {"url": base_url, "log": lab_log, "db": f"sqlite:///{db}", "started": log, "gate": gate}
+    _write_notebook(lab_folder.root / NOTEBOOK_NAME, log, gate)
+    return {
+        "url": lab_folder.tree_url(NOTEBOOK_NAME),
+        "path": lab_folder.path(NOTEBOOK_NAME),
+        "log": lab_folder.log,
+        "db": lab_folder.db_url,
+        "started": log,
+        "gate": gate,
+    }
 
 
 def started(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
 
 
-def test_cancel_button_stops_a_background_gather(cancel_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
+def test_cancel_button_stops_a_background_gather(cancel_lab: dict[str, Any], page: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        page.goto(f"{cancel_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
-        page.wait_for_function(notebook_ready(NOTEBOOK_NAME), timeout=KERNEL_READY_MS)
-        page.evaluate(RUN, ["notebook:run-all-cells", 0])
-        page.wait_for_function(RAN, arg=3, timeout=60_000)
+        path = cancel_lab["path"]
+        page.goto(cancel_lab["url"], wait_until="domcontentloaded")
+        page.wait_for_function(notebook_ready(path), timeout=KERNEL_READY_MS)
+        page.evaluate(run_js(path), ["notebook:run-all-cells", 0])
+        page.wait_for_function(ran_js(path), arg=3, timeout=60_000)
         widget = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL).locator(".durable-run")
         expect(widget).to_contain_text("2 running", timeout=WIDGET_MS)
         wait_until(lambda: len(started(cancel_lab["started"])) == 2, what="2 calls running")

@@ -1,6 +1,7 @@
 """In a real browser: **Retry failed** and **Resume**, clicked in JupyterLab (Chromium, Playwright).
 
-One JupyterLab session over one notebook written here:
+One JupyterLab session (the session's shared server and Chromium, tests/shared_lab.py) over one
+notebook written here, in a folder of this test alone, over that folder's empty store:
 
 - a foreground cell fails on one call; its traceback shows in the cell, inside the widget. With
   the function fixed, **Retry failed** runs only the failed call, the run completes, the names
@@ -16,30 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from procs import wait_until
-from test_browser import (  # noqa: F401 - page is a fixture
-    ARTIFACTS,
-    KERNEL_READY_MS,
-    WIDGET_MS,
-    _log_tail,
-    expect,
-    find_panel,
-    notebook_errors,
-    notebook_ready,
-    page,
-    serve_lab,
-)
-from test_browser_signals import RAN, RUN
+from shared_lab import _log_tail
+from test_browser import ARTIFACTS, KERNEL_READY_MS, WIDGET_MS, expect, find_panel, notebook_errors, notebook_ready
+from test_browser_signals import ran_js, run_js
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
-NOTEBOOK_NAME = "approval.ipynb"  # the notebook RUN and RAN (of test_browser_signals) look for
+NOTEBOOK_NAME = "approval.ipynb"
 LOAD, DEFINE, FLAKY, PRINT_VALUES, STEPS, PRINT_RS = range(6)
 
 
@@ -78,24 +68,26 @@ def _write_notebook(path: Path, cells: list[str]) -> None:
 
 
 @pytest.fixture
-def retry_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    root = tmp_path / "root"
-    root.mkdir()
+def retry_lab(lab_folder: Any, tmp_path: Path) -> dict[str, Any]:
     files = {"calls": tmp_path / "calls.log", "fail": tmp_path / "fail", "gate": tmp_path / "gate"}
     files["fail"].touch()  # flaky(2) fails while it exists
-    _write_notebook(root / NOTEBOOK_NAME, _cells(files["calls"], files["fail"], files["gate"]))
-    db = tmp_path / "retry.db"
-    with serve_lab(tmp_path, root, db) as (base_url, lab_log):
-        yield {"url": base_url, "log": lab_log, "db": f"sqlite:///{db}", **files}
+    _write_notebook(lab_folder.root / NOTEBOOK_NAME, _cells(files["calls"], files["fail"], files["gate"]))
+    return {
+        "url": lab_folder.tree_url(NOTEBOOK_NAME),
+        "path": lab_folder.path(NOTEBOOK_NAME),
+        "log": lab_folder.log,
+        "db": lab_folder.db_url,
+        **files,
+    }
 
 
 def ran(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def _run(browser: Any, command: str, index: int, count: int) -> None:
-    browser.evaluate(RUN, [command, index])
-    browser.wait_for_function(RAN, arg=count, timeout=60_000)
+def _run(browser: Any, path: str, command: str, index: int, count: int) -> None:
+    browser.evaluate(run_js(path), [command, index])
+    browser.wait_for_function(ran_js(path), arg=count, timeout=60_000)
     assert browser.evaluate("() => window.__durableRan") == "ok"
 
 
@@ -112,12 +104,16 @@ def _status(db: str, name: str) -> tuple[str, int] | None:
     return None if row is None else (row.status, row.calls_done)
 
 
-RESTART_KERNEL = f"""() => {{
-    {find_panel(NOTEBOOK_NAME)}
+def restart_kernel(path: str) -> str:
+    """JavaScript: restart the kernel of the notebook at ``path``; ``window.__durableRestarted`` says how."""
+    return f"""() => {{
+    {find_panel(path)}
     window.__durableRestarted = undefined;
     panel.sessionContext.session.kernel.restart().then(
         () => {{ window.__durableRestarted = 'ok'; }}, err => {{ window.__durableRestarted = 'failed: ' + err; }});
 }}"""
+
+
 # The widget views that show JupyterLab's broken-link icon (a ::before with content) in durable widgets.
 BROKEN_LINK_ICONS = """() => Array.from(document.querySelectorAll(
         '.durable-run.jupyter-widgets-disconnected, .durable-run .jupyter-widgets-disconnected'))
@@ -125,16 +121,16 @@ BROKEN_LINK_ICONS = """() => Array.from(document.querySelectorAll(
 DISCONNECTED_WIDGETS = "() => document.querySelectorAll('.durable-run.jupyter-widgets-disconnected').length"
 
 
-def test_retry_failed_and_resume_clicked_in_jupyterlab(retry_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
+def test_retry_failed_and_resume_clicked_in_jupyterlab(retry_lab: dict[str, Any], page: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    log = retry_lab["calls"]
+    log, path = retry_lab["calls"], retry_lab["path"]
     cells = page.locator(".jp-Notebook .jp-Cell")
     try:
-        page.goto(f"{retry_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
-        page.wait_for_function(notebook_ready(NOTEBOOK_NAME), timeout=KERNEL_READY_MS)
+        page.goto(retry_lab["url"], wait_until="domcontentloaded")
+        page.wait_for_function(notebook_ready(path), timeout=KERNEL_READY_MS)
 
         # 1. The foreground cell fails at flaky(2): its traceback shows, in the widget.
-        _run(page, "notebook:run-all-above", PRINT_VALUES, FLAKY + 1)
+        _run(page, path, "notebook:run-all-above", PRINT_VALUES, FLAKY + 1)
         cell = cells.nth(FLAKY)
         widget = cell.locator(".durable-run")
         expect(widget.locator(".durable-status")).to_have_text("failed", timeout=WIDGET_MS)
@@ -151,20 +147,20 @@ def test_retry_failed_and_resume_clicked_in_jupyterlab(retry_lab: dict[str, Any]
         expect(cell.locator(".jp-Cell-outputArea")).not_to_contain_text("is broken", timeout=WIDGET_MS)
         expect(cell.locator(".jp-Cell-outputArea")).not_to_contain_text("Traceback")
         expect(widget.locator("button", has_text="Retry failed")).to_be_hidden()
-        assert page.evaluate(notebook_errors(NOTEBOOK_NAME)) == []  # no cell ends in an error
+        assert page.evaluate(notebook_errors(path)) == []  # no cell ends in an error
         assert ran(log) == ["flaky 0", "flaky 1", "flaky 2", "flaky 2", "flaky 3"]
         page.screenshot(path=str(ARTIFACTS / "retry-completed.png"), full_page=True)
-        _run(page, "notebook:run-cell", PRINT_VALUES, PRINT_VALUES + 1)
+        _run(page, path, "notebook:run-cell", PRINT_VALUES, PRINT_VALUES + 1)
         expect(cells.nth(PRINT_VALUES).locator(".jp-OutputArea-output")).to_have_text("values: [0, 1, 4, 9]")
 
         # 3. A background run, stopped by a kernel restart while step(1) runs (step(0) committed).
-        _run(page, "notebook:run-cell", STEPS, STEPS + 1)
+        _run(page, path, "notebook:run-cell", STEPS, STEPS + 1)
         wait_until(lambda: _status(retry_lab["db"], "steps") == ("running", 1), what="step(0) committed")
         wait_until(lambda: "step 1" in ran(log), what="step(1) running")
-        page.evaluate(RESTART_KERNEL)
+        page.evaluate(restart_kernel(path))
         page.wait_for_function("() => window.__durableRestarted !== undefined", timeout=KERNEL_READY_MS)
         assert page.evaluate("() => window.__durableRestarted") == "ok"
-        page.wait_for_function(notebook_ready(NOTEBOOK_NAME), timeout=KERNEL_READY_MS)
+        page.wait_for_function(notebook_ready(path), timeout=KERNEL_READY_MS)
 
         # The dead kernel's widgets say they are detached: no broken-link icons, no dead buttons.
         page.wait_for_function(f"() => ({DISCONNECTED_WIDGETS})() === 2", timeout=WIDGET_MS)
@@ -179,7 +175,7 @@ def test_retry_failed_and_resume_clicked_in_jupyterlab(retry_lab: dict[str, Any]
 
         # 4. The new kernel: %load_ext offers the run; its Resume button continues it.
         retry_lab["gate"].touch()
-        _run(page, "notebook:run-all-above", FLAKY, DEFINE + 1)
+        _run(page, path, "notebook:run-all-above", FLAKY, DEFINE + 1)
         banner = cells.nth(LOAD)
         expect(banner).to_contain_text("Unfinished durable executions", timeout=WIDGET_MS)
         expect(banner).to_contain_text(re.compile(r"steps \(\w+, 1/2 calls done"))
@@ -193,7 +189,7 @@ def test_retry_failed_and_resume_clicked_in_jupyterlab(retry_lab: dict[str, Any]
         assert _status(retry_lab["db"], "steps") == ("completed", 3)
         steps = [line for line in ran(log) if line.startswith("step")]
         assert steps == ["step 0", "step 1", "step 1", "step 2"]  # only the call in flight ran again
-        _run(page, "notebook:run-cell", PRINT_RS, PRINT_RS + 1)
+        _run(page, path, "notebook:run-cell", PRINT_RS, PRINT_RS + 1)
         expect(cells.nth(PRINT_RS).locator(".jp-OutputArea-output")).to_have_text("rs: [10, 11, 12]")
     except BaseException:
         print(f"JupyterLab log:\n{_log_tail(retry_lab['log'])}")

@@ -2,9 +2,9 @@
 **Reject**, then typing a JSON value and clicking **Send** in its widget in JupyterLab completes
 the run (a value that is not JSON is refused in the widget, and nothing is delivered).
 
-A headless JupyterLab (the same setup as tests/test_browser.py, whose helpers and ``page``
-fixture this module reuses) serves a small notebook written here against an empty SQLite store;
-Playwright drives Debian's Chromium. Screenshots land in test-artifacts/.
+The session's headless JupyterLab (tests/shared_lab.py; this module reuses tests/test_browser.py's
+helpers) serves a small notebook written here, in a folder of each test alone, against that
+folder's empty SQLite store; Playwright drives Debian's Chromium. Screenshots land in test-artifacts/.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from shared_lab import _log_tail
 from test_browser import (
     ARTIFACTS,
     KERNEL_READY_MS,
     WIDGET_MS,
-    _log_tail,
     expect,
     find_panel,
     notebook_errors,
     notebook_ready,
-    page,  # noqa: F401 - a fixture: Chromium, 1280x900
-    serve_lab,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -44,11 +42,12 @@ CELLS = [
 ]
 DURABLE_CELL = 2
 
-FIND_PANEL = find_panel(NOTEBOOK_NAME)
-NOTEBOOK_READY = notebook_ready(NOTEBOOK_NAME)
-# Run the cells above cell `index` (notebook:run-all-above), or cell `index` alone (notebook:run-cell).
-RUN = f"""([command, index]) => {{
-    {FIND_PANEL}
+
+# Run the cells above cell `index` (notebook:run-all-above), or cell `index` alone (notebook:run-cell),
+# of the notebook at ``path``.
+def run_js(path: str) -> str:
+    return f"""([command, index]) => {{
+    {find_panel(path)}
     app.shell.activateById(panel.id);
     app.shell.collapseLeft();
     panel.content.activeCellIndex = index;
@@ -57,14 +56,17 @@ RUN = f"""([command, index]) => {{
         ok => {{ window.__durableRan = 'ok'; }},
         err => {{ window.__durableRan = 'failed: ' + err; }});
 }}"""
-RAN = f"""(count) => {{
+
+
+def ran_js(path: str) -> str:
+    """JavaScript: true once the command of ``run_js`` ended and the first ``count`` code cells ran."""
+    return f"""(count) => {{
     if (window.__durableRan === undefined) return false;
-    {FIND_PANEL}
+    {find_panel(path)}
     const cells = Array.from(panel.content.widgets).filter(c => c.model.type === 'code').slice(0, count);
     return panel.sessionContext.session.kernel.status === 'idle'
         && cells.every(c => c.model.executionCount !== null);
 }}"""
-NOTEBOOK_ERRORS = notebook_errors(NOTEBOOK_NAME)
 
 
 def _write_notebook(path: Path, sources: list[str] = CELLS) -> None:
@@ -81,15 +83,17 @@ def _write_notebook(path: Path, sources: list[str] = CELLS) -> None:
     path.write_text(json.dumps(nb, indent=1) + "\n", encoding="utf-8")
 
 
+def _lab(folder: Any) -> dict[str, Any]:
+    """What the tests use of their folder of the shared JupyterLab."""
+    path = folder.path(NOTEBOOK_NAME)
+    return {"url": folder.tree_url(NOTEBOOK_NAME), "path": path, "log": folder.log, "db": folder.db_url}
+
+
 @pytest.fixture
-def signal_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A headless JupyterLab on a free port, serving the approval notebook over an empty store."""
-    root = tmp_path / "root"
-    root.mkdir()
-    _write_notebook(root / NOTEBOOK_NAME)
-    db = tmp_path / "signals.db"
-    with serve_lab(tmp_path, root, db) as (base_url, log):
-        yield {"url": base_url, "log": log, "db": f"sqlite:///{db}"}
+def signal_lab(lab_folder: Any) -> dict[str, Any]:
+    """The shared headless JupyterLab, serving the approval notebook over an empty store."""
+    _write_notebook(lab_folder.root / NOTEBOOK_NAME)
+    return _lab(lab_folder)
 
 
 # The same notebook's name, with a detached cell: a runner subprocess drives it, the widget watches the store.
@@ -103,33 +107,30 @@ DETACHED_CELLS = [
 
 
 @pytest.fixture
-def detached_lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A headless JupyterLab serving the detached notebook, and a ``durable-monty-nb runner``
+def detached_lab(lab_folder: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The shared headless JupyterLab serving the detached notebook, and a ``durable-monty-nb runner``
     subprocess (test_detach's) of its store, polling signals every second (lease 3 s)."""
     from test_detach import Runners
 
-    root = tmp_path / "root"
-    root.mkdir()
-    _write_notebook(root / NOTEBOOK_NAME, DETACHED_CELLS)
-    db = tmp_path / "detached.db"
-    runners = Runners(f"sqlite:///{db}", tmp_path)
+    _write_notebook(lab_folder.root / NOTEBOOK_NAME, DETACHED_CELLS)
+    lab = _lab(lab_folder)
+    runners = Runners(lab["db"], tmp_path)
     try:
-        with serve_lab(tmp_path, root, db) as (base_url, log):
-            yield {"url": base_url, "log": log, "db": f"sqlite:///{db}", "runners": runners}
+        yield {**lab, "runners": runners}
     finally:
         runners.stop()
 
 
-def _run(browser: Any, command: str, index: int, count: int) -> None:
-    browser.evaluate(RUN, [command, index])
-    browser.wait_for_function(RAN, arg=count, timeout=60_000)
+def _run(browser: Any, path: str, command: str, index: int, count: int) -> None:
+    browser.evaluate(run_js(path), [command, index])
+    browser.wait_for_function(ran_js(path), arg=count, timeout=60_000)
     assert browser.evaluate("() => window.__durableRan") == "ok"
 
 
-def _names_landed(browser: Any, count: int, printed: str) -> None:
+def _names_landed(browser: Any, path: str, count: int, printed: str) -> None:
     """Run the cell after the durable one: it prints the names the run set in the notebook."""
-    _run(browser, "notebook:run-cell", DURABLE_CELL + 1, count)
-    assert browser.evaluate(NOTEBOOK_ERRORS) == []
+    _run(browser, path, "notebook:run-cell", DURABLE_CELL + 1, count)
+    assert browser.evaluate(notebook_errors(path)) == []
     output = browser.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL + 1).locator(".jp-OutputArea-output")
     expect(output).to_have_text(printed, timeout=WIDGET_MS)
 
@@ -144,17 +145,18 @@ def _stored(db: str, *extra: str) -> tuple[list[tuple[str, Any, str, int]], list
     return [(r.name, json.loads(r.value), r.source, r.consumed_by) for r in rows], values
 
 
-def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:  # noqa: F811
+def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[str, Any], page: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     failure_shot = ARTIFACTS / "approval-failure.png"
     failure_shot.unlink(missing_ok=True)
     try:
-        page.goto(f"{signal_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
-        page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_MS)
+        path = signal_lab["path"]
+        page.goto(signal_lab["url"], wait_until="domcontentloaded")
+        page.wait_for_function(notebook_ready(path), timeout=KERNEL_READY_MS)
 
         # Run the cells up to the %%durable one: it parks on the signal and the cell returns.
-        _run(page, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)
-        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        _run(page, path, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)
+        assert page.evaluate(notebook_errors(path)) == []
         cell = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL)
         widget = cell.locator(".durable-run")
         expect(widget).to_have_count(1, timeout=WIDGET_MS)
@@ -185,7 +187,7 @@ def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[
         page.screenshot(path=str(ARTIFACTS / "approval-completed.png"), full_page=True)
 
         # The run's names landed in the notebook when it completed.
-        _names_landed(page, len(CELLS), "outcome: recorded True False ok")
+        _names_landed(page, path, len(CELLS), "outcome: recorded True False ok")
 
         # In the store: three deliveries (none of the refused text), from the widget, each consumed by its wait.
         deliveries, [status] = _stored(signal_lab["db"], "SELECT status FROM dm_executions")
@@ -204,17 +206,18 @@ def test_approve_reject_and_send_buttons_complete_a_parked_run(signal_lab: dict[
 
 def test_approve_and_reject_buttons_of_a_watched_run_that_a_runner_drives(
     detached_lab: dict[str, Any],
-    page: Any,  # noqa: F811
+    page: Any,
 ) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     failure_shot = ARTIFACTS / "detached-approval-failure.png"
     failure_shot.unlink(missing_ok=True)
     runners = detached_lab["runners"]
     try:
-        page.goto(f"{detached_lab['url']}/lab/tree/{NOTEBOOK_NAME}?reset", wait_until="domcontentloaded")
-        page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_MS)
-        _run(page, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)  # handed over: returns at once
-        assert page.evaluate(NOTEBOOK_ERRORS) == []
+        path = detached_lab["path"]
+        page.goto(detached_lab["url"], wait_until="domcontentloaded")
+        page.wait_for_function(notebook_ready(path), timeout=KERNEL_READY_MS)
+        _run(page, path, "notebook:run-all-above", DURABLE_CELL + 1, DURABLE_CELL + 1)  # handed over: returns at once
+        assert page.evaluate(notebook_errors(path)) == []
         runner = runners.start("lab-runner", "--lease-ttl", "3")
         cell = page.locator(".jp-Notebook .jp-Cell").nth(DURABLE_CELL)
         widget = cell.locator(".durable-run")
@@ -233,7 +236,7 @@ def test_approve_and_reject_buttons_of_a_watched_run_that_a_runner_drives(
         expect(widget.locator(".durable-approve")).to_have_count(0, timeout=WIDGET_MS)
         page.screenshot(path=str(ARTIFACTS / "detached-approval-completed.png"), full_page=True)
 
-        _names_landed(page, len(DETACHED_CELLS), "outcome: recorded True False")
+        _names_landed(page, path, len(DETACHED_CELLS), "outcome: recorded True False")
 
         deliveries, [status, driver] = _stored(
             detached_lab["db"], "SELECT status FROM dm_executions", "SELECT runner FROM dm_handoffs"

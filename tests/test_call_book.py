@@ -121,3 +121,34 @@ def test_calls_of_a_batched_gather_are_added_together_and_only_as_pending() -> N
     with pytest.raises(IllegalTransition):
         book.add_many([call(3), call(4, status=DONE)])
     assert sorted(book.calls) == [0, 1, 2]  # none of a refused batch is added
+
+
+def _walked(book: CallBook) -> list[int]:
+    """The unfinished calls as a walk over every call finds them (what live views used to do)."""
+    return [s.call_id for s in book.calls.values() if s.status is not DONE and s.status is not FAILED]
+
+
+def test_the_unfinished_calls_are_kept_in_call_order_through_every_transition() -> None:
+    book = CallBook()
+    states = [call(i) for i in range(8)]
+    book.add_many(states[:5])
+    book.add(states[5])
+    book.restore(call(6, status="done", result_text="1"), retry_failed=False)
+    book.restore(call(7, status="retrying"), retry_failed=False)
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [0, 1, 2, 3, 4, 5, 7]
+    book.transition_pending_done(states[1], "1", {"return_value": 1})
+    book.transition_pending_failed(states[2], "ValueError", "bad", "Traceback", 1.0, {"error": "bad"})
+    book.transition_pending_failed(states[3], "ValueError", "bad", "Traceback", 1.0, {"error": "bad"})
+    book.transition_pending_retrying(states[4], 5.0)
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [0, 4, 5, 7]
+    book.transition_failed_pending(states[3])  # tried again: back in its place, not at the end
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [0, 3, 4, 5, 7]
+    book.forget({5})
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [0, 3, 4, 7]
+    for state in (states[0], states[3]):
+        book.transition_pending_done(state, "1", {"return_value": 1})
+    book.transition_retrying_pending(states[4])
+    book.transition_pending_done(states[4], "1", {"return_value": 1})
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [7]
+    book.transition_failed_pending(states[2])
+    assert [s.call_id for s in book.unfinished_states()] == _walked(book) == [2, 7]

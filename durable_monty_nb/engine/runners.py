@@ -71,7 +71,6 @@ class Runner:
         self._stopping = False
         self._cancelled: list[Run] = []  # runs a cancel request was passed on to
         self._published: dict[str, dict[str, Any]] = {}  # execution id -> the live counts written last
-        self._owners: dict[str, str] = {}  # execution id -> the lease owner its driver writes as
 
     def step(self) -> None:
         """One round: end finished runs, pass on cancel requests, claim armed hand-overs."""
@@ -79,7 +78,6 @@ class Runner:
             if run.done:
                 del self.runs[execution_id]
                 self._published.pop(execution_id, None)
-                self._owners.pop(execution_id, None)
                 if run in self._cancelled:
                     self._cancelled.remove(run)
                 if not self._stopping:
@@ -113,7 +111,7 @@ class Runner:
             if progress.note:
                 counts["note"] = progress.note
             counts["calls"] = run.live_calls()  # which calls run, wait, ... (the rows say pending)
-            counts["owner"] = self._owners.get(execution_id)  # readers trust the lease holder's only
+            counts["owner"] = run._source.owner  # its driver's lease owner: readers trust the holder's only
             if self._published.get(execution_id) != counts:
                 handoffs.write_progress(self.store, execution_id, counts)
                 self._published[execution_id] = counts
@@ -194,7 +192,6 @@ class Runner:
             settings.lease_ttl,
             lambda busy: f"execution {row.id[:12]} is driven by {describe_owner(busy)}",
         )
-        self._owners[row.id] = owner
         run = Run(row.id, row.key)
         emit = engine._subscribe_printer(run, lambda stream, text: None)
         session = None
@@ -223,7 +220,6 @@ class Runner:
                 on_exit=engine._forget,
             )
         except BaseException:
-            self._owners.pop(row.id, None)
             sandbox.close_session(session)
             give_back(self.store, row.id, owner)
             raise

@@ -14,7 +14,9 @@ its function, a sleep that ended, a signal that arrived): all through
 :meth:`CallBook.transition_pending_done`, which gives Monty its answer, counts it and journals
 it. Every transition that changes what the store holds queues the call's row for the next commit
 (:meth:`CallBook.take_journal`). Other threads (views) read :meth:`CallBook.snapshot`: counts
-taken together under one lock, never half of a transition.
+taken together under one lock, never half of a transition; and :meth:`CallBook.unfinished_states`,
+the calls neither done nor failed (kept by the transitions, so live views need not walk every
+call of a long execution).
 
 The book knows nothing of Monty, the store or threads beyond that lock; it is unit-tested alone.
 """
@@ -52,6 +54,10 @@ class CallBook:
 
     def __init__(self) -> None:
         self.calls: dict[int, CallState] = {}
+        # The calls neither done nor failed, in the order of ``calls`` unless ``_unfinished_unordered``
+        # (a failed call tried again goes back at the end); written under the lock.
+        self._unfinished: dict[int, CallState] = {}
+        self._unfinished_unordered = False
         self.answers: dict[int, dict[str, Any]] = {}  # what Monty gets, by call id, until it takes it
         self.counters = Counters()
         self.failed_by_error: dict[tuple[str, str], CallState] = {}  # (type, message) -> the call that raised it
@@ -64,6 +70,15 @@ class CallBook:
         """The counters, all taken at one moment (for other threads)."""
         with self._lock:
             return replace(self.counters)
+
+    def unfinished_states(self) -> list[CallState]:
+        """The calls neither done nor failed, in call order (a copy, for other threads; a call may
+        end meanwhile)."""
+        with self._lock:
+            if not self._unfinished_unordered:
+                return list(self._unfinished.values())
+            states = list(self.calls.values())
+        return [state for state in states if state.status is not DONE and state.status is not FAILED]
 
     def take_journal(self) -> list[dict[str, Any]]:
         """The call rows changed since the last take, for the next commit (every column, so rows
@@ -79,6 +94,7 @@ class CallBook:
             raise IllegalTransition(f"call {state.call_id} is announced {state.status}, not pending")
         with self._lock:
             self.calls[state.call_id] = state
+            self._unfinished[state.call_id] = state
             self.counters.total += 1
             if state.kind == "sleep":
                 self.counters.waiting += 1
@@ -89,9 +105,10 @@ class CallBook:
         for state in states:
             if state.status is not PENDING:
                 raise IllegalTransition(f"call {state.call_id} is announced {state.status}, not pending")
+        unfinished = self._unfinished
         with self._lock:
             for state in states:
-                calls[state.call_id] = state
+                calls[state.call_id] = unfinished[state.call_id] = state
             self.counters.total += len(states)
 
     def restore(self, state: CallState, *, retry_failed: bool, answer: Any = None) -> None:
@@ -118,6 +135,7 @@ class CallBook:
                 state = self.calls.pop(call_id, None)
                 if state is None:
                     continue
+                self._unfinished.pop(call_id, None)
                 c = self.counters
                 c.total -= 1
                 if state.status is DONE:
@@ -153,6 +171,7 @@ class CallBook:
         if answer is not None:
             self.answers[state.call_id] = answer
         with self._lock:
+            self._end(state)
             c = self.counters
             c.done += 1
             c.reused += reused
@@ -203,6 +222,8 @@ class CallBook:
         state.status = PENDING
         with self._lock:
             self.counters.failed -= 1
+            self._unfinished[state.call_id] = state  # at the end: its place is read from ``calls``
+            self._unfinished_unordered = True
 
     def journal(self, state: CallState) -> None:
         """Queue the call's row for the next commit (also for changes that keep its status)."""
@@ -230,7 +251,15 @@ class CallBook:
             self.answers[state.call_id] = answer
         self.failed_by_error[(state.error_type or "", state.error_message or "")] = state
         with self._lock:
+            self._end(state)
             self.counters.failed += 1
+
+    def _end(self, state: CallState) -> None:
+        """The call is done or failed (under the lock): no longer unfinished."""
+        unfinished = self._unfinished
+        unfinished.pop(state.call_id, None)
+        if not unfinished:  # in call order again
+            self._unfinished_unordered = False
 
     @staticmethod
     def _expect(state: CallState, status: CallStatus) -> None:

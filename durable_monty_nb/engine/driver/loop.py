@@ -255,9 +255,9 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
 
     def live_calls(self, limit: int) -> dict[str, list[int]]:
         """The ids of unfinished calls that are running, queued, limited, waiting or retrying (at
-        most ``limit`` each): one pass, no argument formatting."""
+        most ``limit`` each): one pass over the unfinished calls only, no argument formatting."""
         live: dict[str, list[int]] = {}
-        for state in list(self.calls.values()):
+        for state in self.book.unfinished_states():
             if state.status is DONE or state.status is FAILED:
                 continue
             status = state.view_status
