@@ -633,6 +633,7 @@ class DurableMagics(Magics):
             # Never create a store just by loading the extension; but import its SQL dialect, which
             # the first %%durable cell would otherwise wait for (about 50 ms).
             import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
+
             return
         try:
             from sqlalchemy import create_engine
