@@ -238,6 +238,11 @@ class Run:
         live = getattr(self._source, "live_calls", None)
         return live(limit) if live is not None and not self._done.is_set() else {}
 
+    @property
+    def lease_owner(self) -> str | None:
+        """The lease owner its driver writes as, while the run is driven here (None otherwise)."""
+        return getattr(self._source, "owner", None)
+
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event; returns a function that unsubscribes."""
         return self.events.subscribe(listener)

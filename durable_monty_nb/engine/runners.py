@@ -111,7 +111,7 @@ class Runner:
             if progress.note:
                 counts["note"] = progress.note
             counts["calls"] = run.live_calls()  # which calls run, wait, ... (the rows say pending)
-            counts["owner"] = run._source.owner  # its driver's lease owner: readers trust the holder's only
+            counts["owner"] = run.lease_owner  # readers trust the lease holder's counts only
             if self._published.get(execution_id) != counts:
                 handoffs.write_progress(self.store, execution_id, counts)
                 self._published[execution_id] = counts
