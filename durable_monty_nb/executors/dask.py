@@ -52,9 +52,10 @@ CONNECT_SECONDS = 5.0
 POLL_SECONDS = 1.0  # how often the scheduler is asked which attempts run, while some are in flight
 GATHER_BATCH = 2000
 GATHER_WAIT = 0.02
-"""Seconds the watcher waits after a future finishes for others to gather with it: a gather is a
-round trip to the workers that hold the results, and gathering each result as it came cost a
-fan-out of 10,000 trivial calls more than their run."""
+"""Seconds the watcher waits after a future finishes for others in flight to gather with it (at
+most until all of them finished, so a lone awaited call is gathered at once): a gather is a round
+trip to the workers that hold the results, and gathering each result as it came cost a fan-out of
+10,000 trivial calls more than their run."""
 CONNECTION_LOST = "scheduler-connection-lost"
 
 _lock = threading.Lock()
@@ -303,10 +304,10 @@ class DaskExecutor(WatchedExecutor):
             except queue.Empty:
                 first = None
             batch = [] if first is None else [first]
-            if first is not None:  # more finish meanwhile: one gather for them all
+            if first is not None:  # others in flight may finish meanwhile: one gather for them all
                 until = time.monotonic() + GATHER_WAIT
                 with contextlib.suppress(queue.Empty):
-                    while len(batch) < GATHER_BATCH:
+                    while len(batch) < min(GATHER_BATCH, len(self._futures)):  # never waits for a lone call
                         batch.append(self._finished.get(timeout=max(until - time.monotonic(), 0)))
             batch = [future for future in batch if future is not None]
             if self._closed.is_set():
