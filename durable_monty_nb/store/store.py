@@ -768,7 +768,7 @@ class Store:
         found: dict[str, AttemptRecord] = {}
         with self._reader.connect() as conn:
             for chunk in _chunks(list(attempt_ids), IN_CHUNK):
-                rows = conn.execute(_attempts_by_id(), {"ids": list(chunk)}).all()
+                rows = conn.execute(_ATTEMPTS_BY_ID, {"ids": list(chunk)}).all()
                 for row in rows:
                     record = AttemptRecord(**row._asdict())
                     if record.finished:
@@ -1085,6 +1085,10 @@ TABLES = {
 }
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
+# Built once: a worker reads its attempt before each run, and building this each time cost 3x the read.
+_ATTEMPTS_BY_ID = select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
+    ATTEMPTS.c.attempt_id.in_(bindparam("ids", expanding=True))
+)
 
 
 def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: str) -> set[str]:
@@ -1102,15 +1106,6 @@ def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: 
             query = query.with_for_update(read=True)
         found.update(conn.execute(query).scalars())
     return found
-
-
-@functools.cache
-def _attempts_by_id() -> Any:
-    """The attempts with the ids ``ids`` (built once: a worker reads its attempt before each run,
-    and building the statement each time cost three times the read)."""
-    return select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
-        ATTEMPTS.c.attempt_id.in_(bindparam("ids", expanding=True))
-    )
 
 
 @functools.cache
