@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now (for a server or scheduler a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def spawn(

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 from ci import missing
+from procs import free_port
 
 try:
     from playwright.sync_api import sync_playwright
@@ -63,12 +63,6 @@ def _require_tools() -> None:
         import jupyterlab  # noqa: F401
     except ImportError:
         missing("jupyterlab is missing (pip install 'jupyterlab>=4.2')")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_settings(settings_dir: Path) -> None:
@@ -146,7 +140,7 @@ class LabServer:
         self.runtime_dir = base / "runtime"
         self.log = base / "jupyter-lab.log"
         self.folders = 0
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: subprocess.Popen[bytes] | None = None
 

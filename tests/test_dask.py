@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from ci import require_module
-from procs import log_entries, wait_until
+from procs import free_port, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed
 from durable_monty_nb.errors import ExecutorUnavailable
@@ -28,12 +28,6 @@ require_module("distributed", extra="dask")  # in CI a missing extra fails, neve
 
 TESTS = Path(__file__).resolve().parent
 DASK = str(Path(sys.executable).parent / "dask")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:

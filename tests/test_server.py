@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from ci import missing, require_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import wait_until
+from procs import free_port, wait_until
 
 from durable_monty_nb import Engine, external, retry
 from durable_monty_nb.tokens import admin_token, call_token, cancel_token, make_token, signal_token
@@ -32,12 +32,6 @@ require_module("starlette", extra="server")  # in CI a missing extra fails, neve
 require_module("uvicorn", extra="server")
 httpx = require_module("httpx", extra="test")
 MAX_BODY = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:

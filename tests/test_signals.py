@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from ci import require_module
-from procs import fuzz_random, kill, log_entries, wait_until
+from procs import free_port, fuzz_random, kill, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed
 from durable_monty_nb.store import mailbox
@@ -471,11 +471,7 @@ def test_approve_button_of_the_widget(kernel_setup: Any) -> None:
 @pytest.mark.kernel
 def test_durable_serve_in_the_kernel_and_a_token_from_the_command_line(kernel_setup: Any) -> None:
     httpx = require_module("httpx", extra="test")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tmp_path, env, _, db = kernel_setup
     kernel = start_kernel(tmp_path, env)
     try:
