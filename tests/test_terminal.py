@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,48 @@ def test_load_ext_lists_unfinished_executions(
         assert "%durable_resume NAME (or --all)" in out
     finally:
         ip.run_line_magic("unload_ext", "durable_monty_nb")
+
+
+WARM_UP_PROBE = """
+import os, sys
+from IPython.core.interactiveshell import InteractiveShell
+from durable_monty_nb.engine import sandbox
+
+def children():
+    me = str(os.getpid())
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == me]
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None
+
+before = len(children())
+ip = InteractiveShell.instance()
+ip.run_line_magic("load_ext", "durable_monty_nb")
+if sandbox._warming is not None:
+    sandbox._warming.join(30)
+print(before, len(children()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_load_ext_starts_a_monty_worker_before_the_first_cell(tmp_path: Path) -> None:
+    """The first %%durable cell does not wait for Monty's pool and worker process to start:
+    loading the extension starts them in the background (a fresh process: once per process)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'warm.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_UP_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split()[-2:])
+    assert before == 0 and after >= 1, done.stdout
+    assert not (tmp_path / "warm.db").exists()  # loading the extension never creates a store
 
 
 @pytest.mark.parametrize(
