@@ -144,9 +144,10 @@ class _Writer:
     def _loop(self) -> None:
         while True:
             records = [self.queue.get()]
+            until = time.monotonic() + WRITE_LINGER
             with contextlib.suppress(queue.Empty):
                 while len(records) < WRITE_BATCH:
-                    records.append(self.queue.get_nowait())
+                    records.append(self.queue.get(timeout=max(until - time.monotonic(), 0)))
             try:
                 self.store.finish_attempts(records, {})
             except Exception:  # the store stays unreachable: the driver has the outcomes from the messages
@@ -157,6 +158,11 @@ class _Writer:
 
 
 WRITE_BATCH = 1000
+WRITE_LINGER = 0.05
+"""Seconds the writer waits after an outcome for more to commit with it. Each commit is an
+fsync, and the workers of a cluster take turns at the store's write lock: committing each
+trivial call's outcome as it came cost the workers about as much as running the calls. The
+message to the driver does not wait for it (see :func:`run_attempt`)."""
 _writers: dict[int, _Writer] = {}
 
 
