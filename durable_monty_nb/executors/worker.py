@@ -205,18 +205,22 @@ def failure_message(payload: dict[str, Any], exc: BaseException, worker: str) ->
 
 
 def verify_payload(payload: dict[str, Any], signer: Signer) -> None:
+    if payload.get("v") != PAYLOAD_VERSION:
+        raise TamperedDataError(f"{_refused(payload)}; or install the same durable-monty-nb release on both sides")
     body = {k: v for k, v in payload.items() if k != "sig"}
-    what = (
+    try:
+        signer.verify_text("task", _canonical(body), payload.get("sig"), "a task")
+    except TamperedDataError:
+        raise TamperedDataError(f"{_refused(payload)}.") from None
+
+
+def _refused(payload: dict[str, Any]) -> str:
+    """Why a task's payload was refused (built only then: it asks for the host's name)."""
+    return (
         f"the task of call {payload.get('call_id')} ({payload.get('function')}) sent to worker {worker_name()}: "
         f"its signature does not match this worker's key. Give the worker the kernel's signing key "
         f"({KEY_ENV}, or the key file {KEY_FILE_ENV})"
     )
-    if payload.get("v") != PAYLOAD_VERSION:
-        raise TamperedDataError(f"{what}; or install the same durable-monty-nb release on both sides")
-    try:
-        signer.verify_text("task", _canonical(body), payload.get("sig"), what)
-    except TamperedDataError:
-        raise TamperedDataError(f"{what}.") from None
 
 
 def worker_signer() -> Signer:
