@@ -378,6 +378,37 @@ def test_steps_journal_attempts_and_mark_lost_ones(db_url: str) -> None:
     store.close()
 
 
+def test_a_workers_read_of_one_attempt_is_the_stores_record_verified(db_url: str) -> None:
+    """What a worker reads before it runs an attempt (has another worker run it already?): none
+    before it is journaled, then the dispatched row, then its signed outcome, as ``load_attempts``
+    gives them; an outcome edited in the database is refused."""
+    from durable_monty_nb.executors.record import AttemptRecord
+    from durable_monty_nb.store.store import Step
+
+    store = Store(db_url)
+    owner = new_owner()
+    execution_id = _insert_execution(store, owner, 60)
+    attempt = f"dm-{execution_id}-1-1"
+    assert store.load_attempt(attempt) is None
+    row = {"attempt_id": attempt, "execution_id": execution_id, "call_id": 1, "attempt": 1}
+    row.update(executor="dask", status="dispatched", created_at=5.0)
+    store.commit(execution_id, owner, 60, Step(new_calls=[_call_row(execution_id, 1)], attempts=[row]))
+    dispatched = store.load_attempt(attempt)
+    assert dispatched is not None and (dispatched.status, dispatched.finished) == ("dispatched", False)
+
+    outcome = AttemptRecord(attempt, execution_id, 1, 1, "done", "dask", "tcp://w:1", "42", started_at=1.5)
+    outcome.finished_at = 2.5
+    store.finish_attempts([outcome.sign(store.signer)], {})
+    read = store.load_attempt(attempt)
+    assert read == store.load_attempts([attempt])[attempt] == outcome
+
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE dm_attempts SET result = '43' WHERE attempt_id = :a"), {"a": attempt})
+    with pytest.raises(TamperedDataError, match="the outcome of attempt 1 of call 1"):
+        store.load_attempt(attempt)
+    store.close()
+
+
 def test_heartbeat_keeps_the_lease_fresh(sqlite_url: str) -> None:
     engine = Engine(sqlite_url, lease_ttl=0.6)  # heartbeat every 0.2 s
     release = threading.Event()

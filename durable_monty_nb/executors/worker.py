@@ -78,7 +78,7 @@ def run_attempt(payload: dict[str, Any], worker: str | None = None, *, write_beh
     verify_payload(payload, signer)
     store = _store(payload["store"])
     task_id = Task(payload["execution_id"], payload["call_id"], payload["attempt"], payload["function"]).id
-    finished = store.load_attempts([task_id]).get(task_id)
+    finished = store.load_attempt(task_id)
     if finished is not None and finished.finished:  # run before (e.g. Dask re-ran it after its worker died)
         return wire(finished)
     record = AttemptRecord(

