@@ -68,7 +68,7 @@ class AttemptRecord:
     def to_dict(self) -> dict[str, Any]:
         """The record's fields, by name (all plain values: ``dataclasses.asdict`` would deep-copy
         each one, a third of a trivial call's time on a Dask worker)."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        return {name: getattr(self, name) for name in ATTEMPT_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttemptRecord:
@@ -78,4 +78,5 @@ class AttemptRecord:
             raise TamperedDataError(f"a malformed attempt record was refused: {exc}") from None
 
 
-_FIELDS = tuple(f.name for f in fields(AttemptRecord))
+ATTEMPT_FIELDS = tuple(f.name for f in fields(AttemptRecord))
+"""The fields of a record, in order: the columns of ``dm_attempts`` a record reads and writes."""

@@ -32,7 +32,7 @@ from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
 from ..values import BlobData, big_blob_digest, content_matches
 from . import mailbox
-from .attempts import AttemptRecord
+from .attempts import ATTEMPT_FIELDS, AttemptRecord
 from .keys import scoped_key
 from .owners import (  # noqa: F401  (where they were before owners.py)
     _proc_stat,
@@ -82,22 +82,6 @@ CALL_FIELDS = (
     "reused_from",
     "worker",
     "gather_id",
-)
-ATTEMPT_FIELDS = (
-    "attempt_id",
-    "execution_id",
-    "call_id",
-    "attempt",
-    "status",
-    "executor",
-    "worker",
-    "result",
-    "error_types",
-    "error_message",
-    "traceback",
-    "started_at",
-    "finished_at",
-    "signature",
 )
 COMPRESS_ABOVE = 16 * 1024
 BLOB_DIR_SUFFIX = "-blobs"  # a SQLite file store keeps its big values in <database>-blobs/
@@ -747,7 +731,6 @@ class Store:
     def finish_attempts(self, records: Sequence[AttemptRecord], blobs: dict[str, tuple[bytes | BlobData, str]]) -> None:
         """Write the signed outcomes of attempts (and the blobs their results refer to) in one transaction."""
         now = time.time()
-        columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
         with self.engine.begin() as conn:
             if blobs:
                 self._insert_blobs(conn, blobs, now)
@@ -755,8 +738,8 @@ class Store:
                 values = record.to_dict()
                 changed = _run(
                     conn,
-                    _update_statement("dm_attempts", ("attempt_id",), columns),
-                    [{"k_attempt_id": record.attempt_id, **{f"v_{c}": values[c] for c in columns}}],
+                    _update_statement("dm_attempts", ("attempt_id",), _OUTCOME_COLUMNS),
+                    [{"k_attempt_id": record.attempt_id, **{f"v_{c}": values[c] for c in _OUTCOME_COLUMNS}}],
                 )
                 if not changed:  # journaled by nobody (a store reset under a running worker): keep it anyway
                     row = {**values, "created_at": now}
@@ -806,9 +789,8 @@ class Store:
     def prepare_for_workers(self) -> None:
         """Compile, once in this process, what a worker's attempt runs (its reads and its
         ``finish_attempts``), so processes forked from this one (RQ's work horses) start warm."""
-        columns = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
         dialect = self.engine.dialect
-        _compiled(_update_statement("dm_attempts", ("attempt_id",), columns), dialect)
+        _compiled(_update_statement("dm_attempts", ("attempt_id",), _OUTCOME_COLUMNS), dialect)
         _compiled(_insert_statement("dm_attempts", tuple(sorted((*ATTEMPT_FIELDS, "created_at")))), dialect)
         self.load_attempt("warm-up")
         for read in (self.load_function, self.load_blob):
@@ -1112,13 +1094,13 @@ TABLES = {
 }
 _EXISTING_BLOBS = select(BLOBS.c.key).where(BLOBS.c.key.in_(bindparam("keys", expanding=True)))
 _EXISTING_FUNCTIONS = select(FUNCTIONS.c.key).where(FUNCTIONS.c.key.in_(bindparam("keys", expanding=True)))
-# Built once: a worker reads its attempt before each run, and building this each time cost 3x the read.
-_ATTEMPTS_BY_ID = select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
-    ATTEMPTS.c.attempt_id.in_(bindparam("ids", expanding=True))
-)
-_ATTEMPT_BY_ID = select(*[ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]).where(
-    ATTEMPTS.c.attempt_id == bindparam("attempt_id")
-)
+# Built once (building a statement costs more than running it): the attempts with the ids
+# ``ids``, and the one a worker reads before each run.
+_ATTEMPT_COLUMNS = [ATTEMPTS.c[f] for f in ATTEMPT_FIELDS]
+_ATTEMPTS_BY_ID = select(*_ATTEMPT_COLUMNS).where(ATTEMPTS.c.attempt_id.in_(bindparam("ids", expanding=True)))
+_ATTEMPT_BY_ID = select(*_ATTEMPT_COLUMNS).where(ATTEMPTS.c.attempt_id == bindparam("attempt_id"))
+# What an outcome sets on its attempt's row (finish_attempts).
+_OUTCOME_COLUMNS = tuple(f for f in ATTEMPT_FIELDS if f not in ("attempt_id", "execution_id", "call_id", "attempt"))
 
 
 def _reuse_existing(conn: Any, table: Any, keys: set[str], now: float, backend: str) -> set[str]:
