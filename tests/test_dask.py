@@ -8,6 +8,7 @@ shares with the other remote executors are in test_remote_scenarios.py; these ar
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from ci import require_module
-from procs import free_port, log_entries, wait_until
+from procs import finish, free_port, kill, log_entries, wait_until
 
 from durable_monty_nb import Engine, WorkflowFailed
 from durable_monty_nb.errors import ExecutorUnavailable
@@ -294,3 +295,53 @@ def test_cancel_withdraws_queued_tasks_on_dask_workers(cluster: Cluster, dask_en
     again = dask_engine.resume("dask-fanout", ns)
     assert again.result(120) == sum(i * 10 for i in range(40))
     assert sorted(started(log)) == list(range(40))  # the rest ran once, the first two were kept
+
+
+def test_calls_that_finished_while_no_driver_listened_run_once_though_their_workers_still_held_the_outcomes(
+    own_dask_cluster: Cluster, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A worker commits the outcomes of its tasks in batches, a while after each task ends (here it
+    would hold them ten minutes). The driver dies with 12 calls dispatched, 2 running; all 12 finish
+    while it is dead and the scheduler forgets them, their outcomes not yet in the store. A new
+    driver has the workers commit what they hold before it runs anything again: none runs twice."""
+    from test_remote_scenarios import DRIVER, entries
+
+    from durable_monty_nb.executors.base import attempt_id
+    from durable_monty_nb.store.store import Store
+
+    def linger(seconds: float) -> None:  # a closure: it reaches the workers by value
+        from durable_monty_nb.executors import worker
+
+        worker.WRITE_LINGER = seconds
+
+    cluster = own_dask_cluster
+    cluster.client.run(linger, 600.0)
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    env = {**os.environ, "SIDE_LOG": str(log), "GATE": str(gate)}
+    args = [sys.executable, "-c", DRIVER, sqlite_url, "dask", json.dumps({"address": cluster.address})]
+    first = subprocess.Popen([*args, "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(entries(log)) == 2, what="2 calls running", procs=(first,))
+        store = Store(sqlite_url)
+        execution_id = store.latest_execution("killed").id
+        prefix = f"dm-{execution_id}-"
+        wait_until(
+            lambda: sum("fire-and-forget" in w for w in cluster.wanted_by(prefix).values()) == 12,
+            what="12 tasks fire-and-forget",
+            procs=(first,),
+        )
+    finally:
+        kill(first)
+    gate.touch()  # the calls finish while no driver listens; the scheduler forgets them
+    wait_until(lambda: len(entries(log)) == 12 and not cluster.wanted_by(prefix), what="12 tasks run and forgotten")
+    ids = [attempt_id(execution_id, call.call_id, 1) for call in store.load_calls(execution_id)]
+    assert len(ids) == 12 and not any(record.finished for record in store.load_attempts(ids).values())
+
+    second = subprocess.Popen([*args, "resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = finish(second)
+    assert code == 0, err
+    assert "RESULT 660" in out
+    assert sorted(entry for _, _, entry in entries(log)) == sorted(f"gated {i}" for i in range(12))  # none ran twice
+    assert {call.attempts for call in store.load_calls(execution_id)} == {1}
+    assert all(record.finished for record in store.load_attempts(ids).values())
+    store.close()

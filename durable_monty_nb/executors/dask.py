@@ -20,6 +20,12 @@ again). That call runs a small function on the scheduler, sent by value: the sch
 the connection to the scheduler dropped are followed the same way once it is back: tasks that
 survived are not run twice.
 
+A worker commits the outcomes of tasks whose message reaches the driver in batches, a little
+after each task ends (``worker.WRITE_LINGER``); a task the scheduler has forgotten may have
+finished while no driver listened, its outcome still held. So before the executor reports any
+attempt lost, every worker commits what it holds: such an attempt is found in the store, never
+run again.
+
 A worker that dies mid-call is Dask's to handle: the scheduler runs the task (the same
 attempt) on another worker, and fails it with ``KilledWorker`` after
 ``distributed.scheduler.allowed-failures`` deaths, a failure the function's retry policy sees.
@@ -30,6 +36,7 @@ shared by every run; calls in flight on it die with the process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -45,7 +52,7 @@ from ..errors import ExecutorUnavailable, TamperedDataError
 from . import RunContext
 from .base import Done, ErrorInfo, Health, Outcome, Task, WatchedExecutor
 from .record import outcome_from_wire
-from .worker import failure_message, make_payload, run_attempt, worker_name
+from .worker import failure_message, flush_writers, make_payload, run_attempt, worker_name
 
 ADDRESS_ENV = "DURABLE_MONTY_DASK_ADDRESS"
 CONNECT_SECONDS = 5.0
@@ -287,6 +294,9 @@ class DaskExecutor(WatchedExecutor):
                 if states[task.id] == "processing":
                     task.started_at = task.started_at or time.time()
         self._track([task for task, _ in known], [future for _, future in known])
+        if lost:  # finished and forgotten, its outcome perhaps still held for a batched commit
+            with contextlib.suppress(Exception):  # a worker that died took its outcomes with it
+                client.run(_commit_held_outcomes, on_error="ignore")
         return lost
 
     def _connected(self) -> Any:
@@ -463,6 +473,15 @@ def run_task(payload: dict[str, Any]) -> dict[str, Any]:
     if "error" in message:
         raise AttemptNotRun(message["error"]["message"], message)
     return message
+
+
+async def _commit_held_outcomes() -> None:
+    """On each worker (``client.run``): commit the outcomes its write-behind thread holds, off the
+    worker's event loop."""
+    await asyncio.to_thread(flush_writers, FLUSH_SECONDS)
+
+
+FLUSH_SECONDS = 10.0  # at most this long for a worker's held outcomes to commit (a slow store)
 
 
 def _dask_worker_name() -> str:

@@ -126,7 +126,7 @@ class _Writer:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.queue: queue.SimpleQueue[AttemptRecord] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[AttemptRecord | None] = queue.SimpleQueue()  # None: commit now
         self.pending = 0
         self.done = threading.Condition()
         threading.Thread(target=self._loop, daemon=True, name="durable-attempt-writer").start()
@@ -137,17 +137,24 @@ class _Writer:
         self.queue.put(record)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued is committed (at exit, and in tests)."""
+        """Commit what is queued now, without the linger, and wait until it is committed."""
+        self.queue.put(None)
         with self.done:
             return self.done.wait_for(lambda: self.pending == 0, timeout)
 
     def _loop(self) -> None:
         while True:
-            records = [self.queue.get()]
+            records = []
+            item = self.queue.get()
             until = time.monotonic() + WRITE_LINGER
             with contextlib.suppress(queue.Empty):
-                while len(records) < WRITE_BATCH:
-                    records.append(self.queue.get(timeout=max(until - time.monotonic(), 0)))
+                while item is not None:
+                    records.append(item)
+                    if len(records) >= WRITE_BATCH:
+                        break
+                    item = self.queue.get(timeout=max(until - time.monotonic(), 0))
+            if not records:
+                continue
             try:
                 self.store.finish_attempts(records, {})
             except Exception:  # the store stays unreachable: the driver has the outcomes from the messages
@@ -172,13 +179,14 @@ def _writer(store: Any) -> _Writer:
         if found is None:
             found = _writers[id(store)] = _Writer(store)
             if len(_writers) == 1:
-                atexit.register(_flush_writers)
+                atexit.register(flush_writers)
         return found
 
 
-def _flush_writers() -> None:
-    for writer in list(_writers.values()):
-        writer.flush()
+def flush_writers(timeout: float = 30.0) -> bool:
+    """Commit every outcome this process holds for a batched commit (at exit; and when a driver
+    is about to run again an attempt its executor no longer has: the outcome may be here)."""
+    return all([writer.flush(timeout) for writer in list(_writers.values())])
 
 
 def wire(record: AttemptRecord) -> dict[str, Any]:
