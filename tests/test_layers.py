@@ -1,6 +1,6 @@
 """The package's layers point down, and no module imports another in a circle.
 
-Layers, lowest first (DEVELOPERS.md): values, errors, defaults -> store -> executors ->
+Layers, lowest first (DEVELOPERS.md): values, errors, defaults, cpus -> store -> executors ->
 signals, tokens -> engine -> server -> notebook face -> agents. A module may import its own
 layer and those below; the package's ``__init__`` and ``__main__`` sit above everything. Every
 import counts, also those inside functions (an import deferred to get round a cycle is still
@@ -17,7 +17,7 @@ import durable_monty_nb
 PACKAGE = "durable_monty_nb"
 ROOT = Path(durable_monty_nb.__file__).parent
 LAYERS = (
-    ("values", "errors", "defaults"),
+    ("values", "errors", "defaults", "cpus"),
     ("store",),
     ("executors",),
     ("signals", "tokens"),

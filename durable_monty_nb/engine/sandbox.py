@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pydantic_monty
 from pydantic_monty import Monty, MontySession
+
+from .. import cpus
 
 MONTY_VERSION = pydantic_monty.__version__
 # Every external call, future resolution and name lookup counts as a suspension; the default
@@ -21,15 +25,18 @@ PRELUDE = "from asyncio import gather"
 SCRIPT_NAME = "workflow.py"
 
 _pool: Monty | None = None
+_older_threads: set[int] = set()  # this process's threads from before the pool (none of them the pool's)
+POOL_THREAD = "tokio-rt-worker"  # the name of the pool's I/O threads in this process (pydantic-monty 1.4)
 _lock = threading.Lock()
 _warming: threading.Thread | None = None
 
 
 def pool() -> Monty:
     """The shared pool; each running execution holds one worker process of it."""
-    global _pool
+    global _pool, _older_threads
     with _lock:
         if _pool is None:
+            _older_threads = set(cpus.threads_of(os.getpid()))
             _pool = Monty(min_processes=1, max_processes=256)
             _pool.__enter__()
             atexit.register(close_pool)
@@ -80,3 +87,19 @@ def close_session(session: MontySession | None) -> None:
     if session is not None:
         with contextlib.suppress(Exception):  # a crashed worker is already gone
             session.__exit__(None, None, None)
+
+
+def share_cpu(session: MontySession, share: bool = True) -> Callable[[], None] | None:
+    """Put the calling thread (a driver), the pool's I/O threads and the session's worker
+    process on one CPU, for as long as the driver runs; return what gives them every CPU back
+    (None: nothing pinned). They take turns, never run at once: see :mod:`..cpus`."""
+    pid = session.worker_pid
+    if pid is None:
+        return None
+    release = None
+    if share:
+        io_threads = [t for t in cpus.threads_of(os.getpid(), POOL_THREAD) if t not in _older_threads]
+        release = cpus.share_one_cpu([threading.get_native_id(), *io_threads, *cpus.threads_of(pid)])
+    if release is None:  # not sharing: a worker the pool spawned from a pinned thread gets every CPU
+        cpus.unpin(cpus.threads_of(pid))
+    return release

@@ -144,6 +144,9 @@ class Executor(Protocol):
       and their arguments in the store's codec (``Task.local`` is not set).
     - ``durable``: attempts outlive this process. The driver journals each attempt before
       dispatching it and, on resume, asks :meth:`attach` about the ones without an outcome.
+    - ``pin_safe`` (optional, default False): every thread the executor starts gives itself
+      every CPU back first (``cpus.unpin_this_thread``), so the driver may run on one CPU with
+      its Monty worker (:mod:`durable_monty_nb.cpus`).
     """
 
     name: str

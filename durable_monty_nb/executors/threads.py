@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .. import defaults
+from .. import cpus, defaults
 from .base import Done, Outcome, Task
 
 _STOP = object()
@@ -34,6 +34,7 @@ class ThreadExecutor:
     name = "threads"
     remote = False
     durable = False
+    pin_safe = True  # its threads unpin themselves: a driver's pin does not reach the calls
     problem = None
 
     def __init__(self, max_workers: int = defaults.WORKERS, name: str = "durable") -> None:
@@ -132,6 +133,7 @@ class ThreadExecutor:
         return True
 
     def _work(self) -> None:
+        cpus.unpin_this_thread()
         take, wait = self._tasks.popleft, self._wakes.get
         unclaimed = self._unclaimed
         while True:
@@ -182,8 +184,12 @@ class _EventLoop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=self.loop.run_forever, name="durable-asyncio", daemon=True)
+        thread = threading.Thread(target=self._run, name="durable-asyncio", daemon=True)
         thread.start()
+
+    def _run(self) -> None:
+        cpus.unpin_this_thread()
+        self.loop.run_forever()
 
     def submit(self, task: Task, done: Done, executor: ThreadExecutor) -> None:
         def report(finished: asyncio.Task[Outcome]) -> None:

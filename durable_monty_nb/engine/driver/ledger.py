@@ -226,8 +226,10 @@ class Ledger:
         self._announced = []
         self._forget_new_gathers()
         self._commit(None)
+        self._unshare_cpu()
         sandbox.close_session(self.session)
         self.session = sandbox.open_session()
+        self._share_cpu()
         data = self.store.load_checkpoint(self.execution_id)
         for state in self.calls.values():
             answer = state.journaled_answer(self.codec)

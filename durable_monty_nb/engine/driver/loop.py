@@ -147,6 +147,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
         self._last_commit = 0.0
         self._crashes = 0
         self._thread: threading.Thread | None = None
+        self._cpu_release: Callable[[], None] | None = None
         self._go = threading.Event()
         self._switching = False  # counted among the running drivers of switching.py
         for name, (key, fingerprint, data) in (shipped or {}).items():
@@ -305,6 +306,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
     # -- the loop ------------------------------------------------------------------------
 
     def _main(self) -> None:
+        self._share_cpu()
         self._begin_switching()
         try:
             self._go.wait()
@@ -328,6 +330,7 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
                 close()
             release_owner(self.owner)
             self.store.release_writer()
+            self._unshare_cpu()
             sandbox.close_session(self.session)
             self.executor.shutdown()
             self._release_memory()
@@ -441,6 +444,17 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
         if self._outage.since is None:
             return None
         return f"store unreachable since {self._outage.since_text}, retrying ({self._outage.cause})"
+
+    def _share_cpu(self) -> None:
+        """With an executor whose threads may start from this one (they unpin themselves), run
+        on one CPU with the session's worker (see :mod:`durable_monty_nb.cpus`)."""
+        self._unshare_cpu()
+        self._cpu_release = sandbox.share_cpu(self.session, share=getattr(self.executor, "pin_safe", False))
+
+    def _unshare_cpu(self) -> None:
+        release, self._cpu_release = self._cpu_release, None
+        if release is not None:
+            release()
 
     def _release_memory(self) -> None:
         """After the end only the call list stays (for views); drop values and sandbox state."""

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ... import cpus
 from ...executors.base import ErrorInfo, Outcome, Task, exception_types
 from ...signals import (
     SIGNAL_FUNCTION,
@@ -248,6 +249,7 @@ class Externals(Component):
         report, clock = self._loop.report, self._loop.clock
 
         def run() -> None:
+            cpus.unpin_this_thread()  # started by the driver, which may run on one CPU
             try:
                 spec.hook(call)  # type: ignore[misc]
             except Exception as exc:  # the attempt fails; the retry policy decides
