@@ -28,7 +28,6 @@ _pool: Monty | None = None
 _older_threads: set[int] = set()  # this process's threads from before the pool (none of them the pool's)
 POOL_THREAD = "tokio-rt-worker"  # the name of the pool's I/O threads in this process (pydantic-monty 1.4)
 _lock = threading.Lock()
-_warming: threading.Thread | None = None
 
 
 def pool() -> Monty:
@@ -53,22 +52,10 @@ def close_pool() -> None:
                 _pool = None
 
 
-def warm_up() -> threading.Thread:
-    """Start the pool and run its first worker once, in a background thread (once per process).
-
-    ``%load_ext`` calls it, so the first ``%%durable`` cell finds a worker process that has
-    started and fed code already, instead of paying for it (10 to 15 ms here). A failure is
-    left for that cell to meet and report.
-    """
-    global _warming
-    with _lock:
-        if _warming is None:
-            _warming = threading.Thread(target=_warm, name="durable-monty-warm-up", daemon=True)
-            _warming.start()
-        return _warming
-
-
-def _warm() -> None:
+def warm() -> None:
+    """Start the pool and run its first worker once (``warming`` does it at ``%load_ext``): the
+    first run then finds a worker process that has started and fed code already, instead of
+    paying for it (10 to 15 ms here). A failure is left for that run to meet and report."""
     with contextlib.suppress(Exception):
         session = open_session()
         try:

@@ -36,7 +36,7 @@ from IPython.display import display
 from traitlets import Dict, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from .. import defaults
-from ..engine import sandbox
+from ..engine import warming
 from ..engine.analysis import code_hash
 from ..engine.controls import CallControls
 from ..engine.driver import default_printer, stored_call_views
@@ -780,7 +780,7 @@ def load_extension(ipython: Any) -> None:
     ipython.register_magics(RetentionMagics(ipython, magics))  # %durable_forget, %durable_prune
     ipython.configurables.append(magics)
     _MAGICS[id(ipython)] = magics
-    sandbox.warm_up()  # the first %%durable cell finds a Monty worker started
+    warming.warm_up()  # the first %%durable cell finds Monty started and a run's code warm
     magics.announce_unfinished()
 
 
