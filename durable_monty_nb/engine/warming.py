@@ -18,6 +18,7 @@ from . import sandbox
 
 _lock = threading.Lock()
 _warming: threading.Thread | None = None
+failure: BaseException | None = None  # why the warm-up workflow failed (kept for tests and bug reports)
 
 WORKFLOW = "await gather(*[double(i) for i in range(2)]) + [await double(2)]"
 SECRET = "durable-monty-nb warm-up"  # an in-memory store's: signs nothing that lasts
@@ -31,9 +32,6 @@ def warm_up() -> threading.Thread:
             _warming = threading.Thread(target=_warm, name="durable-warm-up", daemon=True)
             _warming.start()
         return _warming
-
-
-failure: BaseException | None = None  # why the warm-up workflow failed (kept for tests and bug reports)
 
 
 def _warm() -> None:
