@@ -2,10 +2,10 @@
 
 A driver and its Monty session never run at once: the driver sends a turn and waits; the
 pool's I/O threads pass it to the worker process, which runs it and answers. Left to the
-scheduler, each of those hand-offs wakes another, idle CPU, and on a virtual machine such a
-wake-up costs tens of microseconds: a sequential step crosses four of them both ways. On one
-CPU each hand-off is a context switch instead (1,000 bare Monty steps: 0.21 to 0.25 s apart,
-0.04 s on one CPU, measured on a 2-core VM).
+scheduler, each of those hand-offs (four a turn, three turns a sequential step) wakes another,
+idle CPU, and on a virtual machine such a wake-up costs tens of microseconds. On one CPU each
+hand-off is a context switch instead (1,000 bare Monty steps: 0.21 to 0.25 s apart, 0.04 s on
+one CPU, measured on a 2-core VM).
 
 Pinning is inherited by threads a pinned thread starts, so a thread that runs user code and
 may be started by a driver calls :func:`unpin_this_thread` first (the threads executor's
