@@ -23,17 +23,15 @@ machine whose speed drifts (this VM's varies by about 2x between sessions). Figu
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic_monty import FunctionSnapshot, FutureSnapshot, Monty, NameLookupSnapshot
+from pydantic_monty import FunctionSnapshot, FutureSnapshot, NameLookupSnapshot
 
-from durable_monty_nb import cpus
+from durable_monty_nb.engine import sandbox
 from durable_monty_nb.engine.analysis import GATHER_FUNCTION, analyze
 
 RESUME_BATCH = 1000
@@ -42,20 +40,20 @@ RESUME_BATCH = 1000
 def sandbox_seconds(body: str, n: int, *, batched: bool = True, share_cpu: bool = True) -> float:
     """Seconds bare Monty takes to run ``body`` with ``task(i)`` answered at once by ``i * 2``
     (with ``batched``, the code the driver feeds: gathered comprehensions as one host call; with
-    ``share_cpu``, on one CPU with its worker, as the driver runs)."""
+    ``share_cpu``, on one CPU with its worker, as the driver runs). A session of the driver's
+    pool, with its settings; nothing else of the driver."""
     code = analyze(body).fed if batched else body
-    older = set(cpus.threads_of(os.getpid()))
-    with Monty(min_processes=1) as pool, pool.checkout(limits={"max_suspensions": 2**62}) as session:
-        session.feed_start("from asyncio import gather")
-        release = None
-        if share_cpu:
-            io_threads = [t for t in cpus.threads_of(os.getpid()) if t not in older]
-            release = cpus.share_one_cpu([threading.get_native_id(), *io_threads, *cpus.threads_of(session.worker_pid)])
+    session = sandbox.open_session()
+    try:
+        session.feed_start(sandbox.PRELUDE)
+        release = sandbox.share_cpu(session) if share_cpu else None
         try:
             return _drive(session, code, n)
         finally:
             if release is not None:
                 release()
+    finally:
+        sandbox.close_session(session)
 
 
 def _drive(session: Any, code: str, n: int) -> float:
