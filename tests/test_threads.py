@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from procs import wait_until
+
 from durable_monty_nb.executors.base import LocalCall, Outcome, Task
 from durable_monty_nb.executors.threads import ThreadExecutor
 
@@ -99,3 +101,39 @@ def test_a_withdrawn_task_is_skipped_and_the_next_one_runs() -> None:
     assert [o.value for o in got] == [0, 2]
     assert ran == [0, 2]
     assert done.empty()
+
+
+def test_a_held_pool_starts_no_queued_task_until_released_and_withdraw_takes_the_held_ones() -> None:
+    """A stop request holds the pool from the thread that asks: the calls running finish, and the
+    threads they free take nothing else, however long the driver takes to withdraw the rest."""
+    executor = ThreadExecutor(2)
+    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    gate = threading.Event()
+    running = threading.Barrier(3, timeout=WAIT)  # the two first tasks and the test
+    started: list[int] = []
+
+    def gated(i: int) -> int:
+        started.append(i)
+        if i < 2:
+            running.wait()
+            assert gate.wait(WAIT)
+        return i
+
+    try:
+        batch = tasks(gated, 10)
+        executor.submit(batch[:6], done.put)
+        running.wait()  # two running, four queued
+        executor.hold()
+        executor.submit(batch[6:], done.put)  # submitted while held: held too
+        gate.set()
+        assert sorted(o.value for o in outcomes(done, 2)) == [0, 1]
+        # Both threads free: each went through the queue (skipping the held tasks) and sleeps.
+        wait_until(lambda: executor._idle._value == 2, what="both threads idle", timeout=WAIT)
+        assert done.empty() and sorted(started) == [0, 1]
+        assert executor.withdraw(batch[2:4]) == batch[2:4]  # withdrawn from the hold: never run
+        executor.release()
+        assert sorted(o.value for o in outcomes(done, 6)) == [4, 5, 6, 7, 8, 9]
+    finally:
+        executor.shutdown()
+    assert sorted(started) == [0, 1, 4, 5, 6, 7, 8, 9]
+    assert executor.counts() == (0, 0)

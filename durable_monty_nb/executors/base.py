@@ -147,6 +147,15 @@ class Executor(Protocol):
     - ``pin_safe`` (optional, default False): every thread the executor starts gives itself
       every CPU back first (``cpus.unpin_this_thread``), so the driver may run on one CPU with
       its Monty worker (:mod:`durable_monty_nb.cpus`).
+
+    Optional methods (the driver looks for them):
+
+    - ``withdraw(tasks) -> list[Task]``: take back the attempts not started yet (a stop); they
+      never run. Returns those taken back.
+    - ``hold()`` and ``release()``: start no queued attempt from now on, and undo that. A stop
+      request holds the executor from the thread that asks, so nothing starts in the moment
+      before the driver withdraws; only the thread pool has them (a remote worker may take a
+      job in that moment: withdrawing it is a round trip to its service anyway).
     """
 
     name: str

@@ -53,7 +53,8 @@ class ThreadExecutor:
         self._finished_n = 0
         self._submitted = 0
         self._shutdown = False
-        self._unclaimed: dict[int, Task] = {}  # queued for a thread, by id(task); popped once, by one side
+        self._unclaimed: dict[int, tuple[Task, Done]] = {}  # queued for a thread, by id(task); popped once, by one side
+        self._held: dict[int, tuple[Task, Done]] | None = None  # while held: queued tasks no thread may take
         self._abandoned: set[str] = set()  # cancelled while running in a thread (not killable)
         self._coroutines: dict[str, Any] = {}  # running asyncio tasks, by attempt id
 
@@ -68,9 +69,7 @@ class ThreadExecutor:
 
     def submit(self, tasks: Sequence[Task], done: Done) -> None:
         coroutine: dict[Any, bool] = {}
-        put = self._tasks.append
-        unclaimed = self._unclaimed
-        queued = 0
+        queued: list[tuple[Task, Done]] = []
         for task in tasks:
             fn = task.local.fn  # type: ignore[union-attr]
             is_coroutine = coroutine.get(fn)
@@ -80,10 +79,22 @@ class ThreadExecutor:
                 self._submitted += 1
                 _event_loop().submit(task, done, self)
             else:
-                unclaimed[id(task)] = task
-                put((task, done))
-                queued += 1
-        self._submitted += queued
+                queued.append((task, done))
+        if not queued:
+            return
+        self._submitted += len(queued)
+        with self._lock:  # against hold() from another thread: each task is queued or held, never both
+            if self._held is not None:
+                self._held.update((id(entry[0]), entry) for entry in queued)
+                return
+            self._queue(queued)
+        self._wake(len(queued))
+
+    def _queue(self, entries: Sequence[tuple[Task, Done]]) -> None:
+        self._unclaimed.update((id(entry[0]), entry) for entry in entries)
+        self._tasks.extend(entries)
+
+    def _wake(self, queued: int) -> None:
         # A thread takes tasks until none is left, so a batch wakes at most one thread per slot of
         # the pool (an idle one, or a new one) instead of one per task: waking a thread for each
         # of 10,000 trivial calls cost more than the calls (the GIL passed back and forth).
@@ -93,18 +104,43 @@ class ThreadExecutor:
             elif not self._spawn():
                 return
 
+    def hold(self) -> None:
+        """Start no queued task from now on (a stop request calls it, from any thread): running
+        ones go on; the queued ones wait here until :meth:`withdraw` takes them or
+        :meth:`release` queues them again."""
+        with self._lock:
+            if self._held is not None:
+                return
+            held = self._held = {}
+            for key in list(self._unclaimed):  # the same atomic pop a thread makes before it runs one
+                entry = self._unclaimed.pop(key, None)
+                if entry is not None:
+                    held[key] = entry
+
+    def release(self) -> None:
+        """Undo :meth:`hold` (a stop request undone): the tasks still held are queued again."""
+        with self._lock:
+            held, self._held = self._held, None
+            if not held:
+                return
+            self._queue(list(held.values()))
+        self._wake(len(held))
+
     def attach(self, tasks: Sequence[Task], done: Done) -> list[Task]:
         return list(tasks)  # threads of a dead process: every attempt is lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Take back the tasks no thread has taken yet: they will never start. Returns those
-        taken back (a task a thread took meanwhile runs, and reports as usual). Coroutines start
-        at once: they are not taken back."""
+        """Take back the tasks no thread has taken yet (queued or held): they will never start.
+        Returns those taken back (a task a thread took meanwhile runs, and reports as usual).
+        Coroutines start at once: they are not taken back."""
         taken = []
         unclaimed = self._unclaimed
-        for task in tasks:
-            if unclaimed.pop(id(task), None) is not None:  # atomic: a thread pops it, or we do
-                taken.append(task)
+        with self._lock:
+            held = self._held or {}
+            for task in tasks:
+                # atomic: a thread pops it, or we do
+                if unclaimed.pop(id(task), None) is not None or held.pop(id(task), None) is not None:
+                    taken.append(task)
         self._submitted -= len(taken)
         return taken
 

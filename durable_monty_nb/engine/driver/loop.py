@@ -193,6 +193,9 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
     def request_stop(self) -> None:
         with self._state_lock:
             self._stopping = True
+            hold = getattr(self.executor, "hold", None)
+            if hold is not None:  # no queued call starts from now on, before this loop withdraws them
+                hold()
         self._go.set()
         self._outcomes.put(WAKE)
 
@@ -202,6 +205,9 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
             if self._finished:
                 return False
             self._stopping = False
+            release = getattr(self.executor, "release", None)
+            if release is not None:
+                release()
         self._outcomes.put(WAKE)
         return True
 
