@@ -62,6 +62,30 @@ def test_new_store_is_stamped_with_the_head_revision(db_url: str) -> None:
     assert schema.read_revision(store.engine) == schema.HEAD_REVISION
 
 
+def test_a_new_store_has_the_tables_the_models_declare(db_url: str) -> None:
+    """A new store's tables come from statements compiled once a process: they are the models'."""
+    store = Store(db_url)
+    found = sa.inspect(store.engine)
+    for table in metadata.sorted_tables:
+        assert {c["name"] for c in found.get_columns(table.name)} == set(table.columns.keys())
+        assert {i["name"] for i in found.get_indexes(table.name)} >= {i.name for i in table.indexes}
+    assert Store(db_url).latest_execution("none") is None  # opened again: the same store
+
+
+def test_tables_without_a_version_are_completed_and_stamped_keeping_their_rows(sqlite_url: str) -> None:
+    engine = Engine(sqlite_url)
+    assert engine.run("1 + 1", {}, key="kept") == 2
+    kept = engine.store.latest_execution("kept").id
+    engine.close()
+    with Store(sqlite_url).engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {schema.VERSION_TABLE}"))
+        conn.execute(sa.text("DROP TABLE dm_signals"))
+    again = Store(sqlite_url)
+    assert schema.read_revision(again.engine) == schema.HEAD_REVISION
+    assert again.latest_execution("kept").id == kept
+    assert "dm_signals" in sa.inspect(again.engine).get_table_names()
+
+
 def test_store_from_a_newer_release_is_refused_clearly(db_url: str) -> None:
     store = Store(db_url)
     with store.engine.begin() as conn:

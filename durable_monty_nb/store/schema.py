@@ -8,8 +8,10 @@ with an older revision gets a clear message that tells how to upgrade it
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Dialect, Engine, text
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from ..errors import StoreVersionError
 from .models import metadata
@@ -63,10 +65,40 @@ def check_revision(revision: str, url: str) -> None:
 
 
 def _create(engine: Engine) -> None:
-    with engine.begin() as conn:
-        metadata.create_all(conn)
-        conn.execute(text(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
-        conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": HEAD_REVISION})
+    try:
+        with engine.begin() as conn:
+            for statement in _ddl(conn.dialect):
+                conn.exec_driver_sql(statement)
+            _stamp(conn)
+    except Exception:
+        if read_revision(engine) is not None:
+            raise  # another process created it meanwhile (ensure_schema reads its revision)
+        with engine.begin() as conn:  # some tables exist already (not ours to drop): create the rest
+            metadata.create_all(conn)
+            _stamp(conn)
+
+
+def _stamp(conn: Connection) -> None:
+    conn.execute(text(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+    conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": HEAD_REVISION})
+
+
+_DDL: dict[tuple[str, Any], list[str]] = {}
+
+
+def _ddl(dialect: Dialect) -> list[str]:
+    """The statements that create every table and index of a new store, compiled once per
+    dialect (and server version) of the process: compiling them took about half of a new
+    SQLite store's creation, which the first cell of a notebook waits for."""
+    key = (dialect.name, dialect.server_version_info)
+    statements = _DDL.get(key)
+    if statements is None:
+        statements = []
+        for table in metadata.sorted_tables:
+            statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+            statements.extend(str(CreateIndex(index).compile(dialect=dialect)) for index in table.indexes)
+        _DDL[key] = statements
+    return statements
 
 
 def upgrade(url: str) -> str:
