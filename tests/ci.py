@@ -21,8 +21,26 @@ def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
 
 IN_CI = in_ci()
 
-# The tests' own Redis database (flushed by the tests that use it).
-REDIS_URL = os.environ.get("DURABLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+def redis_url(environ: Mapping[str, str] = os.environ) -> str:
+    """The tests' own Redis database, flushed by the tests that use it.
+
+    Number 11 (or DURABLE_TEST_REDIS_URL's); under pytest-xdist each further test process takes
+    the next number (12, the distributed notebook's, is skipped by default).
+    """
+    worker = int(environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    given = environ.get("DURABLE_TEST_REDIS_URL")
+    if given is None:
+        return f"redis://127.0.0.1:6379/{11 if worker == 0 else 12 + worker}"
+    base, _, number = given.rpartition("/")
+    if not worker:
+        return given
+    if not number.isdigit():  # no database named: 0
+        base, number = given.rstrip("/"), "0"
+    return f"{base}/{int(number) + worker}"
+
+
+REDIS_URL = redis_url()
 
 
 def missing(message: str) -> None:

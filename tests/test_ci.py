@@ -41,6 +41,16 @@ def test_under_ci_a_missing_extra_fails_naming_it(monkeypatch: pytest.MonkeyPatc
     assert ci.require_module("json", extra="none").dumps(1) == "1"
 
 
+def test_each_test_process_flushes_a_redis_database_of_its_own() -> None:
+    urls = [ci.redis_url({"PYTEST_XDIST_WORKER": f"gw{n}"}) for n in range(4)]
+    assert urls[0] == ci.redis_url({}) == "redis://127.0.0.1:6379/11"
+    assert len(set(urls)) == 4
+    assert not any(url.endswith("/12") for url in urls)  # the distributed notebook's
+    given = {"DURABLE_TEST_REDIS_URL": "redis://h:1/3"}
+    assert ci.redis_url(given) == "redis://h:1/3"
+    assert ci.redis_url({**given, "PYTEST_XDIST_WORKER": "gw1"}) == "redis://h:1/4"
+
+
 def _calls(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
