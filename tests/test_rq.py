@@ -171,6 +171,47 @@ def test_a_module_missing_on_the_workers_reaches_the_cell_and_only_failed_calls_
     engine.close()
 
 
+def test_a_call_the_failed_run_left_running_that_fails_too_runs_again_with_the_failed_calls(
+    workers: Workers, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The cell fails on its first failed call while others still run on the unfixed workers;
+    they fail a moment later. Run again after the fix, those are failed calls too: they run."""
+    log, gate = tmp_path / "side.log", tmp_path / "gate"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "dm_encoder_plugin.py").write_text("def encode(x):\n    return x * 100\n")
+
+    def encode(x):
+        if x == 1:
+            with open(log, "a") as handle:
+                handle.write(f"{os.getpid()} started {x}\n")
+            while not gate.exists():  # still running on the unfixed worker when the cell fails
+                time.sleep(0.01)
+        import dm_encoder_plugin  # installed on the fixed worker only
+
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} encode {x}\n")
+        return dm_encoder_plugin.encode(x)
+
+    engine = Engine(sqlite_url, executor=RQ(workers.url, workers.queue))
+    code = "sum(await gather(*[encode(x) for x in [0, 1]]))"
+    workers.start(1)
+    unfixed = workers.procs[0]
+    with pytest.raises(WorkflowFailed, match=r"call 0, encode\(0\)"):
+        engine.run(code, {"encode": encode}, key="plugin")
+    wait_until(lambda: "started 1" in [e for _, e in log_lines(log)], what="encode(1) running")
+    unfixed.send_signal(signal.SIGTERM)  # RQ's warm shutdown: it ends the job it runs, then leaves
+    gate.touch()
+    assert unfixed.wait(30) == 0  # encode(1) failed there, after the cell's failure
+
+    workers.env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(modules)])  # fix the workers
+    workers.start(1)
+    assert engine.run(code, {"encode": encode}, key="plugin") == 100
+    ran = [entry for _, entry in log_lines(log) if entry.startswith("encode")]
+    assert sorted(ran) == ["encode 0", "encode 1"]
+    engine.close()
+
+
 def test_a_preloaded_module_is_imported_once_by_the_worker_not_in_every_job(
     workers: Workers, sqlite_url: str, tmp_path: Path
 ) -> None:

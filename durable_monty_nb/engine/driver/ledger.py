@@ -208,6 +208,8 @@ class Ledger:
             else:
                 if state.status is RETRYING:  # its time came while nobody drove it
                     book.transition_retrying_pending(state)
+                elif retry_failed:  # left going by the failed run (scheduling.py)
+                    self._before_fix[call_id] = attempts + 1
                 unfinished.append(state)
         if self._gathers:
             self._rearm_gathers()

@@ -171,6 +171,9 @@ class Driver(MontyProtocol, Gathers, Ledger, Scheduling, Finishing):
             ]
         )
         self._journaled: set[str] = set()  # attempt ids already in a step
+        # A run again after a failure: the attempts the failed run left going (call id -> attempt
+        # number). They run in the environment before the fix: one that fails gets a fresh try.
+        self._before_fix: dict[int, int] = {}
         self._outage = Outage(self.clock.now)
         if restored_calls is not None:
             self._restore_calls(restored_calls, retry_failed)

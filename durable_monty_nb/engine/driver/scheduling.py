@@ -285,6 +285,14 @@ class Scheduling:
                 return
             self._settle_failure(state, error, outcome.finished_at)
             return
+        if self._before_fix.pop(state.call_id, None) == outcome.attempt:
+            # An attempt the failed run left going, ended in failure after the cell was run again
+            # to retry what failed: it is one of those, so it gets their fresh try.
+            state.earlier = state.attempts  # the policy starts over, as for a failed call
+            self.book.journal(state)
+            self._to_dispatch.append(state)
+            self._emit_retrying(state, 0.0, error.message)
+            return
         for failed in self.hooks.failed:  # a RetryAfter (limiting.py), the retry policy (retries.py)
             if failed(state, outcome):
                 return
