@@ -374,6 +374,7 @@ def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
 def test_steps_journal_attempts_and_mark_lost_ones(db_url: str) -> None:
     """The steps of a durable executor: new calls with their attempts, then an attempt found lost
     beside a result (on PostgreSQL each step one statement)."""
+    from durable_monty_nb.executors.record import AttemptRecord
     from durable_monty_nb.store.store import Step
 
     store = Store(db_url)
@@ -399,6 +400,14 @@ def test_steps_journal_attempts_and_mark_lost_ones(db_url: str) -> None:
     assert {a: found[a].status for a in ids} == {ids[0]: "lost", ids[1]: "dispatched"}
     assert [(r.call_id, r.status) for r in store.load_calls(execution_id)] == [(1, "pending"), (2, "done")]
     assert store.load_checkpoint(execution_id) == b"two"
+
+    # An attempt a worker finished before the driver's step said it lost (it took the job as the
+    # driver withdrew it): the outcome stays, so a resume takes it instead of running the call again.
+    outcome = AttemptRecord(ids[1], execution_id, 2, 1, "done", "rq", "w:1", "4", started_at=1.5)
+    outcome.finished_at = 2.5
+    store.finish_attempts([outcome.sign(store.signer)], {})
+    store.commit(execution_id, owner, 60, Step(lost_attempts=[ids[1]], checkpoint=b"three"))
+    assert store.load_attempts([ids[1]])[ids[1]] == outcome
     store.close()
 
 

@@ -203,12 +203,13 @@ class DaskExecutor(WatchedExecutor):
         return lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Take back the tasks no worker executes yet: they never run. The scheduler counts a task
-        a worker holds in its queue (Dask gives each worker a little more than its threads) as
-        processing, so the workers are asked first which they execute; then the rest are checked
-        and released on the scheduler in one step of its event loop. Those a worker executes go on
-        and write their outcome to the store; so do those the scheduler has not heard of yet (a
-        batch it is still reading: a cancel then would be ignored and the task run anyway)."""
+        """Take back the tasks no worker executes yet: they never run. First each worker, in one
+        step of its event loop, forgets those that only wait in its own queue (Dask gives a worker
+        a little more than its threads; the scheduler counts them as processing) and names them;
+        then the scheduler, in one step of its own, releases those and the ones it never sent to a
+        worker. A task a worker executes, ran, or has not been told of yet (the scheduler's
+        message on its way) goes on and writes its outcome to the store; so does one the
+        scheduler has not heard of yet (a batch it is still reading)."""
         client = self._connected()
         with self._lock:
             held = set(self._tasks)  # only the attempts this executor has
@@ -216,10 +217,14 @@ class DaskExecutor(WatchedExecutor):
         if not keys:
             return []
         try:
-            executing = sorted({key for found in client.run(_executing_keys, keys=keys).values() for key in found})
-            released = set(client.run_on_scheduler(_release_unstarted, keys=keys, executing=executing))
+            by_worker = client.run(_forget_queued, keys=keys)
         except Exception:
             return []  # the scheduler or a worker is away: nothing is withdrawn
+        forgotten = {key: worker for worker, found in by_worker.items() for key in found}
+        try:
+            released = set(client.run_on_scheduler(_release_unstarted, keys=keys, forgotten=forgotten))
+        except Exception:  # the scheduler went away: what the workers forgot cannot run there
+            released = set(forgotten)
         taken = [task for task in tasks if task.id in released]
         with self._lock:
             for task in taken:
@@ -442,13 +447,20 @@ class DaskExecutor(WatchedExecutor):
         self._health.workers(waiting=waiting > 0, present=bool(processing))
 
 
-def _executing_keys(dask_worker: Any, keys: list[str]) -> list[str]:
-    """On a worker: which of ``keys`` it executes now (not those waiting in its queue)."""
+def _forget_queued(dask_worker: Any, keys: list[str]) -> list[str]:
+    """On a worker (``client.run``, a plain function: one step of its event loop, so no task
+    starts meanwhile): of ``keys``, forget those waiting in its queue, as if the scheduler had
+    freed them; they never run here. Returns them."""
+    from distributed.worker_state_machine import FreeKeysEvent
+
     wanted = set(keys)
-    return [str(key) for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in EXECUTING]
+    queued = [str(key) for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in QUEUED]
+    if queued:
+        dask_worker.handle_stimulus(FreeKeysEvent(keys=queued, stimulus_id=f"durable-withdraw-{time.time()}"))
+    return queued
 
 
-EXECUTING = ("executing", "long-running")
+QUEUED = ("waiting", "ready", "constrained")  # a worker's states of a task before it executes
 
 
 class AttemptNotRun(RuntimeError):
@@ -516,22 +528,29 @@ _desire_known_keys = _scheduler_function()
 def _release_function() -> Any:
     """The function :meth:`DaskExecutor.withdraw` runs on the scheduler (by value, as above)."""
 
-    def release_unstarted(dask_scheduler: Any, keys: list[str], executing: list[str]) -> list[str]:
-        # Keys no worker executes (queued on the scheduler, or "processing" while waiting in a
-        # worker's own queue): every client that wants them lets go, so they are forgotten.
-        # Unknown keys (their graph not read yet) and those a worker executes are left alone.
-        running = set(executing)
-        released = []
-        for key in keys:
-            ts = dask_scheduler.tasks.get(key)
-            if ts is None or key in running:
-                continue
-            if ts.state not in ("released", "waiting", "queued", "no-worker", "processing"):
-                continue
-            for client in [cs.client_key for cs in ts.who_wants or ()]:
+    def release_unstarted(dask_scheduler: Any, keys: list[str], forgotten: dict[str, str]) -> list[str]:
+        # Keys no worker was sent (waiting or queued on the scheduler), then those the worker they
+        # are processing on forgot just before (``forgotten``: key -> that worker): every client
+        # that wants them lets go, so they are forgotten here too. In that order: releasing a
+        # processing task frees its worker's slot, which the scheduler fills at once from its
+        # queue. Unknown keys (their graph not read yet), and processing ones their worker did
+        # not forget (it executes them, or the scheduler's message is on its way, or they moved to
+        # another worker) are left alone.
+        tasks = dask_scheduler.tasks
+        unsent = [
+            key for key in keys if key in tasks and tasks[key].state in ("released", "waiting", "queued", "no-worker")
+        ]
+        held = []
+        for key, worker in forgotten.items():
+            ts = tasks.get(key)
+            on = None if ts is None or ts.state != "processing" else ts.processing_on
+            if on is not None and on.address == worker:
+                held.append(key)
+        for key in [*unsent, *held]:
+            ts = tasks.get(key)
+            for client in [cs.client_key for cs in (ts.who_wants if ts is not None else None) or ()]:
                 dask_scheduler.client_releases_keys(keys=[key], client=client)
-            released.append(key)
-        return released
+        return [*unsent, *held]
 
     return release_unstarted
 

@@ -150,9 +150,10 @@ class RQExecutor(WatchedExecutor):
         return lost
 
     def withdraw(self, tasks: Sequence[Task]) -> list[Task]:
-        """Cancel the jobs still queued (and drop the unsent ones): none of them will start.
-        A job a worker took runs out and writes its outcome to the store. Returns the attempts
-        withdrawn."""
+        """Take the jobs still in the queue out of it (and drop the unsent ones): none of them
+        will start. Taking a job out is one atomic ``LREM``, so a job a worker popped a moment
+        before is not among them: it runs out and writes its outcome to the store. Returns the
+        attempts withdrawn."""
         from redis.exceptions import RedisError
         from rq.exceptions import InvalidJobOperation
         from rq.job import Job
@@ -163,14 +164,16 @@ class RQExecutor(WatchedExecutor):
         taken = [task for task in tasks if task.id in unsent]
         sent = [task for task in tasks if task.id not in unsent]
         try:
-            jobs = Job.fetch_many([task.id for task in sent], connection=self.redis) if sent else []
-            for task, job in zip(sent, jobs, strict=True):
-                if job is not None and job.get_status(refresh=False) in ("queued", "deferred", "scheduled"):
-                    try:
-                        job.cancel()
-                    except InvalidJobOperation:
-                        continue
-                    taken.append(task)
+            if sent:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for task in sent:
+                        self.queue.remove(task.id, pipeline=pipe)
+                    removed = [task for task, count in zip(sent, pipe.execute(), strict=True) if count]
+                taken += removed
+                for job in Job.fetch_many([task.id for task in removed], connection=self.redis):
+                    if job is not None:  # shown as canceled by RQ's own tools
+                        with contextlib.suppress(InvalidJobOperation):
+                            job.cancel()
         except RedisError:
             pass  # Redis is away: the jobs not withdrawn yet are followed as before
         with self._lock:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, create_engine, event, insert, or_, select, update
+from sqlalchemy import Engine, Row, bindparam, create_engine, event, insert, literal_column, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
@@ -32,7 +32,7 @@ from ..defaults import DURABILITY, DURABILITY_LEVELS, SQLITE_BUSY_TIMEOUT, STORE
 from ..errors import ExecutionNotFound, LeaseLost, StoreError, TamperedDataError
 from ..values import BlobData, big_blob_digest, content_matches
 from . import mailbox
-from .attempts import ATTEMPT_FIELDS, AttemptRecord
+from .attempts import ATTEMPT_FIELDS, FINISHED, AttemptRecord
 from .keys import scoped_key
 from .owners import (  # noqa: F401  (where they were before owners.py)
     _proc_stat,
@@ -621,12 +621,8 @@ class Store:
             self._update_calls(conn, execution_id, step.call_updates)
         if step.attempts:
             _run(conn, _insert_statement("dm_attempts", tuple(sorted(step.attempts[0]))), step.attempts)
-        if step.lost_attempts:
-            _run(
-                conn,
-                _update_statement("dm_attempts", ("attempt_id",), ("status",)),
-                [{"k_attempt_id": a, "v_status": "lost"} for a in step.lost_attempts],
-            )
+        if step.lost_attempts:  # an outcome that is there already stays: the attempt ran
+            _run(conn, _LOST_ATTEMPT, [{"k_attempt_id": a} for a in step.lost_attempts])
         if step.consumed_signals:  # with the results of the waits that took them: exactly once
             mailbox.consume(conn, execution_id, step.consumed_signals, now)
         if step.checkpoint is not None:
@@ -1131,6 +1127,18 @@ def _update_statement(table_name: str, keys: tuple[str, ...], columns: tuple[str
     )
 
 
+# Marks an attempt lost (withdrawn, or gone with its worker) unless its outcome is in (literals,
+# not parameters: `_run` binds only the rows' own).
+_LOST_ATTEMPT = (
+    update(ATTEMPTS)
+    .where(
+        ATTEMPTS.c.attempt_id == bindparam("k_attempt_id"),
+        ATTEMPTS.c.status.notin_([literal_column(f"'{status}'") for status in FINISHED]),
+    )
+    .values(status=literal_column("'lost'"))
+)
+
+
 @functools.cache
 def _insert_statement(table_name: str, columns: tuple[str, ...]) -> Any:
     table = TABLES[table_name]
@@ -1287,7 +1295,10 @@ def _step_sql(
             f"attempts AS (INSERT INTO dm_attempts ({names}) SELECT * FROM (VALUES {rows}) AS v WHERE {fenced})"
         )
     if lost_attempts:
-        parts.append(f"lost AS (UPDATE dm_attempts SET status = 'lost' WHERE attempt_id = ANY(%s) AND {fenced})")
+        parts.append(
+            "lost AS (UPDATE dm_attempts SET status = 'lost' WHERE attempt_id = ANY(%s) "
+            f"AND status NOT IN ('done', 'failed') AND {fenced})"
+        )
     if checkpoint_columns:
         names = ", ".join(f'"{c}"' for c in checkpoint_columns)
         sets = ", ".join(f'"{c}" = excluded."{c}"' for c in checkpoint_columns if c != "execution_id")
