@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import queue
 import sys
@@ -287,7 +288,11 @@ class DaskExecutor(WatchedExecutor):
         client = self._connected()
         keys = [task.id for task in tasks]
         # The futures exist before the scheduler reports on their keys (at once, for finished ones).
-        futures = [Future(key, client) for key in keys]
+        # Older distributed releases (2024.1 among them) have a new future tell the scheduler its
+        # client wants the key, which makes an unknown key known: `_desire_known_keys` does that
+        # for the known ones only.
+        quiet = {"inform": False} if "inform" in inspect.signature(Future).parameters else {}
+        futures = [Future(key, client, **quiet) for key in keys]
         states = client.run_on_scheduler(_desire_known_keys, keys=keys, client_id=client.id)
         known, lost = [], []
         for task, future in zip(tasks, futures, strict=True):
