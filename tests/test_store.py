@@ -570,7 +570,7 @@ def test_signer_tags_are_hmac_sha256_of_context_and_data() -> None:
 
 
 def test_a_step_of_many_results_lands_every_row_signed(db_url: str) -> None:
-    """A step that updates 2,345 call rows (on SQLite: statements of a thousand rows each, the last
+    """A step that updates 2,345 call rows (on SQLite: statements of a hundred rows each, the last
     one shorter) writes each row's own values and signature."""
     from durable_monty_nb.store.store import Step
 

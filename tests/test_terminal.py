@@ -99,30 +99,34 @@ def _parent(pid):
     except OSError:
         return None
 
+if sys.argv[1:] == ["run-first"]:  # a run began before the warm-up got to its workflow
+    warming.run_began()
 before = len(children())
 ip = InteractiveShell.instance()
 ip.run_line_magic("load_ext", "durable_monty_nb")
 warming._warming.join(30)
-print(repr(warming.failure))
+print(repr(warming.failure), warming.ran)
 print(before, len(children()))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
-def test_load_ext_starts_a_monty_worker_before_the_first_cell(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run_first", [False, True], ids=["idle", "run-first"])
+def test_load_ext_starts_a_monty_worker_before_the_first_cell(tmp_path: Path, run_first: bool) -> None:
     """The first %%durable cell does not wait for Monty's pool and worker process to start, nor
     for code every run takes to run a first time: loading the extension starts them, and runs a
-    workflow on a store in memory, in the background (a fresh process: once per process)."""
+    workflow on a store in memory, in the background (a fresh process: once per process). A run
+    that began before that workflow skips it (the run does the same work), not the worker."""
     import subprocess
     import sys
 
     env = {**os.environ, "DURABLE_MONTY_DB": f"sqlite:///{tmp_path / 'warm.db'}"}
-    done = subprocess.run(
-        [sys.executable, "-c", WARM_UP_PROBE], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    command = [sys.executable, "-c", WARM_UP_PROBE, *(["run-first"] if run_first else [])]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    failure, counts = done.stdout.strip().splitlines()[-2:]
-    assert failure == "None"  # the warm-up workflow ran, and gave the right result
+    outcome, counts = done.stdout.strip().splitlines()[-2:]
+    # the warm-up workflow ran and gave the right result, unless a run began first
+    assert outcome == ("None False" if run_first else "None True")
     before, after = map(int, counts.split())
     assert before == 0 and after >= 1, done.stdout
     assert not list(tmp_path.iterdir())  # loading the extension never creates a store (or a key file)

@@ -307,6 +307,7 @@ class DurableMagics(Magics):
         The last expression is the cell's result; names the cell assigns at top level are set in
         the notebook when it completes.
         """
+        warming.run_began()
         args = parse_argstring(self.durable, line)
         if not cell.strip():
             raise DurableError("the %%durable cell is empty: write the workflow code below the magic line")
@@ -572,6 +573,7 @@ class DurableMagics(Magics):
     @line_magic
     def durable_resume(self, line: str) -> Any:
         """Continue unfinished executions where they stopped, with the functions defined now."""
+        warming.run_began()
         args = parse_argstring(self.durable_resume, line)
         if args.all == bool(args.name):
             raise DurableError("give a workflow name or id, or --all")
