@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+from procs import wait_until
 
 from durable_monty_nb import Engine, cpus
 from durable_monty_nb.engine import sandbox
@@ -58,6 +59,48 @@ def test_the_driver_shares_one_cpu_with_its_monty_worker_and_the_calls_keep_ever
         assert run.result(WAIT) == every  # the call ran with every CPU of the process
         driver.join(WAIT)
         assert all(affinity(tid) == every for tid in cpus.threads_of(worker))  # given back at the end
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_idle_pool_threads_wait_on_the_drivers_cpu_and_each_call_runs_with_every_cpu(sqlite_url: str) -> None:
+    """A pool thread that ran out of work waits on the driver's CPU (the driver wakes it, and its
+    outcome wakes the driver, without waking the other CPU); the next call it takes runs with
+    every CPU again."""
+    every = affinity(0)
+    quick_thread: list[int] = []
+    hold_thread: list[int] = []
+    running, release = threading.Event(), threading.Event()
+
+    def hold(i: int) -> set[int]:
+        hold_thread.append(threading.get_native_id())
+        running.set()
+        assert release.wait(WAIT)
+        return affinity(0)
+
+    def quick(i: int) -> set[int]:
+        quick_thread.append(threading.get_native_id())
+        return affinity(0)
+
+    def probe(i: int) -> tuple[int, set[int]]:
+        return threading.get_native_id(), affinity(0)
+
+    engine = Engine(sqlite_url)
+    try:
+        code = "held, done = await gather(hold(0), quick(1))\n[held, done, await probe(2)]"
+        run = engine.start(code, {"hold": hold, "quick": quick, "probe": probe}, key="idle")
+        assert running.wait(WAIT)
+        shared = affinity(driver_of("idle").native_id)
+        assert len(shared) == 1 and shared < every
+        (idle,) = wait_until(lambda: quick_thread, timeout=WAIT, what="the quick call")
+        # quick's thread, out of work while hold runs, goes back to the driver's CPU to wait
+        wait_until(lambda: affinity(idle) == shared, timeout=WAIT, what="the idle thread on the driver's CPU")
+        release.set()
+        held, done, (probe_thread, probed) = run.result(WAIT)
+        assert held == done == every  # both calls ran with every CPU
+        assert probe_thread in (idle, *hold_thread)  # a thread that waited on the driver's CPU...
+        assert probed == every  # ...runs its next call with every CPU
     finally:
         release.set()
         engine.close()

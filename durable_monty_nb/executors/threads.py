@@ -34,7 +34,7 @@ class ThreadExecutor:
     name = "threads"
     remote = False
     durable = False
-    pin_safe = True  # its threads unpin themselves: a driver's pin does not reach the calls
+    pin_safe = True  # its threads run each call with every CPU: a driver's pin does not reach the calls
     problem = None
 
     def __init__(self, max_workers: int = defaults.WORKERS, name: str = "durable") -> None:
@@ -169,19 +169,29 @@ class ThreadExecutor:
         return True
 
     def _work(self) -> None:
-        cpus.unpin_this_thread()
+        # Started by a driver that shares a CPU with its Monty worker: wait for tasks on that CPU
+        # (the driver wakes this thread, and its outcome wakes the driver, without waking the
+        # other CPU), and run each call with every CPU (see cpus.py).
+        home = cpus.home_of_this_thread()
+        pinned = home is not None
         take, wait = self._tasks.popleft, self._wakes.get
         unclaimed = self._unclaimed
         while True:
             try:
                 task, done = take()
             except IndexError:  # nothing to do: idle until woken (a wake may be waiting already)
+                if home is not None and not pinned:
+                    cpus.pin_this_thread(home)
+                    pinned = True
                 self._idle.release()
                 if wait() is _STOP:
                     return
                 continue
             if unclaimed.pop(id(task), None) is None:  # withdrawn (or cancelled) before it started
                 continue
+            if pinned:
+                cpus.unpin_this_thread()
+                pinned = False
             outcome = self.run_task(task)
             if inspect.iscoroutine(outcome.value) and outcome.ok:  # e.g. functools.partial(async_fn)
                 outcome = _event_loop().run_blocking(task, outcome.value)
