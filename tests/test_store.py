@@ -305,7 +305,9 @@ def test_a_step_of_a_lost_lease_writes_nothing(db_url: str) -> None:
     """A whole driver step (a new call, a result, the checkpoint, the counters) from a writer whose
     lease was taken over raises LeaseLost and leaves every row as it was. On PostgreSQL the step
     goes in one pipeline and the fence fails on the server; the connection given back after it
-    still runs transactions all or nothing (a step that fails half-way writes nothing)."""
+    still runs transactions all or nothing (a step that fails half-way writes nothing). On SQLite
+    a step that only writes runs in the DBAPI connection's own transaction, one that reads (a new
+    blob) in SQLAlchemy's: both all or nothing."""
     from durable_monty_nb.errors import LeaseLost
     from durable_monty_nb.store.store import Step
     from durable_monty_nb.store.transient import is_integrity_error

@@ -123,6 +123,9 @@ def normalize_url(url: str | os.PathLike[str] | None) -> str:
     return url
 
 
+SQLITE_BEGIN_WRITE = "BEGIN IMMEDIATE"  # a writer's transaction takes the write lock at once
+
+
 def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -155,7 +158,7 @@ def _make_engine(url: str, immediate: bool, durability: str = DURABILITY) -> Eng
         cursor.execute("PRAGMA cache_size=-16384")
         cursor.close()
 
-    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+    begin = SQLITE_BEGIN_WRITE if immediate else "BEGIN"
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
@@ -523,11 +526,29 @@ class Store:
             if self._one_statement and _one_statement_fits(step):
                 self._step_statement(conn, execution_id, owner, lease_ttl, step, now)
                 return
+            if self.backend == "sqlite" and _writes_only(step):
+                self._sqlite_step(conn, execution_id, owner, lease_ttl, step, now)
+                return
             with conn.begin():
                 self._write_step(conn, execution_id, owner, lease_ttl, step, now)
         except BaseException:
             self.release_writer()  # a retry starts on a fresh connection
             raise
+
+    def _sqlite_step(self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float) -> None:
+        """A step on SQLite in a transaction of the DBAPI connection: every statement of a step
+        that only writes goes to its cursor anyway, and SQLAlchemy's transaction (its object, its
+        events, its commit) cost about 35 µs a step, a tenth of a sequential step's commit."""
+        raw = conn.connection.driver_connection
+        raw.execute(SQLITE_BEGIN_WRITE)
+        try:
+            self._write_step(conn, execution_id, owner, lease_ttl, step, now)
+        except BaseException:
+            if raw.in_transaction:  # the connection is released after this (a retry starts afresh)
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
+            raise
+        raw.execute("COMMIT")
 
     def _step_statement(
         self, conn: Any, execution_id: str, owner: str, lease_ttl: float, step: Step, now: float
@@ -1235,11 +1256,16 @@ ONE_STATEMENT_ROWS = 64
 steps take one ``executemany`` per table (psycopg sends those in a pipeline)."""
 
 
+def _writes_only(step: Step) -> bool:
+    """Whether a step only writes: no new blobs or functions (it reads which are stored already)
+    and no consumed deliveries (it reads the mailbox), all of which go through SQLAlchemy."""
+    return not (step.blobs or step.functions or step.consumed_signals)
+
+
 def _one_statement_fits(step: Step) -> bool:
-    """Whether a step can be one statement: it reads nothing (no new blobs or functions, no
-    consumed deliveries), it is small, and no call row is written twice (statements of one
-    ``WITH`` do not see each other's rows)."""
-    if step.blobs or step.functions or step.consumed_signals:
+    """Whether a step can be one statement: it only writes (:func:`_writes_only`), it is small,
+    and no call row is written twice (statements of one ``WITH`` do not see each other's rows)."""
+    if not _writes_only(step):
         return False
     if len(step.new_calls) + len(step.call_updates) + len(step.attempts) + len(step.lost_attempts) > ONE_STATEMENT_ROWS:
         return False
