@@ -79,8 +79,7 @@ def share_one_cpu(thread_ids: Iterable[int]) -> Callable[[], None] | None:
 def unpin_this_thread() -> None:
     """Give the calling thread every CPU of the process (it may have inherited a driver's pin)."""
     if _allowed is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, _allowed)
+        _set([0], _allowed)  # 0: the calling thread
 
 
 def home_of_this_thread() -> set[int] | None:
@@ -97,8 +96,7 @@ def home_of_this_thread() -> set[int] | None:
 
 def pin_this_thread(home: set[int]) -> None:
     """Put the calling thread back on ``home`` (see :func:`home_of_this_thread`)."""
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, home)
+    _set([0], home)
 
 
 def unpin(thread_ids: Iterable[int]) -> None:
