@@ -38,7 +38,9 @@ class Kernel:
         return self.manager.provisioner.process.pid  # type: ignore[union-attr]
 
     def submit(self, code: str) -> str:
-        return self.client.execute(code, allow_stdin=False)
+        # Each cell is its own request: with stop_on_error (jupyter_client's default) ipykernel
+        # aborts, silently, a request that arrives while it still handles the previous cell's error.
+        return self.client.execute(code, allow_stdin=False, stop_on_error=False)
 
     def collect(self, msg_id: str, timeout: float = 120) -> Reply:
         reply = Reply()
@@ -63,8 +65,19 @@ class Kernel:
                 reply.error = content["ename"]
                 reply.traceback = "\n".join(content["traceback"])
             elif kind == "status" and content["execution_state"] == "idle":
-                reply.status = "error" if reply.error else "ok"
+                reply.status = self._reply_status(msg_id, timeout)
+                assert reply.status != "aborted", f"the kernel aborted the cell without running it: {reply}"
                 return reply
+
+    def _reply_status(self, msg_id: str, timeout: float) -> str:
+        """The execute_reply's status (ok, error, aborted); replies to cells not collected are skipped."""
+        while True:
+            try:
+                msg = self.client.get_shell_msg(timeout=timeout)
+            except queue.Empty as exc:
+                raise AssertionError(f"no execute_reply from the kernel within {timeout} s") from exc
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return str(msg["content"]["status"])
 
     def run(self, code: str, timeout: float = 120) -> Reply:
         return self.collect(self.submit(code), timeout)
