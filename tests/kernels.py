@@ -45,10 +45,7 @@ class Kernel:
     def collect(self, msg_id: str, timeout: float = 120) -> Reply:
         reply = Reply()
         while True:
-            try:
-                msg = self.client.get_iopub_msg(timeout=timeout)
-            except queue.Empty as exc:
-                raise AssertionError(f"no answer from the kernel within {timeout} s") from exc
+            msg = _next(self.client.get_iopub_msg, timeout, "no answer from the kernel")
             content = msg["content"]
             kind = msg["msg_type"]
             if kind in ("comm_msg", "comm_open"):
@@ -72,10 +69,7 @@ class Kernel:
     def _reply_status(self, msg_id: str, timeout: float) -> str:
         """The execute_reply's status (ok, error, aborted); replies to cells not collected are skipped."""
         while True:
-            try:
-                msg = self.client.get_shell_msg(timeout=timeout)
-            except queue.Empty as exc:
-                raise AssertionError(f"no execute_reply from the kernel within {timeout} s") from exc
+            msg = _next(self.client.get_shell_msg, timeout, "no execute_reply from the kernel")
             if msg["parent_header"].get("msg_id") == msg_id:
                 return str(msg["content"]["status"])
 
@@ -98,6 +92,14 @@ class Kernel:
         if self.manager.is_alive():
             self.manager.shutdown_kernel(now=True)
         self.manager.cleanup_resources()
+
+
+def _next(get: Any, timeout: float, missing: str) -> dict[str, Any]:
+    """The next message of a channel (``get_iopub_msg``, ``get_shell_msg``); fails the test when none comes."""
+    try:
+        return get(timeout=timeout)
+    except queue.Empty as exc:
+        raise AssertionError(f"{missing} within {timeout} s") from exc
 
 
 def _widget_strings(state: dict[str, Any], into: list[str]) -> None:
