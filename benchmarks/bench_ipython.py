@@ -24,7 +24,9 @@ Workloads:
 
 Beside each figure, the floor this machine allows today (``floor.py``: the same body in bare
 Monty, fed as the driver feeds it, a gathered comprehension as one host call, plus one bare
-SQLite commit per sequential step) and what we add above it, per call.
+SQLite commit per sequential step) and what we add above it, per call. For sequential steps,
+``design``: the same Monty steps and commits in one loop, each answer handed to another thread
+and back (``floor.stepped_seconds``): what this design costs with no Python of the driver's own.
 Figures, not assertions. Not collected by pytest.
 """
 
@@ -175,8 +177,10 @@ def kill_halfway(spec: dict[str, Any], folder: Path, timeout: float) -> int:
     return done_calls(db)
 
 
-def floor_seconds(name: str, timeout: float) -> float | None:
-    """The floor of a workload (see floor.py), measured in a fresh process; None for resumes."""
+def floor_seconds(name: str, timeout: float) -> dict[str, float] | None:
+    """The floor of a workload (see floor.py), measured in a fresh process: ``seconds``, and for
+    sequential steps ``design`` (the same steps in one loop with a thread hand-off each: this
+    design's floor); None for resumes."""
     if name.startswith("resume-"):
         return None
     body, n, _, _ = WORKLOADS[name]
@@ -184,15 +188,18 @@ def floor_seconds(name: str, timeout: float) -> float | None:
     synchronous = "NORMAL" if "process" in OPTIONS.get(name, "") else "FULL"
     script = (
         "import floor, json\n"
-        f"print({MARK!r} + json.dumps({{'seconds': floor.sandbox_seconds({body!r}, {n}) "
-        f"+ floor.commit_seconds({steps}, {synchronous!r})}}))"
+        f"figures = {{'seconds': floor.sandbox_seconds({body!r}, {n}) "
+        f"+ floor.commit_seconds({steps}, {synchronous!r})}}\n"
     )
+    if name.startswith("sequential-"):
+        script += f"figures['design'] = floor.stepped_seconds({body!r}, {n}, {synchronous!r}, hand_off=True)\n"
+    script += f"print({MARK!r} + json.dumps(figures))"
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout
     )
     for line in done.stdout.splitlines():
         if line.startswith(MARK):
-            return float(json.loads(line[len(MARK) :])["seconds"])
+            return json.loads(line[len(MARK) :])
     raise RuntimeError(f"{name}: the floor failed\n{done.stderr[-3000:]}")
 
 
@@ -208,7 +215,9 @@ def run_once(name: str, timeout: float, warm: bool = False) -> dict[str, float]:
         figures.update(measure(spec, folder, timeout))
         floor = floor_seconds(name, timeout)
         if floor is not None:
-            figures["floor"] = floor
+            figures["floor"] = floor["seconds"]
+            if "design" in floor:
+                figures["design"] = floor["design"]
         return figures
 
 
@@ -242,7 +251,7 @@ def main() -> None:
     )
     header = (
         f"{'workload':<24} {'calls':>7} {'best (s)':>9} {'runs (s)':<23} {'µs/call':>8} {'peak RSS':>9} "
-        f"{'floor (s)':>9} {'ours-floor µs/call':>19}"
+        f"{'floor (s)':>9} {'ours-floor µs/call':>19} {'design (s)':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -263,9 +272,11 @@ def main() -> None:
         if floors:
             floor = f"{min(floors):.3f}"
             above = f"{(best['seconds'] - min(floors)) / calls * 1e6:.1f}"
+        designs = [figures["design"] for figures in runs if "design" in figures]
+        design = f"{min(designs):.3f}" if designs else ""
         print(
             f"{name:<24} {calls:>7} {best['seconds']:>9.3f} {listed:<23} {per_call:>8.1f} {peak:>6.0f} MB "
-            f"{floor:>9} {above:>19}{note}",
+            f"{floor:>9} {above:>19} {design:>10}{note}",
             flush=True,
         )
     if args.json:

@@ -16,6 +16,12 @@ call of a gather announced one by one: the floor before batching). The commit fl
 ``COMMIT`` per step on a raw ``sqlite3`` connection with the store's PRAGMAs (WAL,
 ``synchronous=FULL``, or ``NORMAL`` for ``--durability process``).
 
+For sequential workloads two more columns do the same work in one loop instead of apart: ``one
+loop`` commits each step's row between Monty's dump and its answer, as a driver must (the fsync
+then sits between Monty's crossings, and this VM is slower to resume a process that sat idle);
+``+ hand-off`` also computes each answer on another thread, as the threads executor does. That
+last one is this design's floor: a driver that did no Python of its own would still take it.
+
 ``bench_ipython.py`` prints these beside its figures, so "ours minus the floor" can be read on a
 machine whose speed drifts (this VM's varies by about 2x between sessions). Figures, not tests.
 """
@@ -84,13 +90,79 @@ def _drive(session: Any, code: str, n: int) -> float:
             return time.perf_counter() - start
 
 
+def stepped_seconds(body: str, n: int, synchronous: str = "FULL", *, hand_off: bool = False) -> float:
+    """Seconds for ``body`` (sequential awaits of ``task(i)``, one call a step) doing in one loop
+    what the floor counts for each step, instead of apart: bare
+    Monty announces the call, dumps, and one one-row ``INSERT`` and ``COMMIT`` follows before the
+    call is answered (so the fsync sits between Monty's crossings, as in a driver). With
+    ``hand_off``, each call's answer is also computed on another thread and handed back through
+    two queues, as the threads executor's pool does (the design's floor: nothing of the driver's
+    own Python). Same CPU sharing as the driver."""
+    import queue
+    import threading
+
+    session = sandbox.open_session()
+    tasks: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    outcomes: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def pool_thread() -> None:
+        while (i := tasks.get()) is not None:
+            outcomes.put(i * 2)
+
+    with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
+        conn = _commit_connection(Path(tmp) / "floor.db", synchronous)
+        try:
+            session.feed_start(sandbox.PRELUDE)
+            release = sandbox.share_cpu(session)
+            worker = threading.Thread(target=pool_thread, daemon=True)
+            worker.start()  # after the pinning: it waits on the driver's CPU, as the pool's threads do
+            try:
+                start = time.perf_counter()
+                snap = session.feed_start(analyze(body).fed)
+                value = None
+                while True:
+                    kind = type(snap)
+                    if kind is NameLookupSnapshot:
+                        snap = snap.resume(value=n)
+                    elif kind is FunctionSnapshot:
+                        value = snap.args[0]
+                        snap = snap.resume({"future": ...})
+                    elif kind is FutureSnapshot:
+                        snap.dump()
+                        conn.execute("BEGIN IMMEDIATE")
+                        conn.execute("INSERT INTO t (v) VALUES (?)", (str(value),))
+                        conn.execute("COMMIT")
+                        if hand_off:
+                            tasks.put(value)
+                            answer = outcomes.get()
+                        else:
+                            answer = value * 2
+                        (call_id,) = snap.pending_call_ids
+                        snap = snap.resume({call_id: {"return_value": answer}})
+                    else:
+                        return time.perf_counter() - start
+            finally:
+                tasks.put(None)
+                worker.join()
+                if release is not None:
+                    release()
+        finally:
+            conn.close()
+            sandbox.close_session(session)
+
+
+def _commit_connection(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    return conn
+
+
 def commit_seconds(steps: int, synchronous: str = "FULL") -> float:
     """Seconds for ``steps`` one-row transactions on a fresh SQLite file in WAL mode."""
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
-        conn = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        conn = _commit_connection(Path(tmp) / "floor.db", synchronous)
         start = time.perf_counter()
         for i in range(steps):
             conn.execute("BEGIN IMMEDIATE")
@@ -112,6 +184,7 @@ def main() -> None:
     names = args.only or [name for name in WORKLOADS if not name.startswith("resume-")]
     extra = f" {'per call (s)':>13}" if args.per_call else ""
     heads = f"{'sandbox (s)':>12} {'apart (s)':>10} {'commits FULL (s)':>17} {'commits NORMAL (s)':>19}"
+    heads += f" {'one loop (s)':>13} {'+ hand-off (s)':>15}"
     print(f"{'workload':<20} {heads}{extra}")
     for name in names:
         body, n, _, _ = WORKLOADS[name]
@@ -123,7 +196,16 @@ def main() -> None:
         per_call = ""
         if args.per_call:
             per_call = f" {min(sandbox_seconds(body, n, batched=False) for _ in range(args.repeat)):>13.3f}"
-        print(f"{name:<20} {sandbox:>12.3f} {apart:>10.3f} {full:>17.3f} {normal:>19.3f}{per_call}", flush=True)
+        stepped = handed = ""
+        if "sequential" in name:
+            synchronous = "NORMAL" if name.endswith("-process") else "FULL"
+            stepped = f"{min(stepped_seconds(body, n, synchronous) for _ in range(args.repeat)):.3f}"
+            handed = f"{min(stepped_seconds(body, n, synchronous, hand_off=True) for _ in range(args.repeat)):.3f}"
+        print(
+            f"{name:<20} {sandbox:>12.3f} {apart:>10.3f} {full:>17.3f} {normal:>19.3f} {stepped:>13} {handed:>15}"
+            f"{per_call}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
