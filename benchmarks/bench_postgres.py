@@ -25,6 +25,8 @@ The floor, measured in the same round of runs (floor.py's sandbox part, and Post
 - ``monty``: bare Monty running the same body as the driver feeds it (``floor.sandbox_seconds``);
 - ``commits``: one one-row ``INSERT`` and ``COMMIT`` per sequential step (one for a gather) over
   one psycopg connection, on a fresh table, the server's default ``synchronous_commit``.
+- ``design`` (sequential steps): the same Monty steps and commits in one loop, each call handed
+  to a thread and back (``floor.stepped_seconds``): this design's floor, with no driver of ours.
 
 Runs are interleaved (ours, the floor, ours, ...) so a drift of the machine's speed hits both; the
 best of ``--repeat`` of each is printed, with ours / floor. Figures, not assertions; not collected
@@ -171,7 +173,27 @@ def floor(workload: str, url: str) -> dict[str, float]:
 
     body, n, _, steps = WORKLOADS[workload]
     monty = sandbox_floor.sandbox_seconds(body, n) if body else 0.0
-    return {"monty": monty, "commits": commits(steps, url)}
+    figures = {"monty": monty, "commits": commits(steps, url)}
+    if workload.startswith("sequential-"):
+        figures["design"] = stepped(body, n, url)
+    return figures
+
+
+def stepped(body: str, n: int, url: str) -> float:
+    """This design's floor: the same Monty steps with one commit each in one loop, each call
+    handed to a thread and back (``floor.stepped_seconds``), on this server."""
+    import floor as sandbox_floor  # type: ignore[import-not-found]
+    import psycopg
+
+    with psycopg.connect(libpq(url)) as conn:
+        conn.execute("CREATE TABLE stepped (id bigserial PRIMARY KEY, v text)")
+        conn.commit()
+
+        def commit(value: int) -> None:
+            conn.execute("INSERT INTO stepped (v) VALUES (%s)", (str(value),))
+            conn.commit()
+
+        return sandbox_floor.stepped_seconds(body, n, hand_off=True, commit=commit)
 
 
 def run_child(kind: str, workload: str, base: str) -> dict[str, float]:
@@ -215,7 +237,7 @@ def main() -> None:
     )
     header = (
         f"{'workload':<16} {'ours (s)':>9} {'runs (s)':<36} {'monty (s)':>9} {'commits (s)':>11} "
-        f"{'floor (s)':>9} {'ours/floor':>10}"
+        f"{'floor (s)':>9} {'ours/floor':>10} {'design (s)':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -231,9 +253,11 @@ def main() -> None:
         commit = min(r["commits"] for r in runs["floor"])
         listed = " ".join(f"{r['seconds']:.3f}" for r in runs["ours"])
         total = monty + commit
+        designs = [r["design"] for r in runs["floor"] if "design" in r]
+        design = f"{min(designs):.3f}" if designs else ""
         print(
             f"{workload:<16} {best:>9.3f} {listed:<36} {monty:>9.3f} {commit:>11.3f} {total:>9.3f} "
-            f"{best / total:>9.2f}x",
+            f"{best / total:>9.2f}x {design:>10}",
             flush=True,
         )
     if args.json:

@@ -32,6 +32,7 @@ import argparse
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,22 @@ def _drive(session: Any, code: str, n: int) -> float:
             return time.perf_counter() - start
 
 
-def stepped_seconds(body: str, n: int, synchronous: str = "FULL", *, hand_off: bool = False) -> float:
+def stepped_seconds(
+    body: str,
+    n: int,
+    synchronous: str = "FULL",
+    *,
+    hand_off: bool = False,
+    commit: Callable[[int], None] | None = None,
+) -> float:
     """Seconds for ``body`` (sequential awaits of ``task(i)``, one call a step) doing in one loop
     what the floor counts for each step, instead of apart: bare
     Monty announces the call, dumps, and one one-row ``INSERT`` and ``COMMIT`` follows before the
     call is answered (so the fsync sits between Monty's crossings, as in a driver). With
     ``hand_off``, each call's answer is also computed on another thread and handed back through
     two queues, as the threads executor's pool does (the design's floor: nothing of the driver's
-    own Python). Same CPU sharing as the driver."""
+    own Python). Same CPU sharing as the driver. ``commit``, when given, commits a step (of the
+    call's argument) instead of SQLite: ``bench_postgres.py`` passes PostgreSQL's."""
     import queue
     import threading
 
@@ -111,6 +120,13 @@ def stepped_seconds(body: str, n: int, synchronous: str = "FULL", *, hand_off: b
 
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
         conn = _commit_connection(Path(tmp) / "floor.db", synchronous)
+
+        def sqlite_commit(value: int) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (str(value),))
+            conn.execute("COMMIT")
+
+        commit_step = commit or sqlite_commit
         try:
             session.feed_start(sandbox.PRELUDE)
             release = sandbox.share_cpu(session)
@@ -129,9 +145,7 @@ def stepped_seconds(body: str, n: int, synchronous: str = "FULL", *, hand_off: b
                         snap = snap.resume({"future": ...})
                     elif kind is FutureSnapshot:
                         snap.dump()
-                        conn.execute("BEGIN IMMEDIATE")
-                        conn.execute("INSERT INTO t (v) VALUES (?)", (str(value),))
-                        conn.execute("COMMIT")
+                        commit_step(value)
                         if hand_off:
                             tasks.put(value)
                             answer = outcomes.get()
