@@ -18,9 +18,9 @@ call of a gather announced one by one: the floor before batching). The commit fl
 
 For sequential workloads two more columns do the same work in one loop instead of apart: ``one
 loop`` commits each step's row between Monty's dump and its answer, as a driver must (the fsync
-then sits between Monty's crossings, and this VM is slower to resume a process that sat idle);
-``+ hand-off`` also computes each answer on another thread, as the threads executor does. That
-last one is this design's floor: a driver that did no Python of its own would still take it.
+then sits between Monty's crossings); ``+ hand-off`` also computes each answer on another
+thread, as the threads executor does. That last one is this design's floor: a driver that did
+no Python of its own would still take it.
 
 ``bench_ipython.py`` prints these beside its figures, so "ours minus the floor" can be read on a
 machine whose speed drifts (this VM's varies by about 2x between sessions). Figures, not tests.
@@ -99,14 +99,13 @@ def stepped_seconds(
     hand_off: bool = False,
     commit: Callable[[int], None] | None = None,
 ) -> float:
-    """Seconds for ``body`` (sequential awaits of ``task(i)``, one call a step) doing in one loop
-    what the floor counts for each step, instead of apart: bare
-    Monty announces the call, dumps, and one one-row ``INSERT`` and ``COMMIT`` follows before the
-    call is answered (so the fsync sits between Monty's crossings, as in a driver). With
-    ``hand_off``, each call's answer is also computed on another thread and handed back through
-    two queues, as the threads executor's pool does (the design's floor: nothing of the driver's
-    own Python). Same CPU sharing as the driver. ``commit``, when given, commits a step (of the
-    call's argument) instead of SQLite: ``bench_postgres.py`` passes PostgreSQL's."""
+    """Seconds for ``body`` (sequential awaits of ``task(i)``, one call a step) doing what the
+    floor counts for each step in one loop instead of apart: bare Monty announces the call and
+    dumps, and the step commits (one one-row ``INSERT`` and ``COMMIT`` on SQLite, or ``commit``
+    of the call's argument: ``bench_postgres.py`` passes PostgreSQL's) before the call is
+    answered, as a driver must. With ``hand_off``, each answer is also computed on another
+    thread and handed back through two queues, as the threads executor's pool does: this
+    design's floor, with none of the driver's own Python. Same CPU sharing as the driver."""
     import queue
     import threading
 
