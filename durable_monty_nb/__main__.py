@@ -185,10 +185,10 @@ def run_worker(
     import importlib
 
     import cloudpickle  # noqa: F401  (preloaded: jobs fork from this process)
-    from rq import Worker
 
     from . import defaults, values  # noqa: F401
     from .executors import backend as executor_backend
+    from .executors.rq_worker import DurableWorker
     from .executors.worker import DB_ENV, prepare_store
 
     for module in preload or []:
@@ -205,7 +205,7 @@ def run_worker(
     store_url = os.environ.get(DB_ENV)
     if store_url:  # opened and warmed once here, inherited by every forked job
         print(f"durable-monty-nb worker: store {prepare_store(store_url)} prepared", flush=True)
-    worker = Worker(queues or [defaults.RQ_QUEUE], connection=backend.connection(), name=name)
+    worker = DurableWorker(queues or [defaults.RQ_QUEUE], connection=backend.connection(), name=name)
     worker.work(burst=burst, logging_level="INFO")
     return 0
 

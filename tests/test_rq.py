@@ -212,6 +212,25 @@ def test_a_call_the_failed_run_left_running_that_fails_too_runs_again_with_the_f
     engine.close()
 
 
+def test_a_worker_told_to_stop_leaves_though_its_listener_read_the_unsubscribe_first(redis_url: str) -> None:
+    """The order that made a warm shutdown of rq 3 wait a minute (with redis-py 8.2): the command
+    listener reads the reply to the worker's UNSUBSCRIBE, then starts another wait before it is
+    told to stop. `durable-monty-nb worker`'s listener wakes every second and sees the stop."""
+    from redis import Redis
+
+    from durable_monty_nb.executors.rq_worker import DurableWorker
+
+    worker = DurableWorker([f"q-listener-{uuid.uuid4().hex[:8]}"], connection=Redis.from_url(redis_url))
+    worker.subscribe()
+    wait_until(lambda: worker.pubsub.subscribed, what="the listener subscribed")
+    worker.pubsub.unsubscribe()
+    wait_until(lambda: not worker.pubsub.subscribed, what="the listener read the unsubscribe reply")
+    stopping = threading.Thread(target=worker.unsubscribe, daemon=True)  # what a warm shutdown runs
+    stopping.start()
+    stopping.join(20)
+    assert not stopping.is_alive(), "the worker's shutdown waits for its command listener"
+
+
 def test_a_preloaded_module_is_imported_once_by_the_worker_not_in_every_job(
     workers: Workers, sqlite_url: str, tmp_path: Path
 ) -> None:
