@@ -1,9 +1,10 @@
-"""A second process on the store of tests/test_retention.py: ``python retention_runner.py DB_URL GATE``.
+"""A second process on the store of tests/test_retention.py: ``python retention_runner.py DB_URL START GATE``.
 
-Runs the workflow ``live``: arrays equal to those the test's own executions stored (the same
-blobs), half of them held back until the file GATE exists, so the execution is running (its
-lease held, some results committed) while the test prunes and forgets around it. Prints
-``RESULT <json>`` (the sums and the arrays' first elements) on success.
+Once the file START exists (the test's own executions of ``live`` have run by then), runs the
+workflow ``live``: arrays equal to those the test's own executions stored (the same blobs), half
+of them held back until the file GATE exists, so the execution is running (its lease held, some
+results committed) while the test prunes and forgets around it. Prints ``RESULT <json>`` (the
+sums and the arrays' first elements) on success.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LIVE_CODE = "xs = await gather(*[make(i) for i in items])\nys = [await total(x) 
 
 
 def main() -> int:
-    url, gate = sys.argv[1], Path(sys.argv[2])
+    url, start, gate = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
     def make(i: int) -> np.ndarray:
         deadline = time.monotonic() + 120
@@ -33,6 +34,9 @@ def main() -> int:
         return int(x.sum())
 
     engine = Engine(url, lease_ttl=5.0)
+    deadline = time.monotonic() + 120
+    while not start.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     run = engine.start(LIVE_CODE, {"make": make, "total": total, "items": [0, 1, 2, 3]}, key="live")
     print("STARTED", run.execution_id, flush=True)
     ys, xs = run.result()

@@ -44,10 +44,11 @@ def env() -> dict[str, str]:
 
 @pytest.fixture
 def live(db_url: str, tmp_path: Path) -> Iterator[Any]:
-    """A real second process running the workflow ``live`` on the store, held mid-run until ``release()``."""
-    gate = tmp_path / "gate"
+    """A real second process on the store: it runs the workflow ``live`` from ``start()``, held
+    mid-run until ``release()``."""
+    begin, gate = tmp_path / "start", tmp_path / "gate"
     proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "retention_runner.py"), db_url, str(gate)],
+        [sys.executable, str(TESTS / "retention_runner.py"), db_url, str(begin), str(gate)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -56,6 +57,10 @@ def live(db_url: str, tmp_path: Path) -> Iterator[Any]:
 
     class Live:
         process = proc
+
+        @staticmethod
+        def start() -> None:
+            begin.touch()
 
         @staticmethod
         def release() -> dict[str, Any]:
@@ -130,6 +135,7 @@ def test_prune_and_forget_beside_a_live_process(engine: Engine, live: Any) -> No
     shared = referenced_blobs(engine)
     assert len(shared) == 4  # one blob per array, shared by every execution of both workflows
 
+    live.start()  # after the executions above: the live process's run is the workflow's latest
     running = wait_running(engine, live.process)
     with pytest.raises(ForgetRefused) as refused:
         engine.forget("live")
