@@ -108,10 +108,11 @@ def test_commands_beside_a_live_run(sqlite_url: str, tmp_path: Path) -> None:
             engine.run(f"await gather(*[a(i) for i in items])\n{n}", {"a": lambda x: x, "items": [1, 2]}, key="old")
     finally:
         engine.close()
-    gate = tmp_path / "gate"
+    start, gate = tmp_path / "start", tmp_path / "gate"
+    start.touch()  # the live run starts at once (this test runs no workflow `live` of its own)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))}
     proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "retention_runner.py"), sqlite_url, str(gate)],
+        [sys.executable, str(TESTS / "retention_runner.py"), sqlite_url, str(start), str(gate)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
