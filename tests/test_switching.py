@@ -55,27 +55,39 @@ def busy() -> Iterator[None]:
     thread.join(30)
 
 
+STEPS = 1000
+"""A bound on the awaits a run makes until its driver has seen the busy thread: the driver measures
+the contention, in a few steps on a quiet machine, in dozens on a loaded one (20 were too few)."""
+
+
 def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
-    """A run that made 20 sequential awaits and now waits for the returned event in its last call."""
+    """A run that awaited calls until its driver saw the busy thread (whether or not that changed
+    the interval) and now waits for the returned event in its last call."""
+    from durable_monty_nb.engine.driver import switching
+
     entered, release = threading.Event(), threading.Event()
 
-    def hold(x: int) -> int:
+    def hold(x: bool) -> bool:
         entered.set()
         release.wait(60)
         return x
 
-    def step(x: int) -> int:
-        return x
+    def step(x: int) -> bool:
+        return switching.lowered  # set by the driver's thread before it dispatched this call
 
-    code = "for i in range(20):\n    await step(i)\nawait hold(1)"
+    code = (
+        "seen = await step(0)\ni = 1\n"
+        f"while not seen and i < {STEPS}:\n    seen = await step(i)\n    i = i + 1\n"
+        "await hold(seen)"
+    )
     run = engine.start(code, {"hold": hold, "step": step}, key=key)
-    assert entered.wait(60), "the call did not start"
+    assert entered.wait(120), "the call did not start"
     return run, release
 
 
 def finish(run: Run, release: threading.Event) -> None:
     release.set()
-    assert run.result(30) == 1
+    assert run.result(30) is True, f"the driver did not see the busy thread in {STEPS} awaits"
 
 
 def test_beside_a_busy_thread_runs_lower_the_interval_until_the_last_of_them_ends(engine: Engine, busy: None) -> None:
@@ -128,10 +140,15 @@ def test_the_magics_option_sets_it_and_refuses_nonsense(
         assert "DurableMagics.switch_interval: the switch interval must be between 0 and 1 second" in caplog.text
         del shell.config.DurableMagics["switch_interval"]  # IPython keeps the refused value in its config
         shell.run_line_magic("config", "DurableMagics.switch_interval = 0.001")
-        shell.run_cell("import sys\nseen = []\ndef look(x):\n    seen.append(sys.getswitchinterval())\n    return x")
-        result = shell.run_cell("%%durable look --quiet\nfor i in range(20):\n    await look(i)\nlen(seen)")
-        assert result.result == 20
-        assert shell.user_ns["seen"][-1] == pytest.approx(0.001)
+        look = "def look(x):\n    seen.append(sys.getswitchinterval())\n    return seen[-1] == 0.001"
+        shell.run_cell("import sys\nseen = []\n" + look)
+        body = (
+            "lowered = await look(0)\ni = 1\n"
+            f"while not lowered and i < {STEPS}:\n    lowered = await look(i)\n    i = i + 1\nlowered"
+        )
+        result = shell.run_cell("%%durable look --quiet\n" + body)
+        assert result.result is True, f"no call ran at the configured interval in {STEPS} awaits"
+        assert set(shell.user_ns["seen"]) <= {PYTHONS, 0.001}  # Python's until lowered, then the option's
         assert sys.getswitchinterval() == pytest.approx(PYTHONS)
     finally:
         shell.run_line_magic("config", "DurableMagics.switch_interval = None")
