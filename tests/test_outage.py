@@ -284,6 +284,7 @@ def test_during_an_outage_nothing_new_is_dispatched_and_the_widget_and_status_sa
         wait_until(lambda: engine.store.get_execution(run.execution_id).calls_done == 2, what="2 committed calls")
         proxy.down()
         gate.set()  # call 2 finishes while the store is away
+        wait_until(lambda: 2 in log.entries(), what="call 2 to finish while the store is away")
         note = wait_until(lambda: run.progress.note, what="the outage to be shown")
         assert note.startswith("store unreachable since") and "retrying" in note
         assert not run.wait(1.0)  # a second of outage: the run neither ends nor goes on
