@@ -21,22 +21,26 @@ from durable_monty_nb import Engine
 LIVE_CODE = "xs = await gather(*[make(i) for i in items])\nys = [await total(x) for x in xs]\n(ys, xs)"
 
 
+def wait_for(path: Path, seconds: float = 120) -> None:
+    """Until the test creates the file (or ``seconds`` passed)."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main() -> int:
     url, start, gate = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
     def make(i: int) -> np.ndarray:
-        deadline = time.monotonic() + 120
-        while i >= 2 and not gate.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if i >= 2:
+            wait_for(gate)
         return np.full(2000, i, dtype=np.int64)
 
     def total(x: np.ndarray) -> int:
         return int(x.sum())
 
     engine = Engine(url, lease_ttl=5.0)
-    deadline = time.monotonic() + 120
-    while not start.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(start)
     run = engine.start(LIVE_CODE, {"make": make, "total": total, "items": [0, 1, 2, 3]}, key="live")
     print("STARTED", run.execution_id, flush=True)
     ys, xs = run.result()

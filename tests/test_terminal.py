@@ -311,9 +311,14 @@ def test_durable_status_progress_is_done_over_the_total_the_code_tells(
         loop = "acc = 0\nfor i in range(40):\n    acc = acc + await slow(i)\nacc"
         assert shell.run_cell(f"%%durable looping --background --quiet\n{loop}").success
         runs = magics.runs
+
+        def done_of_announced(name: str) -> tuple[int, int]:
+            progress = runs[name].progress  # one reading of both counts
+            return progress.done, progress.total
+
         # Each run holds still once its call 2 is announced (it waits for the gate) and 2 are done.
-        wait_until(lambda: (runs["straight"].progress.done, runs["straight"].progress.total) == (2, 5), what="2 of 5")
-        wait_until(lambda: (runs["looping"].progress.done, runs["looping"].progress.total) == (2, 3), what="2 of 3")
+        wait_until(lambda: done_of_announced("straight") == (2, 5), what="2 of the gather's 5 done")
+        wait_until(lambda: done_of_announced("looping") == (2, 3), what="2 of the loop's 3 announced done")
         capsys.readouterr()
         shell.run_cell("%durable_status")
         table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
