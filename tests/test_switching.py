@@ -60,9 +60,19 @@ STEPS = 1000
 the contention, in a few steps on a quiet machine, in dozens on a loaded one (20 were too few)."""
 
 
-def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
+def awaits_until(function: str, flag: str) -> str:
+    """Workflow code: await ``function(i)`` for i = 0, 1, ... until it returns True (in ``flag``)
+    or ``STEPS`` calls were made."""
+    return (
+        f"{flag} = await {function}(0)\ni = 1\n"
+        f"while not {flag} and i < {STEPS}:\n    {flag} = await {function}(i)\n    i = i + 1\n"
+    )
+
+
+def held_run(engine: Engine, key: str, *, until_seen: bool = True) -> tuple[Run, threading.Event]:
     """A run that awaited calls until its driver saw the busy thread (whether or not that changed
-    the interval) and now waits for the returned event in its last call."""
+    the interval), or 20 calls without ``until_seen``, and now waits for the returned event in its
+    last call."""
     from durable_monty_nb.engine.driver import switching
 
     entered, release = threading.Event(), threading.Event()
@@ -75,11 +85,8 @@ def held_run(engine: Engine, key: str) -> tuple[Run, threading.Event]:
     def step(x: int) -> bool:
         return switching.lowered  # set by the driver's thread before it dispatched this call
 
-    code = (
-        "seen = await step(0)\ni = 1\n"
-        f"while not seen and i < {STEPS}:\n    seen = await step(i)\n    i = i + 1\n"
-        "await hold(seen)"
-    )
+    code = awaits_until("step", "seen") if until_seen else "for i in range(20):\n    await step(i)\nseen = True\n"
+    code += "await hold(seen)"
     run = engine.start(code, {"hold": hold, "step": step}, key=key)
     assert entered.wait(120), "the call did not start"
     return run, release
@@ -117,7 +124,8 @@ def test_none_leaves_pythons_interval_alone(engine: Engine, busy: None) -> None:
 
 def test_an_interval_already_shorter_is_not_raised(engine: Engine, busy: None) -> None:
     sys.setswitchinterval(0.0001)
-    run, release = held_run(engine, "shorter")
+    # At 0.1 ms the busy thread hands the GIL over at once: the driver may see no contention.
+    run, release = held_run(engine, "shorter", until_seen=False)
     assert sys.getswitchinterval() == pytest.approx(0.0001)
     finish(run, release)
     assert sys.getswitchinterval() == pytest.approx(0.0001)
@@ -142,10 +150,7 @@ def test_the_magics_option_sets_it_and_refuses_nonsense(
         shell.run_line_magic("config", "DurableMagics.switch_interval = 0.001")
         look = "def look(x):\n    seen.append(sys.getswitchinterval())\n    return seen[-1] == 0.001"
         shell.run_cell("import sys\nseen = []\n" + look)
-        body = (
-            "lowered = await look(0)\ni = 1\n"
-            f"while not lowered and i < {STEPS}:\n    lowered = await look(i)\n    i = i + 1\nlowered"
-        )
+        body = awaits_until("look", "lowered") + "lowered"  # not `seen`: the cell's outputs reach the shell
         result = shell.run_cell("%%durable look --quiet\n" + body)
         assert result.result is True, f"no call ran at the configured interval in {STEPS} awaits"
         assert set(shell.user_ns["seen"]) <= {PYTHONS, 0.001}  # Python's until lowered, then the option's
